@@ -1,0 +1,285 @@
+"""Turn clean shards into poisoned shards plus a ground-truth table.
+
+The per-attack modules hold pure image functions; this module decides *which*
+samples are poisoned (:func:`plan_poison`, a pure function of the labels and the
+config), streams the shards, re-encodes only the images it modifies (clean
+records keep their exact bytes) and writes ``poison.parquet`` (schemas/poison.json)
+beside the poisoned shards. It also builds the triggered test set for ASR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from asd_ray import tables
+from asd_ray.attacks.badnets import badnets_trigger
+from asd_ray.attacks.blend import blend_trigger
+from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
+from asd_ray.attacks.trigger import apply_trigger, load_pattern
+from asd_ray.attacks.wanet import apply_wanet, wanet_grid
+from asd_ray.config import AttackConfig
+from asd_ray.data.shards import (
+    GROUND_TRUTH_FILE,
+    IMAGE_EXTS,
+    ShardSet,
+    ShardWriter,
+    decode_image,
+    encode_image,
+    finish_shard_set,
+    iter_records,
+)
+from asd_ray.errors import DataError
+
+ImageTransform = Callable[[np.ndarray], np.ndarray]  # (n, H, W, C) uint8 -> same
+_CHUNK = 256  # records decoded and transformed together
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonPlan:
+    """Which samples an attack modifies, and their labels afterwards (all shape (N,))."""
+
+    is_poison: np.ndarray  # bool: carries the backdoor trigger
+    is_noise: np.ndarray  # bool: WaNet noise-mode sample (warped with noise, label kept)
+    label_after: np.ndarray  # int64
+
+    @property
+    def is_modified(self) -> np.ndarray:
+        return self.is_poison | self.is_noise
+
+
+def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> PoisonPlan:
+    """Draw the poisoned samples of an attack (seeded by ``config.seed``).
+
+    Poison-label attacks poison each non-target sample (every sample for
+    all2all) independently with probability ``rate``; clean-label poisons
+    exactly ``round(rate * n_target)`` target-class samples and keeps labels.
+
+    Args:
+        labels: (N,) int clean labels.
+        num_classes: C; the target must be below it.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_target(config, num_classes)
+    rng = np.random.default_rng(config.seed)
+    n = len(labels)
+    label_after = labels.copy()
+    is_noise = np.zeros(n, bool)
+    if config.attack == "clean-label":
+        candidates = np.flatnonzero(labels == config.target)
+        chosen = rng.choice(candidates, size=round(config.rate * len(candidates)), replace=False)
+        is_poison = np.zeros(n, bool)
+        is_poison[chosen] = True
+    elif config.attack == "all2all":
+        is_poison = rng.random(n) < config.rate
+        label_after[is_poison] = (labels[is_poison] + 1) % num_classes
+    else:
+        is_poison = (labels != config.target) & (rng.random(n) < config.rate)
+        label_after[is_poison] = config.target
+        if config.attack == "wanet" and config.wanet_noise:
+            is_noise = ~is_poison & (rng.random(n) < config.cross_ratio * config.rate)
+    return PoisonPlan(is_poison, is_noise, label_after)
+
+
+def _check_target(config: AttackConfig, num_classes: int) -> None:
+    if config.attack != "all2all" and config.target >= num_classes:
+        raise DataError(
+            f"--target {config.target} is not a class of this dataset ({num_classes} classes: "
+            f"0..{num_classes - 1}); pick another target"
+        )
+
+
+def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTransform:
+    """The attack's trigger as a batch transform for images of ``shape`` (H, W, C)."""
+    height, width, channels = shape
+    kind = config.trigger_kind
+    if kind == "wanet":
+        if height != width:
+            raise DataError(f"WaNet needs square images, these are {height}x{width}; re-make the shards with --image-size")
+        grid = wanet_grid(height, k=config.wanet_k, s=config.wanet_s, seed=config.seed)
+        return lambda images: apply_wanet(images, grid)
+    if kind == "checkerboard":
+        trigger = checkerboard_corners_trigger(height, width, channels)
+    elif kind == "blend":
+        pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
+        trigger = blend_trigger(height, width, channels, alpha=config.alpha, pattern=pattern, seed=config.seed)
+    else:
+        pattern = None
+        if config.pattern_file:
+            side = config.size or (2 if max(height, width) <= 64 else 32)
+            pattern = load_pattern(config.pattern_file, side, side, channels)
+        trigger = badnets_trigger(
+            height, width, channels, pattern=pattern, location=config.location, size=config.size, seed=config.seed
+        )
+    return lambda images: apply_trigger(images, trigger)
+
+
+def poison_shards(
+    clean: str | Path | ShardSet,
+    out: str | Path,
+    config: AttackConfig,
+    *,
+    surrogate: torch.nn.Module | None = None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write the poisoned training set of ``config`` to ``out`` (atomically).
+
+    Args:
+        clean: the clean shard folder.
+        surrogate: clean-label only: a model to PGD-perturb the poisoned
+            target-class images against their true label (else trigger only).
+        normalize: (mean, std) the surrogate expects on [0, 1] inputs.
+
+    Returns:
+        A JSON-able summary (counts, paths).
+    """
+    clean = clean if isinstance(clean, ShardSet) else ShardSet(clean)
+    shape = clean.require_uniform_size(f"the {config.attack} attack")
+    plan = plan_poison(clean.labels, clean.info.num_classes, config)
+    trigger = build_trigger(config, shape)
+    noise_rng = np.random.default_rng([config.seed, 1])
+    if plan.is_noise.any():
+        noise_grid = wanet_grid(shape[0], k=config.wanet_k, s=config.wanet_s, seed=config.seed)
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        noise = plan.is_noise[ids]
+        out_images = images.copy()
+        if noise.any():
+            out_images[noise] = apply_wanet(images[noise], noise_grid, noise_rng=noise_rng)
+        poison = ~noise
+        if poison.any():
+            batch = images[poison]
+            if config.attack == "clean-label" and surrogate is not None:
+                mean, std = normalize or (None, None)
+                batch = pgd_perturb(
+                    surrogate, batch, plan.label_after[ids[poison]], eps=config.pgd_eps,
+                    step=config.pgd_step, steps=config.pgd_steps, mean=mean, std=std, seed=config.seed,
+                )
+            out_images[poison] = trigger(batch)
+        return out_images
+
+    params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
+    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
+        for ids, records in _chunks(clean):
+            _write_chunk(writer, ids, records, plan.is_modified[ids], plan.label_after[ids], modify, clean)
+        manifest, counts = writer.close()
+        attack = {"params": params, "clean": str(clean.folder)}
+        finish_shard_set(tmp, manifest, counts, class_names=clean.info.class_names,
+                         source=f"poisoned:{clean.info.source}", attack=attack)
+        truth = _ground_truth(np.arange(len(clean)), plan.is_poison, plan.is_modified,
+                              clean.labels, plan.label_after, params)
+        tables.write_parquet(truth, tmp / GROUND_TRUTH_FILE, "poison")
+    return {
+        "command": "poison", "attack": config.attack, "out": str(Path(out).absolute()),
+        "samples": len(clean), "poisoned": int(plan.is_poison.sum()), "noise": int(plan.is_noise.sum()),
+        "rate_observed": float(plan.is_poison.mean()), "target": config.target,
+        "ground_truth": str(Path(out).absolute() / GROUND_TRUTH_FILE),
+    }
+
+
+def poison_test_shards(
+    clean_test: str | Path | ShardSet, out: str | Path, config: AttackConfig, *, overwrite: bool = False
+) -> dict:
+    """Write the ASR test set: every non-target test sample, triggered, labelled as the target.
+
+    all2all triggers every test sample and labels it (y + 1) mod C. Clean-label
+    adds the trigger only (no perturbation), as at attack time. Samples get new
+    dense ids; the manifest's ``source`` names the clean test id.
+    """
+    clean_test = clean_test if isinstance(clean_test, ShardSet) else ShardSet(clean_test)
+    shape = clean_test.require_uniform_size(f"the {config.attack} test set")
+    num_classes = clean_test.info.num_classes
+    _check_target(config, num_classes)
+    labels = clean_test.labels
+    if config.attack == "all2all":
+        keep = np.ones(len(labels), bool)
+        label_after = (labels + 1) % num_classes
+    else:
+        keep = labels != config.target
+        label_after = np.full(len(labels), config.target, np.int64)
+    if not keep.any():
+        raise DataError(f"{clean_test.folder}: no test sample outside target class {config.target}")
+    trigger = build_trigger(config, shape)
+    new_id = np.cumsum(keep) - 1
+    params = {**config.to_dict(), "pgd": False}
+    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, clean_test.info.name, int(clean_test.info.shards[0]["count"]), num_classes)
+        for ids, records in _chunks(clean_test):
+            ids, records = ids[keep[ids]], [r for r, k in zip(records, keep[ids]) if k]
+            if len(ids):
+                images = trigger(np.stack([_decode(r, clean_test) for r in records]))
+                for i, sample_id in enumerate(ids):
+                    data, ext = encode_image(images[i])
+                    writer.add(int(new_id[sample_id]), data, ext, int(label_after[sample_id]),
+                               images[i].shape, f"test-sample:{sample_id}")
+        manifest, counts = writer.close()
+        finish_shard_set(tmp, manifest, counts, class_names=clean_test.info.class_names,
+                         source=f"poisoned-test:{clean_test.info.source}",
+                         attack={"params": params, "clean": str(clean_test.folder)})
+        m = int(keep.sum())
+        truth = _ground_truth(np.arange(m), np.ones(m, bool), np.ones(m, bool), labels[keep],
+                              label_after[keep], params)
+        tables.write_parquet(truth, tmp / GROUND_TRUTH_FILE, "poison")
+    return {"test_out": str(Path(out).absolute()), "test_samples": m}
+
+
+def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[str, str, dict]]]]:
+    """Yield (sample ids, [(shard, key, members as bytes)]) in sample-id order, _CHUNK at a time."""
+    ids, records, sample_id = [], [], 0
+    for path in shards.paths:
+        for _, key, members in iter_records(path):
+            ids.append(sample_id)
+            records.append((path.name, key, {e: bytes(v) for e, v in members.items()}))
+            sample_id += 1
+            if len(ids) == _CHUNK:
+                yield np.array(ids), records
+                ids, records = [], []
+    if ids:
+        yield np.array(ids), records
+    if sample_id != len(shards):
+        raise DataError(f"{shards.folder}: read {sample_id} records, manifest has {len(shards)}; re-make it")
+
+
+def _decode(record: tuple[str, str, dict], shards: ShardSet) -> np.ndarray:
+    shard, key, members = record
+    ext = next(e for e in members if e in IMAGE_EXTS)
+    return decode_image(members[ext], shard=shard, key=key)
+
+
+def _write_chunk(writer, ids, records, modified, labels, modify, shards) -> None:
+    rows = shards.manifest.take(pa.array(ids))
+    sources = rows.column("source").to_pylist()
+    shapes = np.stack([rows.column(c).to_numpy() for c in ("height", "width", "channels")], 1)
+    new_images = {}
+    if modified.any():
+        idx = np.flatnonzero(modified)
+        images = modify(ids[idx], np.stack([_decode(records[i], shards) for i in idx]))
+        new_images = dict(zip(idx.tolist(), images))
+    for i, (sample_id, (_, _, members)) in enumerate(zip(ids, records)):
+        if i in new_images:
+            data, ext = encode_image(new_images[i])
+            shape = new_images[i].shape
+        else:  # unchanged records keep their exact bytes
+            ext = next(e for e in members if e in IMAGE_EXTS)
+            data, shape = members[ext], shapes[i].tolist()
+        writer.add(int(sample_id), data, ext, int(labels[i]), shape, sources[i])
+
+
+def _ground_truth(ids, is_poison, is_modified, original, after, params) -> pa.Table:
+    n = len(ids)
+    return tables.from_pydict(
+        {
+            "sample_id": ids, "is_poison": is_poison, "is_modified": is_modified,
+            "original_label": original, "label_after": after,
+            "attack": [params["attack"]] * n, "params": [json.dumps(params, sort_keys=True)] * n,
+        },
+        "poison",
+    )

@@ -1,0 +1,647 @@
+"""WebDataset shards keyed by a dense ``sample_id``: writing, safe reading, worker slices.
+
+A shard set is a folder::
+
+    DIR/dataset.json        class names, counts, image size (see ShardSetInfo)
+    DIR/manifest.parquet    one row per sample (schemas/manifest.json)
+    DIR/NAME-000000.tar     WebDataset records: KEY.png|KEY.jpg + KEY.cls
+    DIR/poison.parquet      ground truth, only in sets made by ``asd-ray poison``
+
+The data is untrusted, so the reader parses tar headers itself and decodes only
+image members (PIL), ``cls`` (ASCII integer) and ``json``; any other member, such
+as a pickle, is refused before its bytes are looked at. This module knows
+nothing about losses or training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import mmap
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from asd_ray import tables
+from asd_ray.data.sources import Source
+from asd_ray.errors import DataError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "webp")
+SAFE_EXTS = (*IMAGE_EXTS, "cls", "json")
+PNG_MAX_SIZE = 64
+JPEG_QUALITY = 95
+DATASET_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.parquet"
+GROUND_TRUTH_FILE = "poison.parquet"
+FORMAT_VERSION = 1
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def sample_key(sample_id: int) -> str:
+    """The record key of ``sample_id``: zero-padded, no dots (WebDataset splits on dots)."""
+    return f"{sample_id:09d}"
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_image(image: np.ndarray) -> tuple[bytes, str]:
+    """Encode an (H, W, C) uint8 image: PNG (lossless) up to 64 px, else JPEG q95.
+
+    Returns:
+        (bytes, ext) with ext ``"png"`` or ``"jpg"``.
+    """
+    pil = _to_pil(image)
+    buf = io.BytesIO()
+    if max(image.shape[:2]) <= PNG_MAX_SIZE:
+        pil.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue(), "png"
+    pil.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue(), "jpg"
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise DataError(
+            f"image must be (H, W, 1|3) uint8, got {image.shape} {image.dtype}; convert it first"
+        )
+    return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+
+
+def decode_image(data: bytes, *, shard: str, key: str) -> np.ndarray:
+    """Decode image bytes to (H, W, C) uint8 with C = 1 (grey) or 3 (RGB).
+
+    Raises:
+        DataError: naming shard and key when the bytes are not a readable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            if pil.format not in ("PNG", "JPEG", "PPM", "WEBP"):
+                raise DataError(
+                    f"{shard}: record {key!r} holds a {pil.format} image; only PNG, JPEG, PPM "
+                    "and WebP are read: re-encode the source"
+                )
+            if pil.mode != "L":
+                pil = pil.convert("RGB")
+            array = np.asarray(pil)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(
+            f"{shard}: record {key!r} is not a readable image ({err}); remove the record or "
+            "re-make the shard from its source"
+        ) from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSetInfo:
+    """Contents of ``dataset.json``: what a reader needs before opening any shard."""
+
+    name: str
+    num_samples: int
+    class_names: list[str]
+    shards: list[dict[str, int | str]]  # [{"file": "train-000000.tar", "count": 10000}, ...]
+    image_size: list[int] | None  # [H, W] when every image has it, else None (mixed)
+    channels: int | None
+    source: str
+    attack: dict | None = None  # set for poisoned sets: attack name, params, parent folder
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ShardWriter:
+    """Append records to ``NAME-000000.tar``, ``NAME-000001.tar``, ... and build the manifest.
+
+    Used by :func:`write_shards` and by the attacks, which copy clean records'
+    bytes unchanged and re-encode only the images they modify.
+    """
+
+    def __init__(self, folder: Path, name: str, samples_per_shard: int, num_classes: int):
+        if samples_per_shard < 1:
+            raise DataError(f"samples per shard must be >= 1, got {samples_per_shard}")
+        if not name or any(c in name for c in "/.{} "):
+            raise DataError(f"shard name {name!r} must be non-empty without / . {{ }} or spaces")
+        self.folder, self.name = folder, name
+        self.samples_per_shard, self.num_classes = samples_per_shard, num_classes
+        self._tar: tarfile.TarFile | None = None
+        self._shard_index, self._in_shard = -1, 0
+        self._rows: dict[str, list] = {f: [] for f in tables.schema("manifest").names}
+        self._counts: list[dict[str, int | str]] = []
+
+    def add(
+        self, sample_id: int, image: bytes, ext: str, label: int, shape: Sequence[int], source: str
+    ) -> None:
+        """Write one record. ``shape`` is the decoded (H, W, C) of ``image``."""
+        if not 0 <= label < self.num_classes:
+            raise DataError(
+                f"sample {sample_id} ({source}): label {label} is outside 0..{self.num_classes - 1}; "
+                "fix the labels or the class list"
+            )
+        if self._tar is None or self._in_shard == self.samples_per_shard:
+            self._next_shard()
+        key = sample_key(sample_id)
+        self._add_member(f"{key}.{ext}", image)
+        self._add_member(f"{key}.cls", str(label).encode())
+        shard = self._counts[-1]["file"]
+        for column, value in zip(
+            self._rows,
+            (sample_id, key, shard, self._in_shard, label, *shape, source),
+            strict=True,
+        ):
+            self._rows[column].append(value)
+        self._in_shard += 1
+        self._counts[-1]["count"] = self._in_shard
+
+    def close(self) -> tuple[pa.Table, list[dict[str, int | str]]]:
+        """Finish the last shard; return the manifest table and per-shard counts."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        if not self._counts:
+            raise DataError("no samples to write: the source is empty")
+        return tables.from_pydict(self._rows, "manifest"), self._counts
+
+    def _next_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._shard_index += 1
+        self._in_shard = 0
+        file = f"{self.name}-{self._shard_index:06d}.tar"
+        self._tar = tarfile.open(self.folder / file, "w", format=tarfile.USTAR_FORMAT)
+        self._counts.append({"file": file, "count": 0})
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o444, 0  # deterministic bytes
+        self._tar.addfile(info, io.BytesIO(data))
+
+
+def finish_shard_set(
+    folder: Path,
+    manifest: pa.Table,
+    counts: list[dict[str, int | str]],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    attack: dict | None = None,
+) -> ShardSetInfo:
+    """Write ``manifest.parquet`` and ``dataset.json`` into a folder of finished shards."""
+    heights = manifest.column("height").unique().to_pylist()
+    widths = manifest.column("width").unique().to_pylist()
+    channels = manifest.column("channels").unique().to_pylist()
+    info = ShardSetInfo(
+        name=str(counts[0]["file"]).rsplit("-", 1)[0],
+        num_samples=manifest.num_rows,
+        class_names=list(class_names),
+        shards=counts,
+        image_size=[heights[0], widths[0]] if len(heights) == len(widths) == 1 else None,
+        channels=channels[0] if len(channels) == 1 else None,
+        source=source,
+        attack=attack,
+    )
+    tables.write_parquet(manifest, folder / MANIFEST_FILE, "manifest")
+    (folder / DATASET_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+    return info
+
+
+def write_shards(
+    source: Source,
+    out: str | Path,
+    *,
+    name: str = "train",
+    samples_per_shard: int = 10_000,
+    overwrite: bool = False,
+) -> ShardSetInfo:
+    """Write a source as a shard set in ``out`` (atomically: all or nothing).
+
+    Images arrive either decoded (encoded here: PNG up to 64 px, else JPEG q95)
+    or as original JPEG bytes, which are stored unchanged.
+    """
+    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, name, samples_per_shard, len(source.class_names))
+        for sample_id, record in enumerate(source.records):
+            if record.encoded is not None:
+                data, ext = record.encoded, record.ext or "jpg"
+                shape = _encoded_shape(data, source=record.source)
+            elif record.image is not None:
+                data, ext = encode_image(record.image)
+                shape = record.image.shape
+            else:
+                raise DataError(f"{record.source}: record has neither image nor bytes")
+            writer.add(sample_id, data, ext, record.label, shape, record.source)
+        manifest, counts = writer.close()
+        info = finish_shard_set(
+            tmp, manifest, counts, class_names=source.class_names, source=source.name
+        )
+    return info
+
+
+def _encoded_shape(data: bytes, *, source: str) -> tuple[int, int, int]:
+    """(H, W, C) of encoded image bytes, read from the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            return pil.height, pil.width, 1 if pil.mode == "L" else 3
+    except OSError as err:
+        raise DataError(f"{source}: not a readable image ({err}); remove the file") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Local shard paths from a folder, a file, a brace pattern or a list of those.
+
+    ``pipe:`` and ``scheme://`` URLs are refused: shard URLs must never run
+    commands or reach out of the local (or mounted shared) file system.
+    """
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    paths: list[Path] = []
+    for item in specs:
+        text = str(item)
+        if text.startswith("pipe:") or "://" in text:
+            raise DataError(f"shard path {text!r}: only local paths are read; mount the data")
+        if Path(text).is_dir():
+            paths.extend(sorted(Path(text).glob("*.tar")))
+        else:
+            paths.extend(Path(p) for p in braceexpand.braceexpand(text))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the path")
+    if not paths:
+        raise DataError(f"no shards (*.tar) found in {specs}; run `asd-ray shards make` first")
+    return paths
+
+
+def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    """Yield ``(key, ext, data)`` for every regular member of a tar file, in order.
+
+    The tar headers are parsed here rather than by :mod:`tarfile` because it is
+    several times faster on small records and lets every failure name the shard.
+
+    Raises:
+        DataError: truncated archive, bad header or a non-regular member.
+    """
+    with open(path, "rb") as fh:
+        try:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # mmap refuses empty files
+            raise DataError(f"{path}: shard is empty; re-make it") from None
+    with buf:
+        yield from _parse_tar(buf, path)
+
+
+def _parse_tar(buf: mmap.mmap, path: Path) -> Iterator[tuple[str, str, bytes]]:
+    pos, end, long_name = 0, len(buf), None
+    while True:
+        if pos + _BLOCK > end:
+            if pos == end:
+                return  # tolerated: archive without the end-of-archive blocks
+            raise DataError(f"{path}: truncated tar (partial header at byte {pos}); re-make the shard")
+        header = buf[pos : pos + _BLOCK]
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+            checksum = int(header[148:156].rstrip(b"\0 ").decode(), 8)
+        except ValueError:
+            raise DataError(f"{path}: corrupt tar header at byte {pos}; re-make the shard") from None
+        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise DataError(f"{path}: bad tar header checksum at byte {pos}; re-make the shard")
+        kind = header[156:157]
+        data_start = pos + _BLOCK
+        if data_start + size > end:
+            raise DataError(
+                f"{path}: truncated tar (member at byte {pos} needs {size} bytes, file ends "
+                f"after {end - data_start}); re-make or re-copy the shard"
+            )
+        data = buf[data_start : data_start + size]
+        pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if kind == b"L":  # GNU long name: applies to the next member
+            long_name = data.rstrip(b"\0").decode()
+            continue
+        if kind == b"x":  # PAX extended header: honour a path override
+            long_name = _pax_path(data) or long_name
+            continue
+        if kind in (b"g", b"5"):  # global PAX header, directory
+            continue
+        if kind not in (b"0", b"\0"):
+            raise DataError(
+                f"{path}: member at byte {pos} is not a regular file (type {kind!r}); shards may "
+                "hold only files"
+            )
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[0:100].rstrip(b"\0").decode()
+            prefix = header[345:500].rstrip(b"\0").decode()
+            name = f"{prefix}/{name}" if prefix else name
+        base = name.rsplit("/", 1)[-1]
+        key, dot, ext = base.partition(".")
+        if not dot:
+            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
+        yield name[: len(name) - len(base)] + key, ext.lower(), data
+
+
+def _pax_path(data: bytes) -> str | None:
+    for line in data.decode(errors="replace").splitlines():
+        _, _, record = line.partition(" ")
+        field, _, value = record.partition("=")
+        if field == "path":
+            return value
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One decoded record."""
+
+    sample_id: int
+    key: str
+    label: int
+    image: np.ndarray  # (H, W, C) uint8
+    shard: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSlice:
+    """Records ``start <= i < stop`` (positions inside the shard) of one shard file."""
+
+    path: Path
+    start: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def iter_records(
+    path: Path, *, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield ``(index_in_shard, key, members)`` of one shard, members only of safe types.
+
+    Raises:
+        DataError: on a refused member type (pickle, ...), a duplicate key or a
+            record without an image or ``cls``, naming shard and key.
+    """
+    current_key, members, index, seen = None, {}, -1, set()
+
+    def finish() -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        if current_key is None or index < start:
+            return
+        _check_members(path, current_key, members)
+        yield index, current_key, members
+
+    for key, ext, data in iter_tar_members(path):
+        if ext not in SAFE_EXTS:
+            raise DataError(
+                f"{path.name}: record {key!r} has a {ext!r} member; asd-ray reads only "
+                f"{', '.join(SAFE_EXTS)} because the data is untrusted (pickle, torch and numpy "
+                "members can run code): re-make the shard with images and cls only"
+            )
+        if key != current_key:
+            yield from finish()
+            if key in seen:
+                raise DataError(
+                    f"{path.name}: duplicate key {key!r}; every record needs its own key: "
+                    "re-make the shard"
+                )
+            seen.add(key)
+            index += 1
+            if stop is not None and index >= stop:
+                return
+            current_key, members = key, {}
+        if ext in members:
+            raise DataError(f"{path.name}: record {key!r} has two {ext!r} members; re-make the shard")
+        if index >= start:
+            members[ext] = data
+    yield from finish()
+
+
+def _check_members(path: Path, key: str, members: dict[str, bytes]) -> None:
+    images = [e for e in members if e in IMAGE_EXTS]
+    if "cls" not in members:
+        raise DataError(
+            f"{path.name}: record {key!r} has no 'cls' member (label); every record needs "
+            "KEY.cls with the label as a decimal integer"
+        )
+    if len(images) != 1:
+        raise DataError(
+            f"{path.name}: record {key!r} has {len(images)} image members ({images}); "
+            "every record needs exactly one"
+        )
+
+
+def parse_label(data: bytes | bytes, num_classes: int, *, shard: str, key: str) -> int:
+    """Parse a ``cls`` member and check it is a class index in ``0..num_classes-1``."""
+    text = data.decode("ascii", errors="replace").strip()
+    if not text.lstrip("-").isdigit():
+        raise DataError(f"{shard}: record {key!r} has cls {text[:20]!r}, not an integer label")
+    label = int(text)
+    if not 0 <= label < num_classes:
+        raise DataError(
+            f"{shard}: record {key!r} has label {label}, outside 0..{num_classes - 1} for "
+            f"{num_classes} classes; fix the label or the dataset's class list"
+        )
+    return label
+
+
+def decode_members(
+    members: dict[str, bytes], num_classes: int, *, shard: str, key: str
+) -> tuple[int, np.ndarray]:
+    """(label, image) of one record's safe members."""
+    label = parse_label(members["cls"], num_classes, shard=shard, key=key)
+    ext = next(e for e in members if e in IMAGE_EXTS)
+    return label, decode_image(members[ext], shard=shard, key=key)
+
+
+class ShardSet:
+    """An opened shard folder: its ``dataset.json``, manifest and shard files."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).absolute()
+        if not self.folder.is_dir():
+            raise DataError(
+                f"shard folder {self.folder} does not exist; create it with `asd-ray shards make`"
+            )
+        meta_path = self.folder / DATASET_FILE
+        if not meta_path.is_file():
+            found = "holds no files" if not any(self.folder.iterdir()) else f"has no {DATASET_FILE}"
+            raise DataError(
+                f"shard folder {self.folder} {found}; create it with `asd-ray shards make`"
+            )
+        try:
+            self.info = ShardSetInfo(**json.loads(meta_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise DataError(f"{meta_path}: unreadable ({err}); re-make the shard set") from None
+        if self.info.format_version != FORMAT_VERSION:
+            raise DataError(f"{meta_path}: format v{self.info.format_version} is not supported")
+        self.manifest = tables.read_parquet(self.folder / MANIFEST_FILE, "manifest")
+        if self.manifest.num_rows != self.info.num_samples or self.manifest.num_rows == 0:
+            raise DataError(
+                f"{self.folder}: manifest has {self.manifest.num_rows} rows, dataset.json says "
+                f"{self.info.num_samples}; re-make the shard set"
+            )
+        ids = self.manifest.column("sample_id").to_numpy()
+        if not np.array_equal(ids, np.arange(len(ids))):
+            raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
+        self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
+        for path in self.paths:
+            if not path.is_file():
+                raise DataError(f"shard {path} is missing; re-make or re-copy the shard set")
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 labels in sample-id order."""
+        return self.manifest.column("label").to_numpy().astype(np.int64)
+
+    def require_uniform_size(self, why: str) -> tuple[int, int, int]:
+        """(H, W, C) shared by every image, or a DataError naming a record that differs."""
+        h = self.manifest.column("height").to_numpy()
+        w = self.manifest.column("width").to_numpy()
+        c = self.manifest.column("channels").to_numpy()
+        bad = np.flatnonzero((h != h[0]) | (w != w[0]) | (c != c[0]))
+        if bad.size:
+            row = self.manifest.slice(int(bad[0]), 1).to_pylist()[0]
+            raise DataError(
+                f"{why} needs one image size, but {self.folder.name}/{row['shard']} record "
+                f"{row['key']!r} is {row['height']}x{row['width']}x{row['channels']} while the "
+                f"first is {h[0]}x{w[0]}x{c[0]} ({bad.size} differ); re-make the shards with "
+                "--image-size"
+            )
+        return int(h[0]), int(w[0]), int(c[0])
+
+    def worker_slices(self, num_workers: int) -> list[list[ShardSlice]]:
+        """Split the set into ``num_workers`` contiguous runs of equal sample count (+-1).
+
+        Every sample is read by exactly one worker; a shard may be shared by two
+        neighbours, each reading its own record range.
+        """
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        counts = [int(s["count"]) for s in self.info.shards]
+        return assign_slices(self.paths, counts, num_workers)
+
+    def iter_samples(self, slices: Iterable[ShardSlice] | None = None) -> Iterator[Sample]:
+        """Decode samples (all, or those of ``slices``), checked against the manifest."""
+        slices = self.worker_slices(1)[0] if slices is None else slices
+        offsets = self._shard_offsets()
+        keys = self.manifest.column("key")
+        for piece in slices:
+            base = offsets[piece.path.name]
+            for index, key, members in iter_records(piece.path, start=piece.start, stop=piece.stop):
+                sample_id = base + index
+                if sample_id >= len(keys) or keys[sample_id].as_py() != key:
+                    raise DataError(
+                        f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
+                        f"{keys[sample_id].as_py() if sample_id < len(keys) else 'none'}; the shard "
+                        "was changed after it was made: re-make the shard set"
+                    )
+                label, image = decode_members(
+                    members, self.info.num_classes, shard=piece.path.name, key=key
+                )
+                yield Sample(sample_id, key, label, image, piece.path.name)
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Decode the whole set into memory: images (N, H, W, C) uint8, labels (N,) int64."""
+        h, w, c = self.require_uniform_size("loading into one array")
+        images = np.empty((len(self), h, w, c), np.uint8)
+        labels = np.empty(len(self), np.int64)
+        seen = 0
+        for sample in self.iter_samples():
+            images[sample.sample_id] = sample.image
+            labels[sample.sample_id] = sample.label
+            seen += 1
+        if seen != len(self):
+            raise DataError(f"{self.folder}: read {seen} records, manifest has {len(self)}")
+        return images, labels
+
+    def _shard_offsets(self) -> dict[str, int]:
+        offsets, total = {}, 0
+        for shard in self.info.shards:
+            offsets[str(shard["file"])] = total
+            total += int(shard["count"])
+        return offsets
+
+
+def assign_slices(paths: Sequence[Path], counts: Sequence[int], num_workers: int) -> list[list[ShardSlice]]:
+    """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs."""
+    total = sum(counts)
+    bounds = [total * w // num_workers for w in range(num_workers + 1)]
+    result: list[list[ShardSlice]] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pieces, first = [], 0
+        for path, count in zip(paths, counts):
+            start, stop = max(lo - first, 0), min(hi - first, count)
+            if start < stop:
+                pieces.append(ShardSlice(path, start, stop))
+            first += count
+        result.append(pieces)
+    return result
+
+
+def inspect_shard_set(folder: str | Path) -> dict:
+    """Read and decode every record of a shard set and check it against its manifest.
+
+    Returns:
+        A JSON-able report: samples and shards, counts per class, image sizes,
+        and whether a ground-truth table is present (and how many it poisons).
+
+    Raises:
+        DataError: on the first record that is unreadable or disagrees with the manifest.
+    """
+    shards = ShardSet(folder)
+    labels = shards.labels
+    shapes = np.stack(
+        [shards.manifest.column(c).to_numpy() for c in ("height", "width", "channels")], 1
+    )
+    per_class = np.zeros(shards.info.num_classes, np.int64)
+    sizes: dict[str, int] = {}
+    seen = 0
+    for sample in shards.iter_samples():
+        if sample.label != labels[sample.sample_id] or sample.image.shape != tuple(shapes[sample.sample_id]):
+            raise DataError(
+                f"{sample.shard}: record {sample.key!r} (label {sample.label}, shape "
+                f"{sample.image.shape}) disagrees with the manifest; re-make the shard set"
+            )
+        per_class[sample.label] += 1
+        size = "x".join(map(str, sample.image.shape))
+        sizes[size] = sizes.get(size, 0) + 1
+        seen += 1
+    if seen != len(shards):
+        raise DataError(f"{shards.folder}: read {seen} records, the manifest has {len(shards)}")
+    report = {
+        "command": "shards inspect",
+        "folder": str(shards.folder),
+        "samples": seen,
+        "shards": len(shards.paths),
+        "classes": shards.info.num_classes,
+        "per_class": {name: int(n) for name, n in zip(shards.info.class_names, per_class)},
+        "image_sizes": sizes,
+        "schema": "ok",
+        "attack": (shards.info.attack or {}).get("params", {}).get("attack"),
+    }
+    truth_path = shards.folder / GROUND_TRUTH_FILE
+    if truth_path.exists():
+        truth = tables.read_parquet(truth_path, "poison")
+        if truth.num_rows != seen:
+            raise DataError(f"{truth_path}: {truth.num_rows} rows for {seen} samples; re-run poison")
+        report["ground_truth_poisoned"] = int(np.sum(truth.column("is_poison").to_numpy()))
+    return report

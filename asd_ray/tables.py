@@ -1,0 +1,176 @@
+"""Arrow tables checked against the versioned schemas in ``schemas/``.
+
+Every table asd-ray writes or reads passes through :func:`validate`, so a column
+of the wrong type or a null where none is allowed fails loudly at the boundary
+instead of deep inside a split. Files are written under a temporary name and
+renamed, so no reader ever sees half a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asd_ray.errors import DataError
+
+TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics")
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+_TYPES: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "string": pa.string(),
+}
+
+
+@functools.cache
+def schema_document(name: str) -> dict[str, Any]:
+    """The parsed JSON document of schema ``name`` (e.g. ``"manifest"``)."""
+    if name not in (*TABLE_NAMES, "shard_record"):
+        raise ValueError(f"unknown schema {name!r}; known: {', '.join(TABLE_NAMES)}")
+    text = resources.files("asd_ray.schemas").joinpath(f"{name}.json").read_text()
+    return json.loads(text)
+
+
+@functools.cache
+def schema(name: str) -> pa.Schema:
+    """``pyarrow.Schema`` of table ``name``, with name and version in its metadata."""
+    doc = schema_document(name)
+    fields = [
+        pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in doc["fields"]
+    ]
+    meta = {"asd_ray.schema": doc["name"], "asd_ray.schema_version": str(doc["version"])}
+    return pa.schema(fields, metadata=meta)
+
+
+def validate(table: pa.Table, name: str, *, where: str = "table") -> pa.Table:
+    """Check ``table`` against schema ``name`` and return it in schema column order.
+
+    Columns must match by name and exact type; non-nullable columns must hold no
+    null. A file written under another version of the schema is refused.
+
+    Raises:
+        DataError: naming ``where`` (a path, usually), the column and the fix.
+    """
+    expected = schema(name)
+    meta = table.schema.metadata or {}
+    version = meta.get(b"asd_ray.schema_version")
+    if version is not None and version.decode() != expected.metadata[b"asd_ray.schema_version"].decode():
+        raise DataError(
+            f"{where}: written with {name} schema v{version.decode()}, this asd-ray reads "
+            f"v{expected.metadata[b'asd_ray.schema_version'].decode()}; re-create it with this version"
+        )
+    missing = [f.name for f in expected if f.name not in table.column_names]
+    extra = [c for c in table.column_names if c not in expected.names]
+    if missing or extra:
+        raise DataError(
+            f"{where}: columns do not match the {name} schema "
+            f"(missing: {missing or 'none'}, unexpected: {extra or 'none'}); see schemas/{name}.json"
+        )
+    for field in expected:
+        column = table.column(field.name)
+        if column.type != field.type:
+            raise DataError(
+                f"{where}: column {field.name!r} has type {column.type}, the {name} schema wants "
+                f"{field.type}; cast it before writing (see schemas/{name}.json)"
+            )
+        if not field.nullable and column.null_count:
+            raise DataError(
+                f"{where}: column {field.name!r} holds {column.null_count} null(s) but may not; "
+                f"fill every row (see schemas/{name}.json)"
+            )
+    return pa.Table.from_arrays(
+        [table.column(n) for n in expected.names], schema=expected
+    )
+
+
+def from_pydict(columns: dict[str, Any], name: str) -> pa.Table:
+    """Build a validated table from plain columns, cast to the schema's types."""
+    expected = schema(name)
+    try:
+        table = pa.Table.from_pydict(
+            {f.name: pa.array(columns[f.name], type=f.type) for f in expected}, schema=expected
+        )
+    except KeyError as err:
+        raise DataError(f"{name} table: column {err.args[0]!r} is missing") from None
+    return validate(table, name)
+
+
+def write_parquet(table: pa.Table, path: str | Path, name: str) -> Path:
+    """Validate ``table`` against schema ``name`` and write it atomically to ``path``."""
+    path = Path(path)
+    table = validate(table, name, where=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_parquet(path: str | Path, name: str) -> pa.Table:
+    """Read a Parquet file and validate it against schema ``name``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such {name} table; check the path")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err}); re-create it") from None
+    return validate(table, name, where=str(path))
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it becomes ``path`` only on success.
+
+    On any error the temporary folder is removed, so a failed command leaves
+    nothing half-written behind.
+
+    Raises:
+        DataError: if ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
