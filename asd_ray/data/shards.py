@@ -32,8 +32,9 @@ from asd_ray import tables
 from asd_ray.data.sources import Source
 from asd_ray.errors import DataError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "webp")
-SAFE_EXTS = (*IMAGE_EXTS, "cls", "json")
+_LAYOUT = tables.schema_document("shard_record")
+IMAGE_EXTS = tuple(_LAYOUT["image_members"])
+SAFE_EXTS = tuple(_LAYOUT["readable_members"])
 PNG_MAX_SIZE = 64
 JPEG_QUALITY = 95
 DATASET_FILE = "dataset.json"
@@ -551,7 +552,7 @@ class ShardSet:
                 if sample_id >= len(keys) or keys[sample_id].as_py() != key:
                     raise DataError(
                         f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
-                        f"{keys[sample_id].as_py() if sample_id < len(keys) else 'none'}; the shard "
+                        f"{keys[sample_id].as_py() if sample_id < len(keys) else None!r}; the shard "
                         "was changed after it was made: re-make the shard set"
                     )
                 label, image = decode_members(

@@ -187,7 +187,11 @@ _CIFAR_PIXELS = 3 * 32 * 32
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """Stand-in for ``_codecs.encode`` (protocol-2 bytes) that accepts only latin-1."""
-    if codecs.lookup(encoding).name != "iso8859-1":
+    try:
+        latin1 = codecs.lookup(encoding).name == "iso8859-1"
+    except (LookupError, TypeError):
+        latin1 = False
+    if not latin1:
         raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
     return codecs.encode(text, "latin1")
 

@@ -1,0 +1,189 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asd_ray.data.shards import (
+    ShardSet,
+    assign_slices,
+    expand_shard_paths,
+    inspect_shard_set,
+    iter_records,
+    sample_key,
+    write_shards,
+)
+from asd_ray.data.sources import from_arrays
+from asd_ray.errors import DataError
+from conftest import make_shards, synthetic_arrays, write_tar
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_arrays_to_shards_to_arrays_is_bit_identical(tmp_path, channels):
+    images, labels = synthetic_arrays(150, 32, channels, classes=5)
+    write_shards(from_arrays(images, labels), tmp_path / "s", samples_per_shard=40)
+    shards = ShardSet(tmp_path / "s")
+    assert [p.name for p in shards.paths] == [f"train-{i:06d}.tar" for i in range(4)]
+    back_images, back_labels = shards.load_arrays()
+    np.testing.assert_array_equal(back_images, images)
+    np.testing.assert_array_equal(back_labels, labels)
+    manifest = shards.manifest.to_pydict()
+    assert manifest["key"][:2] == [sample_key(0), sample_key(1)]
+    assert manifest["shard"][40] == "train-000001.tar" and manifest["index_in_shard"][40] == 0
+
+
+def test_large_images_are_jpeg_and_png_below_65px(tmp_path):
+    images, labels = synthetic_arrays(4, 96, 3, classes=2)
+    write_shards(from_arrays(images, labels), tmp_path / "big")
+    _, _, members = next(iter_records(ShardSet(tmp_path / "big").paths[0]))
+    assert set(members) == {"jpg", "cls"}
+    assert Image.open(io.BytesIO(members["jpg"])).format == "JPEG"
+
+
+def test_writing_is_deterministic(tmp_path):
+    make_shards(tmp_path / "a")
+    make_shards(tmp_path / "b")
+    assert (tmp_path / "a/train-000000.tar").read_bytes() == (tmp_path / "b/train-000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize("workers", range(1, 8))
+def test_worker_slices_cover_each_sample_once_and_balance(tmp_path, workers):
+    shards = make_shards(tmp_path / "s", n=101, per_shard=17)
+    parts = shards.worker_slices(workers)
+    ids = [[s.sample_id for s in shards.iter_samples(p)] for p in parts]
+    assert sorted(i for part in ids for i in part) == list(range(101))
+    sizes = [len(part) for part in ids]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_assign_slices_more_workers_than_shards():
+    parts = assign_slices(["a", "b"], [3, 2], 7)
+    assert sum(s.count for p in parts for s in p) == 5
+    assert sorted(len(p) for p in parts) == [0, 0, 1, 1, 1, 1, 1]
+
+
+def test_brace_patterns_and_refused_urls(tmp_path):
+    shards = make_shards(tmp_path / "s", n=100, per_shard=30)
+    pattern = str(tmp_path / "s/train-{000000..000003}.tar")
+    assert expand_shard_paths(pattern) == shards.paths
+    assert expand_shard_paths(tmp_path / "s") == shards.paths
+    with pytest.raises(DataError, match="only local paths"):
+        expand_shard_paths("pipe:curl http://x/a.tar")
+    with pytest.raises(DataError, match="does not exist"):
+        expand_shard_paths(str(tmp_path / "s/train-{000000..000009}.tar"))
+
+
+def test_inspect_reports_counts(train_set):
+    report = inspect_shard_set(train_set.folder)
+    assert report["samples"] == 200 and report["per_class"] == {f"c{i}": 50 for i in range(4)}
+    assert report["image_sizes"] == {"32x32x3": 200}
+
+
+# ---------------------------------------------------------------- bad input, one test each
+
+
+def test_missing_shard_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*asd-ray shards make"):
+        ShardSet(tmp_path / "nope")
+
+
+def test_empty_shard_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        ShardSet(tmp_path / "empty")
+
+
+def test_missing_shard_file(train_set):
+    train_set.paths[1].unlink()
+    with pytest.raises(DataError, match="train-000001.tar is missing"):
+        ShardSet(train_set.folder)
+
+
+def test_truncated_tar(train_set):
+    path = train_set.paths[0]
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="train-000000.tar: truncated tar"):
+        list(train_set.iter_samples())
+
+
+def test_empty_shard_file(train_set):
+    train_set.paths[0].write_bytes(b"")
+    with pytest.raises(DataError, match="shard is empty"):
+        list(train_set.iter_samples())
+
+
+def test_record_without_cls(tmp_path):
+    write_tar(tmp_path / "x.tar", [("000000000.png", _png()), ("000000001.png", _png()), ("000000001.cls", b"0")])
+    with pytest.raises(DataError, match="x.tar: record '000000000' has no 'cls'"):
+        list(iter_records(tmp_path / "x.tar"))
+
+
+def test_non_image_bytes(train_set):
+    members = [(f"{sample_key(i)}.png", _png()) for i in range(1)] + [("000000000.cls", b"0")]
+    members[0] = ("000000000.png", b"this is not an image")
+    write_tar(train_set.paths[0], members)
+    with pytest.raises(DataError, match="record '000000000' is not a readable image"):
+        list(train_set.iter_samples())
+
+
+@pytest.mark.parametrize("label", [b"4", b"-1", b"seven"])
+def test_label_out_of_range_or_negative_on_read(train_set, label):
+    write_tar(train_set.paths[0], [("000000000.png", _png()), ("000000000.cls", label)])
+    with pytest.raises(DataError, match="record '000000000' has (label|cls)"):
+        list(train_set.iter_samples())
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_label_out_of_range_or_negative_on_write(tmp_path, bad):
+    images, labels = synthetic_arrays(8, 8, 3, classes=4)
+    labels[3] = bad
+    with pytest.raises(DataError, match="label"):
+        write_shards(from_arrays(images, labels, class_names=list("abcd")), tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []  # no half-written folder
+
+
+def test_mixed_image_sizes_where_one_size_is_required(tmp_path):
+    from asd_ray.data.sources import SourceRecord, Source
+
+    records = [SourceRecord(label=0, source="a", image=np.zeros((8, 8, 3), np.uint8)),
+               SourceRecord(label=1, source="b", image=np.zeros((8, 9, 3), np.uint8))]
+    write_shards(Source("arrays", ["a", "b"], records, 2), tmp_path / "mixed")
+    shards = ShardSet(tmp_path / "mixed")
+    assert shards.info.image_size is None
+    with pytest.raises(DataError, match="record '000000001' is 8x9x3.*--image-size"):
+        shards.load_arrays()
+
+
+def test_duplicate_keys(tmp_path):
+    write_tar(tmp_path / "d.tar", [("000000000.png", _png()), ("000000000.cls", b"0"),
+                                   ("000000001.png", _png()), ("000000001.cls", b"0"),
+                                   ("000000000.png", _png()), ("000000000.cls", b"1")])
+    with pytest.raises(DataError, match="duplicate key '000000000'"):
+        list(iter_records(tmp_path / "d.tar"))
+
+
+@pytest.mark.parametrize("ext", ["pyd", "pickle", "pth", "npy"])
+def test_pickle_member_is_refused_before_decoding(tmp_path, ext):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    write_tar(tmp_path / "p.tar", [("000000000.png", _png()), ("000000000.cls", b"0"),
+                                   (f"000000000.{ext}", pickle.dumps(Boom()))])
+    with pytest.raises(DataError, match=f"p.tar: record '000000000' has a '{ext}' member"):
+        list(iter_records(tmp_path / "p.tar"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_changed_shard_disagrees_with_manifest(train_set):
+    write_tar(train_set.paths[0], [("000000007.png", _png()), ("000000007.cls", b"0")])
+    with pytest.raises(DataError, match="the manifest expects '000000000'"):
+        list(train_set.iter_samples())
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
