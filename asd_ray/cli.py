@@ -52,12 +52,18 @@ def _arrays_source(args: argparse.Namespace):
 
     from asd_ray.data import sources
 
-    images, labels = Path(_need(args, "images")), Path(_need(args, "labels"))
-    for path in (images, labels):
-        if path.suffix != ".npy":
-            raise DataError(f"{path}: --images/--labels must be .npy files (numpy.save)")
-    # allow_pickle=False: an object array in an .npy file would run code on load.
-    return sources.from_arrays(np.load(images, allow_pickle=False), np.load(labels, allow_pickle=False))
+    arrays = []
+    for path in (Path(_need(args, "images")), Path(_need(args, "labels"))):
+        if path.suffix != ".npy" or not path.is_file():
+            raise DataError(f"{path}: --images/--labels must be existing .npy files (numpy.save)")
+        try:  # allow_pickle=False: an object array in an .npy file would run code on load
+            arrays.append(np.load(path, allow_pickle=False))
+        except ValueError as err:
+            raise DataError(
+                f"{path}: {err}; save a plain numeric array (object arrays need pickle, which "
+                "asd-ray refuses on untrusted data)"
+            ) from None
+    return sources.from_arrays(*arrays)
 
 
 def _need(args: argparse.Namespace, name: str) -> str:

@@ -160,7 +160,8 @@ def poison_shards(
                 mean, std = normalize or (None, None)
                 batch = pgd_perturb(
                     surrogate, batch, plan.label_after[ids[poison]], eps=config.pgd_eps,
-                    step=config.pgd_step, steps=config.pgd_steps, mean=mean, std=std, seed=config.seed,
+                    step=config.pgd_step, steps=config.pgd_steps, mean=mean, std=std,
+                    seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
                 )
             out_images[poison] = trigger(batch)
         return out_images

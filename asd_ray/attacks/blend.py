@@ -1,0 +1,53 @@
+"""Blend trigger.
+
+Chen, Liu, Li, Lu and Song, "Targeted Backdoor Attacks on Deep Learning Systems Using
+Data Poisoning", arXiv:1712.05526, 2017.
+
+The pattern is blended over the whole image: ``x' = (1 - alpha) x + alpha p``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asd_ray.attacks.trigger import Trigger, resize_pattern, to_channels
+
+
+def blend_trigger(
+    height: int,
+    width: int,
+    channels: int,
+    *,
+    alpha: float = 0.1,
+    pattern: np.ndarray | None = None,
+    seed: int = 0,
+) -> Trigger:
+    """The Blend trigger for images of shape (height, width, channels).
+
+    The ASD reference blends a picture on 32x32 images and noise on 224x224 ones; with no
+    picture shipped, the default here is noise at every size: i.i.d. uniform integers
+    0-255 of shape (height, width, channels) drawn from ``np.random.default_rng(seed)``.
+
+    Args:
+        height, width, channels: the image shape; channels 1 or 3.
+        alpha: blend weight of the pattern, in (0, 1].
+        pattern: (h, w, channels) or (h, w, 3) RGB values in [0, 255]; resized
+            (bilinear) to the image when its size differs.
+        seed: seeds the default noise pattern (unused when ``pattern`` is given).
+
+    Returns:
+        A :class:`Trigger` with weight ``alpha`` everywhere.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in (0, 1]; the reference uses 0.1")
+    if pattern is None:
+        rng = np.random.default_rng(seed)
+        pattern = rng.integers(0, 256, size=(height, width, channels))
+    if pattern.ndim != 3 or pattern.min() < 0 or pattern.max() > 255:
+        raise ValueError(
+            f"pattern must be (h, w, C) with values in [0, 255], got shape {pattern.shape} "
+            f"and range [{pattern.min()}, {pattern.max()}]"
+        )
+    pattern = resize_pattern(to_channels(pattern, channels), height, width, nearest=False)
+    weight = np.full((height, width, 1), alpha, dtype=np.float32)
+    return Trigger(pattern=pattern, weight=weight)

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asd_ray.cli import build_parser, main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", [[], ["shards"], ["shards", "make"], ["shards", "inspect"], ["poison"], ["seeds"]])
+def test_help_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: asd-ray" in capsys.readouterr().out
+
+
+def test_make_poison_seeds_inspect_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(120) % 3)
+    np.save(tmp_path / "xt.npy", rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8))
+    np.save(tmp_path / "yt.npy", np.arange(30) % 3)
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    steps = [
+        ["shards", "make", "--source", "arrays", "--images", str(tmp_path / "x.npy"),
+         "--labels", str(tmp_path / "y.npy"), "--out", a, "--samples-per-shard", "50"],
+        ["shards", "make", "--source", "arrays", "--split", "test", "--images", str(tmp_path / "xt.npy"),
+         "--labels", str(tmp_path / "yt.npy"), "--out", a + "t"],
+        ["poison", "--attack", "badnets", "--rate", "0.1", "--target", "1", "--in", a, "--out", b,
+         "--test-in", a + "t", "--test-out", b + "t"],
+        ["seeds", "--per-class", "5", "--in", a, "--out", str(tmp_path / "S.parquet")],
+        ["shards", "inspect", b],
+    ]
+    summaries = []
+    for argv in steps:
+        code, out, err = run(argv, capsys)
+        assert code == 0, err
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+    assert summaries[0]["samples"] == 120 and summaries[0]["shards"] == 3
+    assert summaries[2]["test_samples"] == 20 and summaries[2]["poisoned"] > 0
+    assert summaries[3]["seeds"] == 15
+    assert summaries[4]["ground_truth_poisoned"] == summaries[2]["poisoned"]
+
+
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
+    code, out, err = run(["shards", "inspect", str(tmp_path / "missing")], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("asd-ray: error: shard folder") and "asd-ray shards make" in err
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code, _, err = run(["shards", "make", "--source", "arrays", "--images", str(tmp_path / "obj.npy"),
+                        "--labels", str(tmp_path / "obj.npy"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "pickle" in err.lower() and not (tmp_path / "o").exists()
+
+
+def test_console_script_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "asd_ray", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "poison" in result.stdout

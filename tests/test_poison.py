@@ -1,0 +1,134 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from asd_ray import tables
+from asd_ray.attacks.badnets import BADNETS_32PX_PATCH
+from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shards
+from asd_ray.config import AttackConfig
+from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, iter_records
+from asd_ray.errors import DataError
+from conftest import make_shards
+
+
+def _binomial_interval(n: int, p: float, z: float = 4.0) -> tuple[float, float]:
+    """Count bounds at z standard deviations (false alarm < 1e-4)."""
+    sd = math.sqrt(n * p * (1 - p))
+    return n * p - z * sd, n * p + z * sd
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.2])
+def test_observed_poison_rate_is_within_binomial_bounds(rate):
+    labels = np.arange(20_000) % 10
+    plan = plan_poison(labels, 10, AttackConfig("badnets", rate=rate, target=3, seed=7))
+    eligible = int((labels != 3).sum())
+    lo, hi = _binomial_interval(eligible, rate)
+    assert lo <= plan.is_poison.sum() <= hi
+    assert not plan.is_poison[labels == 3].any()
+    assert (plan.label_after[plan.is_poison] == 3).all()
+    np.testing.assert_array_equal(plan.label_after[~plan.is_poison], labels[~plan.is_poison])
+
+
+def test_plan_is_seeded():
+    labels = np.arange(1000) % 10
+    a = plan_poison(labels, 10, AttackConfig("badnets", rate=0.1, seed=1))
+    b = plan_poison(labels, 10, AttackConfig("badnets", rate=0.1, seed=1))
+    c = plan_poison(labels, 10, AttackConfig("badnets", rate=0.1, seed=2))
+    np.testing.assert_array_equal(a.is_poison, b.is_poison)
+    assert (a.is_poison != c.is_poison).any()
+
+
+def test_all2all_and_clean_label_plans():
+    labels = np.arange(10_000) % 10
+    plan = plan_poison(labels, 10, AttackConfig("all2all", rate=0.05))
+    np.testing.assert_array_equal(plan.label_after[plan.is_poison], (labels[plan.is_poison] + 1) % 10)
+    lo, hi = _binomial_interval(10_000, 0.05)
+    assert lo <= plan.is_poison.sum() <= hi
+    clean_label = plan_poison(labels, 10, AttackConfig("clean-label", rate=0.25, target=2))
+    assert clean_label.is_poison.sum() == 250 and (labels[clean_label.is_poison] == 2).all()
+    np.testing.assert_array_equal(clean_label.label_after, labels)
+
+
+def test_wanet_noise_samples_keep_their_labels():
+    labels = np.arange(10_000) % 10
+    plan = plan_poison(labels, 10, AttackConfig("wanet", rate=0.1, target=0))
+    assert not (plan.is_noise & plan.is_poison).any()
+    lo, hi = _binomial_interval(int((~plan.is_poison).sum()), 0.2)
+    assert lo <= plan.is_noise.sum() <= hi
+    np.testing.assert_array_equal(plan.label_after[plan.is_noise], labels[plan.is_noise])
+
+
+def test_target_outside_the_classes_is_a_clear_error():
+    with pytest.raises(DataError, match="--target 12 is not a class.*10 classes"):
+        plan_poison(np.arange(100) % 10, 10, AttackConfig("badnets", target=12))
+
+
+def test_badnets_shards_are_pixel_exact_and_keep_clean_bytes(tmp_path, train_set):
+    config = AttackConfig("badnets", rate=0.3, target=1, seed=3)
+    summary = poison_shards(train_set, tmp_path / "bad", config)
+    poisoned = ShardSet(tmp_path / "bad")
+    truth = tables.read_parquet(tmp_path / "bad" / GROUND_TRUTH_FILE, "poison").to_pydict()
+    assert summary["poisoned"] == sum(truth["is_poison"]) > 0
+    clean_images, clean_labels = train_set.load_arrays()
+    images, labels = poisoned.load_arrays()
+    is_poison = np.array(truth["is_poison"])
+    expected = clean_images[is_poison].copy()
+    expected[:, 4:6, 4:6, :] = BADNETS_32PX_PATCH
+    np.testing.assert_array_equal(images[is_poison], expected)
+    np.testing.assert_array_equal(images[~is_poison], clean_images[~is_poison])
+    np.testing.assert_array_equal(labels, np.array(truth["label_after"]))
+    np.testing.assert_array_equal(clean_labels, np.array(truth["original_label"]))
+    assert json.loads(truth["params"][0])["target"] == 1
+    clean_bytes = {k: m for _, k, m in iter_records(train_set.paths[0])}
+    for _, key, members in iter_records(poisoned.paths[0]):
+        if not is_poison[int(key)]:
+            assert members["png"] == clean_bytes[key]["png"]
+
+
+def test_poisoning_is_reproducible(tmp_path, train_set):
+    config = AttackConfig("blend", rate=0.2, target=0, seed=5)
+    poison_shards(train_set, tmp_path / "a", config)
+    poison_shards(train_set, tmp_path / "b", config)
+    for name in ("train-000000.tar", GROUND_TRUTH_FILE):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("attack", ["badnets", "blend", "wanet", "clean-label"])
+def test_asr_test_set_excludes_the_target_class(tmp_path, test_set, attack):
+    config = AttackConfig(attack, rate=0.1, target=2)
+    summary = poison_test_shards(test_set, tmp_path / "asr", config)
+    asr = ShardSet(tmp_path / "asr")
+    truth = tables.read_parquet(tmp_path / "asr" / GROUND_TRUTH_FILE, "poison").to_pydict()
+    assert summary["test_samples"] == len(asr) == int((test_set.labels != 2).sum())
+    assert (asr.labels == 2).all()
+    assert 2 not in truth["original_label"] and all(truth["is_poison"])
+    clean_images, _ = test_set.load_arrays()
+    images, _ = asr.load_arrays()
+    assert (images != clean_images[test_set.labels != 2]).any(axis=(1, 2, 3)).all()
+
+
+def test_all2all_test_set_shifts_every_label(tmp_path, test_set):
+    poison_test_shards(test_set, tmp_path / "asr", AttackConfig("all2all", rate=0.1))
+    asr = ShardSet(tmp_path / "asr")
+    np.testing.assert_array_equal(asr.labels, (test_set.labels + 1) % 4)
+
+
+def test_mixed_sizes_or_existing_output_leave_nothing_behind(tmp_path, train_set):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(DataError, match="already exists"):
+        poison_shards(train_set, tmp_path / "taken", AttackConfig("badnets"))
+    with pytest.raises(DataError, match="not a class"):
+        poison_shards(train_set, tmp_path / "new", AttackConfig("badnets", target=9))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "train"]
+
+
+def test_large_images_get_a_32px_patch_upper_left(tmp_path):
+    shards = make_shards(tmp_path / "big", n=12, size=96, classes=2)
+    poison_test_shards(shards, tmp_path / "asr", AttackConfig("badnets", target=0))
+    asr, clean = ShardSet(tmp_path / "asr"), shards.load_arrays()[0][shards.labels != 0]
+    images = asr.load_arrays()[0]
+    # JPEG is lossy: the patch region differs strongly, the far corner hardly
+    assert np.abs(images[:, :32, :32].astype(int) - clean[:, :32, :32]).mean() > 20
+    assert np.abs(images[:, 64:, 64:].astype(int) - clean[:, 64:, 64:]).mean() < 8
