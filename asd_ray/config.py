@@ -1,12 +1,20 @@
-"""Typed configuration for every stage, validated on construction. No I/O here.
+"""Typed configuration for every stage, validated on construction.
 
 Defaults follow ``ASD_REFERENCE.md``; each field's comment says what it is.
+:data:`PRESETS` hold the paper's settings per dataset; :func:`load_config`
+layers a preset, an optional YAML file and ``section.field=value`` overrides.
+The only I/O is reading and writing that YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label")
 TRIGGERS = ("badnets", "blend", "checkerboard")
@@ -69,3 +77,287 @@ class AttackConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able parameters (recorded in every ground-truth row)."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How ASD splits the training set each epoch (paper Algorithm 1, epochs from 0).
+
+    Stage 1 (epoch < stage2_epoch): seeds + the ``choice_num`` lowest-loss
+    non-seed samples of each class, ``choice_num`` growing by ``grow_by`` at every
+    epoch e > 0 with e % grow_every == 0. Stage 2 (< stage3_epoch): the
+    ``clean_ratio`` lowest-loss samples, class-agnostic. Stage 3: the
+    ``meta_clean_ratio`` samples with the lowest loss reduction after the
+    virtual model's epoch.
+    """
+
+    seeds_per_class: int = 10  # w: trusted clean samples per class
+    grow_every: int = 5  # t: epochs between growth steps of choice_num
+    grow_by: int = 10  # n: samples per class added at each growth step
+    stage2_epoch: int = 60  # T1: first epoch of stage 2
+    stage3_epoch: int = 90  # T2: first epoch of stage 3
+    clean_ratio: float = 0.5  # alpha: stage-2 fraction of samples in the clean pool
+    meta_clean_ratio: float = 0.5  # gamma: stage-3 fraction of samples in the clean pool
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stage2_epoch <= self.stage3_epoch:
+            raise ValueError(
+                f"stage2_epoch {self.stage2_epoch} and stage3_epoch {self.stage3_epoch} must satisfy "
+                "0 <= stage2_epoch <= stage3_epoch"
+            )
+        for name in ("clean_ratio", "meta_clean_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} must be in (0, 1)")
+        if self.grow_every < 1 or self.grow_by < 0 or self.seeds_per_class < 1:
+            raise ValueError("grow_every and seeds_per_class must be >= 1 and grow_by >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The classifier (see asd_ray.models)."""
+
+    name: str = "resnet18"  # resnet18 | vgg11 | mobilenet_v2 | densenet121 | small_cnn
+
+    def __post_init__(self) -> None:
+        names = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn")
+        if self.name not in names:
+            raise ValueError(f"model.name {self.name!r} is unknown; choose one of {', '.join(names)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Normalisation and training augmentation of the stored uint8 images."""
+
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)  # per channel, on [0, 1]
+    std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+    augment: str = "crop"  # crop (pad + random crop) | resized_crop (224 px) | none
+    crop_padding: int = 4  # reflect padding of the random crop
+    flip: bool = True  # random horizontal flip (off for digits and traffic signs)
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("crop", "resized_crop", "none"):
+            raise ValueError(f"data.augment {self.augment!r}: choose crop, resized_crop or none")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError("data.mean and data.std need one entry per channel, std > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+    """The per-sample SCE scoring pass at the start of every epoch."""
+
+    sce_alpha: float = 0.1  # weight of CE in SCE
+    sce_beta: float = 1.0  # weight of reverse CE in SCE
+    augment: bool = False  # score with training augmentation (the authors' code) instead of clean inputs
+    batch_size: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class MixMatchConfig:
+    """The semi-supervised epoch on the clean (labeled) and polluted (unlabeled) pools."""
+
+    iterations: int = 1024  # optimizer steps per epoch
+    batch_labeled: int = 64  # labeled samples per step (global, see batch_rule)
+    batch_unlabeled: int = 64  # unlabeled samples per step (global, see batch_rule)
+    batch_rule: str = "global"  # global: batches split across workers; per_worker: each worker takes the full batch
+    temperature: float = 0.5  # sharpening of guessed labels
+    mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
+    lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
+    rampup_epochs: float | None = None  # ramp length; None = the whole run
+    lr: float = 0.002  # Adam learning rate (no schedule, no weight decay)
+
+    def __post_init__(self) -> None:
+        if self.batch_rule not in ("global", "per_worker"):
+            raise ValueError(f"mixmatch.batch_rule {self.batch_rule!r}: choose global or per_worker")
+        if min(self.iterations, self.batch_labeled, self.batch_unlabeled) < 1:
+            raise ValueError("mixmatch.iterations and batch sizes must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualConfig:
+    """Stage 3's throw-away virtual model (meta-split)."""
+
+    lr: float = 0.015  # Adam learning rate on the model's meta_parameters()
+    batch_size: int = 128  # global batch
+    epochs: float = 1.0  # passes over the whole poisoned set
+    min_steps: int = 0  # at least this many steps (small data sets need ~250: see the reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """How the work is spread over Ray."""
+
+    workers: int = 2  # Ray Train DDP workers
+    scorers: int = 2  # scoring actors
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    cpus_per_scorer: float = 1.0
+    gpus_per_scorer: float = 0.0  # fractional GPUs allowed
+    threads_per_process: int = 1  # torch threads in every worker and actor
+    max_failures: int = 0  # worker-group restarts inside one run (Ray Train FailureConfig)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.scorers < 1:
+            raise ValueError("cluster.workers and cluster.scorers must be >= 1")
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError("cluster.gpus_per_worker above 1 must be a whole number")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``asd-ray run`` needs besides the data paths."""
+
+    preset: str = "cifar10"
+    defense: str = "asd"  # asd | none (plain supervised training on the whole poisoned set)
+    epochs: int = 120  # T3
+    seed: int = 0
+    baseline_batch_size: int = 128  # defense none: global batch of the supervised epochs
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    mixmatch: MixMatchConfig = MixMatchConfig()
+    virtual: VirtualConfig = VirtualConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def __post_init__(self) -> None:
+        if self.defense not in ("asd", "none"):
+            raise ValueError(f"defense {self.defense!r}: choose asd or none")
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs} must be >= 1")
+        if self.split.stage3_epoch > self.epochs:
+            raise ValueError(
+                f"split.stage3_epoch {self.split.stage3_epoch} is after the last epoch "
+                f"({self.epochs}); lower it or raise epochs"
+            )
+        for name in ("batch_labeled", "batch_unlabeled"):
+            batch = getattr(self.mixmatch, name)
+            if self.mixmatch.batch_rule == "global" and batch % self.cluster.workers:
+                raise ValueError(
+                    f"mixmatch.{name} {batch} is not divisible by {self.cluster.workers} workers "
+                    "under batch_rule global; change the worker count or set "
+                    "mixmatch.batch_rule=per_worker"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+_CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {},
+    "gtsrb": {
+        "epochs": 100,
+        "data": dict(mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669), flip=False),
+    },
+    "imagenet30": {"data": _IMAGENET},
+    "vggface2_30": {"model": {"name": "densenet121"}, "data": _IMAGENET, "virtual": {"lr": 0.02}},
+    "mnist-quick": {
+        "epochs": 12,
+        "model": {"name": "small_cnn"},
+        "data": dict(mean=(0.1307,), std=(0.3081,), flip=False, crop_padding=2),
+        "split": dict(grow_every=2, grow_by=40, stage2_epoch=6, stage3_epoch=9),
+        "mixmatch": dict(iterations=64),
+        "virtual": dict(min_steps=250),
+    },
+}
+
+
+def preset(name: str) -> RunConfig:
+    """The :class:`RunConfig` of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return from_dict({"preset": name, **PRESETS[name]})
+
+
+def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from nested plain values layered over ``base`` (defaults if None)."""
+    return _build(RunConfig, values, base or RunConfig(), "")
+
+
+def load_config(
+    preset_name: str | None = None,
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> RunConfig:
+    """Layer a preset, a YAML file and ``section.field=value`` overrides, in that order.
+
+    Override values are parsed as YAML scalars (``mixmatch.iterations=100``,
+    ``data.flip=false``, ``data.mean=[0.5,0.5,0.5]``).
+    """
+    config = preset(preset_name) if preset_name else RunConfig()
+    if yaml_path is not None:
+        values = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config sections")
+        config = from_dict(values, config)
+    if overrides:
+        pairs = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides)
+        nested: dict[str, Any] = {}
+        for key, value in pairs:
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        config = from_dict(nested, config)
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (readable back with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} must look like section.field=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _build(cls: type, values: dict[str, Any], base: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(
+                f"unknown config key {prefix + key!r}; known: {', '.join(prefix + f for f in fields)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            changes[key] = _build(hint, value, getattr(base, key), f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, hint, prefix + key)
+    return dataclasses.replace(base, **changes)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(v, inner, name) for v in value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is not hint:
+        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,402 @@
+"""The epoch loop: score, split, write the split table, train, evaluate, record.
+
+The driver alone owns ``ray.init``, the actors and the run folder::
+
+    RUN/config.yaml                     the full config (re-read by --resume)
+    RUN/inputs.json                     shard folders, seeds and ground-truth paths
+    RUN/splits/epoch=NNN/part-0.parquet one split table per epoch (hive layout)
+    RUN/metrics.parquet, metrics.jsonl  one row per finished epoch
+    RUN/train/                          Ray Train storage: checkpoints of every epoch
+    RUN/summary.json                    the final one-line summary
+
+One ``TorchTrainer.fit()`` runs the whole schedule in a background thread; the
+driver talks to its workers through the run's :class:`~asd_ray.mailbox.Mailbox`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from asd_ray import tables
+from asd_ray.config import RunConfig, from_dict, load_config, save_config
+from asd_ray.data.shards import ShardSet
+from asd_ray.errors import DataError
+from asd_ray.evaluate import accuracy, attack_success_rate
+from asd_ray.mailbox import NAMESPACE, Mailbox
+from asd_ray.scoring import ModelSpec, ScoringPool, scores_table
+from asd_ray.split import make_split, split_summary, stage_of
+
+CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
+METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
+_RESULT_POLL_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """Paths of what a run reads (recorded in RUN/inputs.json)."""
+
+    train: str  # poisoned (untrusted) training shard folder
+    test: str  # clean test shard folder (ACC)
+    poison_test: str | None = None  # triggered test shard folder (ASR)
+    seeds: str | None = None  # seeds table (required for defense asd)
+    ground_truth: str | None = None  # poison.parquet of the training set: reporting only
+
+    def absolute(self) -> RunInputs:
+        return RunInputs(**{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()})
+
+
+def split_path(run: Path, epoch: int) -> Path:
+    """Where the split table of ``epoch`` lives (hive layout: readable as one dataset)."""
+    return run / "splits" / f"epoch={epoch:03d}" / "part-0.parquet"
+
+
+def run(
+    config: RunConfig,
+    inputs: RunInputs,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) ASD, or the no-defense baseline, and return the summary.
+
+    Args:
+        config: the run's config; on resume only its ``cluster`` section is used
+            (the rest is read back from RUN/config.yaml).
+        inputs: the data; on resume read back from RUN/inputs.json.
+        out: the run folder.
+        resume: continue from the last complete epoch of ``out``.
+        stop_after_epoch: stop (resumably) once this epoch is finished.
+        progress: called with one human-readable line per event.
+
+    Returns:
+        The summary (defense, acc, asr, max poisoned fraction of the clean pool,
+        epochs, wall seconds, run dir), also written to RUN/summary.json.
+    """
+    start = time.perf_counter()
+    out = Path(out).absolute()
+    config, inputs = _prepare_run_folder(config, inputs, out, resume)
+    data = _open_inputs(config, inputs)
+    started_ray = _init_ray(config)
+    session = None
+    try:
+        session = _Session(config, inputs, data, out)
+        summary = session.loop(stop_after_epoch, progress)
+    finally:
+        if session is not None:
+            session.close()
+        if started_ray:
+            ray.shutdown()
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary) + "\n")
+    return summary
+
+
+def _prepare_run_folder(config: RunConfig, inputs: RunInputs, out: Path, resume: bool):
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise DataError(f"--resume {out}: no {CONFIG_FILE} there; start a new run with --out")
+        saved = load_config(None, out / CONFIG_FILE)
+        config = from_dict({"cluster": dataclasses.asdict(config.cluster)}, saved)
+        inputs = RunInputs(**json.loads((out / INPUTS_FILE).read_text()))
+        return config, inputs
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
+    if config.defense == "asd" and not inputs.seeds:
+        raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
+    inputs = inputs.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / CONFIG_FILE)
+    (out / INPUTS_FILE).write_text(json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+    return config, inputs
+
+
+@dataclasses.dataclass
+class _Data:
+    train: ShardSet
+    test: ShardSet
+    poison_test: ShardSet | None
+    seed_ids: np.ndarray
+    ground_truth: pa.Table | None
+    spec: ModelSpec
+
+
+def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
+    """Open and cross-check every input before any Ray work starts."""
+    train, test = ShardSet(inputs.train), ShardSet(inputs.test)
+    poison_test = ShardSet(inputs.poison_test) if inputs.poison_test else None
+    height, width, channels = train.require_uniform_size("training")
+    for name, other in (("test", test), ("poison-test", poison_test)):
+        if other is None:
+            continue
+        if other.info.num_classes != train.info.num_classes:
+            raise DataError(
+                f"class-count mismatch: {other.folder} ({name}) has {other.info.num_classes} classes, "
+                f"{train.folder} (train) has {train.info.num_classes}; make both from the same dataset"
+            )
+        if other.require_uniform_size(name) != (height, width, channels):
+            raise DataError(
+                f"{other.folder} ({name}) images are {other.require_uniform_size(name)}, training images "
+                f"are {(height, width, channels)}; make both with the same --image-size"
+            )
+    if channels != len(config.data.mean):
+        raise DataError(
+            f"{train.folder} images have {channels} channel(s) but data.mean has {len(config.data.mean)} "
+            "entries; pick the preset of this dataset or set data.mean/data.std"
+        )
+    seed_ids = np.empty(0, np.int64)
+    if config.defense == "asd":
+        seed_ids = _seed_ids(train, inputs.seeds, config.split.seeds_per_class)
+    truth = None
+    if inputs.ground_truth:
+        truth = tables.read_parquet(inputs.ground_truth, "poison")
+        if truth.num_rows != len(train):
+            raise DataError(
+                f"{inputs.ground_truth}: {truth.num_rows} rows for {len(train)} training samples; pass "
+                "the poison.parquet of the training shards"
+            )
+    spec = ModelSpec(config.model.name, train.info.num_classes, channels, max(height, width))
+    return _Data(train, test, poison_test, seed_ids, truth, spec)
+
+
+def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
+    """Training-set sample ids of the seeds, checked: same dataset, same labels, w per class."""
+    seeds = tables.read_parquet(seeds_path, "seeds")
+    parent = (train.info.attack or {}).get("clean")
+    folders = set(seeds.column("dataset").to_pylist())
+    if not folders <= {str(train.folder), parent}:
+        raise DataError(
+            f"{seeds_path}: seeds come from {sorted(folders)}, not from the training set {train.folder} "
+            "or its clean parent; draw them with `asd-ray seeds --in` one of those"
+        )
+    ids = seeds.column("sample_id").to_numpy()
+    if len(ids) and (ids.max() >= len(train) or ids.min() < 0):
+        raise DataError(f"{seeds_path}: seed sample id {ids.max()} is outside the training set")
+    seed_labels = seeds.column("label").to_numpy()
+    tampered = np.flatnonzero(train.labels[ids] != seed_labels)
+    if tampered.size:
+        i = tampered[0]
+        raise DataError(
+            f"{seeds_path}: seed {ids[i]} is labelled {seed_labels[i]} in its trusted set but "
+            f"{train.labels[ids[i]]} in the training set: that sample was altered; draw seeds the "
+            "training set agrees with"
+        )
+    counts = np.bincount(seed_labels, minlength=train.info.num_classes)
+    short = np.flatnonzero(counts < per_class)
+    if short.size:
+        c = short[0]
+        raise DataError(
+            f"{seeds_path}: class {c} ({train.info.class_names[c]!r}) has {counts[c]} seed(s), the "
+            f"config needs split.seeds_per_class = {per_class}; pick more seeds (`asd-ray seeds "
+            "--per-class`) or lower split.seeds_per_class"
+        )
+    return ids
+
+
+def _init_ray(config: RunConfig) -> bool:
+    """Start a local Ray sized for the run unless one is running or reachable (job submit)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        return True
+    c = config.cluster
+    cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
+    ray.init(
+        num_cpus=max(int(np.ceil(cpus)), os.cpu_count() or 1),
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+class _Session:
+    """The Ray side of one run: scoring pool, mailbox and the training thread."""
+
+    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path):
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        from asd_ray.train import train_loop_per_worker
+
+        self.config, self.data, self.out = config, data, out
+        c = config.cluster
+        mailbox_name = f"mailbox-{uuid.uuid4().hex[:12]}"
+        self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
+        datasets = {"test": data.test}
+        if config.defense == "asd":
+            datasets = {"train": data.train, **datasets}
+        if data.poison_test is not None:
+            datasets["poison_test"] = data.poison_test
+        self.pool = ScoringPool(
+            datasets, data.spec, config.data, config.scoring, num_actors=c.scorers,
+            cpus=c.cpus_per_scorer, gpus=c.gpus_per_scorer, threads=c.threads_per_process,
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": config.to_dict(), "train": inputs.train,
+                "model": dataclasses.asdict(data.spec), "mailbox": mailbox_name,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
+                resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})},
+            ),
+            run_config=TrainRunConfig(
+                name="train", storage_path=str(out),
+                failure_config=FailureConfig(max_failures=c.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        self.fit_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), name="asd-ray-fit", daemon=True)
+        self.fit_started = time.perf_counter()
+        self.thread.start()
+
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # reported by _await in the driver thread
+            self.fit_error = err
+
+    def _await(self, seq: int, what: str) -> dict[str, Any]:
+        while True:
+            result = ray.get(self.mailbox.wait_result.remote(seq, _RESULT_POLL_S))
+            if result is not None:
+                return result
+            if not self.thread.is_alive():
+                raise RuntimeError(f"Ray Train stopped during {what}: {self.fit_error!r}") from self.fit_error
+
+    def loop(self, stop_after_epoch: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
+        config, data, out = self.config, self.data, self.out
+        hello = self._await(0, "start-up")
+        startup_s = time.perf_counter() - self.fit_started
+        weights, done = hello["weights"], hello["epoch"]
+        rows = _read_metrics(out, done)
+        progress(
+            f"asd-ray: {config.defense} on {len(data.train)} samples, {data.train.info.num_classes} classes, "
+            f"{config.model.name}, {config.cluster.workers} workers + {config.cluster.scorers} scorers; "
+            f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
+        )
+        last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
+        for epoch in range(done + 1, last + 1):
+            row, weights = self._epoch(epoch, weights)
+            rows.append(row)
+            _write_metrics(out, rows)
+            progress(_progress_line(row, config.epochs))
+        return {
+            "defense": config.defense,
+            "acc": rows[-1]["acc"] if rows else None,
+            "asr": rows[-1]["asr"] if rows else None,
+            "max_poison_fraction_clean": max(
+                (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None), default=None
+            ),
+            "epochs": len(rows),
+            "train_startup_s": round(startup_s, 1),
+            "run_dir": str(out),
+        }
+
+    def _epoch(self, epoch: int, weights) -> tuple[dict[str, Any], Any]:
+        config, data = self.config, self.data
+        t0 = time.perf_counter()
+        score_s = virtual_s = 0.0
+        path, stage, summary = None, 0, {"clean_pool": len(data.train), "polluted_pool": 0,
+                                        "poison_in_clean": None, "poison_fraction_clean": None}
+        if config.defense == "asd":
+            stage = stage_of(epoch, config.split)
+            ref = ray.put(weights)
+            augment_seed = config.seed * 100_003 + epoch if config.scoring.augment else None
+            scores = scores_table(self.pool.run("train", ref, augment_seed=augment_seed))
+            score_s = time.perf_counter() - t0
+            meta = None
+            if stage == 3:
+                t1 = time.perf_counter()
+                seq = ray.get(self.mailbox.post_task.remote("virtual", epoch=epoch))
+                virtual = self._await(seq, f"epoch {epoch} virtual model")
+                virtual_s = time.perf_counter() - t1
+                t2 = time.perf_counter()
+                meta = scores_table(self.pool.run("train", virtual["weights"], augment_seed=augment_seed))
+                score_s += time.perf_counter() - t2
+            t3 = time.perf_counter()
+            split = make_split(epoch, scores, config=config.split, num_classes=data.train.info.num_classes,
+                               seed_ids=data.seed_ids, meta_scores=meta, ground_truth=data.ground_truth)
+            path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
+            summary = split_summary(split)
+            split_s = time.perf_counter() - t3
+        else:
+            split_s = 0.0
+            if data.ground_truth is not None:
+                poisoned = int(np.sum(data.ground_truth.column("is_poison").to_numpy(zero_copy_only=False)))
+                summary |= {"poison_in_clean": poisoned, "poison_fraction_clean": poisoned / len(data.train)}
+        t4 = time.perf_counter()
+        seq = ray.get(self.mailbox.post_task.remote("train", epoch=epoch, split=str(path) if path else None))
+        result = self._await(seq, f"epoch {epoch} training")
+        train_s = time.perf_counter() - t4
+        weights = result["weights"]
+        t5 = time.perf_counter()
+        ref = ray.put(weights)
+        acc = accuracy(self.pool.run("test", ref))
+        asr = attack_success_rate(self.pool.run("poison_test", ref)) if data.poison_test is not None else None
+        eval_s = time.perf_counter() - t5
+        row = {
+            "epoch": epoch, "stage": stage, "defense": config.defense, "acc": acc, "asr": asr,
+            "clean_pool": summary["clean_pool"], "polluted_pool": summary["polluted_pool"],
+            "poison_in_clean": summary.get("poison_in_clean"),
+            "poison_fraction_clean": summary.get("poison_fraction_clean"),
+            "train_loss": float(result["train_loss"]), "score_s": score_s, "virtual_s": virtual_s,
+            "split_s": split_s, "train_s": train_s, "eval_s": eval_s, "epoch_s": time.perf_counter() - t0,
+        }
+        return row, weights
+
+    def close(self) -> None:
+        try:
+            if self.thread.is_alive():
+                ray.get(self.mailbox.post_task.remote("stop"))
+                self.thread.join(timeout=120)
+        finally:
+            self.pool.shutdown()
+            ray.kill(self.mailbox)
+
+
+def _read_metrics(out: Path, done: int) -> list[dict[str, Any]]:
+    """Metrics rows of a run folder up to epoch ``done`` (empty for a new run)."""
+    path = out / METRICS_FILE
+    if done < 0 or not path.exists():
+        return []
+    rows = tables.read_parquet(path, "metrics").to_pylist()
+    return [r for r in rows if r["epoch"] <= done]
+
+
+def _write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
+    tables.write_parquet(table, out / METRICS_FILE, "metrics")
+    with tables.atomic_file(out / METRICS_JSONL) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _progress_line(row: dict[str, Any], epochs: int) -> str:
+    asr = f" asr {100 * row['asr']:5.1f}%" if row["asr"] is not None else ""
+    poison = f" (poisoned {row['poison_in_clean']})" if row["poison_in_clean"] is not None else ""
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{epochs} stage {row['stage']} | acc {100 * row['acc']:5.1f}%{asr} | "
+        f"clean {row['clean_pool']}{poison} polluted {row['polluted_pool']} | loss {row['train_loss']:.3f} | "
+        f"score {row['score_s']:.1f}s virtual {row['virtual_s']:.1f}s split {row['split_s']:.2f}s "
+        f"train {row['train_s']:.1f}s eval {row['eval_s']:.1f}s total {row['epoch_s']:.1f}s"
+    )

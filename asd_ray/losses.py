@@ -1,0 +1,137 @@
+"""ASD's losses as pure torch functions: no loops, no devices chosen, no global RNG.
+
+``sce_loss`` scores samples for the split (ASD's L1, the symmetric cross-entropy
+of Wang et al., ICCV 2019); the rest is MixMatch (Berthelot et al., NeurIPS 2019)
+as ASD trains with it (``ASD_REFERENCE.md``, "MixMatch epoch"). Shapes: B batch,
+C classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_PROB_FLOOR = 1e-7  # SCE clamps predicted probabilities to [1e-7, 1] ...
+_ONEHOT_FLOOR = 1e-4  # ... and the one-hot label to [1e-4, 1], so log(0) never occurs
+
+
+def sce_loss(logits: Tensor, labels: Tensor, *, alpha: float = 0.1, beta: float = 1.0) -> Tensor:
+    """Per-sample symmetric cross-entropy ``alpha * CE + beta * RCE``.
+
+    Per sample, not averaged: the split ranks samples by it. With the clamps,
+    RCE = -log(1e-4) * (1 - p_y) whenever no probability falls below 1e-7: it is
+    bounded by about 9.2, unlike CE, so the score is less dominated by a few
+    confidently wrong samples.
+
+    Args:
+        logits: (B, C) float.
+        labels: (B,) int64 class indices.
+
+    Returns:
+        (B,) float losses.
+    """
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be (B, C) and (B,)"
+        )
+    ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    probs = F.softmax(logits, dim=1).clamp(min=_PROB_FLOOR, max=1.0)  # (B, C)
+    onehot = F.one_hot(labels, logits.shape[1]).to(probs.dtype).clamp(min=_ONEHOT_FLOOR, max=1.0)  # (B, C)
+    rce = -(probs * onehot.log()).sum(dim=1)  # (B,)
+    return alpha * ce + beta * rce
+
+
+def sharpen(probs: Tensor, temperature: float = 0.5) -> Tensor:
+    """MixMatch's label sharpening ``p^(1/T) / sum_k p_k^(1/T)``: T < 1 lowers the entropy.
+
+    Args:
+        probs: (B, C) rows of probabilities.
+        temperature: T > 0.
+
+    Returns:
+        (B, C) rows summing to 1.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature} must be > 0 (MixMatch uses 0.5)")
+    powered = probs ** (1.0 / temperature)  # (B, C)
+    return powered / powered.sum(dim=1, keepdim=True)
+
+
+def mixmatch_loss(
+    logits_x: Tensor, targets_x: Tensor, logits_u: Tensor, targets_u: Tensor, lambda_u: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MixMatch's loss on a mixed batch: soft cross-entropy on the labeled part, squared error on the rest.
+
+    The unlabeled term is the squared error between probabilities, not a
+    cross-entropy, because guessed labels are noisy and the bounded L2 loss is
+    less sensitive to wrong guesses.
+
+    Args:
+        logits_x: (Bx, C) logits of the mixed labeled inputs; targets_x (Bx, C) their mixed soft targets.
+        logits_u: (Bu, C) logits of the mixed unlabeled inputs; targets_u (Bu, C) their mixed guessed targets.
+        lambda_u: weight of the unlabeled term (see :func:`rampup_weight`).
+
+    Returns:
+        (total, Lx, Lu), scalars: Lx is the mean over labeled rows of -sum_k t_k log softmax_k;
+        Lu the mean over unlabeled rows and classes of (softmax - t)^2; total = Lx + lambda_u * Lu.
+    """
+    if logits_x.shape != targets_x.shape or logits_u.shape != targets_u.shape:
+        raise ValueError(
+            f"logits and targets must have equal shapes (B, C): labeled {tuple(logits_x.shape)} vs "
+            f"{tuple(targets_x.shape)}, unlabeled {tuple(logits_u.shape)} vs {tuple(targets_u.shape)}"
+        )
+    loss_x = -(targets_x * F.log_softmax(logits_x, dim=1)).sum(dim=1).mean()  # (Bx, C) -> ()
+    loss_u = ((F.softmax(logits_u, dim=1) - targets_u) ** 2).mean()  # (Bu, C) -> ()
+    return loss_x + lambda_u * loss_u, loss_x, loss_u
+
+
+def rampup_weight(progress: float, *, max_weight: float = 15.0, length: float) -> float:
+    """MixMatch's unlabeled-loss weight, ramped linearly so early wrong guesses weigh little.
+
+    Args:
+        progress: t = epoch + iteration / iterations_per_epoch.
+        max_weight: weight reached at t = length (ASD: 15).
+        length: ramp length in epochs (ASD: the whole run, T3).
+
+    Returns:
+        max_weight * clip(t / length, 0, 1).
+    """
+    if length <= 0:
+        raise ValueError(f"ramp length {length} must be > 0 epochs (ASD uses the total epochs, T3)")
+    return max_weight * min(max(progress / length, 0.0), 1.0)
+
+
+def mixup(
+    inputs: Tensor, targets: Tensor, *, rng: np.random.Generator, alpha: float = 0.75
+) -> tuple[Tensor, Tensor, float]:
+    """MixUp each row with a random partner from the whole batch, MixMatch style.
+
+    lam ~ Beta(alpha, alpha), then lam = max(lam, 1 - lam) so every mixed row
+    stays closer to its own input: rows keep their labeled/unlabeled role.
+    Both lam and the permutation come from ``rng``, so a seed fixes the result
+    on any device (torch has no generator-aware Beta sampler, and a CUDA
+    generator would permute differently from a CPU one).
+
+    Args:
+        inputs: (B, ...) float, e.g. labeled rows then both unlabeled views.
+        targets: (B, C) soft targets of the same rows.
+        rng: the only source of randomness.
+        alpha: Beta concentration (> 0).
+
+    Returns:
+        (mixed inputs (B, ...), mixed targets (B, C), lam in [0.5, 1]).
+    """
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha {alpha} must be > 0 (MixMatch uses 0.75)")
+    if targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be (B, ...) and (B, C)"
+        )
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    partner = torch.from_numpy(rng.permutation(inputs.shape[0])).to(inputs.device)  # (B,)
+    mixed_inputs = lam * inputs + (1.0 - lam) * inputs[partner]  # (B, ...)
+    mixed_targets = lam * targets + (1.0 - lam) * targets[partner]  # (B, C)
+    return mixed_inputs, mixed_targets, lam

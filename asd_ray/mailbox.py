@@ -1,0 +1,60 @@
+"""The driver <-> Ray Train workers mailbox: one named actor per run.
+
+One ``TorchTrainer.fit()`` runs the whole schedule, because a fit costs ~20 s of
+start-up (``RAY_NOTES.md``) and an epoch on small data costs less. The driver
+posts one task at a time (``virtual`` model epoch, ``train`` epoch, ``stop``);
+workers wait for a task newer than the last one they ran, and rank 0 posts the
+result. Only the latest task is kept, so a worker group restarted by
+``FailureConfig`` simply re-runs the task in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+
+NAMESPACE = "asd-ray"
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Mailbox:
+    """Tasks from the driver, results from rank 0 (async actor: waits cost nothing)."""
+
+    def __init__(self) -> None:
+        self._task: dict[str, Any] = {"seq": 0, "kind": "none"}
+        self._results: dict[int, Any] = {}
+        self._changed = asyncio.Condition()
+
+    async def post_task(self, kind: str, **fields: Any) -> int:
+        async with self._changed:
+            seq = self._task["seq"] + 1
+            self._task = {"seq": seq, "kind": kind, **fields}
+            self._changed.notify_all()
+        return seq
+
+    async def wait_task(self, after: int, timeout: float = 30.0) -> dict[str, Any] | None:
+        """The current task once its seq exceeds ``after``; None after ``timeout`` s (poll again)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._task["seq"] > after), timeout
+                )
+            except asyncio.TimeoutError:
+                return None
+            return self._task
+
+    async def post_result(self, seq: int, result: Any) -> None:
+        async with self._changed:
+            self._results[seq] = result
+            self._changed.notify_all()
+
+    async def wait_result(self, seq: int, timeout: float = 5.0) -> Any | None:
+        """The result of task ``seq`` (removed once read); None after ``timeout`` s."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: seq in self._results), timeout)
+            except asyncio.TimeoutError:
+                return None
+            return self._results.pop(seq)

@@ -1,0 +1,9 @@
+"""Classifiers for ASD: a backbone to a pooled feature vector plus one linear head.
+
+ASD's stage 3 trains a copy of the model (the virtual model) updating only its
+last layers; :meth:`Classifier.meta_parameters` names them per architecture.
+"""
+
+from asd_ray.models.registry import MODEL_NAMES, Classifier, build_model
+
+__all__ = ["MODEL_NAMES", "Classifier", "build_model"]

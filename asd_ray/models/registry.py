@@ -1,0 +1,192 @@
+"""Build the classifiers ASD trains, from torchvision constructors (never pretrained).
+
+Every model is a :class:`Classifier`: a backbone ending in global average pooling
+plus one linear head, as in the authors' code. Inputs of at most 64 px get the
+CIFAR-style stem (no early down-sampling), larger ones the torchvision layout
+(``ASD_REFERENCE.md``, "Model and normalisation").
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.vgg import cfgs as vgg_cfgs
+from torchvision.models.vgg import make_layers as vgg_make_layers
+
+MODEL_NAMES: tuple[str, ...] = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn")
+_SMALL_MAX = 64  # image sides up to this get the CIFAR-style stem
+_MIN_IMAGE_SIZE = 8  # three halvings must leave at least one pixel
+_VGG_MIN_IMAGE_SIZE = 32  # five max-pools
+
+
+class Classifier(nn.Module):
+    """A backbone (input -> pooled feature vector) plus one linear head.
+
+    ``meta_modules`` holds paths inside ``backbone`` rather than the modules
+    themselves, so the rule survives ``copy.deepcopy`` (how the virtual model is
+    made) and the state dict has no duplicate keys.
+    """
+
+    backbone: nn.Module
+    head: nn.Linear
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, meta_modules: Sequence[str]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.meta_modules = tuple(meta_modules)
+        for path in self.meta_modules:
+            backbone.get_submodule(path)  # a wrong path fails here, not in stage 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for float images ``(B, C_in, H, W)``."""
+        return self.head(self.backbone(x))  # (B, C_in, H, W) -> (B, D) -> (B, num_classes)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """The parameters ASD's stage-3 virtual model updates.
+
+        The rule (ASD_REFERENCE.md, "The three stages"): roughly the second half
+        of the feature extractor plus the head. For ResNet-18 this is exactly
+        layer3 + layer4 + head, as in the authors' code; the other architectures
+        document their split in :func:`build_model`. Always a strict, non-empty
+        subset of ``parameters()`` that includes the head.
+        """
+        params = [p for path in self.meta_modules for p in self.backbone.get_submodule(path).parameters()]
+        return params + list(self.head.parameters())
+
+
+def build_model(name: str, num_classes: int, *, in_channels: int = 3, image_size: int = 32) -> Classifier:
+    """Build an untrained classifier for square ``image_size`` inputs.
+
+    Meta parameters (stage-3 virtual model) per architecture:
+    ``resnet18`` layer3, layer4; ``vgg11`` the conv layers from the middle conv
+    on (5th of 8); ``mobilenet_v2`` features[len // 2:]; ``densenet121``
+    denseblock3, transition3, denseblock4, norm5; ``small_cnn`` its last conv
+    block. Each adds the head.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+        num_classes: number of output logits (>= 2).
+        in_channels: 1 (grey) or 3 (RGB).
+        image_size: side of the (square) input; <= 64 selects the CIFAR-style stem.
+
+    Raises:
+        ValueError: unknown name, or a value the architecture cannot take.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes {num_classes} must be >= 2")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels {in_channels} must be 1 (grey) or 3 (RGB); convert the images")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size {image_size} must be >= {_MIN_IMAGE_SIZE}; resize the images")
+    small = image_size <= _SMALL_MAX
+    if name == "resnet18":
+        return _resnet18(num_classes, in_channels, small)
+    if name == "vgg11":
+        if image_size < _VGG_MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"vgg11 needs image_size >= {_VGG_MIN_IMAGE_SIZE} (five max-pools), got {image_size}; "
+                "use small_cnn or resnet18 for smaller images"
+            )
+        return _vgg11(num_classes, in_channels)
+    if name == "mobilenet_v2":
+        return _mobilenet_v2(num_classes, in_channels, small)
+    if name == "densenet121":
+        return _densenet121(num_classes, in_channels, small)
+    return _small_cnn(num_classes, in_channels)
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, *, bias: bool = False) -> nn.Conv2d:
+    """A 'same'-padded conv with torchvision's He init, for replaced stems and small_cnn."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=bias)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _pool_flatten() -> list[tuple[str, nn.Module]]:
+    return [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]  # (B, D, h, w) -> (B, D)
+
+
+def _resnet18(num_classes: int, in_channels: int, small: bool) -> Classifier:
+    net = tvm.resnet18(weights=None)
+    if small:  # CIFAR variant: 3x3 stride-1 stem and no max-pool keep 32x32 detail
+        net.conv1 = _conv(in_channels, 64, 3, 1)
+    elif in_channels != 3:
+        net.conv1 = _conv(in_channels, 64, 7, 2)
+    stem = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
+    if not small:
+        stem.append(("maxpool", net.maxpool))
+    stages = [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+    backbone = nn.Sequential(OrderedDict(stem + stages + _pool_flatten()))
+    return Classifier(backbone, nn.Linear(net.fc.in_features, num_classes), ("layer3", "layer4"))
+
+
+def _vgg11(num_classes: int, in_channels: int) -> Classifier:
+    # vgg11_bn's own feature builder: vgg11_bn() would also allocate its unused
+    # 4096-wide FC layers (~120M parameters, >1 s per build).
+    features = vgg_make_layers(vgg_cfgs["A"], batch_norm=True)
+    for module in features:  # VGG.__init__'s init, which make_layers skips
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    if in_channels != 3:
+        features[0] = _conv(in_channels, features[0].out_channels, 3, 1, bias=True)
+    convs = [i for i, module in enumerate(features) if isinstance(module, nn.Conv2d)]
+    meta = [f"features.{i}" for i in range(convs[len(convs) // 2], len(features)) if list(features[i].parameters())]
+    backbone = nn.Sequential(OrderedDict([("features", features)] + _pool_flatten()))
+    return Classifier(backbone, nn.Linear(features[convs[-1]].out_channels, num_classes), meta)
+
+
+def _mobilenet_v2(num_classes: int, in_channels: int, small: bool) -> Classifier:
+    net = tvm.mobilenet_v2(weights=None)
+    features = net.features
+    if small or in_channels != 3:  # stride 1 on small inputs; later strides stay
+        first = features[0][0]
+        features[0][0] = _conv(in_channels, first.out_channels, 3, 1 if small else 2)
+    meta = [f"features.{i}" for i in range(len(features) // 2, len(features))]
+    backbone = nn.Sequential(OrderedDict([("features", features)] + _pool_flatten()))
+    return Classifier(backbone, nn.Linear(net.last_channel, num_classes), meta)
+
+
+def _densenet121(num_classes: int, in_channels: int, small: bool) -> Classifier:
+    net = tvm.densenet121(weights=None)
+    layers = OrderedDict(net.features.named_children())
+    if small:  # CIFAR variant: 3x3 stride-1 stem, no pool0
+        layers["conv0"] = _conv(in_channels, layers["conv0"].out_channels, 3, 1)
+        del layers["pool0"]
+    elif in_channels != 3:
+        layers["conv0"] = _conv(in_channels, layers["conv0"].out_channels, 7, 2)
+    backbone = nn.Sequential(
+        OrderedDict([("features", nn.Sequential(layers)), ("relu", nn.ReLU(inplace=True))] + _pool_flatten())
+    )
+    meta = [f"features.{n}" for n in ("denseblock3", "transition3", "denseblock4", "norm5")]
+    return Classifier(backbone, nn.Linear(net.classifier.in_features, num_classes), meta)
+
+
+def _small_cnn(num_classes: int, in_channels: int) -> Classifier:
+    """Three conv blocks for the 28x28 MNIST demo on a couple of CPU cores.
+
+    Pooling after the first two blocks (28 -> 14 -> 7) keeps a forward+backward
+    pass under 1 ms per image on one thread; the widths 32/64/128 keep enough
+    capacity for >= 98% on MNIST.
+    """
+
+    def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+        layers = [_conv(cin, cout, 3, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+
+    backbone = nn.Sequential(
+        OrderedDict(
+            [("block1", block(in_channels, 32, True)), ("block2", block(32, 64, True)), ("block3", block(64, 128, False))]
+            + _pool_flatten()
+        )
+    )
+    return Classifier(backbone, nn.Linear(128, num_classes), ("block3",))

@@ -1,0 +1,176 @@
+"""Per-sample losses and predictions from a long-lived pool of Ray actors.
+
+Each actor decodes its own slices of the shard sets once (the data layer's
+worker assignment, so every sample is scored exactly once) and keeps them in
+memory as uint8. Once per pass the driver ``ray.put``s the model weights and
+every actor receives the same object reference: weights cross the object store
+once per pass, never per batch. Actors restart on failure and retry the call
+(their data is re-read in ``__init__``, the weights come with every call).
+
+The pool never decides a split: it returns ``(sample_id, label, loss,
+prediction)`` tables, and :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` use them.
+The same actors run stage 3's second pass with the virtual model's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from asd_ray import tables
+from asd_ray.config import DataConfig, ScoringConfig
+from asd_ray.data.augment import augment, normalize
+from asd_ray.data.shards import ShardSet, ShardSlice
+from asd_ray.errors import DataError
+from asd_ray.losses import sce_loss
+from asd_ray.models import build_model
+
+Weights = dict[str, np.ndarray]
+
+PASS_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("label", pa.int32()), ("loss", pa.float32()), ("prediction", pa.int32())]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What every process needs to build the same classifier."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def build(self) -> torch.nn.Module:
+        return build_model(self.name, self.num_classes, in_channels=self.in_channels, image_size=self.image_size)
+
+
+def to_numpy_weights(model: torch.nn.Module) -> Weights:
+    """The model's state dict as numpy arrays (cheap to share through the object store)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Load weights from :func:`to_numpy_weights` (copies: object-store arrays are read-only)."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def load_share(shards: ShardSet, slices: list[ShardSlice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``slices`` into memory: images (n, H, W, C) uint8, sample ids and labels (n,) int64."""
+    h, w, c = shards.require_uniform_size("training and scoring")
+    count = sum(s.count for s in slices)
+    images = np.empty((count, h, w, c), np.uint8)
+    ids = np.empty(count, np.int64)
+    labels = np.empty(count, np.int64)
+    for i, sample in enumerate(shards.iter_samples(slices)):
+        images[i], ids[i], labels[i] = sample.image, sample.sample_id, sample.label
+    return images, ids, labels
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class ScoringActor:
+    """Holds a share of one or more shard sets and scores it with given weights."""
+
+    def __init__(
+        self,
+        shares: dict[str, tuple[str, list[ShardSlice]]],
+        spec: ModelSpec,
+        data: DataConfig,
+        scoring: ScoringConfig,
+        threads: int,
+    ):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.data, self.scoring = data, scoring
+        self.model = spec.build().to(self.device).eval()
+        self.shares = {}
+        for name, (folder, slices) in shares.items():
+            images, ids, labels = load_share(ShardSet(folder), slices)
+            self.shares[name] = (torch.from_numpy(images), ids, torch.from_numpy(labels))
+
+    def size(self, name: str) -> int:
+        return len(self.shares[name][1])
+
+    def score(self, name: str, weights: Weights, augment_seed: int | None = None) -> pa.RecordBatch:
+        """SCE loss and prediction of every held sample of ``name`` (eval mode, no grad)."""
+        load_numpy_weights(self.model, weights)
+        images, ids, labels = self.shares[name]
+        generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
+        losses, predictions = [], []
+        with torch.inference_mode():
+            for start in range(0, len(ids), self.scoring.batch_size):
+                batch = images[start : start + self.scoring.batch_size].to(self.device)
+                x = augment(batch, self.data, generator) if generator else normalize(batch, self.data)
+                logits = self.model(x).float()  # (B, C)
+                y = labels[start : start + self.scoring.batch_size].to(self.device)
+                losses.append(sce_loss(logits, y, alpha=self.scoring.sce_alpha, beta=self.scoring.sce_beta).cpu())
+                predictions.append(logits.argmax(1).cpu())
+        loss = torch.cat(losses).numpy() if losses else np.empty(0, np.float32)
+        prediction = torch.cat(predictions).numpy() if predictions else np.empty(0, np.int64)
+        return pa.RecordBatch.from_arrays(
+            [pa.array(ids), pa.array(labels.numpy().astype(np.int32)), pa.array(loss.astype(np.float32)),
+             pa.array(prediction.astype(np.int32))],
+            schema=PASS_SCHEMA,
+        )
+
+
+class ScoringPool:
+    """A fixed set of :class:`ScoringActor` over named shard sets (e.g. train, test, poison_test).
+
+    Results never depend on the number of actors: every sample is scored once,
+    and the assembled table is sorted by sample_id.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, ShardSet],
+        spec: ModelSpec,
+        data: DataConfig,
+        scoring: ScoringConfig,
+        *,
+        num_actors: int,
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+        threads: int = 1,
+    ):
+        self.sizes = {name: len(shards) for name, shards in datasets.items()}
+        slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
+        self.actors = [
+            ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
+                {name: (str(datasets[name].folder), slices[name][i]) for name in datasets},
+                spec, data, scoring, threads,
+            )
+            for i in range(num_actors)
+        ]
+        sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])  # waits for decoding
+        assert sum(sizes) == next(iter(self.sizes.values()))
+
+    def run(self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None) -> pa.Table:
+        """One pass over dataset ``name``: a table of N rows (sample_id, label, loss, prediction)."""
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        batches = ray.get([a.score.remote(name, ref, augment_seed) for a in self.actors])
+        table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
+        ids = table.column("sample_id").to_numpy()
+        expected = self.sizes[name]
+        if len(ids) != expected or not np.array_equal(ids, np.arange(expected)):
+            missing = np.setdiff1d(np.arange(expected), ids)
+            raise DataError(
+                f"scoring {name}: got {len(ids)} rows for {expected} samples (first missing id: "
+                f"{missing[:1].tolist()}, duplicates: {len(ids) - len(np.unique(ids))}); the shards "
+                "changed during the run or an actor misread them"
+            )
+        return table
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def scores_table(pass_table: pa.Table) -> pa.Table:
+    """The (sample_id, label, loss) columns of a pass, as a validated scores table."""
+    return tables.validate(pass_table.select(["sample_id", "label", "loss"]), "scores")

@@ -1,0 +1,409 @@
+"""ASD's adaptive split of the poisoned training set into a clean and a polluted pool.
+
+Guo et al., "Backdoor Defense via Adaptively Splitting Poisoned Dataset", CVPR 2023,
+with the details fixed in ``ASD_REFERENCE.md`` ("The three stages"). Everything
+here is a pure function of scores, epoch and config: the driver scores, calls
+:func:`make_split` and writes the table; training only reads its ``pool`` column.
+
+Position ``i`` of every array is sample id ``i``. Every ordering sorts by
+``(value, sample_id)``, so a split never depends on row order or on how many
+actors produced the scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd_ray import tables
+from asd_ray.config import SplitConfig
+from asd_ray.errors import DataError
+
+_GROUND_TRUTH_COLUMNS = ("sample_id", "is_poison", "original_label")
+
+
+def stage_of(epoch: int, config: SplitConfig) -> int:
+    """ASD stage (1, 2 or 3) of ``epoch``, counted from 0."""
+    if epoch < 0:
+        raise ValueError(f"epoch {epoch} must be >= 0 (epochs are counted from 0)")
+    if epoch < config.stage2_epoch:
+        return 1
+    return 2 if epoch < config.stage3_epoch else 3
+
+
+def choice_num(epoch: int, config: SplitConfig) -> int:
+    """Per-class non-seed samples in stage 1's clean pool at ``epoch``.
+
+    Starts at 0 and grows by ``grow_by`` at every epoch e > 0 with
+    e % grow_every == 0 (defaults: epochs 0-4 -> 0, 5-9 -> 10, 10-14 -> 20).
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch {epoch} must be >= 0 (epochs are counted from 0)")
+    return epoch // config.grow_every * config.grow_by
+
+
+def clean_mask_stage1(
+    labels: np.ndarray, losses: np.ndarray, is_seed: np.ndarray, num_classes: int, choice: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1: the seeds plus the ``choice`` lowest-loss non-seed samples of every class.
+
+    A class with fewer than ``choice`` non-seed samples contributes all of them.
+
+    Args:
+        labels: (N,) int, stored label of each sample, in 0..num_classes-1.
+        losses: (N,) float, finite SCE loss of the current model.
+        is_seed: (N,) bool, the trusted seeds; always clean, never ranked.
+        num_classes: C.
+        choice: per-class candidates to take (:func:`choice_num`).
+
+    Returns:
+        clean: (N,) bool, the clean pool D_C.
+        rank: (N,) int64, 0-based position of a non-seed sample in its class's
+        (loss, sample_id) order; -1 for seeds.
+
+    Raises:
+        DataError: on a non-finite loss, a label outside 0..C-1, or an empty pool
+            (choice 0 and no seeds).
+    """
+    n = _check_losses(losses, "losses").size
+    labels = _check_array(labels, "labels", n, "iu")
+    is_seed = _check_array(is_seed, "is_seed", n, "b")
+    if choice < 0:
+        raise ValueError(f"choice {choice} must be >= 0")
+    _check_labels(labels, num_classes, "labels")
+    if choice == 0 and not is_seed.any():
+        raise DataError(
+            "stage 1 with choice 0 and no seeds gives an empty clean pool; seeds are needed: "
+            "pass the trusted seed ids (see asd_ray.seeds)"
+        )
+    candidates = np.flatnonzero(~is_seed)
+    # lexsort: last key is primary -> (label, loss, sample_id).
+    order = candidates[np.lexsort((candidates, losses[candidates], labels[candidates]))]
+    counts = np.bincount(labels[candidates], minlength=num_classes)
+    class_start = np.cumsum(counts) - counts
+    rank = np.full(n, -1, np.int64)
+    rank[order] = np.arange(order.size) - class_start[labels[order]]
+    clean = is_seed | ((rank >= 0) & (rank < choice))
+    return clean, rank
+
+
+def clean_mask_stage2(losses: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: the floor(ratio * N) lowest-loss samples, class-agnostic.
+
+    Seeds are not forced in: from stage 2 on they are ordinary samples.
+
+    Args:
+        losses: (N,) float, finite SCE loss of the current model.
+        ratio: alpha, fraction of samples in the clean pool, in (0, 1).
+
+    Returns:
+        clean: (N,) bool, the clean pool D_C.
+        rank: (N,) int64, 0-based global position in (loss, sample_id) order.
+
+    Raises:
+        DataError: on a non-finite loss, or if floor(ratio * N) is 0 (empty pool).
+    """
+    _check_losses(losses, "losses")
+    return _lowest(losses, ratio)
+
+
+def clean_mask_stage3(
+    losses: np.ndarray, meta_losses: np.ndarray, ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 3: the floor(ratio * N) samples with the lowest loss - meta_loss.
+
+    A poisoned sample's loss barely drops after the virtual model's epoch on the
+    whole set, a clean hard sample's drops more; the lowest reductions are clean.
+    The reduction is computed in the inputs' dtype, so ranking float32 losses
+    reproduces the float32 ``loss_reduction`` column of the split table exactly.
+
+    Args:
+        losses: (N,) float, SCE loss of the current model.
+        meta_losses: (N,) float, SCE loss of the virtual model.
+        ratio: gamma, fraction of samples in the clean pool, in (0, 1).
+
+    Returns:
+        clean: (N,) bool, the clean pool D_C.
+        rank: (N,) int64, 0-based global position in (reduction, sample_id) order.
+
+    Raises:
+        DataError: on a non-finite loss, or if floor(ratio * N) is 0 (empty pool).
+    """
+    n = _check_losses(losses, "losses").size
+    _check_losses(meta_losses, "meta_losses", n)
+    return _lowest(losses - meta_losses, ratio)
+
+
+def make_split(
+    epoch: int,
+    scores: pa.Table,
+    *,
+    config: SplitConfig,
+    num_classes: int,
+    seed_ids: np.ndarray,
+    meta_scores: pa.Table | None = None,
+    ground_truth: pa.Table | None = None,
+) -> pa.Table:
+    """The split table of ``epoch``: one row per sample, sorted by sample_id.
+
+    Args:
+        epoch: epoch counted from 0; picks the stage and stage 1's choice_num.
+        scores: scores table (schemas/scores.json) of the current model, holding
+            exactly the sample ids 0..N-1, in any row order and chunking.
+        config: split settings.
+        num_classes: C.
+        seed_ids: (S,) int, trusted seed sample ids in 0..N-1; may be empty when
+            the seeds come from another dataset.
+        meta_scores: the virtual model's scores (same ids and labels); required in
+            stage 3, refused before.
+        ground_truth: a table with at least sample_id, is_poison, original_label
+            (schemas/poison.json) over the same ids; joined for reporting only,
+            it never changes the pools.
+
+    Returns:
+        The validated splits table (schemas/splits.json).
+
+    Raises:
+        ValueError: if ``meta_scores`` is passed outside stage 3 or missing in it.
+        DataError: on missing/duplicate ids, a non-finite loss, a label outside
+            0..C-1, a seed id outside 0..N-1, or an empty stage-1 pool.
+    """
+    stage = stage_of(epoch, config)
+    if stage == 3 and meta_scores is None:
+        raise ValueError(
+            f"epoch {epoch} is in stage 3 (epoch >= stage3_epoch {config.stage3_epoch}); "
+            "pass meta_scores, the virtual model's scores"
+        )
+    if stage != 3 and meta_scores is not None:
+        raise ValueError(
+            f"meta_scores given at epoch {epoch} (stage {stage}); they are only used from "
+            f"stage3_epoch {config.stage3_epoch} on; pass meta_scores=None"
+        )
+    ids, labels, losses = _read_scores(scores, "scores")
+    n = ids.size
+    _check_labels(labels, num_classes, "scores")
+    is_seed = _seed_mask(seed_ids, n)
+
+    meta_losses = reduction = None
+    if stage == 1:
+        clean, rank = clean_mask_stage1(
+            labels, losses, is_seed, num_classes, choice_num(epoch, config)
+        )
+    elif stage == 2:
+        clean, rank = clean_mask_stage2(losses, config.clean_ratio)
+    else:
+        _, meta_labels, meta_losses = _read_scores(meta_scores, "meta_scores", n)
+        mismatch = np.flatnonzero(meta_labels != labels)
+        if mismatch.size:
+            i = mismatch[0]
+            raise DataError(
+                f"meta_scores: sample id {i} has label {meta_labels[i]}, scores has {labels[i]}; "
+                "score both passes on the same training set"
+            )
+        clean, rank = clean_mask_stage3(losses, meta_losses, config.meta_clean_ratio)
+        reduction = losses - meta_losses
+
+    if ground_truth is None:
+        is_poison, original_label = pa.nulls(n, pa.bool_()), pa.nulls(n, pa.int32())
+    else:
+        is_poison, original_label = _read_ground_truth(ground_truth, n)
+    return tables.from_pydict(
+        {
+            "sample_id": ids,
+            "label": labels,
+            "stage": np.full(n, stage, np.int32),
+            "loss": losses,
+            "meta_loss": pa.nulls(n, pa.float32()) if meta_losses is None else meta_losses,
+            "loss_reduction": pa.nulls(n, pa.float32()) if reduction is None else reduction,
+            "rank": rank,
+            "pool": np.where(clean, "clean", "polluted"),
+            "is_seed": is_seed,
+            "is_poison": is_poison,
+            "original_label": original_label,
+        },
+        "splits",
+    )
+
+
+def split_summary(split: pa.Table) -> dict[str, Any]:
+    """Counts of one split table, keyed like the metrics table (schemas/metrics.json).
+
+    Returns:
+        ``stage``, ``clean_pool``, ``polluted_pool``, ``seeds``, ``seeds_in_clean``,
+        ``clean_per_class`` (list indexed by label, up to the largest label present)
+        and, when the table carries ground truth, ``poison_in_clean`` and
+        ``poison_fraction_clean`` (poison_in_clean / clean_pool).
+
+    Raises:
+        DataError: if the table is empty, mixes stages, holds an unknown pool
+            value, or has ground truth for only some rows.
+    """
+    split = tables.validate(split, "splits", where="split")
+    if split.num_rows == 0:
+        raise DataError("split: the table is empty; summarise a table made by make_split")
+    stages = pc.unique(split.column("stage")).to_pylist()
+    if len(stages) != 1:
+        raise DataError(
+            f"split: rows of stages {sorted(stages)}; summarise one epoch's table at a time"
+        )
+    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
+    if pools:
+        raise DataError(f"split: unknown pool value(s) {sorted(pools)}; use 'clean' or 'polluted'")
+    clean = pc.equal(split.column("pool"), "clean").to_numpy()
+    is_seed = split.column("is_seed").to_numpy()
+    labels = split.column("label").to_numpy()
+    summary: dict[str, Any] = {
+        "stage": stages[0],
+        "clean_pool": int(clean.sum()),
+        "polluted_pool": int((~clean).sum()),
+        "seeds": int(is_seed.sum()),
+        "seeds_in_clean": int((is_seed & clean).sum()),
+        "clean_per_class": np.bincount(labels[clean], minlength=labels.max() + 1).tolist(),
+    }
+    poison = split.column("is_poison")
+    if poison.null_count == split.num_rows:
+        return summary
+    if poison.null_count:
+        raise DataError(
+            f"split: is_poison is null in {poison.null_count} of {split.num_rows} rows; "
+            "join a ground-truth table that covers every sample"
+        )
+    in_clean = int((poison.to_numpy() & clean).sum())
+    summary["poison_in_clean"] = in_clean
+    summary["poison_fraction_clean"] = (
+        in_clean / summary["clean_pool"] if summary["clean_pool"] else 0.0
+    )
+    return summary
+
+
+def _lowest(values: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of the floor(ratio * N) lowest (value, position) pairs and every position's rank."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio {ratio} must be in (0, 1)")
+    n = values.size
+    keep = int(ratio * n)
+    if keep == 0:
+        raise DataError(
+            f"ratio {ratio} of {n} samples keeps none in the clean pool; raise the ratio or "
+            "split a larger training set"
+        )
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(values, kind="stable")] = np.arange(n)  # stable: ties by sample_id
+    return rank < keep, rank
+
+
+def _check_array(array: np.ndarray, name: str, n: int, kinds: str) -> np.ndarray:
+    """``array`` as an (n,) numpy array of one of the dtype ``kinds``."""
+    array = np.asarray(array)
+    if array.shape != (n,) or array.dtype.kind not in kinds:
+        raise ValueError(
+            f"{name} has shape {array.shape} and dtype {array.dtype}; expected ({n},) of dtype "
+            f"kind {'/'.join(kinds)} (one value per sample, in sample_id order)"
+        )
+    return array
+
+
+def _check_losses(losses: np.ndarray, name: str, n: int | None = None) -> np.ndarray:
+    """``losses`` as a 1-D float array of finite values (length ``n`` when given)."""
+    losses = _check_array(losses, name, np.asarray(losses).size if n is None else n, "f")
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise DataError(
+            f"{name}: sample id {bad[0]} has loss {losses[bad[0]]}; a non-finite loss means "
+            "the model diverged: fix training, then re-score"
+        )
+    return losses
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Every label must be a class index in 0..num_classes-1."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes {num_classes} must be >= 1")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataError(
+            f"{where}: sample id {bad[0]} has label {labels[bad[0]]}, outside "
+            f"0..{num_classes - 1}; check that num_classes ({num_classes}) matches the dataset"
+        )
+
+
+def _read_scores(
+    table: pa.Table, where: str, n: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, losses) of a scores table, sorted by sample_id and checked.
+
+    The ids must be exactly 0..n-1, each once (n = largest id + 1 when not given).
+    """
+    table = tables.validate(table, "scores", where=where)
+    if table.num_rows == 0:
+        raise DataError(f"{where}: the table is empty; score every training sample first")
+    ids = table.column("sample_id").to_numpy()
+    order = _id_order(ids, where, "score every training sample exactly once", n)
+    labels = table.column("label").to_numpy()[order]
+    losses = _check_losses(table.column("loss").to_numpy()[order], where)
+    return ids[order], labels, losses
+
+
+def _id_order(ids: np.ndarray, where: str, fix: str, n: int | None = None) -> np.ndarray:
+    """Row order that sorts ``ids``, which must be exactly 0..n-1, each once."""
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    dup = ordered[1:][ordered[1:] == ordered[:-1]]
+    if dup.size:
+        raise DataError(f"{where}: sample id {dup[0]} appears more than once; {fix}")
+    n = int(ordered[-1]) + 1 if n is None else n
+    out = ordered[(ordered < 0) | (ordered >= n)]
+    if out.size:
+        raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
+    if ordered.size != n:
+        missing = np.setdiff1d(np.arange(n), ordered)
+        raise DataError(
+            f"{where}: sample id {missing[0]} is missing ({missing.size} of the ids 0..{n - 1}); {fix}"
+        )
+    return order
+
+
+def _seed_mask(seed_ids: np.ndarray, n: int) -> np.ndarray:
+    """(n,) bool mask of the seed ids."""
+    seed_ids = np.asarray(seed_ids)
+    if seed_ids.ndim != 1 or (seed_ids.size and seed_ids.dtype.kind not in "iu"):
+        raise ValueError(
+            f"seed_ids has shape {seed_ids.shape} and dtype {seed_ids.dtype}; pass a 1-D array "
+            "of integer sample ids (e.g. the seeds table's sample_id column)"
+        )
+    out = seed_ids[(seed_ids < 0) | (seed_ids >= n)]
+    if out.size:
+        raise DataError(
+            f"seed id {out[0]} is outside the training set's ids 0..{n - 1}; pass only seeds "
+            "drawn from this training set (an empty array when they come from another dataset)"
+        )
+    is_seed = np.zeros(n, bool)
+    is_seed[seed_ids.astype(np.int64)] = True
+    return is_seed
+
+
+def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is_poison, original_label), each (n,), of a ground-truth table, in sample_id order."""
+    missing = [c for c in _GROUND_TRUTH_COLUMNS if c not in ground_truth.column_names]
+    if missing:
+        raise DataError(
+            f"ground_truth: column(s) {missing} missing; pass the attack's poison table "
+            "(schemas/poison.json)"
+        )
+    poison_schema = tables.schema("poison")
+    for name in _GROUND_TRUTH_COLUMNS:
+        column, expected = ground_truth.column(name), poison_schema.field(name).type
+        if column.type != expected or column.null_count:
+            raise DataError(
+                f"ground_truth: column {name!r} has type {column.type} and {column.null_count} "
+                f"null(s); it must be {expected} without nulls (see schemas/poison.json)"
+            )
+    ids = ground_truth.column("sample_id").to_numpy()
+    order = _id_order(ids, "ground_truth", "it must cover the same sample ids as the scores", n)
+    return (
+        ground_truth.column("is_poison").to_numpy()[order],
+        ground_truth.column("original_label").to_numpy()[order],
+    )
