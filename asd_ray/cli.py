@@ -133,11 +133,31 @@ def _seeds(args: argparse.Namespace) -> dict:
     }
 
 
+def _run(args: argparse.Namespace) -> dict:
+    from asd_ray.config import load_config
+    from asd_ray.driver import RunInputs, run
+
+    overrides = [f"defense={args.defense}", *args.set]
+    for flag, key in (("workers", "cluster.workers"), ("scorers", "cluster.scorers"),
+                      ("gpus_per_worker", "cluster.gpus_per_worker"),
+                      ("gpus_per_scorer", "cluster.gpus_per_scorer"), ("epochs", "epochs"),
+                      ("max_failures", "cluster.max_failures")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config = load_config(args.preset, args.config, overrides)
+    if not args.resume and (args.train is None or args.test is None):
+        raise DataError("asd-ray run needs --train and --test (or --resume with an existing --out)")
+    inputs = RunInputs(train=args.train or "", test=args.test or "", poison_test=args.poison_test,
+                       seeds=args.seeds, ground_truth=args.ground_truth)
+    return run(config, inputs, args.out, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
+               progress=lambda line: print(line, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``asd-ray`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="asd-ray",
-        description="ASD backdoor defense on Ray: make shards, poison them, pick seeds.",
+        description="ASD backdoor defense on Ray: make shards, poison them, pick seeds, run.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -219,6 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--from-list", help="file of record keys or sample ids, one per line")
     seeds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     seeds.set_defaults(func=_seeds)
+
+    from asd_ray.config import PRESETS
+
+    run = commands.add_parser(
+        "run", help="train with ASD (or the no-defense baseline) on Ray",
+        description="Run ASD: every epoch score all samples (Ray actors), split into clean and "
+        "polluted pools (RUN/splits/epoch=NNN/part-0.parquet), train one MixMatch epoch (Ray "
+        "Train DDP), evaluate, and append to RUN/metrics.parquet. Config: --preset, then "
+        "--config YAML, then --set overrides, then the dedicated flags.",
+    )
+    run.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="paper preset (default cifar10)")
+    run.add_argument("--config", help="YAML file of config sections layered over the preset")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override, e.g. --set mixmatch.iterations=256 --set data.flip=false")
+    run.add_argument("--train", help="poisoned (untrusted) training shard folder")
+    run.add_argument("--test", help="clean test shard folder (ACC)")
+    run.add_argument("--poison-test", help="triggered test shard folder (ASR)")
+    run.add_argument("--seeds", help="seeds table from `asd-ray seeds` (needed by --defense asd)")
+    run.add_argument("--ground-truth", help="poison.parquet of --train, joined into split tables for "
+                     "reporting only (never used to split)")
+    run.add_argument("--out", required=True, help="run folder")
+    run.add_argument("--defense", default="asd", choices=("asd", "none"),
+                     help="asd, or none: plain supervised training on the whole poisoned set")
+    run.add_argument("--epochs", type=int, help="total epochs T3 (default: the preset's)")
+    run.add_argument("--workers", type=int, help="Ray Train workers (cluster.workers)")
+    run.add_argument("--scorers", type=int, help="scoring actors (cluster.scorers)")
+    run.add_argument("--gpus-per-worker", type=float, help="GPUs per training worker")
+    run.add_argument("--gpus-per-scorer", type=float, help="GPUs per scoring actor (fractions allowed)")
+    run.add_argument("--max-failures", type=int, help="worker-group restarts allowed inside the run")
+    run.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch")
+    run.add_argument("--stop-after-epoch", type=int, help="stop (resumably) after this epoch")
+    run.set_defaults(func=_run)
     return parser
 
 

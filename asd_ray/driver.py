@@ -89,8 +89,12 @@ def run(
     """
     start = time.perf_counter()
     out = Path(out).absolute()
-    config, inputs = _prepare_run_folder(config, inputs, out, resume)
-    data = _open_inputs(config, inputs)
+    config, inputs = _resolve(config, inputs, out, resume)
+    data = _open_inputs(config, inputs)  # every input is checked before anything is written
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / CONFIG_FILE)
+        (out / INPUTS_FILE).write_text(json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
     started_ray = _init_ray(config)
     session = None
     try:
@@ -106,7 +110,8 @@ def run(
     return summary
 
 
-def _prepare_run_folder(config: RunConfig, inputs: RunInputs, out: Path, resume: bool):
+def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
+    """The config and inputs of a new run, or those recorded in ``out`` for a resumed one."""
     if resume:
         if not (out / CONFIG_FILE).is_file():
             raise DataError(f"--resume {out}: no {CONFIG_FILE} there; start a new run with --out")
@@ -118,11 +123,7 @@ def _prepare_run_folder(config: RunConfig, inputs: RunInputs, out: Path, resume:
         raise DataError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
-    inputs = inputs.absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / CONFIG_FILE)
-    (out / INPUTS_FILE).write_text(json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
-    return config, inputs
+    return config, inputs.absolute()
 
 
 @dataclasses.dataclass

@@ -38,7 +38,8 @@ def sce_loss(logits: Tensor, labels: Tensor, *, alpha: float = 0.1, beta: float 
         )
     ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
     probs = F.softmax(logits, dim=1).clamp(min=_PROB_FLOOR, max=1.0)  # (B, C)
-    onehot = F.one_hot(labels, logits.shape[1]).to(probs.dtype).clamp(min=_ONEHOT_FLOOR, max=1.0)  # (B, C)
+    onehot = F.one_hot(labels, logits.shape[1]).to(probs.dtype)  # (B, C)
+    onehot = onehot.clamp(min=_ONEHOT_FLOOR, max=1.0)
     rce = -(probs * onehot.log()).sum(dim=1)  # (B,)
     return alpha * ce + beta * rce
 

@@ -46,3 +46,50 @@ def train_set(tmp_path) -> ShardSet:
 @pytest.fixture
 def test_set(tmp_path) -> ShardSet:
     return make_shards(tmp_path / "test", n=80, seed=1, name="test")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test marked ``ray`` (start-up costs ~5 s; share it)."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, dashboard_host="127.0.0.1",
+             dashboard_port=8266, _temp_dir=temp_dir, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def poisoned_data(tmp_path_factory):
+    """Tiny 16x16 grey shards, BadNets-poisoned, with test sets and oracle seeds."""
+    from asd_ray import tables
+    from asd_ray.attacks.poison import poison_shards, poison_test_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.driver import RunInputs
+    from asd_ray.seeds import pick_seeds
+
+    root = tmp_path_factory.mktemp("poisoned")
+    make_shards(root / "clean", n=240, size=16, channels=1, classes=4, per_shard=50)
+    make_shards(root / "clean_test", n=60, size=16, channels=1, classes=4, seed=2, name="test")
+    attack = AttackConfig("badnets", rate=0.1, target=1)
+    poison_shards(root / "clean", root / "train", attack)
+    poison_test_shards(root / "clean_test", root / "poison_test", attack)
+    truth = tables.read_parquet(root / "train" / "poison.parquet", "poison")
+    exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
+    seeds = pick_seeds(ShardSet(root / "train"), 10, exclude=exclude, method="ground-truth-clean")
+    tables.write_parquet(seeds, root / "seeds.parquet", "seeds")
+    return RunInputs(train=str(root / "train"), test=str(root / "clean_test"),
+                     poison_test=str(root / "poison_test"), seeds=str(root / "seeds.parquet"),
+                     ground_truth=str(root / "train" / "poison.parquet"))
+
+
+TINY_RUN = ["epochs=3", "split.stage2_epoch=1", "split.stage3_epoch=2", "mixmatch.iterations=4",
+            "virtual.min_steps=4", "data.crop_padding=2"]

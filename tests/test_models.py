@@ -48,7 +48,11 @@ def test_meta_parameters_follow_deepcopy() -> None:
 
 def test_resnet18_meta_parameters_exactly_layer3_layer4_head() -> None:
     model = build_model("resnet18", 10)
-    expected = [*model.backbone.layer3.parameters(), *model.backbone.layer4.parameters(), *model.head.parameters()]
+    expected = [
+        *model.backbone.layer3.parameters(),
+        *model.backbone.layer4.parameters(),
+        *model.head.parameters(),
+    ]
     assert _ids(model.meta_parameters()) == _ids(expected)
     assert len(model.meta_parameters()) == len(expected)
 
@@ -77,7 +81,11 @@ def test_small_stems_of_mobilenet_and_densenet() -> None:
     assert mobilenet.backbone.features[2].conv[1][0].stride == (2, 2)  # later strides kept
     densenet = build_model("densenet121", 10, image_size=32)
     names = dict(densenet.backbone.features.named_children())
-    assert "pool0" not in names and names["conv0"].kernel_size == (3, 3) and names["conv0"].stride == (1, 1)
+    assert (
+        "pool0" not in names
+        and names["conv0"].kernel_size == (3, 3)
+        and names["conv0"].stride == (1, 1)
+    )
 
 
 def test_small_cnn_on_mnist_shape() -> None:
@@ -85,7 +93,9 @@ def test_small_cnn_on_mnist_shape() -> None:
     logits = model(_images(2, 1, 28))
     logits.sum().backward()
     assert logits.shape == (2, 10)
-    assert _ids(model.meta_parameters()) == _ids([*model.backbone.block3.parameters(), *model.head.parameters()])
+    assert _ids(model.meta_parameters()) == _ids(
+        [*model.backbone.block4.parameters(), *model.head.parameters()]
+    )
 
 
 def test_vgg11_too_small_raises() -> None:

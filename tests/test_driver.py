@@ -1,0 +1,94 @@
+"""End to end on local Ray: 2 training workers, 2 scoring actors, all three stages."""
+
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from asd_ray import tables
+from asd_ray.config import load_config
+from asd_ray.driver import METRICS_FILE, run, split_path
+from asd_ray.errors import DataError
+from conftest import TINY_RUN
+
+pytestmark = pytest.mark.ray
+
+
+def test_three_stages_write_valid_tables_metrics_and_checkpoints(ray_cluster, poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=TINY_RUN)
+    lines = []
+    summary = run(config, poisoned_data, tmp_path / "run", progress=lines.append)
+    out = tmp_path / "run"
+    assert summary["epochs"] == 3 and summary["defense"] == "asd"
+    assert 0 <= summary["acc"] <= 1 and 0 <= summary["asr"] <= 1
+    for epoch, stage in enumerate([1, 2, 3]):
+        split = tables.read_parquet(split_path(out, epoch), "splits")
+        assert set(split.column("stage").to_pylist()) == {stage}
+        assert split.num_rows == 240
+        meta_nulls = split.column("meta_loss").null_count
+        assert meta_nulls == (0 if stage == 3 else 240)
+        pools = split.column("pool").to_pylist()
+        assert pools.count("clean") == (40 if stage == 1 else 120)  # seeds only at epoch 0; 50% after
+    history = ds.dataset(out / "splits", format="parquet", partitioning="hive").to_table()
+    assert history.num_rows == 3 * 240 and sorted(set(history.column("epoch").to_pylist())) == [0, 1, 2]
+    metrics = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
+    assert [m["epoch"] for m in metrics] == [0, 1, 2] and [m["stage"] for m in metrics] == [1, 2, 3]
+    assert metrics[2]["virtual_s"] > 0 and metrics[0]["virtual_s"] == 0
+    assert all(m["poison_in_clean"] is not None for m in metrics)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    checkpoints = sorted((out / "train").glob("checkpoint_*"))
+    assert checkpoints and all((c / "state.pt").is_file() for c in checkpoints)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+    assert len([line for line in lines if line.startswith("epoch")]) == 3
+
+
+def test_stop_and_resume_continue_from_the_last_epoch(ray_cluster, poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=TINY_RUN)
+    out = tmp_path / "run"
+    first = run(config, poisoned_data, out, stop_after_epoch=0, progress=lambda _: None)
+    assert first["epochs"] == 1
+    epoch0 = split_path(out, 0).read_bytes()
+    lines = []
+    second = run(config, poisoned_data, out, resume=True, progress=lines.append)
+    assert second["epochs"] == 3
+    assert "resuming after epoch 0" in lines[0]
+    assert split_path(out, 0).read_bytes() == epoch0  # epoch 0 was not redone
+    metrics = tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist()
+    assert metrics == [0, 1, 2]
+
+
+def test_no_defense_baseline_trains_on_everything(ray_cluster, poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, "epochs=1", "defense=none",
+                                                    "split.stage2_epoch=0", "split.stage3_epoch=0"])
+    summary = run(config, poisoned_data, tmp_path / "base", progress=lambda _: None)
+    metrics = tables.read_parquet(tmp_path / "base" / METRICS_FILE, "metrics").to_pylist()
+    assert summary["defense"] == "none" and metrics[0]["clean_pool"] == 240
+    assert metrics[0]["poison_fraction_clean"] > 0
+    assert not (tmp_path / "base" / "splits").exists()
+
+
+def test_bad_inputs_fail_before_ray_work(poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=TINY_RUN)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(DataError, match="not empty"):
+        run(config, poisoned_data, tmp_path / "full")
+    too_many = load_config("mnist-quick", overrides=[*TINY_RUN, "split.seeds_per_class=11"])
+    with pytest.raises(DataError, match="class 0 .* has 10 seed\\(s\\).*seeds_per_class = 11"):
+        run(too_many, poisoned_data, tmp_path / "seeds")
+    rgb = load_config("cifar10", overrides=TINY_RUN)
+    with pytest.raises(DataError, match="1 channel\\(s\\) but data.mean has 3"):
+        run(rgb, poisoned_data, tmp_path / "rgb")
+    assert not (tmp_path / "seeds").exists() and not (tmp_path / "rgb").exists()  # nothing written
+
+
+def test_class_count_mismatch(poisoned_data, tmp_path):
+    import dataclasses
+
+    from conftest import make_shards
+
+    make_shards(tmp_path / "five", n=50, size=16, channels=1, classes=5, name="test")
+    inputs = dataclasses.replace(poisoned_data, test=str(tmp_path / "five"))
+    with pytest.raises(DataError, match="class-count mismatch.*5 classes.*4"):
+        run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
