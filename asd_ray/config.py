@@ -258,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "small_cnn"},
         "data": dict(mean=(0.1307,), std=(0.3081,), flip=False, crop_padding=2),
         "split": dict(grow_every=2, grow_by=40, stage2_epoch=6, stage3_epoch=9),
-        "mixmatch": dict(iterations=64),
+        "mixmatch": dict(iterations=128),
         "virtual": dict(min_steps=250),
     },
 }

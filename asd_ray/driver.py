@@ -311,6 +311,7 @@ class _Session:
             ),
             "epochs": len(rows),
             "train_startup_s": round(startup_s, 1),
+            "mean_epoch_s": _time_split(rows),
             "run_dir": str(out),
         }
 
@@ -328,10 +329,9 @@ class _Session:
             score_s = time.perf_counter() - t0
             meta = None
             if stage == 3:
-                t1 = time.perf_counter()
                 seq = ray.get(self.mailbox.post_task.remote("virtual", epoch=epoch))
                 virtual = self._await(seq, f"epoch {epoch} virtual model")
-                virtual_s = time.perf_counter() - t1
+                virtual_s = virtual["seconds"]  # on the workers; messaging counts as overhead
                 t2 = time.perf_counter()
                 meta = scores_table(self.pool.run("train", virtual["weights"], augment_seed=augment_seed))
                 score_s += time.perf_counter() - t2
@@ -346,10 +346,9 @@ class _Session:
             if data.ground_truth is not None:
                 poisoned = int(np.sum(data.ground_truth.column("is_poison").to_numpy(zero_copy_only=False)))
                 summary |= {"poison_in_clean": poisoned, "poison_fraction_clean": poisoned / len(data.train)}
-        t4 = time.perf_counter()
         seq = ray.get(self.mailbox.post_task.remote("train", epoch=epoch, split=str(path) if path else None))
         result = self._await(seq, f"epoch {epoch} training")
-        train_s = time.perf_counter() - t4
+        train_s = result["seconds"]  # on the workers; messaging counts as overhead
         weights = result["weights"]
         t5 = time.perf_counter()
         ref = ray.put(weights)
@@ -390,6 +389,16 @@ def _write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
     tables.write_parquet(table, out / METRICS_FILE, "metrics")
     with tables.atomic_file(out / METRICS_JSONL) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for."""
+    if not rows:
+        return {}
+    phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
+    means = {p: float(np.mean([r[p] for r in rows])) for p in phases}
+    means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
+    return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
 
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:

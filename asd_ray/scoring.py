@@ -59,14 +59,26 @@ def load_numpy_weights(model: torch.nn.Module, weights: Weights) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
-def load_share(shards: ShardSet, slices: list[ShardSlice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode ``slices`` into memory: images (n, H, W, C) uint8, sample ids and labels (n,) int64."""
+def load_share(
+    shards: ShardSet, slices: list[ShardSlice] | None = None, *, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a share of ``shards`` into memory: the records of ``slices``, or the
+    sample ids where ``keep`` ((N,) bool) is true, or everything.
+
+    Returns:
+        images (n, H, W, C) uint8, sample ids (n,) int64 and labels (n,) int64.
+    """
+    if slices is not None and keep is not None:
+        raise ValueError("load_share takes slices or keep, not both")
     h, w, c = shards.require_uniform_size("training and scoring")
-    count = sum(s.count for s in slices)
+    if keep is not None:
+        count = int(np.count_nonzero(keep))
+    else:
+        count = len(shards) if slices is None else sum(s.count for s in slices)
     images = np.empty((count, h, w, c), np.uint8)
     ids = np.empty(count, np.int64)
     labels = np.empty(count, np.int64)
-    for i, sample in enumerate(shards.iter_samples(slices)):
+    for i, sample in enumerate(shards.iter_samples(slices, keep=keep)):
         images[i], ids[i], labels[i] = sample.image, sample.sample_id, sample.label
     return images, ids, labels
 

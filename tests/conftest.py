@@ -48,9 +48,10 @@ def test_set(tmp_path) -> ShardSet:
     return make_shards(tmp_path / "test", n=80, seed=1, name="test")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for every test marked ``ray`` (start-up costs ~5 s; share it)."""
+    """One local Ray per test module (start-up ~5 s); module scope lets the job-submit
+    test start its own head afterwards without two clusters competing for ports."""
     import logging
     import os
     import shutil

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+import torch
 
 from asd_ray import tables
 from asd_ray.config import load_config
@@ -37,8 +38,10 @@ def test_three_stages_write_valid_tables_metrics_and_checkpoints(ray_cluster, po
     assert metrics[2]["virtual_s"] > 0 and metrics[0]["virtual_s"] == 0
     assert all(m["poison_in_clean"] is not None for m in metrics)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    checkpoints = sorted((out / "train").glob("checkpoint_*"))
-    assert checkpoints and all((c / "state.pt").is_file() for c in checkpoints)
+    checkpoints = [c for c in (out / "train").glob("checkpoint_*") if c.is_dir()]
+    assert len(checkpoints) == 2 and all((c / "state.pt").is_file() for c in checkpoints)  # the last 2 kept
+    state = torch.load(max(checkpoints) / "state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["split"] == str(split_path(out, 2))
     assert json.loads((out / "summary.json").read_text())["epochs"] == 3
     assert len([line for line in lines if line.startswith("epoch")]) == 3
 

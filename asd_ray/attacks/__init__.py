@@ -1,0 +1,1 @@
+"""Backdoor attacks: one module per attack (pure image functions) and poison.py (shards + ground truth)."""

@@ -1,0 +1,1 @@
+"""Shards: raw sources -> WebDataset shards + manifest, safe reading, batched augmentation."""

@@ -537,8 +537,15 @@ class ShardSet:
         counts = [int(s["count"]) for s in self.info.shards]
         return assign_slices(self.paths, counts, num_workers)
 
-    def iter_samples(self, slices: Iterable[ShardSlice] | None = None) -> Iterator[Sample]:
-        """Decode samples (all, or those of ``slices``), checked against the manifest."""
+    def iter_samples(
+        self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
+    ) -> Iterator[Sample]:
+        """Decode samples (all, or those of ``slices``), checked against the manifest.
+
+        Args:
+            keep: optional (N,) bool over sample ids; records outside it are
+                skipped before decoding.
+        """
         slices = self.worker_slices(1)[0] if slices is None else slices
         offsets = self._shard_offsets()
         keys = self._keys
@@ -552,6 +559,8 @@ class ShardSet:
                         f"{keys[sample_id] if sample_id < len(keys) else None!r}; the shard "
                         "was changed after it was made: re-make the shard set"
                     )
+                if keep is not None and not keep[sample_id]:
+                    continue
                 label, image = decode_members(
                     members, self.info.num_classes, shard=piece.path.name, key=key
                 )
