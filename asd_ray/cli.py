@@ -105,6 +105,7 @@ def _seeds(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from asd_ray import tables
+    from asd_ray.attacks.poison import read_ground_truth
     from asd_ray.data.shards import ShardSet
     from asd_ray.seeds import pick_seeds, read_seed_list, seeds_from_list
 
@@ -112,12 +113,7 @@ def _seeds(args: argparse.Namespace) -> dict:
     if args.from_list:
         table = seeds_from_list(shards, read_seed_list(args.from_list))
     elif args.ground_truth:
-        truth = tables.read_parquet(args.ground_truth, "poison")
-        if truth.num_rows != len(shards):
-            raise DataError(
-                f"{args.ground_truth}: {truth.num_rows} rows but {args.input} has {len(shards)} "
-                "samples; pass the ground truth of that shard set"
-            )
+        truth = read_ground_truth(args.ground_truth, shards)
         exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
         table = pick_seeds(shards, args.per_class, seed=args.seed, exclude=exclude,
                            method="ground-truth-clean")

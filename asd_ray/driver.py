@@ -31,6 +31,7 @@ import pyarrow as pa
 import ray
 
 from asd_ray import tables
+from asd_ray.attacks.poison import read_ground_truth
 from asd_ray.config import RunConfig, from_dict, load_config, save_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
@@ -162,14 +163,7 @@ def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
     seed_ids = np.empty(0, np.int64)
     if config.defense == "asd":
         seed_ids = _seed_ids(train, inputs.seeds, config.split.seeds_per_class)
-    truth = None
-    if inputs.ground_truth:
-        truth = tables.read_parquet(inputs.ground_truth, "poison")
-        if truth.num_rows != len(train):
-            raise DataError(
-                f"{inputs.ground_truth}: {truth.num_rows} rows for {len(train)} training samples; pass "
-                "the poison.parquet of the training shards"
-            )
+    truth = read_ground_truth(inputs.ground_truth, train) if inputs.ground_truth else None
     spec = ModelSpec(config.model.name, train.info.num_classes, channels, max(height, width))
     return _Data(train, test, poison_test, seed_ids, truth, spec)
 

@@ -144,22 +144,23 @@ def mixmatch_epoch(
     return {"train_loss": loss, "loss_x": lx, "loss_u": lu}
 
 
-def supervised_epoch(
+def cross_entropy_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     data: WorkerData,
     config: RunConfig,
     *,
-    epoch: int,
-    rank: int,
-    world: int,
-    total_samples: int,
-) -> dict[str, float]:
-    """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
-    batch = _local_batch(config.baseline_batch_size, config, world)
-    steps = max(1, total_samples // config.baseline_batch_size)
-    batches = Cycler(np.arange(len(data.sample_ids)), generator(config.seed, epoch, rank, 5))
-    aug_gen = generator(config.seed, epoch, rank, 6)
+    steps: int,
+    batch: int,
+    seeds: tuple[int, ...],
+) -> float:
+    """``steps`` of plain, augmented cross-entropy over the whole share; the mean loss.
+
+    Shared by the no-defense baseline and the virtual model. ``seeds`` keys the
+    batch order and the augmentation.
+    """
+    batches = Cycler(np.arange(len(data.sample_ids)), generator(*seeds, 1))
+    aug_gen = generator(*seeds, 2)
     device = data.images.device
     model.train()
     total = 0.0
@@ -172,7 +173,28 @@ def supervised_epoch(
         loss.backward()
         optimizer.step()
         total += loss.item()
-    return {"train_loss": total / steps, "loss_x": total / steps, "loss_u": 0.0}
+    return total / max(steps, 1)
+
+
+def supervised_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: WorkerData,
+    config: RunConfig,
+    *,
+    epoch: int,
+    rank: int,
+    world: int,
+    total_samples: int,
+) -> dict[str, float]:
+    """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
+    loss = cross_entropy_steps(
+        model, optimizer, data, config,
+        steps=max(1, total_samples // config.baseline_batch_size),
+        batch=_local_batch(config.baseline_batch_size, config, world),
+        seeds=(config.seed, epoch, rank, 5),
+    )
+    return {"train_loss": loss, "loss_x": loss, "loss_u": 0.0}
 
 
 def virtual_epoch(
@@ -192,27 +214,18 @@ def virtual_epoch(
     meta = {id(p) for p in virtual.meta_parameters()}
     for param in virtual.parameters():
         param.requires_grad_(id(param) in meta)
-    trainable = [p for p in virtual.parameters() if p.requires_grad]
     wrapped = virtual
     if world > 1:
         device_ids = [data.images.device] if data.images.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(virtual, device_ids=device_ids)
-    optimizer = torch.optim.Adam(trainable, lr=config.virtual.lr)
     vc = config.virtual
-    steps = max(vc.min_steps, int(np.ceil(vc.epochs * total_samples / vc.batch_size)))
-    batch = _local_batch(vc.batch_size, config, world)
-    batches = Cycler(np.arange(len(data.sample_ids)), generator(config.seed, epoch, rank, 7))
-    aug_gen = generator(config.seed, epoch, rank, 8)
-    device = data.images.device
-    wrapped.train()
-    for _ in range(steps):
-        idx = batches.next(batch).to(device)
-        with _autocast(device):
-            logits = wrapped(augment(data.images[idx], config.data, aug_gen)).float()
-        loss = F.cross_entropy(logits, data.labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    optimizer = torch.optim.Adam([p for p in virtual.parameters() if p.requires_grad], lr=vc.lr)
+    cross_entropy_steps(
+        wrapped, optimizer, data, config,
+        steps=max(vc.min_steps, int(np.ceil(vc.epochs * total_samples / vc.batch_size))),
+        batch=_local_batch(vc.batch_size, config, world),
+        seeds=(config.seed, epoch, rank, 7),
+    )
     return virtual
 
 

