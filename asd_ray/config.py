@@ -158,7 +158,9 @@ class MixMatchConfig:
     iterations: int = 1024  # optimizer steps per epoch
     batch_labeled: int = 64  # labeled samples per step (global, see batch_rule)
     batch_unlabeled: int = 64  # unlabeled samples per step (global, see batch_rule)
-    batch_rule: str = "global"  # global: batches split across workers; per_worker: each worker takes the full batch
+    batch_rule: str = (
+        "global"  # global: batches split across workers; per_worker: each worker takes the full batch
+    )
     temperature: float = 0.5  # sharpening of guessed labels
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
     lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run

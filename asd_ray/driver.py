@@ -56,7 +56,9 @@ class RunInputs:
     ground_truth: str | None = None  # poison.parquet of the training set: reporting only
 
     def absolute(self) -> RunInputs:
-        return RunInputs(**{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()})
+        return RunInputs(
+            **{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()}
+        )
 
 
 def split_path(run: Path, epoch: int) -> Path:
@@ -121,7 +123,9 @@ def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> t
         inputs = RunInputs(**json.loads((out / INPUTS_FILE).read_text()))
         return config, inputs
     if out.exists() and any(out.iterdir()):
-        raise DataError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
+        raise DataError(
+            f"run folder {out} is not empty; pass --resume to continue it or choose another --out"
+        )
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
     return config, inputs.absolute()
@@ -240,21 +244,34 @@ class _Session:
         if data.poison_test is not None:
             datasets["poison_test"] = data.poison_test
         self.pool = ScoringPool(
-            datasets, data.spec, config.data, config.scoring, num_actors=c.scorers,
-            cpus=c.cpus_per_scorer, gpus=c.gpus_per_scorer, threads=c.threads_per_process,
+            datasets,
+            data.spec,
+            config.data,
+            config.scoring,
+            num_actors=c.scorers,
+            cpus=c.cpus_per_scorer,
+            gpus=c.gpus_per_scorer,
+            threads=c.threads_per_process,
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "config": config.to_dict(), "train": inputs.train,
-                "model": dataclasses.asdict(data.spec), "mailbox": mailbox_name,
+                "config": config.to_dict(),
+                "train": inputs.train,
+                "model": dataclasses.asdict(data.spec),
+                "mailbox": mailbox_name,
             },
             scaling_config=ScalingConfig(
-                num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
-                resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})},
+                num_workers=c.workers,
+                use_gpu=c.gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": c.cpus_per_worker,
+                    **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {}),
+                },
             ),
             run_config=TrainRunConfig(
-                name="train", storage_path=str(out),
+                name="train",
+                storage_path=str(out),
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -301,7 +318,8 @@ class _Session:
             "acc": rows[-1]["acc"] if rows else None,
             "asr": rows[-1]["asr"] if rows else None,
             "max_poison_fraction_clean": max(
-                (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None), default=None
+                (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None),
+                default=None,
             ),
             "epochs": len(rows),
             "train_startup_s": round(startup_s, 1),
@@ -313,8 +331,16 @@ class _Session:
         config, data = self.config, self.data
         t0 = time.perf_counter()
         score_s = virtual_s = 0.0
-        path, stage, summary = None, 0, {"clean_pool": len(data.train), "polluted_pool": 0,
-                                        "poison_in_clean": None, "poison_fraction_clean": None}
+        path, stage, summary = (
+            None,
+            0,
+            {
+                "clean_pool": len(data.train),
+                "polluted_pool": 0,
+                "poison_in_clean": None,
+                "poison_fraction_clean": None,
+            },
+        )
         if config.defense == "asd":
             stage = stage_of(epoch, config.split)
             ref = ray.put(weights)
@@ -330,8 +356,15 @@ class _Session:
                 meta = scores_table(self.pool.run("train", virtual["weights"], augment_seed=augment_seed))
                 score_s += time.perf_counter() - t2
             t3 = time.perf_counter()
-            split = make_split(epoch, scores, config=config.split, num_classes=data.train.info.num_classes,
-                               seed_ids=data.seed_ids, meta_scores=meta, ground_truth=data.ground_truth)
+            split = make_split(
+                epoch,
+                scores,
+                config=config.split,
+                num_classes=data.train.info.num_classes,
+                seed_ids=data.seed_ids,
+                meta_scores=meta,
+                ground_truth=data.ground_truth,
+            )
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
             summary = split_summary(split)
             split_s = time.perf_counter() - t3
@@ -350,12 +383,22 @@ class _Session:
         asr = attack_success_rate(self.pool.run("poison_test", ref)) if data.poison_test is not None else None
         eval_s = time.perf_counter() - t5
         row = {
-            "epoch": epoch, "stage": stage, "defense": config.defense, "acc": acc, "asr": asr,
-            "clean_pool": summary["clean_pool"], "polluted_pool": summary["polluted_pool"],
+            "epoch": epoch,
+            "stage": stage,
+            "defense": config.defense,
+            "acc": acc,
+            "asr": asr,
+            "clean_pool": summary["clean_pool"],
+            "polluted_pool": summary["polluted_pool"],
             "poison_in_clean": summary.get("poison_in_clean"),
             "poison_fraction_clean": summary.get("poison_fraction_clean"),
-            "train_loss": float(result["train_loss"]), "score_s": score_s, "virtual_s": virtual_s,
-            "split_s": split_s, "train_s": train_s, "eval_s": eval_s, "epoch_s": time.perf_counter() - t0,
+            "train_loss": float(result["train_loss"]),
+            "score_s": score_s,
+            "virtual_s": virtual_s,
+            "split_s": split_s,
+            "train_s": train_s,
+            "eval_s": eval_s,
+            "epoch_s": time.perf_counter() - t0,
         }
         return row, weights
 

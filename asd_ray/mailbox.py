@@ -38,9 +38,7 @@ class Mailbox:
         """The current task once its seq exceeds ``after``; None after ``timeout`` s (poll again)."""
         async with self._changed:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self._task["seq"] > after), timeout
-                )
+                await asyncio.wait_for(self._changed.wait_for(lambda: self._task["seq"] > after), timeout)
             except asyncio.TimeoutError:
                 return None
             return self._task

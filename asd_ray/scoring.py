@@ -46,7 +46,9 @@ class ModelSpec:
     image_size: int
 
     def build(self) -> torch.nn.Module:
-        return build_model(self.name, self.num_classes, in_channels=self.in_channels, image_size=self.image_size)
+        return build_model(
+            self.name, self.num_classes, in_channels=self.in_channels, image_size=self.image_size
+        )
 
 
 def to_numpy_weights(model: torch.nn.Module) -> Weights:
@@ -119,13 +121,19 @@ class ScoringActor:
                 x = augment(batch, self.data, generator) if generator else normalize(batch, self.data)
                 logits = self.model(x).float()  # (B, C)
                 y = labels[start : start + self.scoring.batch_size].to(self.device)
-                losses.append(sce_loss(logits, y, alpha=self.scoring.sce_alpha, beta=self.scoring.sce_beta).cpu())
+                losses.append(
+                    sce_loss(logits, y, alpha=self.scoring.sce_alpha, beta=self.scoring.sce_beta).cpu()
+                )
                 predictions.append(logits.argmax(1).cpu())
         loss = torch.cat(losses).numpy() if losses else np.empty(0, np.float32)
         prediction = torch.cat(predictions).numpy() if predictions else np.empty(0, np.int64)
         return pa.RecordBatch.from_arrays(
-            [pa.array(ids), pa.array(labels.numpy().astype(np.int32)), pa.array(loss.astype(np.float32)),
-             pa.array(prediction.astype(np.int32))],
+            [
+                pa.array(ids),
+                pa.array(labels.numpy().astype(np.int32)),
+                pa.array(loss.astype(np.float32)),
+                pa.array(prediction.astype(np.int32)),
+            ],
             schema=PASS_SCHEMA,
         )
 
@@ -154,14 +162,19 @@ class ScoringPool:
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
                 {name: (str(datasets[name].folder), slices[name][i]) for name in datasets},
-                spec, data, scoring, threads,
+                spec,
+                data,
+                scoring,
+                threads,
             )
             for i in range(num_actors)
         ]
         sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])  # waits for decoding
         assert sum(sizes) == next(iter(self.sizes.values()))
 
-    def run(self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None) -> pa.Table:
+    def run(
+        self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
+    ) -> pa.Table:
         """One pass over dataset ``name``: a table of N rows (sample_id, label, loss, prediction)."""
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         batches = ray.get([a.score.remote(name, ref, augment_seed) for a in self.actors])

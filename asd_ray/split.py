@@ -115,8 +115,9 @@ def clean_mask_stage3(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 3: the floor(ratio * N) samples with the lowest loss - meta_loss.
 
-    A poisoned sample's loss barely drops after the virtual model's epoch on the
-    whole set, a clean hard sample's drops more; the lowest reductions are clean.
+    The virtual model's epoch on the whole set learns the backdoor fast, so a
+    poisoned sample's loss drops a lot while a clean hard sample's drops little:
+    the lowest reductions are clean.
     The reduction is computed in the inputs' dtype, so ranking float32 losses
     reproduces the float32 ``loss_reduction`` column of the split table exactly.
 
@@ -189,9 +190,7 @@ def make_split(
 
     meta_losses = reduction = None
     if stage == 1:
-        clean, rank = clean_mask_stage1(
-            labels, losses, is_seed, num_classes, choice_num(epoch, config)
-        )
+        clean, rank = clean_mask_stage1(labels, losses, is_seed, num_classes, choice_num(epoch, config))
     elif stage == 2:
         clean, rank = clean_mask_stage2(losses, config.clean_ratio)
     else:
@@ -246,9 +245,7 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
         raise DataError("split: the table is empty; summarise a table made by make_split")
     stages = pc.unique(split.column("stage")).to_pylist()
     if len(stages) != 1:
-        raise DataError(
-            f"split: rows of stages {sorted(stages)}; summarise one epoch's table at a time"
-        )
+        raise DataError(f"split: rows of stages {sorted(stages)}; summarise one epoch's table at a time")
     pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
     if pools:
         raise DataError(f"split: unknown pool value(s) {sorted(pools)}; use 'clean' or 'polluted'")
@@ -273,9 +270,7 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
         )
     in_clean = int((poison.to_numpy() & clean).sum())
     summary["poison_in_clean"] = in_clean
-    summary["poison_fraction_clean"] = (
-        in_clean / summary["clean_pool"] if summary["clean_pool"] else 0.0
-    )
+    summary["poison_fraction_clean"] = in_clean / summary["clean_pool"] if summary["clean_pool"] else 0.0
     return summary
 
 
@@ -390,8 +385,7 @@ def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.n
     missing = [c for c in _GROUND_TRUTH_COLUMNS if c not in ground_truth.column_names]
     if missing:
         raise DataError(
-            f"ground_truth: column(s) {missing} missing; pass the attack's poison table "
-            "(schemas/poison.json)"
+            f"ground_truth: column(s) {missing} missing; pass the attack's poison table (schemas/poison.json)"
         )
     poison_schema = tables.schema("poison")
     for name in _GROUND_TRUTH_COLUMNS:

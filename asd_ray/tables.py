@@ -54,9 +54,7 @@ def schema_document(name: str) -> dict[str, Any]:
 def schema(name: str) -> pa.Schema:
     """``pyarrow.Schema`` of table ``name``, with name and version in its metadata."""
     doc = schema_document(name)
-    fields = [
-        pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in doc["fields"]
-    ]
+    fields = [pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in doc["fields"]]
     meta = {"asd_ray.schema": doc["name"], "asd_ray.schema_version": str(doc["version"])}
     return pa.schema(fields, metadata=meta)
 
@@ -97,9 +95,7 @@ def validate(table: pa.Table, name: str, *, where: str = "table") -> pa.Table:
                 f"{where}: column {field.name!r} holds {column.null_count} null(s) but may not; "
                 f"fill every row (see schemas/{name}.json)"
             )
-    return pa.Table.from_arrays(
-        [table.column(n) for n in expected.names], schema=expected
-    )
+    return pa.Table.from_arrays([table.column(n) for n in expected.names], schema=expected)
 
 
 def from_pydict(columns: dict[str, Any], name: str) -> pa.Table:

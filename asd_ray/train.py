@@ -189,7 +189,10 @@ def supervised_epoch(
 ) -> dict[str, float]:
     """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
     loss = cross_entropy_steps(
-        model, optimizer, data, config,
+        model,
+        optimizer,
+        data,
+        config,
         steps=max(1, total_samples // config.baseline_batch_size),
         batch=_local_batch(config.baseline_batch_size, config, world),
         seeds=(config.seed, epoch, rank, 5),
@@ -198,7 +201,13 @@ def supervised_epoch(
 
 
 def virtual_epoch(
-    model: torch.nn.Module, data: WorkerData, config: RunConfig, *, epoch: int, rank: int, world: int,
+    model: torch.nn.Module,
+    data: WorkerData,
+    config: RunConfig,
+    *,
+    epoch: int,
+    rank: int,
+    world: int,
     total_samples: int,
 ) -> torch.nn.Module:
     """Train a throw-away copy of ``model`` (stage 3's virtual model) and return it.
@@ -221,7 +230,10 @@ def virtual_epoch(
     vc = config.virtual
     optimizer = torch.optim.Adam([p for p in virtual.parameters() if p.requires_grad], lr=vc.lr)
     cross_entropy_steps(
-        wrapped, optimizer, data, config,
+        wrapped,
+        optimizer,
+        data,
+        config,
         steps=max(vc.min_steps, int(np.ceil(vc.epochs * total_samples / vc.batch_size))),
         batch=_local_batch(vc.batch_size, config, world),
         seeds=(config.seed, epoch, rank, 7),
@@ -289,8 +301,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         start = time.perf_counter()
         if task["kind"] == "virtual":
-            virtual = virtual_epoch(model, data, config, epoch=task["epoch"], rank=rank, world=world,
-                                    total_samples=len(shards))
+            virtual = virtual_epoch(
+                model, data, config, epoch=task["epoch"], rank=rank, world=world, total_samples=len(shards)
+            )
             if rank == 0:
                 result = {"weights": to_numpy_weights(virtual), "seconds": time.perf_counter() - start}
                 ray.get(mailbox.post_result.remote(seen, result))
@@ -299,11 +312,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if epoch <= done_epoch:  # re-sent after a restart: the checkpoint already has it
             metrics = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
         elif task["split"] is None:
-            metrics = supervised_epoch(model, optimizer, data, config, epoch=epoch, rank=rank, world=world,
-                                       total_samples=len(shards))
+            metrics = supervised_epoch(
+                model, optimizer, data, config, epoch=epoch, rank=rank, world=world, total_samples=len(shards)
+            )
         else:
             clean = clean_mask(task["split"], data.sample_ids, len(shards))
-            metrics = mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch, rank=rank, world=world)
+            metrics = mixmatch_epoch(
+                model, optimizer, data, clean, config, epoch=epoch, rank=rank, world=world
+            )
         if epoch > done_epoch:
             _report(base, optimizer, epoch, task["split"], config.seed, metrics, rank)
             done_epoch = epoch
@@ -324,8 +340,13 @@ def _report(model, optimizer, epoch: int, split: str | None, seed: int, metrics:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "seed": seed, "split": split}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "seed": seed,
+                "split": split,
+            }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)

@@ -48,8 +48,10 @@ def bench(name: str, source: Source, n: int, repeats: int, folder: Path) -> dict
     # machine's speed drifting (shared cores) hits both alike; keep the best of `repeats`.
     pieces = [p for part in shards.worker_slices(len(shards.paths)) for p in part]
     encoded = [
-        [next(v for e, v in members.items() if e in IMAGE_EXTS)
-         for _, _, members in iter_records(p.path, start=p.start, stop=p.stop)]
+        [
+            next(v for e, v in members.items() if e in IMAGE_EXTS)
+            for _, _, members in iter_records(p.path, start=p.start, stop=p.stop)
+        ]
         for p in pieces
     ]
     best_read = best_memory = float("inf")

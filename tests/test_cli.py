@@ -14,7 +14,9 @@ def run(argv, capsys):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", [[], ["shards"], ["shards", "make"], ["shards", "inspect"], ["poison"], ["seeds"]])
+@pytest.mark.parametrize(
+    "command", [[], ["shards"], ["shards", "make"], ["shards", "inspect"], ["poison"], ["seeds"]]
+)
 def test_help_for_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*command, "--help"])
@@ -30,12 +32,51 @@ def test_make_poison_seeds_inspect_end_to_end(tmp_path, capsys):
     np.save(tmp_path / "yt.npy", np.arange(30) % 3)
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
     steps = [
-        ["shards", "make", "--source", "arrays", "--images", str(tmp_path / "x.npy"),
-         "--labels", str(tmp_path / "y.npy"), "--out", a, "--samples-per-shard", "50"],
-        ["shards", "make", "--source", "arrays", "--split", "test", "--images", str(tmp_path / "xt.npy"),
-         "--labels", str(tmp_path / "yt.npy"), "--out", a + "t"],
-        ["poison", "--attack", "badnets", "--rate", "0.1", "--target", "1", "--in", a, "--out", b,
-         "--test-in", a + "t", "--test-out", b + "t"],
+        [
+            "shards",
+            "make",
+            "--source",
+            "arrays",
+            "--images",
+            str(tmp_path / "x.npy"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--out",
+            a,
+            "--samples-per-shard",
+            "50",
+        ],
+        [
+            "shards",
+            "make",
+            "--source",
+            "arrays",
+            "--split",
+            "test",
+            "--images",
+            str(tmp_path / "xt.npy"),
+            "--labels",
+            str(tmp_path / "yt.npy"),
+            "--out",
+            a + "t",
+        ],
+        [
+            "poison",
+            "--attack",
+            "badnets",
+            "--rate",
+            "0.1",
+            "--target",
+            "1",
+            "--in",
+            a,
+            "--out",
+            b,
+            "--test-in",
+            a + "t",
+            "--test-out",
+            b + "t",
+        ],
         ["seeds", "--per-class", "5", "--in", a, "--out", str(tmp_path / "S.parquet")],
         ["shards", "inspect", b],
     ]
@@ -55,8 +96,21 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
     assert code == 2 and out == ""
     assert err.startswith("asd-ray: error: shard folder") and "asd-ray shards make" in err
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    code, _, err = run(["shards", "make", "--source", "arrays", "--images", str(tmp_path / "obj.npy"),
-                        "--labels", str(tmp_path / "obj.npy"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run(
+        [
+            "shards",
+            "make",
+            "--source",
+            "arrays",
+            "--images",
+            str(tmp_path / "obj.npy"),
+            "--labels",
+            str(tmp_path / "obj.npy"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 2 and "pickle" in err.lower() and not (tmp_path / "o").exists()
 
 

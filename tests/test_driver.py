@@ -2,16 +2,15 @@
 
 import json
 
-import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from asd_ray import tables
 from asd_ray.config import load_config
 from asd_ray.driver import METRICS_FILE, run, split_path
 from asd_ray.errors import DataError
-from conftest import TINY_RUN
 
 pytestmark = pytest.mark.ray
 
@@ -62,8 +61,10 @@ def test_stop_and_resume_continue_from_the_last_epoch(ray_cluster, poisoned_data
 
 
 def test_no_defense_baseline_trains_on_everything(ray_cluster, poisoned_data, tmp_path):
-    config = load_config("mnist-quick", overrides=[*TINY_RUN, "epochs=1", "defense=none",
-                                                    "split.stage2_epoch=0", "split.stage3_epoch=0"])
+    config = load_config(
+        "mnist-quick",
+        overrides=[*TINY_RUN, "epochs=1", "defense=none", "split.stage2_epoch=0", "split.stage3_epoch=0"],
+    )
     summary = run(config, poisoned_data, tmp_path / "base", progress=lambda _: None)
     metrics = tables.read_parquet(tmp_path / "base" / METRICS_FILE, "metrics").to_pylist()
     assert summary["defense"] == "none" and metrics[0]["clean_pool"] == 240

@@ -41,10 +41,28 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     subprocess.run(
-        ["ray", "start", "--head", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", "8265", "--num-cpus", "4", "--object-store-memory", str(200 * 1024**2),
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
-        check=True, capture_output=True, env=env, timeout=120,
+        [
+            "ray",
+            "start",
+            "--head",
+            "--port",
+            str(_free_port()),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            "8265",
+            "--num-cpus",
+            "4",
+            "--object-store-memory",
+            str(200 * 1024**2),
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
     )
     try:
         yield env
@@ -55,13 +73,37 @@ def ray_head():
 
 def test_ray_job_submit_runs_a_job(ray_head, poisoned_data, tmp_path):
     out = tmp_path / "run"  # absolute: the job runs in an unpacked copy of the working dir
-    sets = ["model.name=small_cnn", "data.mean=[0.5]", "data.std=[0.25]", "epochs=2",
-            "split.stage2_epoch=1", "split.stage3_epoch=2", "mixmatch.iterations=2"]
+    sets = [
+        "model.name=small_cnn",
+        "data.mean=[0.5]",
+        "data.std=[0.25]",
+        "epochs=2",
+        "split.stage2_epoch=1",
+        "split.stage3_epoch=2",
+        "mixmatch.iterations=2",
+    ]
     command = [
-        "ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO), "--",
-        "python", "jobs/gtsrb_asd.py", "--train", poisoned_data.train, "--test", poisoned_data.test,
-        "--poison-test", poisoned_data.poison_test, "--seeds", poisoned_data.seeds,
-        "--out", str(out), *[arg for s in sets for arg in ("--set", s)],
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        "http://127.0.0.1:8265",
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "jobs/gtsrb_asd.py",
+        "--train",
+        poisoned_data.train,
+        "--test",
+        poisoned_data.test,
+        "--poison-test",
+        poisoned_data.poison_test,
+        "--seeds",
+        poisoned_data.seeds,
+        "--out",
+        str(out),
+        *[arg for s in sets for arg in ("--set", s)],
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=ray_head, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

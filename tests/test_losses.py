@@ -85,9 +85,7 @@ def test_mixmatch_loss_matches_hand_computation() -> None:
     assert math.isclose(loss_u.item(), expected_u, rel_tol=1e-10)
     assert math.isclose(total.item(), expected_x + 7.5 * expected_u, rel_tol=1e-10)
     with pytest.raises(ValueError, match="equal shapes"):
-        mixmatch_loss(
-            torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(5, 4), torch.zeros(5, 4), 1.0
-        )
+        mixmatch_loss(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(5, 4), torch.zeros(5, 4), 1.0)
 
 
 def test_rampup_weight() -> None:
@@ -114,9 +112,7 @@ def test_mixup() -> None:
         matches = [j for j in range(6) if torch.allclose(rest, inputs[j], atol=1e-5)]
         assert len(matches) == 1
         partners.append(matches[0])
-        torch.testing.assert_close(
-            mixed_targets[i], lam * targets[i] + (1 - lam) * targets[matches[0]]
-        )
+        torch.testing.assert_close(mixed_targets[i], lam * targets[i] + (1 - lam) * targets[matches[0]])
     assert sorted(partners) == list(range(6))
 
 

@@ -81,11 +81,7 @@ def test_small_stems_of_mobilenet_and_densenet() -> None:
     assert mobilenet.backbone.features[2].conv[1][0].stride == (2, 2)  # later strides kept
     densenet = build_model("densenet121", 10, image_size=32)
     names = dict(densenet.backbone.features.named_children())
-    assert (
-        "pool0" not in names
-        and names["conv0"].kernel_size == (3, 3)
-        and names["conv0"].stride == (1, 1)
-    )
+    assert "pool0" not in names and names["conv0"].kernel_size == (3, 3) and names["conv0"].stride == (1, 1)
 
 
 def test_small_cnn_on_mnist_shape() -> None:

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import make_shards
 
 from asd_ray import tables
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH
@@ -10,7 +11,6 @@ from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shard
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, iter_records
 from asd_ray.errors import DataError
-from conftest import make_shards
 
 
 def _binomial_interval(n: int, p: float, z: float = 4.0) -> tuple[float, float]:

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from conftest import make_shards
 
 from asd_ray.errors import DataError
 from asd_ray.seeds import pick_seeds, seeds_from_list
-from conftest import make_shards
 
 
 def test_picks_w_per_class_reproducibly(train_set):

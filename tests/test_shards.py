@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import make_shards, synthetic_arrays, write_tar
 from PIL import Image
 
 from asd_ray.data.shards import (
@@ -15,7 +16,6 @@ from asd_ray.data.shards import (
 )
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
-from conftest import make_shards, synthetic_arrays, write_tar
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -113,7 +113,9 @@ def test_empty_shard_file(train_set):
 
 
 def test_record_without_cls(tmp_path):
-    write_tar(tmp_path / "x.tar", [("000000000.png", _png()), ("000000001.png", _png()), ("000000001.cls", b"0")])
+    write_tar(
+        tmp_path / "x.tar", [("000000000.png", _png()), ("000000001.png", _png()), ("000000001.cls", b"0")]
+    )
     with pytest.raises(DataError, match="x.tar: record '000000000' has no 'cls'"):
         list(iter_records(tmp_path / "x.tar"))
 
@@ -143,10 +145,12 @@ def test_label_out_of_range_or_negative_on_write(tmp_path, bad):
 
 
 def test_mixed_image_sizes_where_one_size_is_required(tmp_path):
-    from asd_ray.data.sources import SourceRecord, Source
+    from asd_ray.data.sources import Source, SourceRecord
 
-    records = [SourceRecord(label=0, source="a", image=np.zeros((8, 8, 3), np.uint8)),
-               SourceRecord(label=1, source="b", image=np.zeros((8, 9, 3), np.uint8))]
+    records = [
+        SourceRecord(label=0, source="a", image=np.zeros((8, 8, 3), np.uint8)),
+        SourceRecord(label=1, source="b", image=np.zeros((8, 9, 3), np.uint8)),
+    ]
     write_shards(Source("arrays", ["a", "b"], records, 2), tmp_path / "mixed")
     shards = ShardSet(tmp_path / "mixed")
     assert shards.info.image_size is None
@@ -155,9 +159,17 @@ def test_mixed_image_sizes_where_one_size_is_required(tmp_path):
 
 
 def test_duplicate_keys(tmp_path):
-    write_tar(tmp_path / "d.tar", [("000000000.png", _png()), ("000000000.cls", b"0"),
-                                   ("000000001.png", _png()), ("000000001.cls", b"0"),
-                                   ("000000000.png", _png()), ("000000000.cls", b"1")])
+    write_tar(
+        tmp_path / "d.tar",
+        [
+            ("000000000.png", _png()),
+            ("000000000.cls", b"0"),
+            ("000000001.png", _png()),
+            ("000000001.cls", b"0"),
+            ("000000000.png", _png()),
+            ("000000000.cls", b"1"),
+        ],
+    )
     with pytest.raises(DataError, match="duplicate key '000000000'"):
         list(iter_records(tmp_path / "d.tar"))
 
@@ -170,8 +182,10 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, ext):
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
 
-    write_tar(tmp_path / "p.tar", [("000000000.png", _png()), ("000000000.cls", b"0"),
-                                   (f"000000000.{ext}", pickle.dumps(Boom()))])
+    write_tar(
+        tmp_path / "p.tar",
+        [("000000000.png", _png()), ("000000000.cls", b"0"), (f"000000000.{ext}", pickle.dumps(Boom()))],
+    )
     with pytest.raises(DataError, match=f"p.tar: record '000000000' has a '{ext}' member"):
         list(iter_records(tmp_path / "p.tar"))
     assert not (tmp_path / "pwned").exists()

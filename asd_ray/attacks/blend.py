@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asd_ray.attacks.trigger import Trigger, resize_pattern, to_channels
+from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
 
 
 def blend_trigger(
@@ -43,11 +43,7 @@ def blend_trigger(
     if pattern is None:
         rng = np.random.default_rng(seed)
         pattern = rng.integers(0, 256, size=(height, width, channels))
-    if pattern.ndim != 3 or pattern.min() < 0 or pattern.max() > 255:
-        raise ValueError(
-            f"pattern must be (h, w, C) with values in [0, 255], got shape {pattern.shape} "
-            f"and range [{pattern.min()}, {pattern.max()}]"
-        )
+    check_pattern(pattern)
     pattern = resize_pattern(to_channels(pattern, channels), height, width, nearest=False)
     weight = np.full((height, width, 1), alpha, dtype=np.float32)
     return Trigger(pattern=pattern, weight=weight)

@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from asd_ray.attacks.trigger import Trigger
 
 
-def checkerboard_corners_trigger(
-    height: int, width: int, channels: int, *, size: int = 3
-) -> Trigger:
+def checkerboard_corners_trigger(height: int, width: int, channels: int, *, size: int = 3) -> Trigger:
     """A size x size black/white checkerboard replacing the pixels of all four corners.
 
     Cell (i, j) of the board is white when i + j is even, counted from the image corner,
@@ -90,9 +88,7 @@ def pgd_perturb(
         (N, H, W, C) uint8 perturbed images.
     """
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}"
-        )
+        raise ValueError(f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}")
     if labels.shape != (len(images),):
         raise ValueError(f"labels of shape {labels.shape} must be ({len(images)},), one per image")
     if eps <= 0 or step <= 0 or steps < 1 or batch_size < 1:

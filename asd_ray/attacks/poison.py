@@ -101,21 +101,31 @@ def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTra
     kind = config.trigger_kind
     if kind == "wanet":
         if height != width:
-            raise DataError(f"WaNet needs square images, these are {height}x{width}; re-make the shards with --image-size")
+            raise DataError(
+                f"WaNet needs square images, these are {height}x{width}; re-make the shards with --image-size"
+            )
         grid = wanet_grid(height, k=config.wanet_k, s=config.wanet_s, seed=config.seed)
         return lambda images: apply_wanet(images, grid)
     if kind == "checkerboard":
         trigger = checkerboard_corners_trigger(height, width, channels)
     elif kind == "blend":
         pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
-        trigger = blend_trigger(height, width, channels, alpha=config.alpha, pattern=pattern, seed=config.seed)
+        trigger = blend_trigger(
+            height, width, channels, alpha=config.alpha, pattern=pattern, seed=config.seed
+        )
     else:
         pattern = None
         if config.pattern_file:
             side = config.size or (2 if max(height, width) <= 64 else 32)
             pattern = load_pattern(config.pattern_file, side, side, channels)
         trigger = badnets_trigger(
-            height, width, channels, pattern=pattern, location=config.location, size=config.size, seed=config.seed
+            height,
+            width,
+            channels,
+            pattern=pattern,
+            location=config.location,
+            size=config.size,
+            seed=config.seed,
         )
     return lambda images: apply_trigger(images, trigger)
 
@@ -159,8 +169,14 @@ def poison_shards(
             if config.attack == "clean-label" and surrogate is not None:
                 mean, std = normalize or (None, None)
                 batch = pgd_perturb(
-                    surrogate, batch, plan.label_after[ids[poison]], eps=config.pgd_eps,
-                    step=config.pgd_step, steps=config.pgd_steps, mean=mean, std=std,
+                    surrogate,
+                    batch,
+                    plan.label_after[ids[poison]],
+                    eps=config.pgd_eps,
+                    step=config.pgd_step,
+                    steps=config.pgd_steps,
+                    mean=mean,
+                    std=std,
                     seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
                 )
             out_images[poison] = trigger(batch)
@@ -173,15 +189,27 @@ def poison_shards(
             _write_chunk(writer, ids, records, plan.is_modified[ids], plan.label_after[ids], modify, clean)
         manifest, counts = writer.close()
         attack = {"params": params, "clean": str(clean.folder)}
-        finish_shard_set(tmp, manifest, counts, class_names=clean.info.class_names,
-                         source=f"poisoned:{clean.info.source}", attack=attack)
-        truth = _ground_truth(np.arange(len(clean)), plan.is_poison, plan.is_modified,
-                              clean.labels, plan.label_after, params)
+        finish_shard_set(
+            tmp,
+            manifest,
+            counts,
+            class_names=clean.info.class_names,
+            source=f"poisoned:{clean.info.source}",
+            attack=attack,
+        )
+        truth = _ground_truth(
+            np.arange(len(clean)), plan.is_poison, plan.is_modified, clean.labels, plan.label_after, params
+        )
         tables.write_parquet(truth, tmp / GROUND_TRUTH_FILE, "poison")
     return {
-        "command": "poison", "attack": config.attack, "out": str(Path(out).absolute()),
-        "samples": len(clean), "poisoned": int(plan.is_poison.sum()), "noise": int(plan.is_noise.sum()),
-        "rate_observed": float(plan.is_poison.mean()), "target": config.target,
+        "command": "poison",
+        "attack": config.attack,
+        "out": str(Path(out).absolute()),
+        "samples": len(clean),
+        "poisoned": int(plan.is_poison.sum()),
+        "noise": int(plan.is_noise.sum()),
+        "rate_observed": float(plan.is_poison.mean()),
+        "target": config.target,
         "ground_truth": str(Path(out).absolute() / GROUND_TRUTH_FILE),
     }
 
@@ -219,15 +247,27 @@ def poison_test_shards(
                 images = trigger(np.stack([_decode(r, clean_test) for r in records]))
                 for i, sample_id in enumerate(ids):
                     data, ext = encode_image(images[i])
-                    writer.add(int(new_id[sample_id]), data, ext, int(label_after[sample_id]),
-                               images[i].shape, f"test-sample:{sample_id}")
+                    writer.add(
+                        int(new_id[sample_id]),
+                        data,
+                        ext,
+                        int(label_after[sample_id]),
+                        images[i].shape,
+                        f"test-sample:{sample_id}",
+                    )
         manifest, counts = writer.close()
-        finish_shard_set(tmp, manifest, counts, class_names=clean_test.info.class_names,
-                         source=f"poisoned-test:{clean_test.info.source}",
-                         attack={"params": params, "clean": str(clean_test.folder)})
+        finish_shard_set(
+            tmp,
+            manifest,
+            counts,
+            class_names=clean_test.info.class_names,
+            source=f"poisoned-test:{clean_test.info.source}",
+            attack={"params": params, "clean": str(clean_test.folder)},
+        )
         m = int(keep.sum())
-        truth = _ground_truth(np.arange(m), np.ones(m, bool), np.ones(m, bool), labels[keep],
-                              label_after[keep], params)
+        truth = _ground_truth(
+            np.arange(m), np.ones(m, bool), np.ones(m, bool), labels[keep], label_after[keep], params
+        )
         tables.write_parquet(truth, tmp / GROUND_TRUTH_FILE, "poison")
     return {"test_out": str(Path(out).absolute()), "test_samples": m}
 
@@ -293,9 +333,13 @@ def _ground_truth(ids, is_poison, is_modified, original, after, params) -> pa.Ta
     n = len(ids)
     return tables.from_pydict(
         {
-            "sample_id": ids, "is_poison": is_poison, "is_modified": is_modified,
-            "original_label": original, "label_after": after,
-            "attack": [params["attack"]] * n, "params": [json.dumps(params, sort_keys=True)] * n,
+            "sample_id": ids,
+            "is_poison": is_poison,
+            "is_modified": is_modified,
+            "original_label": original,
+            "label_after": after,
+            "attack": [params["attack"]] * n,
+            "params": [json.dumps(params, sort_keys=True)] * n,
         },
         "poison",
     )

@@ -33,6 +33,15 @@ class Trigger:
     weight: np.ndarray
 
 
+def check_pattern(pattern: np.ndarray) -> None:
+    """Raise ValueError unless ``pattern`` is (h, w, C) with values in [0, 255]."""
+    if pattern.ndim != 3 or pattern.min() < 0 or pattern.max() > 255:
+        raise ValueError(
+            f"pattern must be (h, w, C) with values in [0, 255], got shape {pattern.shape} "
+            f"and range [{pattern.min()}, {pattern.max()}]"
+        )
+
+
 def apply_trigger(images: np.ndarray, trigger: Trigger) -> np.ndarray:
     """Stamp ``trigger`` on a batch: ``x' = (1 - w) x + w p`` in float32, rounded and clipped.
 

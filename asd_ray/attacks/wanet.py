@@ -54,9 +54,7 @@ def apply_wanet(
         (N, H, W, C) uint8, rounded and clipped.
     """
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}"
-        )
+        raise ValueError(f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}")
     n, height, width, _ = images.shape
     if height != width:
         raise ValueError(f"WaNet needs square images, got {height}x{width}; resize them first")

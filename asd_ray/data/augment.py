@@ -41,9 +41,7 @@ def augment(images: torch.Tensor, config: DataConfig, generator: torch.Generator
     return x
 
 
-def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator
-) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop after reflect padding, plus an optional horizontal flip (p = 0.5).
 
     Args:

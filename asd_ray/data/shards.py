@@ -76,9 +76,7 @@ def encode_image(image: np.ndarray) -> tuple[bytes, str]:
 
 def _to_pil(image: np.ndarray) -> Image.Image:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise DataError(
-            f"image must be (H, W, 1|3) uint8, got {image.shape} {image.dtype}; convert it first"
-        )
+        raise DataError(f"image must be (H, W, 1|3) uint8, got {image.shape} {image.dtype}; convert it first")
     return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
 
 
@@ -246,9 +244,7 @@ def write_shards(
                 raise DataError(f"{record.source}: record has neither image nor bytes")
             writer.add(sample_id, data, ext, record.label, shape, record.source)
         manifest, counts = writer.close()
-        info = finish_shard_set(
-            tmp, manifest, counts, class_names=source.class_names, source=source.name
-        )
+        info = finish_shard_set(tmp, manifest, counts, class_names=source.class_names, source=source.name)
     return info
 
 
@@ -315,7 +311,9 @@ def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
             if magic[:5] != b"ustar":
                 if buf[pos : pos + _BLOCK] == _ZERO_BLOCK:
                     return
-                raise DataError(f"{path}: no tar header at byte {pos} (corrupt or not a tar); re-make the shard")
+                raise DataError(
+                    f"{path}: no tar header at byte {pos} (corrupt or not a tar); re-make the shard"
+                )
             try:
                 size = int(size_field.strip(b"\0 ") or b"0", 8)
             except ValueError:
@@ -409,8 +407,7 @@ def iter_records(
                 yield index, current_key, members
             if key in seen:
                 raise DataError(
-                    f"{path.name}: duplicate key {key!r}; every record needs its own key: "
-                    "re-make the shard"
+                    f"{path.name}: duplicate key {key!r}; every record needs its own key: re-make the shard"
                 )
             seen.add(key)
             index += 1
@@ -477,9 +474,7 @@ class ShardSet:
         meta_path = self.folder / DATASET_FILE
         if not meta_path.is_file():
             found = "holds no files" if not any(self.folder.iterdir()) else f"has no {DATASET_FILE}"
-            raise DataError(
-                f"shard folder {self.folder} {found}; create it with `asd-ray shards make`"
-            )
+            raise DataError(f"shard folder {self.folder} {found}; create it with `asd-ray shards make`")
         try:
             self.info = ShardSetInfo(**json.loads(meta_path.read_text()))
         except (json.JSONDecodeError, TypeError) as err:
@@ -623,9 +618,7 @@ def inspect_shard_set(folder: str | Path) -> dict:
     """
     shards = ShardSet(folder)
     labels = shards.labels
-    shapes = np.stack(
-        [shards.manifest.column(c).to_numpy() for c in ("height", "width", "channels")], 1
-    )
+    shapes = np.stack([shards.manifest.column(c).to_numpy() for c in ("height", "width", "channels")], 1)
     per_class = np.zeros(shards.info.num_classes, np.int64)
     sizes: dict[str, int] = {}
     seen = 0

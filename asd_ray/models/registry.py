@@ -55,15 +55,11 @@ class Classifier(nn.Module):
         document their split in :func:`build_model`. Always a strict, non-empty
         subset of ``parameters()`` that includes the head.
         """
-        params = [
-            p for path in self.meta_modules for p in self.backbone.get_submodule(path).parameters()
-        ]
+        params = [p for path in self.meta_modules for p in self.backbone.get_submodule(path).parameters()]
         return params + list(self.head.parameters())
 
 
-def build_model(
-    name: str, num_classes: int, *, in_channels: int = 3, image_size: int = 32
-) -> Classifier:
+def build_model(name: str, num_classes: int, *, in_channels: int = 3, image_size: int = 32) -> Classifier:
     """Build an untrained classifier for square ``image_size`` inputs.
 
     Meta parameters (stage-3 virtual model) per architecture:
@@ -86,9 +82,7 @@ def build_model(
     if num_classes < 2:
         raise ValueError(f"num_classes {num_classes} must be >= 2")
     if in_channels not in (1, 3):
-        raise ValueError(
-            f"in_channels {in_channels} must be 1 (grey) or 3 (RGB); convert the images"
-        )
+        raise ValueError(f"in_channels {in_channels} must be 1 (grey) or 3 (RGB); convert the images")
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size {image_size} must be >= {_MIN_IMAGE_SIZE}; resize the images")
     small = image_size <= _SMALL_MAX
@@ -178,9 +172,7 @@ def _densenet121(num_classes: int, in_channels: int, small: bool) -> Classifier:
     elif in_channels != 3:
         layers["conv0"] = _conv(in_channels, layers["conv0"].out_channels, 7, 2)
     backbone = nn.Sequential(
-        OrderedDict(
-            [("features", nn.Sequential(layers)), ("relu", nn.ReLU(inplace=True))] + _pool_flatten()
-        )
+        OrderedDict([("features", nn.Sequential(layers)), ("relu", nn.ReLU(inplace=True))] + _pool_flatten())
     )
     meta = [f"features.{n}" for n in ("denseblock3", "transition3", "denseblock4", "norm5")]
     return Classifier(backbone, nn.Linear(net.classifier.in_features, num_classes), meta)
