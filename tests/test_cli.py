@@ -15,7 +15,7 @@ def run(argv, capsys):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["shards"], ["shards", "make"], ["shards", "inspect"], ["poison"], ["seeds"]]
+    "command", [[], ["shards"], ["shards", "make"], ["shards", "inspect"], ["poison"], ["seeds"], ["run"]]
 )
 def test_help_for_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
