@@ -186,6 +186,14 @@ def _run(args: argparse.Namespace) -> dict:
     )
 
 
+def _report(args: argparse.Namespace) -> dict:
+    from asd_ray.audit.report import report
+
+    summary = report(args.run)
+    print(f"  wrote {summary['plot']}" + (f" and {summary['flags']}" if "flags" in summary else ""))
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``asd-ray`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -354,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch")
     run.add_argument("--stop-after-epoch", type=int, help="stop (resumably) after this epoch")
     run.set_defaults(func=_run)
+
+    report = commands.add_parser(
+        "report",
+        help="audit a run: per-sample flag history and a plot of the run",
+        description="Read RUN/splits and RUN/metrics.parquet and write RUN/audit/flags.parquet (how "
+        "many epochs each sample spent in the polluted pool, its last pool, ground truth when known) "
+        "and RUN/audit/metrics.png (ACC, ASR, poisoned share of the clean pool per epoch).",
+    )
+    report.add_argument("run", help="run folder")
+    report.set_defaults(func=_report)
     return parser
 
 

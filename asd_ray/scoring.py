@@ -100,7 +100,7 @@ class ScoringActor:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data, self.scoring = data, scoring
-        self.model = spec.build().to(self.device).eval()
+        self.model = spec.build().to(self.device).train(False)  # eval mode
         self.shares = {}
         for name, (folder, slices) in shares.items():
             images, ids, labels = load_share(ShardSet(folder), slices)

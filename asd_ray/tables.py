@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from asd_ray.errors import DataError
 
-TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics")
+TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics", "flags")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

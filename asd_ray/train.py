@@ -281,7 +281,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+            state_path = Path(folder) / CHECKPOINT_FILE
+            state = torch.load(state_path, weights_only=True, map_location=device)
         base.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         done_epoch = int(state["epoch"])

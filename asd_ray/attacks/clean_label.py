@@ -103,7 +103,7 @@ def pgd_perturb(
         scale = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
-    model.eval()
+    model.train(False)  # eval mode
     out = np.empty_like(images)
     try:
         for start in range(0, len(images), batch_size):

@@ -1,0 +1,1 @@
+"""Audit: reads run outputs only (split tables, metrics) and reports on them."""
