@@ -307,6 +307,10 @@ class _Session:
             f"{config.model.name}, {config.cluster.workers} workers + {config.cluster.scorers} scorers; "
             f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
         )
+        if done >= 0 and (not rows or rows[-1]["epoch"] < done):
+            rows.append(self.recover_row(done, weights))
+            _write_metrics(out, rows)
+            progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
         for epoch in range(done + 1, last + 1):
             row, weights = self._epoch(epoch, weights)
@@ -331,16 +335,7 @@ class _Session:
         config, data = self.config, self.data
         t0 = time.perf_counter()
         score_s = virtual_s = 0.0
-        path, stage, summary = (
-            None,
-            0,
-            {
-                "clean_pool": len(data.train),
-                "polluted_pool": 0,
-                "poison_in_clean": None,
-                "poison_fraction_clean": None,
-            },
-        )
+        path, stage = None, 0
         if config.defense == "asd":
             stage = stage_of(epoch, config.split)
             ref = ray.put(weights)
@@ -369,18 +364,13 @@ class _Session:
             summary = split_summary(split)
             split_s = time.perf_counter() - t3
         else:
-            split_s = 0.0
-            if data.ground_truth is not None:
-                poisoned = int(np.sum(data.ground_truth.column("is_poison").to_numpy(zero_copy_only=False)))
-                summary |= {"poison_in_clean": poisoned, "poison_fraction_clean": poisoned / len(data.train)}
+            split_s, summary = 0.0, self._baseline_pools()
         seq = ray.get(self.mailbox.post_task.remote("train", epoch=epoch, split=str(path) if path else None))
         result = self._await(seq, f"epoch {epoch} training")
         train_s = result["seconds"]  # on the workers; messaging counts as overhead
         weights = result["weights"]
         t5 = time.perf_counter()
-        ref = ray.put(weights)
-        acc = accuracy(self.pool.run("test", ref))
-        asr = attack_success_rate(self.pool.run("poison_test", ref)) if data.poison_test is not None else None
+        acc, asr = self._evaluate(weights)
         eval_s = time.perf_counter() - t5
         row = {
             "epoch": epoch,
@@ -401,6 +391,52 @@ class _Session:
             "epoch_s": time.perf_counter() - t0,
         }
         return row, weights
+
+    def _evaluate(self, weights) -> tuple[float, float | None]:
+        """ACC on the clean test set and, when given, ASR on the triggered one."""
+        ref = ray.put(weights)
+        acc = accuracy(self.pool.run("test", ref))
+        has_asr = self.data.poison_test is not None
+        return acc, attack_success_rate(self.pool.run("poison_test", ref)) if has_asr else None
+
+    def _baseline_pools(self) -> dict[str, Any]:
+        """Pool sizes of the no-defense baseline: everything is trained on as labeled."""
+        n, truth = len(self.data.train), self.data.ground_truth
+        poisoned = (
+            None if truth is None else int(np.sum(truth.column("is_poison").to_numpy(zero_copy_only=False)))
+        )
+        return {
+            "clean_pool": n,
+            "polluted_pool": 0,
+            "poison_in_clean": poisoned,
+            "poison_fraction_clean": None if poisoned is None else poisoned / n,
+        }
+
+    def recover_row(self, epoch: int, weights) -> dict[str, Any]:
+        """The metrics row of an epoch that was checkpointed but not recorded (the driver
+        stopped in between): evaluated again from the checkpoint; its loss and timings are NaN."""
+        if self.config.defense == "asd":
+            stage = stage_of(epoch, self.config.split)
+            summary = split_summary(tables.read_parquet(split_path(self.out, epoch), "splits"))
+        else:
+            stage, summary = 0, self._baseline_pools()
+        acc, asr = self._evaluate(weights)
+        unknown = {
+            k: float("nan")
+            for k in ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
+        }
+        return {
+            "epoch": epoch,
+            "stage": stage,
+            "defense": self.config.defense,
+            "acc": acc,
+            "asr": asr,
+            "clean_pool": summary["clean_pool"],
+            "polluted_pool": summary["polluted_pool"],
+            "poison_in_clean": summary.get("poison_in_clean"),
+            "poison_fraction_clean": summary.get("poison_fraction_clean"),
+            **unknown,
+        }
 
     def close(self) -> None:
         try:
@@ -433,7 +469,7 @@ def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
     if not rows:
         return {}
     phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
-    means = {p: float(np.mean([r[p] for r in rows])) for p in phases}
+    means = {p: float(np.nanmean([r[p] for r in rows])) for p in phases}  # NaN: recovered rows
     means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
     return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
 

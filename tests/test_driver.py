@@ -51,10 +51,11 @@ def test_stop_and_resume_continue_from_the_last_epoch(ray_cluster, poisoned_data
     first = run(config, poisoned_data, out, stop_after_epoch=0, progress=lambda _: None)
     assert first["epochs"] == 1
     epoch0 = split_path(out, 0).read_bytes()
+    (out / METRICS_FILE).unlink()  # as if the driver died after the checkpoint, before the metrics row
     lines = []
     second = run(config, poisoned_data, out, resume=True, progress=lines.append)
     assert second["epochs"] == 3
-    assert "resuming after epoch 0" in lines[0]
+    assert "resuming after epoch 0" in lines[0] and "epoch 0 was checkpointed but not recorded" in lines[1]
     assert split_path(out, 0).read_bytes() == epoch0  # epoch 0 was not redone
     metrics = tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist()
     assert metrics == [0, 1, 2]
