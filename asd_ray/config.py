@@ -3,7 +3,7 @@
 Defaults follow ``ASD_REFERENCE.md``; each field's comment says what it is.
 :data:`PRESETS` hold the paper's settings per dataset; :func:`load_config`
 layers a preset, an optional YAML file and ``section.field=value`` overrides.
-The only I/O is reading and writing that YAML.
+The only I/O is reading that YAML.
 """
 
 from __future__ import annotations
@@ -307,9 +307,9 @@ def load_config(
     return config
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML (readable back with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: RunConfig) -> str:
+    """``config`` as YAML text (readable back with :func:`load_config`)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -32,12 +32,12 @@ import ray
 
 from asd_ray import tables
 from asd_ray.attacks.poison import read_ground_truth
-from asd_ray.config import RunConfig, from_dict, load_config, save_config
+from asd_ray.config import RunConfig, config_yaml, from_dict, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.scoring import ModelSpec, ScoringPool, scores_table
+from asd_ray.scoring import ModelSpec, ScoringPool, load_share, scores_table
 from asd_ray.split import make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
@@ -96,8 +96,8 @@ def run(
     data = _open_inputs(config, inputs)  # every input is checked before anything is written
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / CONFIG_FILE)
-        (out / INPUTS_FILE).write_text(json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+        _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+        _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
     started_ray = _init_ray(config)
     session = None
     try:
@@ -109,7 +109,7 @@ def run(
         if started_ray:
             ray.shutdown()
     summary["wall_s"] = round(time.perf_counter() - start, 1)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary) + "\n")
+    _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     return summary
 
 
@@ -194,6 +194,8 @@ def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
             f"{train.labels[ids[i]]} in the training set: that sample was altered; draw seeds the "
             "training set agrees with"
         )
+    if parent and str(train.folder) not in folders and len(ids):
+        _check_seed_images(train, ShardSet(parent), ids, seeds_path)
     counts = np.bincount(seed_labels, minlength=train.info.num_classes)
     short = np.flatnonzero(counts < per_class)
     if short.size:
@@ -204,6 +206,37 @@ def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
             "--per-class`) or lower split.seeds_per_class"
         )
     return ids
+
+
+def _check_worker_pools(split: pa.Table, workers: int, epoch: int) -> None:
+    """Every worker (it holds the samples with sample_id % workers == rank) needs clean
+    and polluted samples; checked here so that no rank fails alone inside DDP."""
+    ids = split.column("sample_id").to_numpy()
+    clean = np.asarray(split.column("pool").to_pylist()) == "clean"
+    rank = ids % workers
+    for r in range(workers):
+        n_clean, n_total = int(np.sum(clean & (rank == r))), int(np.sum(rank == r))
+        if n_clean == 0 or n_clean == n_total:
+            raise DataError(
+                f"epoch {epoch}: worker {r} of {workers} would hold {n_clean} clean and "
+                f"{n_total - n_clean} polluted samples; MixMatch needs both on every worker: use fewer "
+                "workers or more seeds"
+            )
+
+
+def _check_seed_images(train: ShardSet, parent: ShardSet, ids: np.ndarray, seeds_path: str) -> None:
+    """Seeds drawn from the clean parent must be unchanged in the training set: a clean-label
+    or WaNet-noise sample keeps its label but not its pixels."""
+    keep = np.zeros(len(train), bool)
+    keep[ids] = True
+    trusted, _, _ = load_share(parent, keep=keep)
+    used, used_ids, _ = load_share(train, keep=keep)
+    changed = np.flatnonzero((trusted != used).reshape(len(used_ids), -1).any(1))
+    if changed.size:
+        raise DataError(
+            f"{seeds_path}: seed {used_ids[changed[0]]} differs between its trusted set {parent.folder} and "
+            f"the training set ({changed.size} seed(s) altered); draw seeds the training set agrees with"
+        )
 
 
 def _init_ray(config: RunConfig) -> bool:
@@ -360,6 +393,7 @@ class _Session:
                 meta_scores=meta,
                 ground_truth=data.ground_truth,
             )
+            _check_worker_pools(split, config.cluster.workers, epoch)
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
             summary = split_summary(split)
             split_s = time.perf_counter() - t3
@@ -446,6 +480,11 @@ class _Session:
         finally:
             self.pool.shutdown()
             ray.kill(self.mailbox)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with tables.atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _read_metrics(out: Path, done: int) -> list[dict[str, Any]]:

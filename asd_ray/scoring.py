@@ -4,8 +4,11 @@ Each actor decodes its own slices of the shard sets once (the data layer's
 worker assignment, so every sample is scored exactly once) and keeps them in
 memory as uint8. Once per pass the driver ``ray.put``s the model weights and
 every actor receives the same object reference: weights cross the object store
-once per pass, never per batch. Actors restart on failure and retry the call
-(their data is re-read in ``__init__``, the weights come with every call).
+once per pass, never per batch. Actors restart on failure (up to 3 times)
+and retry the call (their data is re-read in ``__init__``, the weights come
+with every call). With
+``scoring.augment`` on, each actor draws its own augmentation stream, so
+augmented scores (unlike the default clean ones) depend on the actor count.
 
 The pool never decides a split: it returns ``(sample_id, label, loss,
 prediction)`` tables, and :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` use them.
@@ -80,12 +83,18 @@ def load_share(
     images = np.empty((count, h, w, c), np.uint8)
     ids = np.empty(count, np.int64)
     labels = np.empty(count, np.int64)
-    for i, sample in enumerate(shards.iter_samples(slices, keep=keep)):
-        images[i], ids[i], labels[i] = sample.image, sample.sample_id, sample.label
+    read = 0
+    for read, sample in enumerate(shards.iter_samples(slices, keep=keep), start=1):
+        images[read - 1], ids[read - 1], labels[read - 1] = sample.image, sample.sample_id, sample.label
+    if read != count:
+        raise DataError(
+            f"{shards.folder}: read {read} records where the manifest promises {count}; a shard was "
+            "truncated or changed after it was made: re-make the shard set"
+        )
     return images, ids, labels
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
 class ScoringActor:
     """Holds a share of one or more shard sets and scores it with given weights."""
 

@@ -308,6 +308,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 result = {"weights": to_numpy_weights(virtual), "seconds": time.perf_counter() - start}
                 ray.get(mailbox.post_result.remote(seen, result))
+            del virtual  # and its DDP reducer
             continue
         epoch = task["epoch"]
         if epoch <= done_epoch:  # re-sent after a restart: the checkpoint already has it

@@ -1,5 +1,6 @@
 """End to end on local Ray: 2 training workers, 2 scoring actors, all three stages."""
 
+import dataclasses
 import json
 
 import pyarrow.dataset as ds
@@ -89,11 +90,38 @@ def test_bad_inputs_fail_before_ray_work(poisoned_data, tmp_path):
 
 
 def test_class_count_mismatch(poisoned_data, tmp_path):
-    import dataclasses
-
     from conftest import make_shards
 
     make_shards(tmp_path / "five", n=50, size=16, channels=1, classes=5, name="test")
     inputs = dataclasses.replace(poisoned_data, test=str(tmp_path / "five"))
     with pytest.raises(DataError, match="class-count mismatch.*5 classes.*4"):
         run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
+
+
+def test_seeds_altered_in_the_training_set_are_refused(poisoned_data, tmp_path):
+    from pathlib import Path
+
+    from asd_ray.attacks.poison import poison_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.data.shards import ShardSet
+    from asd_ray.seeds import pick_seeds
+
+    clean = Path(poisoned_data.train).parent / "clean"
+    poison_shards(clean, tmp_path / "cl", AttackConfig("clean-label", rate=1.0, target=0))  # labels kept
+    tables.write_parquet(pick_seeds(ShardSet(clean), 10), tmp_path / "seeds.parquet", "seeds")
+    inputs = dataclasses.replace(
+        poisoned_data, train=str(tmp_path / "cl"), seeds=str(tmp_path / "seeds.parquet"), ground_truth=None
+    )
+    with pytest.raises(DataError, match="differs between its trusted set"):
+        run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
+
+
+def test_every_worker_needs_both_pools():
+    import pyarrow as pa
+
+    from asd_ray.driver import _check_worker_pools
+
+    split = pa.table({"sample_id": [0, 1, 2, 3], "pool": ["clean", "clean", "polluted", "clean"]})
+    _check_worker_pools(split, 1, epoch=0)
+    with pytest.raises(DataError, match="worker 1 of 2 would hold 2 clean and 0 polluted"):
+        _check_worker_pools(split, 2, epoch=0)

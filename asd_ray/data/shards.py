@@ -44,6 +44,7 @@ MANIFEST_FILE = "manifest.parquet"
 GROUND_TRUTH_FILE = "poison.parquet"
 FORMAT_VERSION = 1
 _BLOCK = 512
+MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 _DECODE_CHUNK = 64  # records parsed before they are decoded
 _PIL_FORMATS = ("PNG", "JPEG", "PPM", "WEBP")  # PIL never probes other decoders
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -88,6 +89,11 @@ def decode_image(data: bytes, *, shard: str, key: str) -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as pil:
+            if pil.width * pil.height > MAX_PIXELS:  # read from the header, before decoding
+                raise DataError(
+                    f"{shard}: record {key!r} claims {pil.width}x{pil.height} pixels, over the "
+                    f"{MAX_PIXELS} limit; resize the source images (--image-size)"
+                )
             if pil.mode != "L":
                 pil = pil.convert("RGB")
             array = np.asarray(pil)
@@ -491,6 +497,9 @@ class ShardSet:
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
         self._keys: list[str] = self.manifest.column("key").to_pylist()
+        self._expected = np.stack(  # (N, 4): label, height, width, channels per sample id
+            [self.manifest.column(c).to_numpy() for c in ("label", "height", "width", "channels")], 1
+        )
         self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
         for path in self.paths:
             if not path.is_file():
@@ -566,6 +575,13 @@ class ShardSet:
         # interleaving the two (the decoder's working set stays in cache).
         for sample_id, key, members in chunk:
             label, image = decode_members(members, self.info.num_classes, shard=shard, key=key)
+            expected = self._expected[sample_id]
+            if label != expected[0] or image.shape != tuple(expected[1:]):
+                raise DataError(
+                    f"{shard}: record {key!r} (label {label}, image {image.shape}) disagrees with the "
+                    f"manifest (label {expected[0]}, image {tuple(expected[1:].tolist())}); the shard "
+                    "was changed after it was made: re-make the shard set"
+                )
             yield Sample(sample_id, key, label, image, shard)
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -617,17 +633,10 @@ def inspect_shard_set(folder: str | Path) -> dict:
         DataError: on the first record that is unreadable or disagrees with the manifest.
     """
     shards = ShardSet(folder)
-    labels = shards.labels
-    shapes = np.stack([shards.manifest.column(c).to_numpy() for c in ("height", "width", "channels")], 1)
     per_class = np.zeros(shards.info.num_classes, np.int64)
     sizes: dict[str, int] = {}
     seen = 0
-    for sample in shards.iter_samples():
-        if sample.label != labels[sample.sample_id] or sample.image.shape != tuple(shapes[sample.sample_id]):
-            raise DataError(
-                f"{sample.shard}: record {sample.key!r} (label {sample.label}, shape "
-                f"{sample.image.shape}) disagrees with the manifest; re-make the shard set"
-            )
+    for sample in shards.iter_samples():  # checks every record against the manifest
         per_class[sample.label] += 1
         size = "x".join(map(str, sample.image.shape))
         sizes[size] = sizes.get(size, 0) + 1
