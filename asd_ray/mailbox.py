@@ -31,6 +31,7 @@ class Mailbox:
         async with self._changed:
             seq = self._task["seq"] + 1
             self._task = {"seq": seq, "kind": kind, **fields}
+            self._results.clear()  # the driver has read every result it waits for
             self._changed.notify_all()
         return seq
 
@@ -44,7 +45,11 @@ class Mailbox:
             return self._task
 
     async def post_result(self, seq: int, result: Any) -> None:
+        """Keep ``result`` if it answers the current task (stale ones, e.g. the start-up
+        hello of a restarted worker group, are dropped)."""
         async with self._changed:
+            if seq != self._task["seq"]:
+                return
             self._results[seq] = result
             self._changed.notify_all()
 
