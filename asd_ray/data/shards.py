@@ -497,9 +497,12 @@ class ShardSet:
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
         self._keys: list[str] = self.manifest.column("key").to_pylist()
-        self._expected = np.stack(  # (N, 4): label, height, width, channels per sample id
-            [self.manifest.column(c).to_numpy() for c in ("label", "height", "width", "channels")], 1
-        )
+        # What every decoded record must match (plain Python: cheap per record).
+        self._labels: list[int] = self.manifest.column("label").to_pylist()
+        shape_columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
+        uniform = self.info.image_size is not None and self.info.channels is not None
+        self._shapes = None if uniform else list(zip(*shape_columns))
+        self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
         self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
         for path in self.paths:
             if not path.is_file():
@@ -575,12 +578,12 @@ class ShardSet:
         # interleaving the two (the decoder's working set stays in cache).
         for sample_id, key, members in chunk:
             label, image = decode_members(members, self.info.num_classes, shard=shard, key=key)
-            expected = self._expected[sample_id]
-            if label != expected[0] or image.shape != tuple(expected[1:]):
+            shape = self._shapes[sample_id] if self._shapes else self._uniform_shape
+            if label != self._labels[sample_id] or image.shape != shape:
                 raise DataError(
                     f"{shard}: record {key!r} (label {label}, image {image.shape}) disagrees with the "
-                    f"manifest (label {expected[0]}, image {tuple(expected[1:].tolist())}); the shard "
-                    "was changed after it was made: re-make the shard set"
+                    f"manifest (label {self._labels[sample_id]}, image {shape}); the shard was changed "
+                    "after it was made: re-make the shard set"
                 )
             yield Sample(sample_id, key, label, image, shard)
 
