@@ -499,9 +499,10 @@ class ShardSet:
         self._keys: list[str] = self.manifest.column("key").to_pylist()
         # What every decoded record must match (plain Python: cheap per record).
         self._labels: list[int] = self.manifest.column("label").to_pylist()
-        shape_columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
-        uniform = self.info.image_size is not None and self.info.channels is not None
-        self._shapes = None if uniform else list(zip(*shape_columns))
+        self._shapes = None
+        if self.info.image_size is None or self.info.channels is None:  # mixed sizes: one per sample
+            columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
+            self._shapes = list(zip(*columns))
         self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
         self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
         for path in self.paths:
