@@ -341,7 +341,7 @@ class _Session:
             f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
         )
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
-            rows.append(self.recover_row(done, weights))
+            rows.append(self._recover_row(done, weights))
             _write_metrics(out, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
@@ -406,16 +406,7 @@ class _Session:
         t5 = time.perf_counter()
         acc, asr = self._evaluate(weights)
         eval_s = time.perf_counter() - t5
-        row = {
-            "epoch": epoch,
-            "stage": stage,
-            "defense": config.defense,
-            "acc": acc,
-            "asr": asr,
-            "clean_pool": summary["clean_pool"],
-            "polluted_pool": summary["polluted_pool"],
-            "poison_in_clean": summary.get("poison_in_clean"),
-            "poison_fraction_clean": summary.get("poison_fraction_clean"),
+        measured = {
             "train_loss": float(result["train_loss"]),
             "score_s": score_s,
             "virtual_s": virtual_s,
@@ -424,6 +415,7 @@ class _Session:
             "eval_s": eval_s,
             "epoch_s": time.perf_counter() - t0,
         }
+        row = self._metrics_row(epoch, stage, acc, asr, summary, measured)
         return row, weights
 
     def _evaluate(self, weights) -> tuple[float, float | None]:
@@ -446,7 +438,7 @@ class _Session:
             "poison_fraction_clean": None if poisoned is None else poisoned / n,
         }
 
-    def recover_row(self, epoch: int, weights) -> dict[str, Any]:
+    def _recover_row(self, epoch: int, weights) -> dict[str, Any]:
         """The metrics row of an epoch that was checkpointed but not recorded (the driver
         stopped in between): evaluated again from the checkpoint; its loss and timings are NaN."""
         if self.config.defense == "asd":
@@ -455,21 +447,26 @@ class _Session:
         else:
             stage, summary = 0, self._baseline_pools()
         acc, asr = self._evaluate(weights)
-        unknown = {
-            k: float("nan")
-            for k in ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
-        }
+        unknown = dict.fromkeys(
+            ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s"), float("nan")
+        )
+        return self._metrics_row(epoch, stage, acc, asr, summary, unknown)
+
+    def _metrics_row(
+        self, epoch: int, stage: int, acc: float, asr: float | None, pools: dict[str, Any], measured: dict
+    ) -> dict[str, Any]:
+        """One row of schemas/metrics.json: evaluation, pool sizes, loss and timings."""
         return {
             "epoch": epoch,
             "stage": stage,
             "defense": self.config.defense,
             "acc": acc,
             "asr": asr,
-            "clean_pool": summary["clean_pool"],
-            "polluted_pool": summary["polluted_pool"],
-            "poison_in_clean": summary.get("poison_in_clean"),
-            "poison_fraction_clean": summary.get("poison_fraction_clean"),
-            **unknown,
+            "clean_pool": pools["clean_pool"],
+            "polluted_pool": pools["polluted_pool"],
+            "poison_in_clean": pools.get("poison_in_clean"),
+            "poison_fraction_clean": pools.get("poison_fraction_clean"),
+            **measured,
         }
 
     def close(self) -> None:
