@@ -185,6 +185,19 @@ class VirtualConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """How training arithmetic runs (see asd_ray.compute); scoring always computes in fp32."""
+
+    precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32 | bf16 | fp32
+    channels_last: bool = True  # NHWC memory format for models and batches
+    compile: bool = False  # torch.compile the training model (first steps pay the compile time)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"compute.precision {self.precision!r}: choose auto, bf16 or fp32")
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     """How the work is spread over Ray."""
 
@@ -219,6 +232,7 @@ class RunConfig:
     scoring: ScoringConfig = ScoringConfig()
     mixmatch: MixMatchConfig = MixMatchConfig()
     virtual: VirtualConfig = VirtualConfig()
+    compute: ComputeConfig = ComputeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:

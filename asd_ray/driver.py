@@ -37,7 +37,7 @@ from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.scoring import ModelSpec, ScoringPool, load_share, scores_table
+from asd_ray.scoring import ModelSpec, PassResult, ScoringPool, load_share, scores_table
 from asd_ray.split import make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
@@ -129,6 +129,15 @@ def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> t
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
     return config, inputs.absolute()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefetched:
+    """Scores of the next epoch, computed in this epoch's fused evaluation pass."""
+
+    table: pa.Table  # the training set's pass table (sample_id, label, loss, prediction)
+    wall_s: float  # its share of the pass's wall time
+    compute_s: float  # its model arithmetic on the slowest actor
 
 
 @dataclasses.dataclass
@@ -281,6 +290,7 @@ class _Session:
             data.spec,
             config.data,
             config.scoring,
+            config.compute,
             num_actors=c.scorers,
             cpus=c.cpus_per_scorer,
             gpus=c.gpus_per_scorer,
@@ -337,7 +347,8 @@ class _Session:
         rows = _read_metrics(out, done)
         progress(
             f"asd-ray: {config.defense} on {len(data.train)} samples, {data.train.info.num_classes} classes, "
-            f"{config.model.name}, {config.cluster.workers} workers + {config.cluster.scorers} scorers; "
+            f"{config.model.name} ({hello['precision']}), {config.cluster.workers} workers + "
+            f"{config.cluster.scorers} scorers; "
             f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
         )
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
@@ -345,8 +356,9 @@ class _Session:
             _write_metrics(out, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
+        prefetched = None
         for epoch in range(done + 1, last + 1):
-            row, weights = self._epoch(epoch, weights)
+            row, weights, prefetched = self._epoch(epoch, weights, prefetched, score_next=epoch < last)
             rows.append(row)
             _write_metrics(out, rows)
             progress(_progress_line(row, config.epochs))
@@ -359,30 +371,55 @@ class _Session:
                 default=None,
             ),
             "epochs": len(rows),
+            "precision": hello["precision"],
             "train_startup_s": round(startup_s, 1),
             "mean_epoch_s": _time_split(rows),
             "run_dir": str(out),
         }
 
-    def _epoch(self, epoch: int, weights) -> tuple[dict[str, Any], Any]:
+    def _augment_seeds(self, epoch: int) -> dict[str, int] | None:
+        """Scoring under training augmentation (the authors' variant) draws per epoch."""
+        return {"train": self.config.seed * 100_003 + epoch} if self.config.scoring.augment else None
+
+    def _epoch(
+        self, epoch: int, weights, prefetched: _Prefetched | None, *, score_next: bool
+    ) -> tuple[dict[str, Any], Any, _Prefetched | None]:
+        """Score, split, write, train, evaluate one epoch.
+
+        The evaluation of the trained weights is fused with the next epoch's scoring
+        pass (same weights: one broadcast, one round trip); ``prefetched`` carries
+        those scores, their share of the pass's wall time and their arithmetic.
+        """
         config, data = self.config, self.data
         t0 = time.perf_counter()
-        score_s = virtual_s = 0.0
+        score_s = virtual_s = virtual_compute_s = 0.0
+        scoring_compute_s = 0.0  # model arithmetic on the scoring actors (slowest actor)
         path, stage = None, 0
         if config.defense == "asd":
             stage = stage_of(epoch, config.split)
-            ref = ray.put(weights)
-            augment_seed = config.seed * 100_003 + epoch if config.scoring.augment else None
-            scores = scores_table(self.pool.run("train", ref, augment_seed=augment_seed))
-            score_s = time.perf_counter() - t0
+            if prefetched is None:
+                result = self.pool.run_many(
+                    ["train"], ray.put(weights), augment_seeds=self._augment_seeds(epoch)
+                )
+                prefetched = _Prefetched(
+                    result.tables["train"], time.perf_counter() - t0, result.compute_s["train"]
+                )
+            scores = scores_table(prefetched.table)
+            score_s, scoring_compute_s = prefetched.wall_s, prefetched.compute_s
             meta = None
             if stage == 3:
                 seq = ray.get(self.mailbox.post_task.remote("virtual", epoch=epoch))
+                t1 = time.perf_counter()
                 virtual = self._await(seq, f"epoch {epoch} virtual model")
-                virtual_s = virtual["seconds"]  # on the workers; messaging counts as overhead
+                virtual_s = time.perf_counter() - t1
+                virtual_compute_s = virtual["compute_s"]
                 t2 = time.perf_counter()
-                meta = scores_table(self.pool.run("train", virtual["weights"], augment_seed=augment_seed))
+                result = self.pool.run_many(
+                    ["train"], ray.put(virtual["weights"]), augment_seeds=self._augment_seeds(epoch)
+                )
+                meta = scores_table(result.tables["train"])
                 score_s += time.perf_counter() - t2
+                scoring_compute_s += result.compute_s["train"]
             t3 = time.perf_counter()
             split = make_split(
                 epoch,
@@ -399,13 +436,24 @@ class _Session:
             split_s = time.perf_counter() - t3
         else:
             split_s, summary = 0.0, self._baseline_pools()
+        t4 = time.perf_counter()
         seq = ray.get(self.mailbox.post_task.remote("train", epoch=epoch, split=str(path) if path else None))
         result = self._await(seq, f"epoch {epoch} training")
-        train_s = result["seconds"]  # on the workers; messaging counts as overhead
+        train_s, train_compute_s = time.perf_counter() - t4, result["compute_s"]
         weights = result["weights"]
         t5 = time.perf_counter()
-        acc, asr = self._evaluate(weights)
+        next_names = ["train"] if score_next and config.defense == "asd" else []
+        acc, asr, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
         eval_s = time.perf_counter() - t5
+        prefetched = None
+        if next_names:  # the next epoch's share of the fused pass, by arithmetic
+            compute_s = evaluation.compute_s
+            share = compute_s["train"] / max(sum(compute_s.values()), 1e-9)
+            prefetched = _Prefetched(evaluation.tables["train"], eval_s * share, compute_s["train"])
+            eval_s -= prefetched.wall_s
+        eval_compute_s = sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
+        epoch_s = time.perf_counter() - t0 - (prefetched.wall_s if prefetched else 0.0)
+        model_s = train_compute_s + virtual_compute_s + scoring_compute_s + eval_compute_s
         measured = {
             "train_loss": float(result["train_loss"]),
             "score_s": score_s,
@@ -413,17 +461,22 @@ class _Session:
             "split_s": split_s,
             "train_s": train_s,
             "eval_s": eval_s,
-            "epoch_s": time.perf_counter() - t0,
+            "epoch_s": epoch_s,
+            "fixed_s": max(epoch_s - model_s, 0.0),
         }
         row = self._metrics_row(epoch, stage, acc, asr, summary, measured)
-        return row, weights
+        return row, weights, prefetched
 
-    def _evaluate(self, weights) -> tuple[float, float | None]:
-        """ACC on the clean test set and, when given, ASR on the triggered one."""
-        ref = ray.put(weights)
-        acc = accuracy(self.pool.run("test", ref))
-        has_asr = self.data.poison_test is not None
-        return acc, attack_success_rate(self.pool.run("poison_test", ref)) if has_asr else None
+    def _evaluate(
+        self, weights, extra: list[str] = (), augment_seeds: dict[str, int] | None = None
+    ) -> tuple[float, float | None, PassResult]:
+        """ACC on the clean test set and, when given, ASR on the triggered one, in one pass
+        that also scores the datasets in ``extra`` with the same weights."""
+        names = ["test", *(["poison_test"] if self.data.poison_test is not None else []), *extra]
+        result = self.pool.run_many(names, ray.put(weights), augment_seeds=augment_seeds)
+        acc = accuracy(result.tables["test"])
+        asr = attack_success_rate(result.tables["poison_test"]) if "poison_test" in result.tables else None
+        return acc, asr, result
 
     def _baseline_pools(self) -> dict[str, Any]:
         """Pool sizes of the no-defense baseline: everything is trained on as labeled."""
@@ -446,9 +499,10 @@ class _Session:
             summary = split_summary(tables.read_parquet(split_path(self.out, epoch), "splits"))
         else:
             stage, summary = 0, self._baseline_pools()
-        acc, asr = self._evaluate(weights)
+        acc, asr, _ = self._evaluate(weights)
         unknown = dict.fromkeys(
-            ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s"), float("nan")
+            ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s", "fixed_s"),
+            float("nan"),
         )
         return self._metrics_row(epoch, stage, acc, asr, summary, unknown)
 
@@ -501,11 +555,12 @@ def _write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for."""
+    """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for, ``fixed``
+    everything that is not model arithmetic."""
     if not rows:
         return {}
     phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
-    means = {p: float(np.nanmean([r[p] for r in rows])) for p in phases}  # NaN: recovered rows
+    means = {p: float(np.nanmean([r[p] for r in rows])) for p in (*phases, "fixed_s")}  # NaN: recovered
     means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
     return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
 
@@ -517,5 +572,6 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
         f"epoch {row['epoch'] + 1:>3}/{epochs} stage {row['stage']} | acc {100 * row['acc']:5.1f}%{asr} | "
         f"clean {row['clean_pool']}{poison} polluted {row['polluted_pool']} | loss {row['train_loss']:.3f} | "
         f"score {row['score_s']:.1f}s virtual {row['virtual_s']:.1f}s split {row['split_s']:.2f}s "
-        f"train {row['train_s']:.1f}s eval {row['eval_s']:.1f}s total {row['epoch_s']:.1f}s"
+        f"train {row['train_s']:.1f}s eval {row['eval_s']:.1f}s total {row['epoch_s']:.1f}s "
+        f"(fixed {row['fixed_s']:.2f}s)"
     )

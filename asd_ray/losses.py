@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from asd_ray.compute import to_device
+
 _PROB_FLOOR = 1e-7  # SCE clamps predicted probabilities to [1e-7, 1] ...
 _ONEHOT_FLOOR = 1e-4  # ... and the one-hot label to [1e-4, 1], so log(0) never occurs
 
@@ -132,7 +134,7 @@ def mixup(
         )
     lam = float(rng.beta(alpha, alpha))
     lam = max(lam, 1.0 - lam)
-    partner = torch.from_numpy(rng.permutation(inputs.shape[0])).to(inputs.device)  # (B,)
+    partner = to_device(torch.from_numpy(rng.permutation(inputs.shape[0])), inputs.device)  # (B,)
     mixed_inputs = lam * inputs + (1.0 - lam) * inputs[partner]  # (B, ...)
     mixed_targets = lam * targets + (1.0 - lam) * targets[partner]  # (B, C)
     return mixed_inputs, mixed_targets, lam

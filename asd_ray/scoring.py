@@ -12,20 +12,25 @@ augmented scores (unlike the default clean ones) depend on the actor count.
 
 The pool never decides a split: it returns ``(sample_id, label, loss,
 prediction)`` tables, and :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` use them.
-The same actors run stage 3's second pass with the virtual model's weights.
+The same actors run stage 3's second pass with the virtual model's weights, and
+one pass can cover several datasets with one weight load (the driver fuses the
+end-of-epoch evaluation with the next epoch's scoring). Scores are computed in
+fp32 (channels_last where configured): the split ranks samples by small loss
+differences, so no reduced precision here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
-from asd_ray import tables
-from asd_ray.config import DataConfig, ScoringConfig
+from asd_ray import compute, tables
+from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.augment import augment, normalize
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.errors import DataError
@@ -104,12 +109,14 @@ class ScoringActor:
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
+        compute_config: ComputeConfig,
         threads: int,
     ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.data, self.scoring = data, scoring
-        self.model = spec.build().to(self.device).train(False)  # eval mode
+        self.data, self.scoring, self.compute = data, scoring, compute_config
+        model = compute.prepare_model(spec.build(), compute_config)
+        self.model = model.to(self.device).train(False)  # eval mode
         self.shares = {}
         for name, (folder, slices) in shares.items():
             images, ids, labels = load_share(ShardSet(folder), slices)
@@ -118,17 +125,35 @@ class ScoringActor:
     def size(self, name: str) -> int:
         return len(self.shares[name][1])
 
-    def score(self, name: str, weights: Weights, augment_seed: int | None = None) -> pa.RecordBatch:
-        """SCE loss and prediction of every held sample of ``name`` (eval mode, no grad)."""
+    def score(
+        self, names: list[str], weights: Weights, augment_seeds: dict[str, int] | None = None
+    ) -> tuple[dict[str, pa.RecordBatch], dict[str, float]]:
+        """SCE loss and prediction of every held sample of each dataset in ``names``
+        (eval mode, no grad, fp32), with the weights loaded once.
+
+        Returns:
+            one record batch per name, and the seconds each took (model arithmetic only).
+        """
         load_numpy_weights(self.model, weights)
+        batches, seconds = {}, {}
+        for name in names:
+            start = time.perf_counter()
+            seed = (augment_seeds or {}).get(name)
+            batches[name] = self._score_one(
+                name, None if seed is None else torch.Generator().manual_seed(seed)
+            )
+            seconds[name] = time.perf_counter() - start
+        return batches, seconds
+
+    def _score_one(self, name: str, generator: torch.Generator | None) -> pa.RecordBatch:
         images, ids, labels = self.shares[name]
-        generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
+        fmt = compute.memory_format(self.compute)
         losses, predictions = [], []
         with torch.inference_mode():
             for start in range(0, len(ids), self.scoring.batch_size):
                 batch = images[start : start + self.scoring.batch_size].to(self.device)
                 x = augment(batch, self.data, generator) if generator else normalize(batch, self.data)
-                logits = self.model(x).float()  # (B, C)
+                logits = self.model(x.contiguous(memory_format=fmt)).float()  # (B, C)
                 y = labels[start : start + self.scoring.batch_size].to(self.device)
                 losses.append(
                     sce_loss(logits, y, alpha=self.scoring.sce_alpha, beta=self.scoring.sce_beta).cpu()
@@ -147,6 +172,14 @@ class ScoringActor:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """One scoring pass over one or more datasets with the same weights."""
+
+    tables: dict[str, pa.Table]  # name -> N rows (sample_id, label, loss, prediction), sorted by id
+    compute_s: dict[str, float]  # name -> seconds of model arithmetic on the slowest actor
+
+
 class ScoringPool:
     """A fixed set of :class:`ScoringActor` over named shard sets (e.g. train, test, poison_test).
 
@@ -160,6 +193,7 @@ class ScoringPool:
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
+        compute_config: ComputeConfig,
         *,
         num_actors: int,
         cpus: float = 1.0,
@@ -174,6 +208,7 @@ class ScoringPool:
                 spec,
                 data,
                 scoring,
+                compute_config,
                 threads,
             )
             for i in range(num_actors)
@@ -185,8 +220,31 @@ class ScoringPool:
         self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
     ) -> pa.Table:
         """One pass over dataset ``name``: a table of N rows (sample_id, label, loss, prediction)."""
+        augment_seeds = None if augment_seed is None else {name: augment_seed}
+        return self.run_many([name], weights, augment_seeds=augment_seeds).tables[name]
+
+    def run_many(
+        self,
+        names: list[str],
+        weights: Weights | ray.ObjectRef,
+        *,
+        augment_seeds: dict[str, int] | None = None,
+    ) -> PassResult:
+        """One pass over several datasets with the same weights (e.g. the end-of-epoch
+        evaluation fused with the next epoch's scoring): one weight load per actor.
+
+        Args:
+            names: datasets to score.
+            weights: numpy weights, or their object reference.
+            augment_seeds: name -> seed for datasets scored under training augmentation.
+        """
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        batches = ray.get([a.score.remote(name, ref, augment_seed) for a in self.actors])
+        results = ray.get([a.score.remote(names, ref, augment_seeds) for a in self.actors])
+        tables = {name: self._assemble(name, [batches[name] for batches, _ in results]) for name in names}
+        compute_s = {name: max(seconds[name] for _, seconds in results) for name in names}
+        return PassResult(tables, compute_s)
+
+    def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
         ids = table.column("sample_id").to_numpy()
         expected = self.sizes[name]

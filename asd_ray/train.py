@@ -2,7 +2,9 @@
 
 It never computes a split: each epoch's pools come from the split table the
 driver wrote. The loop is the same for 1 or N workers (DDP: gloo on CPU, NCCL
-on GPU). Each worker decodes its share of the training shards once (every W-th
+on GPU) and runs on the fast path of :mod:`asd_ray.compute` (bf16 autocast and
+channels_last where the hardware supports them; losses summed on the device so
+the step loop never waits for the host). Each worker decodes its share of the training shards once (every W-th
 sample, so shares are class-balanced even on class-sorted shards), then per
 epoch selects the clean (labeled) and polluted (unlabeled) samples of that
 share with the split table's masks.
@@ -37,6 +39,7 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
+from asd_ray import compute
 from asd_ray.config import RunConfig, from_dict
 from asd_ray.data.augment import augment
 from asd_ray.data.shards import ShardSet
@@ -73,6 +76,7 @@ class Cycler:
         return self.indices[torch.randperm(len(self.indices), generator=self.gen)]
 
     def next(self, size: int) -> torch.Tensor:
+        """The next ``size`` indices (int64, on the CPU)."""
         out = []
         while size:
             if self.pos == len(self.order):
@@ -85,10 +89,6 @@ class Cycler:
 
 def _local_batch(batch: int, config: RunConfig, world: int) -> int:
     return batch // world if config.mixmatch.batch_rule == "global" else batch
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def mixmatch_epoch(
@@ -119,29 +119,37 @@ def mixmatch_epoch(
     ramp = mm.rampup_epochs or config.epochs
     device = data.images.device
     model.train()
-    totals = np.zeros(3)
+    totals = torch.zeros(3, device=device)  # summed on the device: no host sync inside the loop
     for step in range(mm.iterations):
-        li, ui = labeled_batches.next(bl).to(device), unlabeled_batches.next(bu).to(device)
-        x = augment(data.images[li], config.data, aug_gen)  # (bl, C, H, W)
-        u1 = augment(data.images[ui], config.data, aug_gen)  # (bu, C, H, W)
-        u2 = augment(data.images[ui], config.data, aug_gen)
-        with torch.no_grad(), _autocast(device):
+        li = compute.to_device(labeled_batches.next(bl), device)
+        ui = compute.to_device(unlabeled_batches.next(bu), device)
+        x = _augment(data.images[li], config, aug_gen)  # (bl, C, H, W)
+        u1 = _augment(data.images[ui], config, aug_gen)  # (bu, C, H, W)
+        u2 = _augment(data.images[ui], config, aug_gen)
+        with torch.no_grad(), compute.autocast(config.compute, device):
             guess = (model(u1).float().softmax(1) + model(u2).float().softmax(1)) / 2  # (bu, K)
             guess = sharpen(guess, mm.temperature)
         targets_x = F.one_hot(data.labels[li], num_classes).float()  # (bl, K)
         inputs = torch.cat([x, u1, u2])  # (bl + 2 bu, C, H, W)
         targets = torch.cat([targets_x, guess, guess])
         mixed_inputs, mixed_targets, _ = mixup(inputs, targets, rng=mix_rng, alpha=mm.mixup_alpha)
-        with _autocast(device):
+        with compute.autocast(config.compute, device):
             logits = model(mixed_inputs).float()  # one pass: BN statistics mix labeled and unlabeled
         weight = rampup_weight(epoch + step / mm.iterations, max_weight=mm.lambda_u, length=ramp)
         loss, lx, lu = mixmatch_loss(logits[:bl], mixed_targets[:bl], logits[bl:], mixed_targets[bl:], weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals += (loss.item(), lx.item(), lu.item())
-    loss, lx, lu = totals / mm.iterations
+        totals += torch.stack([loss.detach(), lx.detach(), lu.detach()])
+    loss, lx, lu = (totals / mm.iterations).tolist()
     return {"train_loss": loss, "loss_x": lx, "loss_u": lu}
+
+
+def _augment(images: torch.Tensor, config: RunConfig, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of a uint8 batch, in the memory format the model expects."""
+    return augment(images, config.data, generator).contiguous(
+        memory_format=compute.memory_format(config.compute)
+    )
 
 
 def cross_entropy_steps(
@@ -163,17 +171,17 @@ def cross_entropy_steps(
     aug_gen = generator(*seeds, 2)
     device = data.images.device
     model.train()
-    total = 0.0
+    total = torch.zeros((), device=device)  # summed on the device: no host sync inside the loop
     for _ in range(steps):
-        idx = batches.next(batch).to(device)
-        with _autocast(device):
-            logits = model(augment(data.images[idx], config.data, aug_gen)).float()
+        idx = compute.to_device(batches.next(batch), device)
+        with compute.autocast(config.compute, device):
+            logits = model(_augment(data.images[idx], config, aug_gen)).float()
         loss = F.cross_entropy(logits, data.labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
-    return total / max(steps, 1)
+        total += loss.detach()
+    return total.item() / max(steps, 1)
 
 
 def supervised_epoch(
@@ -271,9 +279,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 2. Model (same initial weights on every rank) and optimizer.
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = ModelSpec(**loop_config["model"]).build()
+        model = compute.prepare_model(ModelSpec(**loop_config["model"]).build(), config.compute)
     model = ray.train.torch.prepare_model(model)
     base = model.module if hasattr(model, "module") else model
+    model = compute.maybe_compile(model, config.compute)
     optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
 
     # 3. Resume from the last checkpoint, if any.
@@ -289,9 +298,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
     if rank == 0:
-        ray.get(mailbox.post_result.remote(0, {"epoch": done_epoch, "weights": to_numpy_weights(base)}))
+        hello = {
+            "epoch": done_epoch,
+            "weights": to_numpy_weights(base),
+            "precision": compute.resolve_precision(config.compute, device),
+        }
+        ray.get(mailbox.post_result.remote(0, hello))
 
-    # 4. Serve the driver's tasks.
+    # 4. Serve the driver's tasks. ``compute_s`` is the model arithmetic (and batch
+    # assembly) alone; checkpointing and messaging are the driver's fixed cost.
     seen = 0
     while True:
         task = ray.get(mailbox.wait_task.remote(seen))
@@ -306,7 +321,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model, data, config, epoch=task["epoch"], rank=rank, world=world, total_samples=len(shards)
             )
             if rank == 0:
-                result = {"weights": to_numpy_weights(virtual), "seconds": time.perf_counter() - start}
+                compute_s = time.perf_counter() - start
+                result = {"weights": to_numpy_weights(virtual), "compute_s": compute_s}
                 ray.get(mailbox.post_result.remote(seen, result))
             del virtual  # and its DDP reducer
             continue
@@ -322,11 +338,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = mixmatch_epoch(
                 model, optimizer, data, clean, config, epoch=epoch, rank=rank, world=world
             )
+        compute_s = time.perf_counter() - start
         if epoch > done_epoch:
             _report(base, optimizer, epoch, task["split"], config.seed, metrics, rank)
             done_epoch = epoch
         if rank == 0:
-            result = {**metrics, "weights": to_numpy_weights(base), "seconds": time.perf_counter() - start}
+            result = {**metrics, "weights": to_numpy_weights(base), "compute_s": compute_s}
             ray.get(mailbox.post_result.remote(seen, result))
 
 
