@@ -392,7 +392,7 @@ class _Session:
         """
         config, data = self.config, self.data
         t0 = time.perf_counter()
-        score_s = virtual_s = virtual_compute_s = 0.0
+        score_s = virtual_s = virtual_compute_s = carried_in_s = 0.0
         scoring_compute_s = 0.0  # model arithmetic on the scoring actors (slowest actor)
         path, stage = None, 0
         if config.defense == "asd":
@@ -401,11 +401,12 @@ class _Session:
                 result = self.pool.run_many(
                     ["train"], ray.put(weights), augment_seeds=self._augment_seeds(epoch)
                 )
-                prefetched = _Prefetched(
-                    result.tables["train"], time.perf_counter() - t0, result.compute_s["train"]
-                )
+                prefetched = _Prefetched(result.tables["train"], 0.0, result.compute_s["train"])
+                score_s = time.perf_counter() - t0
             scores = scores_table(prefetched.table)
-            score_s, scoring_compute_s = prefetched.wall_s, prefetched.compute_s
+            carried_in_s = prefetched.wall_s  # spent in the previous epoch's evaluation pass
+            score_s += carried_in_s
+            scoring_compute_s = prefetched.compute_s
             meta = None
             if stage == 3:
                 seq = ray.get(self.mailbox.post_task.remote("virtual", epoch=epoch))
@@ -452,7 +453,7 @@ class _Session:
             prefetched = _Prefetched(evaluation.tables["train"], eval_s * share, compute_s["train"])
             eval_s -= prefetched.wall_s
         eval_compute_s = sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
-        epoch_s = time.perf_counter() - t0 - (prefetched.wall_s if prefetched else 0.0)
+        epoch_s = time.perf_counter() - t0 + carried_in_s - (prefetched.wall_s if prefetched else 0.0)
         model_s = train_compute_s + virtual_compute_s + scoring_compute_s + eval_compute_s
         measured = {
             "train_loss": float(result["train_loss"]),

@@ -147,29 +147,55 @@ class ScoringActor:
 
     def _score_one(self, name: str, generator: torch.Generator | None) -> pa.RecordBatch:
         images, ids, labels = self.shares[name]
-        fmt = compute.memory_format(self.compute)
-        losses, predictions = [], []
-        with torch.inference_mode():
-            for start in range(0, len(ids), self.scoring.batch_size):
-                batch = images[start : start + self.scoring.batch_size].to(self.device)
-                x = augment(batch, self.data, generator) if generator else normalize(batch, self.data)
-                logits = self.model(x.contiguous(memory_format=fmt)).float()  # (B, C)
-                y = labels[start : start + self.scoring.batch_size].to(self.device)
-                losses.append(
-                    sce_loss(logits, y, alpha=self.scoring.sce_alpha, beta=self.scoring.sce_beta).cpu()
-                )
-                predictions.append(logits.argmax(1).cpu())
-        loss = torch.cat(losses).numpy() if losses else np.empty(0, np.float32)
-        prediction = torch.cat(predictions).numpy() if predictions else np.empty(0, np.int64)
+        loss, prediction = score_images(
+            self.model, images, labels, self.data, self.scoring, self.compute, generator=generator
+        )
         return pa.RecordBatch.from_arrays(
             [
                 pa.array(ids),
                 pa.array(labels.numpy().astype(np.int32)),
-                pa.array(loss.astype(np.float32)),
-                pa.array(prediction.astype(np.int32)),
+                pa.array(loss.numpy().astype(np.float32)),
+                pa.array(prediction.numpy().astype(np.int32)),
             ],
             schema=PASS_SCHEMA,
         )
+
+
+def score_images(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data: DataConfig,
+    scoring: ScoringConfig,
+    compute_config: ComputeConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCE loss and argmax prediction of every image, in fp32 batches on the model's device.
+
+    Args:
+        model: the classifier, in eval mode.
+        images: (N, H, W, C) uint8, on any device (batches are moved to the model's).
+        labels: (N,) int64.
+        generator: score under training augmentation with this stream (None: clean inputs).
+
+    Returns:
+        losses (N,) float32 and predictions (N,) int64, on the CPU.
+    """
+    device = next(model.parameters()).device
+    fmt = compute.memory_format(compute_config)
+    losses, predictions = [], []
+    with torch.inference_mode():
+        for start in range(0, len(labels), scoring.batch_size):
+            batch = images[start : start + scoring.batch_size].to(device, non_blocking=True)
+            x = augment(batch, data, generator) if generator else normalize(batch, data)
+            logits = model(x.contiguous(memory_format=fmt)).float()  # (B, C)
+            y = labels[start : start + scoring.batch_size].to(device, non_blocking=True)
+            losses.append(sce_loss(logits, y, alpha=scoring.sce_alpha, beta=scoring.sce_beta))
+            predictions.append(logits.argmax(1))
+    if not losses:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(losses).cpu(), torch.cat(predictions).cpu()  # one device->host copy per pass
 
 
 @dataclasses.dataclass(frozen=True)

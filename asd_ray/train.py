@@ -28,6 +28,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,39 @@ def _local_batch(batch: int, config: RunConfig, world: int) -> int:
     return batch // world if config.mixmatch.batch_rule == "global" else batch
 
 
+def mixmatch_batches(
+    data: WorkerData, clean: np.ndarray, config: RunConfig, *, epoch: int, rank: int, world: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless MixMatch inputs from this worker's share: labeled views, their labels,
+    and two views of the unlabeled batch, augmented on the data's device.
+
+    Args:
+        clean: (n,) bool pool mask over the share (True: labeled).
+
+    Yields:
+        x (bl, C, H, W) float, y (bl,) int64, u1 and u2 (bu, C, H, W) float.
+    """
+    labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
+    if len(labeled) == 0 or len(unlabeled) == 0:
+        raise DataError(
+            f"epoch {epoch}: worker {rank} holds {len(labeled)} clean and {len(unlabeled)} polluted "
+            "samples; each worker needs both: use fewer workers or more seeds"
+        )
+    mm = config.mixmatch
+    bl, bu = _local_batch(mm.batch_labeled, config, world), _local_batch(mm.batch_unlabeled, config, world)
+    labeled_batches = Cycler(labeled, generator(config.seed, epoch, rank, 1))
+    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, rank, 2))
+    aug_gen = generator(config.seed, epoch, rank, 3)
+    device = data.images.device
+    while True:
+        li = compute.to_device(labeled_batches.next(bl), device)
+        ui = compute.to_device(unlabeled_batches.next(bu), device)
+        x = _augment(data.images[li], config, aug_gen)  # (bl, C, H, W)
+        u1 = _augment(data.images[ui], config, aug_gen)  # (bu, C, H, W)
+        u2 = _augment(data.images[ui], config, aug_gen)
+        yield x, data.labels[li], u1, u2
+
+
 def mixmatch_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -103,33 +137,21 @@ def mixmatch_epoch(
     world: int,
 ) -> dict[str, float]:
     """One MixMatch epoch on this worker's share; ``clean`` is its (n,) bool pool mask."""
-    labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
-    if len(labeled) == 0 or len(unlabeled) == 0:
-        raise DataError(
-            f"epoch {epoch}: worker {rank} holds {len(labeled)} clean and {len(unlabeled)} polluted "
-            "samples; each worker needs both: use fewer workers or more seeds"
-        )
-    mm = config.mixmatch
-    bl, bu = _local_batch(mm.batch_labeled, config, world), _local_batch(mm.batch_unlabeled, config, world)
-    labeled_batches = Cycler(labeled, generator(config.seed, epoch, rank, 1))
-    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, rank, 2))
-    aug_gen = generator(config.seed, epoch, rank, 3)
+    batches = mixmatch_batches(data, clean, config, epoch=epoch, rank=rank, world=world)
     mix_rng = np.random.default_rng([config.seed, epoch, rank, 4])
     num_classes = model.module.head.out_features if hasattr(model, "module") else model.head.out_features
+    mm = config.mixmatch
     ramp = mm.rampup_epochs or config.epochs
     device = data.images.device
     model.train()
     totals = torch.zeros(3, device=device)  # summed on the device: no host sync inside the loop
     for step in range(mm.iterations):
-        li = compute.to_device(labeled_batches.next(bl), device)
-        ui = compute.to_device(unlabeled_batches.next(bu), device)
-        x = _augment(data.images[li], config, aug_gen)  # (bl, C, H, W)
-        u1 = _augment(data.images[ui], config, aug_gen)  # (bu, C, H, W)
-        u2 = _augment(data.images[ui], config, aug_gen)
+        x, y, u1, u2 = next(batches)
+        bl = len(y)
         with torch.no_grad(), compute.autocast(config.compute, device):
             guess = (model(u1).float().softmax(1) + model(u2).float().softmax(1)) / 2  # (bu, K)
             guess = sharpen(guess, mm.temperature)
-        targets_x = F.one_hot(data.labels[li], num_classes).float()  # (bl, K)
+        targets_x = F.one_hot(y, num_classes).float()  # (bl, K)
         inputs = torch.cat([x, u1, u2])  # (bl + 2 bu, C, H, W)
         targets = torch.cat([targets_x, guess, guess])
         mixed_inputs, mixed_targets, _ = mixup(inputs, targets, rng=mix_rng, alpha=mm.mixup_alpha)

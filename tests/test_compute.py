@@ -1,0 +1,48 @@
+"""The fast path: precision resolution, autocast, memory format."""
+
+import pytest
+import torch
+
+from asd_ray import compute
+from asd_ray.config import ComputeConfig, load_config
+from asd_ray.models import build_model
+
+CPU = torch.device("cpu")
+
+
+def test_explicit_precision_is_kept() -> None:
+    assert compute.resolve_precision(ComputeConfig(precision="fp32"), CPU) == "fp32"
+    assert compute.resolve_precision(ComputeConfig(precision="bf16"), CPU) == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_native_cpu_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: native)
+    assert compute.resolve_precision(ComputeConfig(), CPU) == ("bf16" if native else "fp32")
+
+
+def test_autocast_computes_in_the_resolved_precision() -> None:
+    a = torch.randn(4, 8)
+    with compute.autocast(ComputeConfig(precision="bf16"), CPU):
+        assert (a @ a.T).dtype == torch.bfloat16
+    with compute.autocast(ComputeConfig(precision="fp32"), CPU):
+        assert (a @ a.T).dtype == torch.float32
+
+
+def test_prepare_model_sets_the_memory_format() -> None:
+    model = build_model("small_cnn", 10, in_channels=1, image_size=28)
+    conv = model.backbone.block2[0].weight  # (32, 16, 3, 3): the two layouts differ
+    compute.prepare_model(model, ComputeConfig(channels_last=True))
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    compute.prepare_model(model, ComputeConfig(channels_last=False))
+    assert model.backbone.block2[0].weight.is_contiguous()
+
+
+def test_to_device_leaves_cpu_tensors_alone() -> None:
+    t = torch.arange(3)
+    assert compute.to_device(t, CPU) is t
+
+
+def test_bad_precision_names_the_key() -> None:
+    with pytest.raises(ValueError, match="compute.precision 'half'"):
+        load_config(None, None, ["compute.precision=half"])

@@ -1,0 +1,79 @@
+"""The per-worker MixMatch and cross-entropy loops, without Ray."""
+
+import numpy as np
+import pytest
+import torch
+
+from asd_ray import compute
+from asd_ray.config import load_config
+from asd_ray.scoring import ModelSpec
+from asd_ray.train import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
+
+
+def _share(n: int = 64) -> WorkerData:
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (n, 16, 16, 1), dtype=np.uint8))
+    return WorkerData(images, torch.arange(n) % 4, np.arange(n))
+
+
+def _config(*overrides: str):
+    return load_config(
+        "mnist-quick",
+        overrides=[
+            "mixmatch.iterations=2",
+            "mixmatch.batch_labeled=8",
+            "mixmatch.batch_unlabeled=8",
+            "virtual.batch_size=8",
+            "virtual.min_steps=2",
+            "cluster.workers=1",
+            "data.crop_padding=2",
+            *overrides,
+        ],
+    )
+
+
+def _model(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return compute.prepare_model(ModelSpec("small_cnn", 4, 1, 16).build(), config.compute)
+
+
+FAST = ("compute.precision=bf16", "compute.channels_last=true")
+PLAIN = ("compute.precision=fp32", "compute.channels_last=false")
+
+
+def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
+    clean = np.arange(64) % 2 == 0
+    losses = {}
+    for name, mode in (("fast", FAST), ("plain", PLAIN)):
+        config = _config(*mode, "mixmatch.iterations=1")
+        model = _model(config)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
+        losses[name] = mixmatch_epoch(model, optimizer, _share(), clean, config, epoch=3, rank=0, world=1)
+    for key in ("train_loss", "loss_x", "loss_u"):
+        assert np.isfinite(losses["fast"][key])
+        assert losses["fast"][key] == pytest.approx(losses["plain"][key], rel=0.05, abs=1e-3)
+
+
+def test_mixmatch_batches_are_seeded_and_in_the_model_memory_format() -> None:
+    clean = np.arange(64) % 4 == 0
+    config = _config(*FAST)
+    first = next(mixmatch_batches(_share(), clean, config, epoch=1, rank=0, world=1))
+    again = next(mixmatch_batches(_share(), clean, config, epoch=1, rank=0, world=1))
+    other = next(mixmatch_batches(_share(), clean, config, epoch=2, rank=0, world=1))
+    x, y, u1, u2 = first
+    assert x.shape == (8, 1, 16, 16) and u1.shape == u2.shape == (8, 1, 16, 16) and y.shape == (8,)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert set(y.tolist()) <= {0}  # only clean ids are labeled: every 4th sample, class 0
+
+
+def test_virtual_epoch_updates_only_meta_parameters_on_the_fast_path() -> None:
+    config = _config(*FAST)
+    model = _model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    virtual = virtual_epoch(model, _share(), config, epoch=0, rank=0, world=1, total_samples=64)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    after = dict(virtual.named_parameters())  # batch-norm statistics move everywhere (train mode)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("backbone.block4", "head")) for k in changed)
