@@ -1,0 +1,26 @@
+"""The benchmark jobs run (reduced) in the suite, so they cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_smoke_runs_on_cpu_and_reports_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "bench_gpu.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["job"] == "bench_gpu" and result["smoke"] is True
+    for size in ("32px", "224px"):
+        figures = result[size]
+        assert figures["train_img_s"] > 0 and figures["score_img_s"] > 0 and figures["virtual_step_s"] > 0
+        assert 0 < figures["data_wait_share"] < 1
+        assert figures["projection_s"] > 0
+    assert "| 32px |" in done.stderr and "| 224px |" in done.stderr
