@@ -39,8 +39,8 @@ def resolve_precision(config: ComputeConfig, device: torch.device) -> str:
     """``bf16`` or ``fp32``: what ``config.precision`` means on ``device``."""
     if config.precision != "auto":
         return config.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # compute capability 8+ (Ampere on); older GPUs only emulate bf16
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -70,6 +70,16 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def disable_tf32() -> None:
+    """Keep fp32 convolutions and matmuls in full fp32 on GPUs (no TF32), for this process.
+
+    A function here rather than inline in a Ray actor: Ray pickles actor classes,
+    and an inline reference to ``torch.backends.cudnn`` cannot be pickled.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def maybe_compile(model: torch.nn.Module, config: ComputeConfig) -> torch.nn.Module:

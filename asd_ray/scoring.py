@@ -114,13 +114,17 @@ class ScoringActor:
     ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compute.disable_tf32()  # scores are fp32, also on Ampere and later GPUs
         self.data, self.scoring, self.compute = data, scoring, compute_config
         model = compute.prepare_model(spec.build(), compute_config)
         self.model = model.to(self.device).train(False)  # eval mode
         self.shares = {}
         for name, (folder, slices) in shares.items():
             images, ids, labels = load_share(ShardSet(folder), slices)
-            self.shares[name] = (torch.from_numpy(images), ids, torch.from_numpy(labels))
+            pixels = torch.from_numpy(images)
+            if self.device.type == "cuda":  # pinned: batch copies overlap the arithmetic
+                pixels = pixels.pin_memory()
+            self.shares[name] = (pixels, ids, torch.from_numpy(labels))
 
     def size(self, name: str) -> int:
         return len(self.shares[name][1])

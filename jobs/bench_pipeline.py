@@ -331,7 +331,10 @@ def main() -> None:
 
         import ray
 
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        from asd_ray.driver import RAY_TRAIN_ENV
+
+        for key, value in RAY_TRAIN_ENV.items():  # before ray.init: its processes inherit them
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
         try:
             if "scoring" in only:

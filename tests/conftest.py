@@ -72,7 +72,10 @@ def ray_cluster():
 
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    from asd_ray.driver import RAY_TRAIN_ENV
+
+    for key, value in RAY_TRAIN_ENV.items():  # the raylet, and so Ray Train's controller, inherit them
+        os.environ.setdefault(key, value)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray.init(
         num_cpus=4,

@@ -10,9 +10,9 @@ from asd_ray.scoring import ModelSpec
 from asd_ray.train import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
 
 
-def _share(n: int = 64) -> WorkerData:
+def _share(n: int = 64, channels: int = 1) -> WorkerData:
     rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, (n, 16, 16, 1), dtype=np.uint8))
+    images = torch.from_numpy(rng.integers(0, 256, (n, 16, 16, channels), dtype=np.uint8))
     return WorkerData(images, torch.arange(n) % 4, np.arange(n))
 
 
@@ -62,7 +62,9 @@ def test_mixmatch_batches_are_seeded_and_in_the_model_memory_format() -> None:
     other = next(mixmatch_batches(_share(), clean, config, epoch=2, rank=0, world=1))
     x, y, u1, u2 = first
     assert x.shape == (8, 1, 16, 16) and u1.shape == u2.shape == (8, 1, 16, 16) and y.shape == (8,)
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    rgb = _config(*FAST, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
+    x_rgb = next(mixmatch_batches(_share(channels=3), clean, rgb, epoch=1, rank=0, world=1))[0]
+    assert x_rgb.is_contiguous(memory_format=torch.channels_last) and not x_rgb.is_contiguous()
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
     assert set(y.tolist()) <= {0}  # only clean ids are labeled: every 4th sample, class 0

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from asd_ray.compute import to_device
 from asd_ray.config import DataConfig
 
 
@@ -24,8 +25,8 @@ def normalize(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
             f"images have {x.shape[1]} channels but data.mean has {len(config.mean)} entries; "
             "set data.mean/data.std for this dataset"
         )
-    mean = torch.tensor(config.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(config.std, device=x.device).view(1, -1, 1, 1)
+    mean = to_device(torch.tensor(config.mean).view(1, -1, 1, 1), x.device)
+    std = to_device(torch.tensor(config.std).view(1, -1, 1, 1), x.device)
     return (x - mean) / std
 
 
@@ -57,7 +58,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     if flip:
         flipped = torch.rand(b, generator=generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows, cols = to_device(rows, x.device), to_device(cols, x.device)
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -89,5 +90,5 @@ def random_resized_crop(
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = height, cy
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(to_device(theta, x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
