@@ -158,18 +158,27 @@ class MixMatchConfig:
     iterations: int = 1024  # optimizer steps per epoch
     batch_labeled: int = 64  # labeled samples per step (global, see batch_rule)
     batch_unlabeled: int = 64  # unlabeled samples per step (global, see batch_rule)
-    batch_rule: str = (
-        "global"  # global: batches split across workers; per_worker: each worker takes the full batch
-    )
+    # global: the paper's step whatever the worker count (one global batch of 64 + 64, served
+    # by the workers that hold its samples); scaled: global batch W x (64 + 64), iterations / W
+    batch_rule: str = "global"
     temperature: float = 0.5  # sharpening of guessed labels
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
     lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
     rampup_epochs: float | None = None  # ramp length; None = the whole run
     lr: float = 0.002  # Adam learning rate (no schedule, no weight decay)
+    scaled_lr: str = (
+        "sqrt"  # batch_rule scaled: lr x sqrt(W) (Adam's square-root rule) | linear (lr x W) | none
+    )
+    warmup_epochs: float = 1.0  # batch_rule scaled: linear warm-up to the scaled lr over these epochs
 
     def __post_init__(self) -> None:
-        if self.batch_rule not in ("global", "per_worker"):
-            raise ValueError(f"mixmatch.batch_rule {self.batch_rule!r}: choose global or per_worker")
+        if self.batch_rule not in ("global", "scaled"):
+            raise ValueError(
+                f"mixmatch.batch_rule {self.batch_rule!r}: choose global (the paper's step on any "
+                "worker count) or scaled (W times the batch, W times fewer iterations)"
+            )
+        if self.scaled_lr not in ("sqrt", "linear", "none"):
+            raise ValueError(f"mixmatch.scaled_lr {self.scaled_lr!r}: choose sqrt, linear or none")
         if min(self.iterations, self.batch_labeled, self.batch_unlabeled) < 1:
             raise ValueError("mixmatch.iterations and batch sizes must be >= 1")
 
@@ -209,6 +218,8 @@ class ClusterConfig:
     gpus_per_scorer: float = 0.0  # fractional GPUs allowed
     threads_per_process: int = 1  # torch threads in every worker and actor
     max_failures: int = 0  # worker-group restarts inside one run (Ray Train FailureConfig)
+    # batch norm over the global batch (all workers); None: on when workers > 1 under batch_rule global
+    sync_batch_norm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.scorers < 1:
@@ -245,14 +256,6 @@ class RunConfig:
                 f"split.stage3_epoch {self.split.stage3_epoch} is after the last epoch "
                 f"({self.epochs}); lower it or raise epochs"
             )
-        for name in ("batch_labeled", "batch_unlabeled"):
-            batch = getattr(self.mixmatch, name)
-            if self.mixmatch.batch_rule == "global" and batch % self.cluster.workers:
-                raise ValueError(
-                    f"mixmatch.{name} {batch} is not divisible by {self.cluster.workers} workers "
-                    "under batch_rule global; change the worker count or set "
-                    "mixmatch.batch_rule=per_worker"
-                )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

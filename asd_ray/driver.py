@@ -217,22 +217,6 @@ def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
     return ids
 
 
-def _check_worker_pools(split: pa.Table, workers: int, epoch: int) -> None:
-    """Every worker (it holds the samples with sample_id % workers == rank) needs clean
-    and polluted samples; checked here so that no rank fails alone inside DDP."""
-    ids = split.column("sample_id").to_numpy()
-    clean = np.asarray(split.column("pool").to_pylist()) == "clean"
-    rank = ids % workers
-    for r in range(workers):
-        n_clean, n_total = int(np.sum(clean & (rank == r))), int(np.sum(rank == r))
-        if n_clean == 0 or n_clean == n_total:
-            raise DataError(
-                f"epoch {epoch}: worker {r} of {workers} would hold {n_clean} clean and "
-                f"{n_total - n_clean} polluted samples; MixMatch needs both on every worker: use fewer "
-                "workers or more seeds"
-            )
-
-
 def _check_seed_images(train: ShardSet, parent: ShardSet, ids: np.ndarray, seeds_path: str) -> None:
     """Seeds drawn from the clean parent must be unchanged in the training set: a clean-label
     or WaNet-noise sample keeps its label but not its pixels."""
@@ -448,7 +432,6 @@ class _Session:
                 meta_scores=meta,
                 ground_truth=data.ground_truth,
             )
-            _check_worker_pools(split, config.cluster.workers, epoch)
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
             summary = split_summary(split)
             split_s = time.perf_counter() - t3

@@ -63,7 +63,14 @@ def sharpen(probs: Tensor, temperature: float = 0.5) -> Tensor:
 
 
 def mixmatch_loss(
-    logits_x: Tensor, targets_x: Tensor, logits_u: Tensor, targets_u: Tensor, lambda_u: float
+    logits_x: Tensor,
+    targets_x: Tensor,
+    logits_u: Tensor,
+    targets_u: Tensor,
+    lambda_u: float,
+    *,
+    labeled_total: int | None = None,
+    unlabeled_total: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """MixMatch's loss on a mixed batch: soft cross-entropy on the labeled part, squared error on the rest.
 
@@ -75,6 +82,9 @@ def mixmatch_loss(
         logits_x: (Bx, C) logits of the mixed labeled inputs; targets_x (Bx, C) their mixed soft targets.
         logits_u: (Bu, C) logits of the mixed unlabeled inputs; targets_u (Bu, C) their mixed guessed targets.
         lambda_u: weight of the unlabeled term (see :func:`rampup_weight`).
+        labeled_total, unlabeled_total: row counts of the whole batch when these rows
+            are one worker's part of it (default Bx and Bu): the terms are then this
+            part's share of the batch's means, and the shares add up to them.
 
     Returns:
         (total, Lx, Lu), scalars: Lx is the mean over labeled rows of -sum_k t_k log softmax_k;
@@ -85,8 +95,10 @@ def mixmatch_loss(
             f"logits and targets must have equal shapes (B, C): labeled {tuple(logits_x.shape)} vs "
             f"{tuple(targets_x.shape)}, unlabeled {tuple(logits_u.shape)} vs {tuple(targets_u.shape)}"
         )
-    loss_x = -(targets_x * F.log_softmax(logits_x, dim=1)).sum(dim=1).mean()  # (Bx, C) -> ()
-    loss_u = ((F.softmax(logits_u, dim=1) - targets_u) ** 2).mean()  # (Bu, C) -> ()
+    labeled_total = labeled_total or logits_x.shape[0]
+    unlabeled_total = unlabeled_total or logits_u.shape[0]
+    loss_x = -(targets_x * F.log_softmax(logits_x, dim=1)).sum() / labeled_total  # (Bx, C) -> ()
+    loss_u = ((F.softmax(logits_u, dim=1) - targets_u) ** 2).sum() / (unlabeled_total * logits_u.shape[1])
     return loss_x + lambda_u * loss_u, loss_x, loss_u
 
 
@@ -106,16 +118,30 @@ def rampup_weight(progress: float, *, max_weight: float = 15.0, length: float) -
     return max_weight * min(max(progress / length, 0.0), 1.0)
 
 
+def mixup_draw(rng: np.random.Generator, batch: int, alpha: float = 0.75) -> tuple[float, np.ndarray]:
+    """MixMatch's MixUp draw for a batch: lam ~ Beta(alpha, alpha), lam = max(lam, 1 - lam),
+    and a random partner for every row (a permutation of the whole batch).
+
+    Both come from ``rng`` only, so a seed fixes them on any device and on every
+    worker (torch has no generator-aware Beta sampler, and a CUDA generator would
+    permute differently from a CPU one).
+
+    Returns:
+        lam in [0.5, 1] and the (batch,) int64 partner permutation.
+    """
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha {alpha} must be > 0 (MixMatch uses 0.75)")
+    lam = float(rng.beta(alpha, alpha))
+    return max(lam, 1.0 - lam), rng.permutation(batch)
+
+
 def mixup(
     inputs: Tensor, targets: Tensor, *, rng: np.random.Generator, alpha: float = 0.75
 ) -> tuple[Tensor, Tensor, float]:
     """MixUp each row with a random partner from the whole batch, MixMatch style.
 
-    lam ~ Beta(alpha, alpha), then lam = max(lam, 1 - lam) so every mixed row
-    stays closer to its own input: rows keep their labeled/unlabeled role.
-    Both lam and the permutation come from ``rng``, so a seed fixes the result
-    on any device (torch has no generator-aware Beta sampler, and a CUDA
-    generator would permute differently from a CPU one).
+    lam = max(lam, 1 - lam) keeps every mixed row closer to its own input, so rows
+    keep their labeled/unlabeled role. See :func:`mixup_draw`.
 
     Args:
         inputs: (B, ...) float, e.g. labeled rows then both unlabeled views.
@@ -126,15 +152,12 @@ def mixup(
     Returns:
         (mixed inputs (B, ...), mixed targets (B, C), lam in [0.5, 1]).
     """
-    if alpha <= 0:
-        raise ValueError(f"mixup alpha {alpha} must be > 0 (MixMatch uses 0.75)")
     if targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
         raise ValueError(
             f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be (B, ...) and (B, C)"
         )
-    lam = float(rng.beta(alpha, alpha))
-    lam = max(lam, 1.0 - lam)
-    partner = to_device(torch.from_numpy(rng.permutation(inputs.shape[0])), inputs.device)  # (B,)
+    lam, partner = mixup_draw(rng, inputs.shape[0], alpha)
+    partner = to_device(torch.from_numpy(partner), inputs.device)  # (B,)
     mixed_inputs = lam * inputs + (1.0 - lam) * inputs[partner]  # (B, ...)
     mixed_targets = lam * targets + (1.0 - lam) * targets[partner]  # (B, C)
     return mixed_inputs, mixed_targets, lam

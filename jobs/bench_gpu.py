@@ -93,15 +93,15 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     mm = config.mixmatch
 
     def train() -> None:
-        mixmatch_epoch(model, optimizer, data, clean, config, epoch=0, rank=0, world=1)
+        mixmatch_epoch(model, optimizer, data, clean, config, epoch=0)
 
     def batches_only() -> None:
-        stream = mixmatch_batches(data, clean, config, epoch=0, rank=0, world=1)
+        stream = mixmatch_batches(data, clean, config, epoch=0)
         for _ in range(mm.iterations):
             next(stream)
 
     def virtual() -> None:
-        virtual_epoch(base, data, config, epoch=0, rank=0, world=1, total_samples=n)
+        virtual_epoch(base, data, config, epoch=0)
 
     def score() -> None:  # fp32 without TF32, as the scoring actors run
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

@@ -87,14 +87,14 @@ def time_mixmatch(config: RunConfig, data: WorkerData, model: torch.nn.Module) -
     optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
     clean = np.arange(len(data.sample_ids)) % 2 == 0
     start = time.perf_counter()
-    mixmatch_epoch(model, optimizer, data, clean, config, epoch=0, rank=0, world=1)
+    mixmatch_epoch(model, optimizer, data, clean, config, epoch=0)
     return (time.perf_counter() - start) / config.mixmatch.iterations
 
 
 def time_virtual(config: RunConfig, data: WorkerData, model: torch.nn.Module) -> float:
     """Seconds per virtual-model step of ``virtual_epoch`` (copy of the model included)."""
     start = time.perf_counter()
-    virtual_epoch(model, data, config, epoch=0, rank=0, world=1, total_samples=len(data.sample_ids))
+    virtual_epoch(model, data, config, epoch=0)
     return (time.perf_counter() - start) / config.virtual.min_steps
 
 

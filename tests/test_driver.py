@@ -148,14 +148,3 @@ def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, pois
         finally:
             pool.shutdown()
     assert np.allclose(passes[0].column("loss").to_numpy(), passes[1].column("loss").to_numpy(), atol=1e-5)
-
-
-def test_every_worker_needs_both_pools():
-    import pyarrow as pa
-
-    from asd_ray.driver import _check_worker_pools
-
-    split = pa.table({"sample_id": [0, 1, 2, 3], "pool": ["clean", "clean", "polluted", "clean"]})
-    _check_worker_pools(split, 1, epoch=0)
-    with pytest.raises(DataError, match="worker 1 of 2 would hold 2 clean and 0 polluted"):
-        _check_worker_pools(split, 2, epoch=0)

@@ -48,7 +48,7 @@ def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
         config = _config(*mode, "mixmatch.iterations=1")
         model = _model(config)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
-        losses[name] = mixmatch_epoch(model, optimizer, _share(), clean, config, epoch=3, rank=0, world=1)
+        losses[name] = mixmatch_epoch(model, optimizer, _share(), clean, config, epoch=3)
     for key in ("train_loss", "loss_x", "loss_u"):
         assert np.isfinite(losses["fast"][key])
         assert losses["fast"][key] == pytest.approx(losses["plain"][key], rel=0.05, abs=1e-3)
@@ -57,16 +57,16 @@ def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
 def test_mixmatch_batches_are_seeded_and_in_the_model_memory_format() -> None:
     clean = np.arange(64) % 4 == 0
     config = _config(*FAST)
-    first = next(mixmatch_batches(_share(), clean, config, epoch=1, rank=0, world=1))
-    again = next(mixmatch_batches(_share(), clean, config, epoch=1, rank=0, world=1))
-    other = next(mixmatch_batches(_share(), clean, config, epoch=2, rank=0, world=1))
-    x, y, u1, u2 = first
+    first = next(mixmatch_batches(_share(), clean, config, epoch=1))
+    again = next(mixmatch_batches(_share(), clean, config, epoch=1))
+    other = next(mixmatch_batches(_share(), clean, config, epoch=2))
+    x, y, u1, u2 = first.x, first.y, first.u1, first.u2
     assert x.shape == (8, 1, 16, 16) and u1.shape == u2.shape == (8, 1, 16, 16) and y.shape == (8,)
     rgb = _config(*FAST, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
-    x_rgb = next(mixmatch_batches(_share(channels=3), clean, rgb, epoch=1, rank=0, world=1))[0]
+    x_rgb = next(mixmatch_batches(_share(channels=3), clean, rgb, epoch=1)).x
     assert x_rgb.is_contiguous(memory_format=torch.channels_last) and not x_rgb.is_contiguous()
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], other[0])
+    assert all(torch.equal(getattr(first, f), getattr(again, f)) for f in ("x", "y", "u1", "u2"))
+    assert not torch.equal(first.x, other.x)
     assert set(y.tolist()) <= {0}  # only clean ids are labeled: every 4th sample, class 0
 
 
@@ -74,7 +74,7 @@ def test_virtual_epoch_updates_only_meta_parameters_on_the_fast_path() -> None:
     config = _config(*FAST)
     model = _model(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    virtual = virtual_epoch(model, _share(), config, epoch=0, rank=0, world=1, total_samples=64)
+    virtual = virtual_epoch(model, _share(), config, epoch=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
     after = dict(virtual.named_parameters())  # batch-norm statistics move everywhere (train mode)
     changed = {k for k in after if not torch.equal(before[k], after[k])}

@@ -1,0 +1,138 @@
+"""What makes W workers compute the single-process step: batch norm over the global batch,
+and gathering a step's rows from every rank.
+
+Models and losses know nothing of this; :mod:`asd_ray.train` applies it when a
+run has more than one worker. PyTorch's ``SyncBatchNorm`` runs on CUDA only, so
+on CPU (gloo) the same arithmetic is :class:`GlobalBatchNorm`: per-channel sums
+are all-reduced in the forward pass, and the sums of the upstream gradient in
+the backward pass, which is exactly the gradient of the single-process loss
+when each rank's loss is scaled as :func:`asd_ray.train.mixmatch_epoch` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GlobalBatchNormFn(torch.autograd.Function):
+    """Train-mode batch norm whose statistics cover every rank's rows (any may hold none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps: float, momentum: float):
+        dtype = x.dtype
+        x = x.float()
+        channels = x.shape[1]
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.tensor([x.numel() // channels], dtype=torch.float32, device=x.device)
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # (2C + 1,)
+        dist.all_reduce(stats)
+        n = stats[-1]
+        if n.item() < 2:
+            raise ValueError("batch norm over the global batch needs at least 2 values per channel")
+        mean, sq_mean = stats[:channels] / n, stats[channels : 2 * channels] / n
+        var = (sq_mean - mean * mean).clamp_(min=0.0)  # biased, as batch norm normalises
+        invstd = torch.rsqrt(var + eps)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(momentum * mean)
+            running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        xhat = (x - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, invstd, weight, n)
+        return (xhat * weight.view(shape) + bias.view(shape)).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, invstd, weight, n = ctx.saved_tensors
+        dtype = grad.dtype
+        grad = grad.float()
+        channels = xhat.shape[1]
+        dims = [d for d in range(xhat.dim()) if d != 1]
+        local = torch.cat([grad.sum(dims), (grad * xhat).sum(dims)])  # (2C,)
+        grad_bias, grad_weight = local[:channels].clone(), local[channels:].clone()
+        dist.all_reduce(local)  # every rank's loss reaches every row through the statistics
+        sum_grad, sum_grad_xhat = local[:channels] / n, local[channels:] / n
+        shape = [1, channels] + [1] * (xhat.dim() - 2)
+        grad_x = (weight * invstd).view(shape) * (
+            grad - sum_grad.view(shape) - xhat * sum_grad_xhat.view(shape)
+        )
+        # Weight and bias get this rank's share: DDP averages them like every other parameter.
+        return grad_x.to(dtype), grad_weight, grad_bias, None, None, None, None
+
+
+class GlobalBatchNorm(nn.Module):
+    """A ``BatchNorm{1,2,3}d`` that normalises over the global batch in train mode.
+
+    It keeps the wrapped layer's parameters and buffers (same state-dict keys),
+    and is the plain layer in eval mode or without a process group.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        if bn.momentum is None or not bn.affine or not bn.track_running_stats:
+            raise ValueError(f"{bn}: global batch norm needs momentum, affine and running statistics")
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world()[1] == 1:
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.training,
+                self.momentum,
+                self.eps,
+            )
+        self.num_batches_tracked.add_(1)
+        return _GlobalBatchNormFn.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum
+        )
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every batch-norm layer of ``model`` by one over the global batch (in place).
+
+    CUDA uses PyTorch's ``SyncBatchNorm`` (fused kernels, NCCL); other devices
+    :class:`GlobalBatchNorm`. State-dict keys do not change.
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, GlobalBatchNorm(child))
+        else:
+            sync_batch_norm(child, device)
+    return model
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Every rank's ``local`` rows (rank r holds ``counts[r]``), in rank order; no gradient.
+
+    Counts are known to every rank beforehand (they follow from the shared draw),
+    so one padded ``all_gather`` suffices.
+    """
+    rank, size = world()
+    if size == 1:
+        return [local]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[: counts[rank]] = local
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded.contiguous())
+    return [g[:c] for g, c in zip(gathered, counts)]

@@ -1,0 +1,141 @@
+"""W workers compute the single-process step: the global draw, batch norm over the
+global batch, global MixUp partners and the loss scaling, on CPU with gloo."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from scipy import stats
+
+from asd_ray import compute, distributed
+from asd_ray.config import load_config
+from asd_ray.scoring import ModelSpec
+from asd_ray.train import (
+    WorkerData,
+    batch_scale,
+    lr_factor,
+    mixmatch_batches,
+    mixmatch_epoch,
+    use_sync_batch_norm,
+)
+
+N, SIZE, CLASSES = 96, 12, 4
+
+
+def _dataset():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (N, SIZE, SIZE, 1), dtype=np.uint8))
+    return images, torch.arange(N) % CLASSES
+
+
+def _share(rank: int, world: int) -> WorkerData:
+    images, labels = _dataset()
+    ids = np.arange(rank, N, world)
+    return WorkerData(images[ids], labels[ids], ids, total=N, rank=rank, world=world)
+
+
+def _config(*overrides: str):
+    return load_config(
+        "mnist-quick",
+        overrides=[
+            "mixmatch.batch_labeled=16",
+            "mixmatch.batch_unlabeled=16",
+            "data.crop_padding=2",
+            "compute.precision=fp32",  # bf16 reductions would differ between the layouts
+            *overrides,
+        ],
+    )
+
+
+def _uneven_clean() -> np.ndarray:
+    """A clean pool that falls very unevenly across 4 shares: mostly on share 0."""
+    ids = np.arange(N)
+    return (ids % 4 == 0) | (ids < 8)
+
+
+def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
+    config, clean, steps = _config(), _uneven_clean(), 300
+    single = np.zeros(N, int)
+    for batch in _take(mixmatch_batches(_share(0, 1), clean, config, epoch=5), steps):
+        np.add.at(single, batch.labeled_ids.numpy(), 1)
+    served = np.zeros(N, int)
+    for rank in range(4):
+        data = _share(rank, 4)
+        for batch in _take(mixmatch_batches(data, clean, config, epoch=5), steps):
+            rows, local = data.serve(batch.labeled_ids)
+            assert len(batch.y) == len(rows)
+            np.add.at(served, data.sample_ids[local.numpy()], 1)
+    assert np.array_equal(served, single)  # every row of every global batch served exactly once
+    pool = np.flatnonzero(clean)
+    assert served[~clean].sum() == 0 and served.sum() == steps * 16
+    _, p = stats.chisquare(served[pool])  # uniform over the pool, although share 0 holds most of it
+    assert p > 1e-3
+    by_share = [served[pool[pool % 4 == r]].mean() for r in range(4)]
+    assert max(by_share) / min(by_share) < 1.3
+
+
+def _take(iterator, n):
+    for _ in range(n):
+        yield next(iterator)
+
+
+def _step(rank: int, world: int, folder: str) -> None:
+    """One MixMatch step (SGD, lr 1: the update is the gradient) on ``world`` workers."""
+    torch.set_num_threads(1)
+    config = _config("mixmatch.iterations=1", "mixmatch.lr=1.0")
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+        )
+    torch.manual_seed(0)
+    model = compute.prepare_model(ModelSpec("small_cnn", CLASSES, 1, SIZE).build(), config.compute)
+    if use_sync_batch_norm(config, world):
+        model = distributed.sync_batch_norm(model, torch.device("cpu"))
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = mixmatch_epoch(wrapped, optimizer, _share(rank, world), _uneven_clean(), config, epoch=40)
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "metrics": metrics}, f"{folder}/world{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_two_workers_take_the_single_process_step(tmp_path) -> None:
+    _step(0, 1, str(tmp_path))
+    mp.spawn(_step, args=(2, str(tmp_path)), nprocs=2, join=True)
+    one = torch.load(tmp_path / "world1.pt", weights_only=True)
+    two = torch.load(tmp_path / "world2.pt", weights_only=True)
+    for key in ("train_loss", "loss_x", "loss_u"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4)
+    torch.manual_seed(0)
+    start = ModelSpec("small_cnn", CLASSES, 1, SIZE).build().state_dict()
+    for key, value in one["state"].items():
+        assert torch.allclose(two["state"][key].float(), value.float(), rtol=1e-4, atol=1e-5), key
+        if key.endswith("weight") and value.dtype.is_floating_point:
+            assert not torch.equal(value, start[key])  # the step moved it: the comparison means something
+
+
+def test_global_batch_norm_is_batch_norm_without_a_process_group() -> None:
+    bn = torch.nn.BatchNorm2d(3)
+    wrapped = distributed.GlobalBatchNorm(torch.nn.BatchNorm2d(3))
+    x = torch.randn(5, 3, 4, 4)
+    assert torch.allclose(wrapped(x), bn(x)) and torch.allclose(wrapped.running_var, bn.running_var)
+    assert set(wrapped.state_dict()) == set(bn.state_dict())
+
+
+def test_batch_rules() -> None:
+    plain = _config()
+    assert batch_scale(plain, 4) == 1 and lr_factor(plain, 4, 0.0) == 1.0
+    assert use_sync_batch_norm(plain, 4) and not use_sync_batch_norm(plain, 1)
+    assert not use_sync_batch_norm(_config("cluster.sync_batch_norm=false"), 4)
+    scaled = _config("mixmatch.batch_rule=scaled", "mixmatch.warmup_epochs=2")
+    assert batch_scale(scaled, 4) == 4 and not use_sync_batch_norm(scaled, 4)
+    assert lr_factor(scaled, 4) == 2.0  # sqrt(4)
+    assert lr_factor(scaled, 4, 1.0) == pytest.approx(1.5) and lr_factor(scaled, 4, 9.0) == 2.0
+    assert lr_factor(_config("mixmatch.batch_rule=scaled", "mixmatch.scaled_lr=linear"), 4) == 4.0
+    assert math.isclose(lr_factor(scaled, 1, 0.0), 1.0)
+    with pytest.raises(ValueError, match="batch_rule 'per_worker'"):
+        _config("mixmatch.batch_rule=per_worker")
