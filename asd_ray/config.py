@@ -220,6 +220,14 @@ class ClusterConfig:
     max_failures: int = 0  # worker-group restarts inside one run (Ray Train FailureConfig)
     # batch norm over the global batch (all workers); None: on when workers > 1 under batch_rule global
     sync_batch_norm: bool | None = None
+    # GB of decoded images one worker or scorer may hold in memory; a larger share is decoded
+    # once into a local-disk cache (numpy.memmap) and read from there. None: no limit
+    memory_budget_gb: float | None = None
+    cache_dir: str | None = None  # where such caches live (default: the system's temp folder)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 1024**3)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.scorers < 1:

@@ -34,10 +34,11 @@ from asd_ray import tables
 from asd_ray.attacks.poison import read_ground_truth
 from asd_ray.config import RunConfig, config_yaml, from_dict, load_config
 from asd_ray.data.shards import ShardSet
+from asd_ray.data.share import load_share
 from asd_ray.errors import DataError
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.scoring import ModelSpec, PassResult, ScoringPool, load_share, scores_table
+from asd_ray.scoring import ModelSpec, PassResult, ScoringPool, scores_table
 from asd_ray.split import make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
@@ -296,6 +297,7 @@ class _Session:
             cpus=c.cpus_per_scorer,
             gpus=c.gpus_per_scorer,
             threads=c.threads_per_process,
+            memory=(c.memory_budget_bytes, c.cache_dir),
         )
         trainer = TorchTrainer(
             train_loop_per_worker,

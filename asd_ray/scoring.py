@@ -33,6 +33,7 @@ from asd_ray import compute, tables
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.augment import augment, normalize
 from asd_ray.data.shards import ShardSet, ShardSlice
+from asd_ray.data.share import load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.losses import sce_loss
 from asd_ray.models import build_model
@@ -69,36 +70,6 @@ def load_numpy_weights(model: torch.nn.Module, weights: Weights) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
-def load_share(
-    shards: ShardSet, slices: list[ShardSlice] | None = None, *, keep: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode a share of ``shards`` into memory: the records of ``slices``, or the
-    sample ids where ``keep`` ((N,) bool) is true, or everything.
-
-    Returns:
-        images (n, H, W, C) uint8, sample ids (n,) int64 and labels (n,) int64.
-    """
-    if slices is not None and keep is not None:
-        raise ValueError("load_share takes slices or keep, not both")
-    h, w, c = shards.require_uniform_size("training and scoring")
-    if keep is not None:
-        count = int(np.count_nonzero(keep))
-    else:
-        count = len(shards) if slices is None else sum(s.count for s in slices)
-    images = np.empty((count, h, w, c), np.uint8)
-    ids = np.empty(count, np.int64)
-    labels = np.empty(count, np.int64)
-    read = 0
-    for read, sample in enumerate(shards.iter_samples(slices, keep=keep), start=1):
-        images[read - 1], ids[read - 1], labels[read - 1] = sample.image, sample.sample_id, sample.label
-    if read != count:
-        raise DataError(
-            f"{shards.folder}: read {read} records where the manifest promises {count}; a shard was "
-            "truncated or changed after it was made: re-make the shard set"
-        )
-    return images, ids, labels
-
-
 @ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
 class ScoringActor:
     """Holds a share of one or more shard sets and scores it with given weights."""
@@ -111,6 +82,7 @@ class ScoringActor:
         scoring: ScoringConfig,
         compute_config: ComputeConfig,
         threads: int,
+        memory: tuple[int | None, str | None] = (None, None),
     ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,11 +92,19 @@ class ScoringActor:
         self.model = model.to(self.device).train(False)  # eval mode
         self.shares = {}
         for name, (folder, slices) in shares.items():
-            images, ids, labels = load_share(ShardSet(folder), slices)
+            budget, cache_dir = memory
+            images, ids, labels = load_share(
+                ShardSet(folder), slices, budget_bytes=budget, cache_dir=cache_dir
+            )
             pixels = torch.from_numpy(images)
-            if self.device.type == "cuda":  # pinned: batch copies overlap the arithmetic
-                pixels = pixels.pin_memory()
+            if self.device.type == "cuda" and not isinstance(images, np.memmap):
+                pixels = pixels.pin_memory()  # batch copies overlap the arithmetic (a disk cache stays)
             self.shares[name] = (pixels, ids, torch.from_numpy(labels))
+
+    def close(self) -> None:
+        """Drop the shares and their disk caches (before the pool kills this actor)."""
+        self.shares.clear()
+        remove_caches()
 
     def size(self, name: str) -> int:
         return len(self.shares[name][1])
@@ -229,6 +209,7 @@ class ScoringPool:
         cpus: float = 1.0,
         gpus: float = 0.0,
         threads: int = 1,
+        memory: tuple[int | None, str | None] = (None, None),
     ):
         self.sizes = {name: len(shards) for name, shards in datasets.items()}
         slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
@@ -240,6 +221,7 @@ class ScoringPool:
                 scoring,
                 compute_config,
                 threads,
+                memory,
             )
             for i in range(num_actors)
         ]
@@ -288,6 +270,10 @@ class ScoringPool:
         return table
 
     def shutdown(self) -> None:
+        try:
+            ray.get([actor.close.remote() for actor in self.actors], timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a dead actor has no caches left to remove, or leaves them for its restart
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

@@ -45,10 +45,11 @@ from asd_ray import compute, distributed
 from asd_ray.config import RunConfig, from_dict
 from asd_ray.data.augment import augment
 from asd_ray.data.shards import ShardSet
+from asd_ray.data.share import load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.losses import mixmatch_loss, mixup, mixup_draw, rampup_weight, sharpen
 from asd_ray.mailbox import NAMESPACE
-from asd_ray.scoring import ModelSpec, load_share, to_numpy_weights
+from asd_ray.scoring import ModelSpec, to_numpy_weights
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -57,12 +58,17 @@ CHECKPOINT_FILE = "state.pt"
 class WorkerData:
     """This worker's share of the training set: samples ``rank, rank + world, ...``, in memory."""
 
-    images: torch.Tensor  # (n, H, W, C) uint8, on the device
-    labels: torch.Tensor  # (n,) int64, on the device
+    images: torch.Tensor  # (n, H, W, C) uint8, on the device (or a host memmap over budget)
+    labels: torch.Tensor  # (n,) int64, on the compute device
     sample_ids: np.ndarray  # (n,) int64, ascending
     total: int = 0  # N, samples in the whole training set (0: this share is all of it)
     rank: int = 0
     world: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches are computed (the images may stay in a host or disk cache)."""
+        return self.labels.device
 
     def __post_init__(self) -> None:
         self.total = self.total or len(self.sample_ids)
@@ -70,6 +76,12 @@ class WorkerData:
             raise ValueError(
                 f"worker {self.rank} of {self.world} must hold sample ids {self.rank}, +{self.world}, ..."
             )
+
+    def pixels(self, local: torch.Tensor) -> torch.Tensor:
+        """(m, H, W, C) uint8 images at share indices ``local`` (CPU), on the compute device."""
+        if self.images.device == self.device:
+            return self.images[compute.to_device(local, self.device)]
+        return compute.to_device(self.images[local], self.device)  # gathered on the host, one copy
 
     def serve(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which rows of a global batch of sample ``ids`` this worker holds.
@@ -173,17 +185,16 @@ def mixmatch_batches(
     labeled_batches = Cycler(labeled, generator(config.seed, epoch, 0, 1))
     unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, 0, 2))
     aug_gen = generator(config.seed, epoch, 0, 3)
-    device = data.images.device
     while True:
         lids, uids = labeled_batches.next(bl), unlabeled_batches.next(bu)
         lrows, li = data.serve(lids)
         urows, ui = data.serve(uids)
-        li, ui = compute.to_device(li, device), compute.to_device(ui, device)
+        unlabeled = data.pixels(ui)
         yield StepBatch(
-            x=_augment(data.images[li], config, aug_gen, lrows, bl),
-            y=data.labels[li],
-            u1=_augment(data.images[ui], config, aug_gen, urows, bu),
-            u2=_augment(data.images[ui], config, aug_gen, urows, bu),
+            x=_augment(data.pixels(li), config, aug_gen, lrows, bl),
+            y=data.labels[compute.to_device(li, data.device)],
+            u1=_augment(unlabeled, config, aug_gen, urows, bu),
+            u2=_augment(unlabeled, config, aug_gen, urows, bu),
             labeled_ids=lids,
             unlabeled_ids=uids,
         )
@@ -249,7 +260,7 @@ def mixmatch_epoch(
     mm = config.mixmatch
     iterations = math.ceil(mm.iterations / batch_scale(config, data.world))
     ramp = mm.rampup_epochs or config.epochs
-    device = data.images.device
+    device = data.device
     model.train()
     totals = torch.zeros(3, device=device)  # summed on the device: no host sync inside the loop
     for step in range(iterations):
@@ -322,15 +333,15 @@ def cross_entropy_steps(
     """
     batches = Cycler(np.arange(data.total), generator(*seeds, 1))
     aug_gen = generator(*seeds, 2)
-    device = data.images.device
+    device = data.device
     model.train()
     total = torch.zeros((), device=device)  # summed on the device: no host sync inside the loop
     for _ in range(steps):
         rows, local = data.serve(batches.next(batch))
-        local = compute.to_device(local, device)
         with compute.autocast(config.compute, device):
-            logits = model(_augment(data.images[local], config, aug_gen, rows, batch)).float()
-        loss = F.cross_entropy(logits, data.labels[local], reduction="sum") / batch  # share of the mean
+            logits = model(_augment(data.pixels(local), config, aug_gen, rows, batch)).float()
+        labels = data.labels[compute.to_device(local, device)]
+        loss = F.cross_entropy(logits, labels, reduction="sum") / batch  # share of the mean
         optimizer.zero_grad(set_to_none=True)
         (loss * data.world).backward()  # DDP's average of W such gradients is the global one
         optimizer.step()
@@ -383,7 +394,7 @@ def virtual_epoch(
         param.requires_grad_(id(param) in meta)
     wrapped = virtual
     if data.world > 1:
-        device_ids = [data.images.device] if data.images.device.type == "cuda" else None
+        device_ids = [data.device] if data.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(virtual, device_ids=device_ids)
     vc, scale = config.virtual, batch_scale(config, data.world)
     lr = vc.lr * lr_factor(config, data.world)
@@ -425,9 +436,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # so each share mixes all classes even when the shards are sorted by class (a
     # contiguous share would give each rank's batch-norm statistics a few classes only).
     shards = ShardSet(loop_config["train"])
-    images, ids, labels = load_share(shards, keep=np.arange(len(shards)) % world == rank)
-    pixels, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    data = WorkerData(pixels, labels, ids, total=len(shards), rank=rank, world=world)
+    c = config.cluster
+    images, ids, labels = load_share(
+        shards,
+        keep=np.arange(len(shards)) % world == rank,
+        budget_bytes=c.memory_budget_bytes,
+        cache_dir=c.cache_dir,
+    )
+    pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
+    pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
+    data = WorkerData(
+        pixels, torch.from_numpy(labels).to(device), ids, total=len(shards), rank=rank, world=world
+    )
 
     # 2. Model (same initial weights on every rank), batch norm over the global batch
     # where the config asks for it, and the optimizer.
@@ -470,6 +490,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         seen = task["seq"]
         if task["kind"] == "stop":
+            remove_caches()
             return
         clean = None
         if task["kind"] == "train" and task["split"] is not None:  # read before the clock starts

@@ -148,3 +148,17 @@ def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, pois
         finally:
             pool.shutdown()
     assert np.allclose(passes[0].column("loss").to_numpy(), passes[1].column("loss").to_numpy(), atol=1e-5)
+
+
+def test_memory_budget_serves_shares_from_disk_with_identical_results(ray_cluster, poisoned_data, tmp_path):
+    tables_by_budget = {}
+    for name, budget in (("memory", []), ("disk", ["cluster.memory_budget_gb=0.000001"])):
+        cache = tmp_path / f"cache-{name}"
+        config = load_config("mnist-quick", overrides=[*TINY_RUN, *budget, f"cluster.cache_dir={cache}"])
+        run(config, poisoned_data, tmp_path / name, stop_after_epoch=1, progress=lambda _: None)
+        tables_by_budget[name] = tables.read_parquet(split_path(tmp_path / name, 1), "splits")
+        if budget:  # the workers and scorers used disk caches and removed them when they stopped
+            assert cache.is_dir() and not list(cache.iterdir())
+        else:
+            assert not cache.exists()
+    assert tables_by_budget["disk"].equals(tables_by_budget["memory"])

@@ -1,0 +1,132 @@
+"""A process's share of a shard set as one uint8 array: in memory, or in a local-disk cache.
+
+Training workers and scoring actors decode their share once and then index it
+for every batch. A share larger than the process's memory budget
+(``cluster.memory_budget_gb``) is decoded once into a ``numpy.memmap`` file
+instead; the operating system then keeps its hot pages in memory and reads the
+rest from disk. The file is keyed by the shard set's fingerprint (manifest,
+``dataset.json`` and every shard's size and modification time), so a changed
+shard set is never served from a stale cache; a process restarted on the same
+share (after a crash) reuses it, and :func:`remove_caches` deletes it when the
+process shuts down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from asd_ray.data.shards import DATASET_FILE, MANIFEST_FILE, ShardSet, ShardSlice
+from asd_ray.errors import DataError
+
+_CACHE_PREFIX = "asd-ray-share-"
+_OWNED: set[Path] = set()  # cache files this process created or reused
+
+
+def remove_caches() -> None:
+    """Delete the disk caches of this process's shares (their memmaps stay readable until
+    closed). Ray ends actors without running ``atexit``, so workers call this on shutdown."""
+    while _OWNED:
+        _remove(_OWNED.pop())
+
+
+atexit.register(remove_caches)
+
+
+def fingerprint(shards: ShardSet) -> str:
+    """A hex digest that changes whenever the shard set's content may have changed."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST_FILE, DATASET_FILE):
+        digest.update((shards.folder / name).read_bytes())
+    for path in shards.paths:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def load_share(
+    shards: ShardSet,
+    slices: list[ShardSlice] | None = None,
+    *,
+    keep: np.ndarray | None = None,
+    budget_bytes: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a share of ``shards``: the records of ``slices``, or the sample ids where
+    ``keep`` ((N,) bool) is true, or everything.
+
+    Args:
+        budget_bytes: when the images need more, they go to a disk cache (memmap).
+        cache_dir: where the cache file lives (default: the system's temp folder).
+
+    Returns:
+        images (n, H, W, C) uint8 (an ndarray or a read-only memmap), sample ids
+        (n,) int64 and labels (n,) int64.
+    """
+    if slices is not None and keep is not None:
+        raise ValueError("load_share takes slices or keep, not both")
+    h, w, c = shards.require_uniform_size("training and scoring")
+    if keep is not None:
+        count = int(np.count_nonzero(keep))
+    else:
+        count = len(shards) if slices is None else sum(s.count for s in slices)
+    shape = (count, h, w, c)
+    if budget_bytes is None or count * h * w * c <= budget_bytes:
+        images = np.empty(shape, np.uint8)
+        ids, labels = _decode_into(images, shards, slices, keep)
+        return images, ids, labels
+    return _cached(shards, slices, keep, shape, Path(cache_dir or tempfile.gettempdir()))
+
+
+def _decode_into(images: np.ndarray, shards: ShardSet, slices, keep) -> tuple[np.ndarray, np.ndarray]:
+    count = len(images)
+    ids, labels = np.empty(count, np.int64), np.empty(count, np.int64)
+    read = 0
+    for read, sample in enumerate(shards.iter_samples(slices, keep=keep), start=1):
+        images[read - 1], ids[read - 1], labels[read - 1] = sample.image, sample.sample_id, sample.label
+    if read != count:
+        raise DataError(
+            f"{shards.folder}: read {read} records where the manifest promises {count}; a shard was "
+            "truncated or changed after it was made: re-make the shard set"
+        )
+    return ids, labels
+
+
+def _cached(shards: ShardSet, slices, keep, shape: tuple[int, ...], cache_dir: Path):
+    """Decode into memmap files named by the shard set's fingerprint and the share.
+
+    A process restarted on the same share (a Ray worker-group restart) finds the
+    complete files and skips decoding; a changed shard set has another name.
+    """
+    share = hashlib.sha256(repr(shape).encode())
+    share.update(np.packbits(keep).tobytes() if keep is not None else repr(slices).encode())
+    stem = f"{_CACHE_PREFIX}{fingerprint(shards)[:24]}-{share.hexdigest()[:16]}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    paths = [cache_dir / f"{stem}.{part}.npy" for part in ("ids", "labels", "images")]
+    _OWNED.update(paths)
+    if not all(p.exists() for p in paths):
+        partial = cache_dir / f".{stem}.{os.getpid()}.partial.npy"
+        try:
+            images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            ids, labels = _decode_into(images, shards, slices, keep)
+            images.flush()
+            del images
+            np.save(paths[0], ids)
+            np.save(paths[1], labels)
+            os.replace(partial, paths[2])  # last: its presence marks a complete cache
+        finally:
+            _remove(partial)
+    ids, labels = (np.load(p, allow_pickle=False) for p in paths[:2])
+    return np.load(paths[2], mmap_mode="c"), ids, labels  # copy-on-write: the file never changes
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

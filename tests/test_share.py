@@ -1,0 +1,41 @@
+"""A share in memory or in the disk cache of the memory budget: same content, never stale."""
+
+import os
+
+import numpy as np
+import pytest
+
+from asd_ray.data import share
+from asd_ray.data.share import fingerprint, load_share
+
+
+def test_a_share_over_budget_is_served_from_a_disk_cache_with_the_same_content(train_set, tmp_path) -> None:
+    keep = np.arange(len(train_set)) % 2 == 1
+    images, ids, labels = load_share(train_set, keep=keep)
+    cached, cached_ids, cached_labels = load_share(
+        train_set, keep=keep, budget_bytes=1000, cache_dir=tmp_path
+    )
+    assert not isinstance(images, np.memmap) and isinstance(cached, np.memmap)
+    assert np.array_equal(cached, images) and np.array_equal(cached_ids, ids)
+    assert np.array_equal(cached_labels, labels)
+    assert len(list(tmp_path.glob("asd-ray-share-*.images.npy"))) == 1
+    within, _, _ = load_share(train_set, keep=keep, budget_bytes=images.nbytes, cache_dir=tmp_path)
+    assert not isinstance(within, np.memmap)
+
+
+def test_the_cache_is_reused_for_the_same_shards_and_rebuilt_for_changed_ones(
+    train_set, tmp_path, monkeypatch
+):
+    first, _, _ = load_share(train_set, budget_bytes=1000, cache_dir=tmp_path)
+    decode = share._decode_into
+    monkeypatch.setattr(share, "_decode_into", lambda *a: pytest.fail("decoded again"))
+    again, _, _ = load_share(train_set, budget_bytes=1000, cache_dir=tmp_path)  # a restarted process
+    assert np.array_equal(again, first)
+    before = fingerprint(train_set)
+    path = train_set.paths[0]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the shard was rewritten
+    assert fingerprint(train_set) != before
+    monkeypatch.setattr(share, "_decode_into", decode)
+    load_share(train_set, budget_bytes=1000, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("asd-ray-share-*.images.npy"))) == 2
+    assert not list(tmp_path.glob(".*partial*"))
