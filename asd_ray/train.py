@@ -1,23 +1,25 @@
 """The per-worker training loop run by Ray Train: MixMatch epochs over given pools.
 
 It never computes a split: each epoch's pools come from the split table the
-driver wrote. The loop is the same for 1 or N workers (DDP: gloo on CPU, NCCL
+driver wrote. The loop is the same for 1 or W workers (DDP: gloo on CPU, NCCL
 on GPU) and runs on the fast path of :mod:`asd_ray.compute` (bf16 autocast and
 channels_last where the hardware supports them; losses summed on the device so
-the step loop never waits for the host). Each worker decodes its share of the training shards once (every W-th
-sample, so shares are class-balanced even on class-sorted shards), then per
-epoch selects the clean (labeled) and polluted (unlabeled) samples of that
-share with the split table's masks.
+the step loop never waits for the host). Each worker decodes its share of the
+training shards once: every W-th sample, so shares are class-balanced even on
+class-sorted shards (in memory, or in a disk cache over the memory budget).
 
-Batch rule: with ``mixmatch.batch_rule = global`` (default) each of W workers
-draws ``batch / W`` labeled and unlabeled samples per step, so the global batch
-stays 64 + 64 whatever W is; ``per_worker`` gives every worker the full batch
-(global batch W times larger). Every worker runs the same number of steps, so
-DDP never waits on a rank that ran out of data.
+Batch rules. ``global`` (default) is the single-process step of the paper on
+any W: every worker draws the same global batch and serves the rows it holds,
+losses are each worker's share of the global means (times W, for DDP's
+average), batch norm spans the global batch and MixUp partners come from all
+of it (see :func:`mixmatch_epoch`). ``scaled`` takes W times the batch, W
+times fewer iterations and a larger learning rate (:func:`lr_factor`). Every
+worker runs every step, so DDP never waits on a rank that ran out of data.
 
-Randomness is derived from (seed, epoch, rank, purpose), so a resumed run draws
-the same batches as an uninterrupted one; checkpoints store the model,
-optimizer, epoch, base seed and the split table used.
+Randomness is derived from (seed, epoch, purpose), the same on every worker,
+so a resumed run draws the same batches as an uninterrupted one and W does
+not change them; checkpoints store the model, optimizer, epoch, base seed and
+the split table used.
 """
 
 from __future__ import annotations
