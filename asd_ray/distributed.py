@@ -34,18 +34,23 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         channels = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
         count = torch.tensor([x.numel() // channels], dtype=torch.float32, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # (2C + 1,)
+        # Sums around the running mean (the same on every rank, and close to the batch mean):
+        # E[x^2] - E[x]^2 in float32 would lose precision when |mean| >> std.
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        shift = running_mean.detach().float().view(shape)
+        centred = x - shift
+        stats = torch.cat([centred.sum(dims), (centred * centred).sum(dims), count])  # (2C + 1,)
         dist.all_reduce(stats)
         n = stats[-1]
         if n.item() < 2:
             raise ValueError("batch norm over the global batch needs at least 2 values per channel")
-        mean, sq_mean = stats[:channels] / n, stats[channels : 2 * channels] / n
-        var = (sq_mean - mean * mean).clamp_(min=0.0)  # biased, as batch norm normalises
+        offset, sq_mean = stats[:channels] / n, stats[channels : 2 * channels] / n
+        var = (sq_mean - offset * offset).clamp_(min=0.0)  # biased, as batch norm normalises
+        mean = offset + shift.flatten()
         invstd = torch.rsqrt(var + eps)
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(momentum * mean)
             running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased
-        shape = [1, channels] + [1] * (x.dim() - 2)
         xhat = (x - mean.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, invstd, weight, n)
         return (xhat * weight.view(shape) + bias.view(shape)).to(dtype)

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -280,7 +282,11 @@ class _Session:
 
         self.config, self.data, self.out = config, data, out
         c = config.cluster
-        mailbox_name = f"mailbox-{uuid.uuid4().hex[:12]}"
+        run_id = uuid.uuid4().hex[:12]
+        mailbox_name = f"mailbox-{run_id}"
+        # Disk caches of shares over the memory budget: one folder per run (restarted workers
+        # reuse it, concurrent runs never share it), removed by the processes and by close().
+        self.cache_dir = Path(c.cache_dir or tempfile.gettempdir()) / f"asd-ray-cache-{run_id}"
         self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
         datasets = {"test": data.test}
         if config.defense == "asd":
@@ -297,7 +303,7 @@ class _Session:
             cpus=c.cpus_per_scorer,
             gpus=c.gpus_per_scorer,
             threads=c.threads_per_process,
-            memory=(c.memory_budget_bytes, c.cache_dir),
+            memory=(c.memory_budget_bytes, str(self.cache_dir)),
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -306,6 +312,7 @@ class _Session:
                 "train": inputs.train,
                 "model": dataclasses.asdict(data.spec),
                 "mailbox": mailbox_name,
+                "cache_dir": str(self.cache_dir),
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,
@@ -534,6 +541,9 @@ class _Session:
         finally:
             self.pool.shutdown()
             ray.kill(self.mailbox)
+            shutil.rmtree(
+                self.cache_dir, ignore_errors=True
+            )  # this node's; other nodes' go with their processes
 
 
 def _write_text(path: Path, text: str) -> None:

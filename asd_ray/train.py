@@ -443,7 +443,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shards,
         keep=np.arange(len(shards)) % world == rank,
         budget_bytes=c.memory_budget_bytes,
-        cache_dir=c.cache_dir,
+        cache_dir=loop_config["cache_dir"],
     )
     pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
     pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)

@@ -118,6 +118,8 @@ def random_resized_crop(
     if flip:
         sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     width, height, cx, cy, sign = (_take(v, select) for v in (width, height, cx, cy, sign))
+    if b == 0:  # a worker holding none of this batch's rows (the draws above keep it in step)
+        return x
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = height, cy

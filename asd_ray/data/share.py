@@ -111,17 +111,18 @@ def _cached(shards: ShardSet, slices, keep, shape: tuple[int, ...], cache_dir: P
     paths = [cache_dir / f"{stem}.{part}.npy" for part in ("ids", "labels", "images")]
     _OWNED.update(paths)
     if not all(p.exists() for p in paths):
-        partial = cache_dir / f".{stem}.{os.getpid()}.partial.npy"
+        partial = [p.with_name(f".{p.name}.{os.getpid()}.partial.npy") for p in paths]
         try:
-            images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            images = np.lib.format.open_memmap(partial[2], mode="w+", dtype=np.uint8, shape=shape)
             ids, labels = _decode_into(images, shards, slices, keep)
             images.flush()
             del images
-            np.save(paths[0], ids)
-            np.save(paths[1], labels)
-            os.replace(partial, paths[2])  # last: its presence marks a complete cache
+            np.save(partial[0], ids)
+            np.save(partial[1], labels)
+            for done, path in zip(partial, paths):  # images last: its presence marks a complete cache
+                os.replace(done, path)
         finally:
-            _remove(partial)
+            _remove(*partial)
     ids, labels = (np.load(p, allow_pickle=False) for p in paths[:2])
     return np.load(paths[2], mmap_mode="c"), ids, labels  # copy-on-write: the file never changes
 
