@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import mmap
-import struct
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ from PIL import Image
 
 from asd_ray import tables
 from asd_ray.data.sources import Source
+from asd_ray.data.tar import tar_members
 from asd_ray.errors import DataError
 
 _LAYOUT = tables.schema_document("shard_record")
@@ -43,13 +42,9 @@ DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 GROUND_TRUTH_FILE = "poison.parquet"
 FORMAT_VERSION = 1
-_BLOCK = 512
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 _DECODE_CHUNK = 64  # records parsed before they are decoded
 _PIL_FORMATS = ("PNG", "JPEG", "PPM", "WEBP")  # PIL never probes other decoders
-_ZERO_BLOCK = bytes(_BLOCK)
-# name, size, type flag, magic, prefix: the only ustar header fields the reader needs
-_HEADER = struct.Struct("100s24x12s20xc100x6s82x155s")
 
 
 def sample_key(sample_id: int) -> str:
@@ -293,78 +288,18 @@ def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
     """Yield ``(key, ext, data)`` for every regular member of a tar file, in order.
 
-    The tar headers are parsed here rather than by :mod:`tarfile` because it is
-    several times faster on small records and lets every failure name the shard.
+    The archive is read by :func:`asd_ray.data.tar.tar_members`, which sees what
+    ``tarfile`` sees or refuses.
 
     Raises:
-        DataError: truncated archive, bad header or a non-regular member.
+        DataError: truncated or corrupt archive, a non-regular member, a name without extension.
     """
-    with open(path, "rb") as fh:
-        try:
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # mmap refuses empty files
-            raise DataError(f"{path}: shard is empty; re-make it") from None
-    with buf:
-        pos, end, long_name = 0, len(buf), None
-        while True:
-            if pos + _BLOCK > end:
-                if pos == end:
-                    return  # tolerated: archive without the end-of-archive blocks
-                raise DataError(f"{path}: truncated tar (partial header at byte {pos}); re-make the shard")
-            name, size_field, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
-            # The "ustar" magic (ustar, GNU and PAX archives all carry it) stands in for the
-            # header checksum, whose byte sum would cost more than the rest of the parse.
-            if magic[:5] != b"ustar":
-                if buf[pos : pos + _BLOCK] == _ZERO_BLOCK:
-                    return
-                raise DataError(
-                    f"{path}: no tar header at byte {pos} (corrupt or not a tar); re-make the shard"
-                )
-            try:
-                size = int(size_field.strip(b"\0 ") or b"0", 8)
-            except ValueError:
-                raise DataError(f"{path}: corrupt tar header at byte {pos}; re-make the shard") from None
-            data_start = pos + _BLOCK
-            if data_start + size > end:
-                raise DataError(
-                    f"{path}: truncated tar (member at byte {pos} needs {size} bytes, file ends "
-                    f"after {end - data_start}); re-make or re-copy the shard"
-                )
-            data = buf[data_start : data_start + size]
-            pos = data_start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-            if kind == b"L":  # GNU long name: applies to the next member
-                long_name = data.rstrip(b"\0").decode()
-                continue
-            if kind == b"x":  # PAX extended header: honour a path override
-                long_name = _pax_path(data) or long_name
-                continue
-            if kind in (b"g", b"5"):  # global PAX header, directory
-                continue
-            if kind not in (b"0", b"\0"):
-                raise DataError(
-                    f"{path}: member at byte {pos} is not a regular file (type {kind!r}); shards may "
-                    "hold only files"
-                )
-            if long_name is not None:
-                name, long_name = long_name, None
-            else:
-                name = name.rstrip(b"\0").decode()
-                if prefix[0]:
-                    name = prefix.rstrip(b"\0").decode() + "/" + name
-            slash = name.rfind("/") + 1
-            key, dot, ext = name[slash:].partition(".")
-            if not dot:
-                raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
-            yield name[:slash] + key, ext.lower(), data
-
-
-def _pax_path(data: bytes) -> str | None:
-    for line in data.decode(errors="replace").splitlines():
-        _, _, record = line.partition(" ")
-        field, _, value = record.partition("=")
-        if field == "path":
-            return value
-    return None
+    for name, data in tar_members(path):
+        slash = name.rfind("/") + 1
+        key, dot, ext = name[slash:].partition(".")
+        if not dot:
+            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
+        yield name[:slash] + key, ext.lower(), data
 
 
 class Sample(NamedTuple):

@@ -1,0 +1,267 @@
+"""The tar walk sees what Python's tarfile sees, or refuses: hostile archives, a differential
+test against tarfile, and a bounded fuzz of mutated real shards."""
+
+import contextlib
+import io
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_shards
+
+from asd_ray.data.tar import BLOCK, tar_members
+from asd_ray.errors import DataError
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Turn a hang into a failure (the walk once looped forever on a negative size)."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"the tar walk ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tarfile_view(path: Path):
+    """Regular members as Python's tarfile reads them, or None where it fails."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def our_view(path: Path):
+    with time_limit(5):
+        try:
+            return [(name, bytes(data)) for name, data in tar_members(path)]
+        except DataError:
+            return "refused"
+
+
+def agrees(path: Path) -> bool:
+    ours = our_view(path)
+    return ours == "refused" or ours == tarfile_view(path)
+
+
+def header(name: bytes, size: bytes, kind: bytes, *, prefix: bytes = b"", checksum: bool = True) -> bytes:
+    """A ustar header with raw field bytes (so fields can be hostile) and a valid checksum."""
+    block = bytearray(BLOCK)
+    block[0 : len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[124 : 124 + len(size)] = size
+    block[136:148] = b"00000000000\0"
+    block[148:156] = b" " * 8
+    block[156:157] = kind
+    block[257:265] = b"ustar\x0000"
+    block[345 : 345 + len(prefix)] = prefix
+    if checksum:
+        block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % BLOCK)
+
+
+def pax(records: dict[str, str]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        text = f" {key}={value}\n".encode()
+        length = len(text) + 1
+        length += len(str(length + len(str(length)))) - 1
+        body += f"{length}".encode() + text
+    return body
+
+
+def archive(tmp_path: Path, *parts: bytes) -> Path:
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(b"".join(parts) + bytes(2 * BLOCK))
+    return path
+
+
+def member(name: bytes, data: bytes, **kw) -> bytes:
+    return header(name, b"%011o\0" % len(data), b"0", **kw) + pad(data)
+
+
+def test_negative_size_is_refused_not_a_hang(tmp_path) -> None:
+    path = archive(tmp_path, header(b"dir/", b"-1000", b"5"), member(b"000000.cls", b"1"))
+    assert our_view(path) == "refused"
+
+
+@pytest.mark.parametrize("size", [b"-1000", b"\x80\0\0\0\0\0\0\0\0\0\x10\0", b"12x", b"1 2"])
+def test_sizes_that_are_not_plain_octal_are_refused(tmp_path, size: bytes) -> None:
+    assert our_view(archive(tmp_path, header(b"000000.cls", size, b"0"), pad(b"1" * 16))) == "refused"
+
+
+def test_a_pax_size_is_honoured_as_tarfile_honours_it(tmp_path) -> None:
+    records = pax({"size": "2"})
+    path = archive(
+        tmp_path,
+        header(b"PaxHeader", b"%011o\0" % len(records), b"x") + pad(records),
+        header(b"000000.cls", b"%011o\0" % 1, b"0") + pad(b"12"),
+    )
+    assert our_view(path) == tarfile_view(path) == [("000000.cls", b"12")]
+
+
+def test_a_pax_path_renames_the_next_member_for_every_reader(tmp_path) -> None:
+    records = pax({"path": "000001.cls"})
+    path = archive(
+        tmp_path,
+        header(b"PaxHeader", b"%011o\0" % len(records), b"x") + pad(records),
+        member(b"000000.cls", b"3"),
+    )
+    assert our_view(path) == tarfile_view(path) == [("000001.cls", b"3")]
+
+
+@pytest.mark.parametrize(
+    "records",
+    [{"size": "99999999999"}, {"size": "-5"}, {"size": "abc"}, {"GNU.sparse.size": "10"}],
+)
+def test_absurd_or_layout_changing_pax_records_are_refused(tmp_path, records) -> None:
+    data = pax(records)
+    path = archive(
+        tmp_path, header(b"PaxHeader", b"%011o\0" % len(data), b"x") + pad(data), member(b"000000.cls", b"1")
+    )
+    assert our_view(path) == "refused"
+
+
+def test_malformed_pax_lengths_are_refused(tmp_path) -> None:
+    data = b"99 path=000001.cls\n"
+    path = archive(
+        tmp_path, header(b"PaxHeader", b"%011o\0" % len(data), b"x") + pad(data), member(b"000000.cls", b"1")
+    )
+    assert our_view(path) == "refused"
+
+
+def test_a_global_pax_path_is_refused(tmp_path) -> None:
+    data = pax({"path": "000009.cls"})
+    path = archive(
+        tmp_path, header(b"GlobalHead", b"%011o\0" % len(data), b"g") + pad(data), member(b"000000.cls", b"1")
+    )
+    assert our_view(path) == "refused"
+
+
+def test_a_failed_checksum_is_refused_even_after_the_first_member(tmp_path) -> None:
+    bad = bytearray(member(b"000001.cls", b"2"))
+    bad[0] = ord("9")  # relabel the member without fixing the checksum
+    path = archive(tmp_path, member(b"000000.cls", b"1"), bytes(bad))
+    assert tarfile_view(path) == [("000000.cls", b"1")]  # tarfile silently stops there
+    assert our_view(path) == "refused"
+
+
+def test_a_directory_with_a_size_hides_nothing(tmp_path) -> None:
+    hidden = member(b"000000.cls", b"7")
+    path = archive(tmp_path, header(b"dir/", b"%011o\0" % len(hidden), b"5"), hidden)
+    assert our_view(path) == tarfile_view(path) == [("000000.cls", b"7")]
+
+
+def test_fields_with_embedded_nuls_read_as_tarfile_reads_them(tmp_path) -> None:
+    nul_name = archive(tmp_path, header(b"000000.cls\0" + b"000001.cls", b"%011o\0" % 1, b"0") + pad(b"1"))
+    assert our_view(nul_name) == tarfile_view(nul_name) == [("000000.cls", b"1")]
+    # a size field starting with NULs is 0 for tarfile: the next header follows at once
+    nul_size = archive(
+        tmp_path, header(b"000000.cls", b"\0\0\0\0" + b"%07o" % 1, b"0"), member(b"000001.cls", b"2")
+    )
+    assert our_view(nul_size) == tarfile_view(nul_size) == [("000000.cls", b""), ("000001.cls", b"2")]
+
+
+def test_prefix_long_names_and_links(tmp_path) -> None:
+    long_name = b"x" * 120 + b"/000000.cls"
+    path = archive(
+        tmp_path,
+        header(b"././@LongLink", b"%011o\0" % (len(long_name) + 1), b"L") + pad(long_name + b"\0"),
+        member(b"ignored.cls", b"5"),
+    )
+    assert our_view(path) == tarfile_view(path) == [(long_name.decode(), b"5")]
+    prefixed = archive(tmp_path, member(b"000000.cls", b"6", prefix=b"sub"))
+    assert our_view(prefixed) == tarfile_view(prefixed) == [("sub/000000.cls", b"6")]
+    link = archive(tmp_path, header(b"000000.cls", b"%011o\0" % 0, b"2"))
+    assert our_view(link) == "refused"
+
+
+def test_gzip_disguised_as_tar_is_refused(tmp_path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("000000.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    path = tmp_path / "gz.tar"
+    path.write_bytes(buffer.getvalue())
+    assert our_view(path) == "refused"
+
+
+def test_archives_made_by_tarfile_in_every_format_read_the_same(tmp_path) -> None:
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"f{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in (
+                ("000000.cls", b"1"),
+                ("d" * 120 + "/000001.png", b"\x89PNG" * 300),
+                ("é/000002.cls", b"2"),
+            ):
+                if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        assert our_view(path) == tarfile_view(path) != "refused"
+
+
+def test_fuzzed_real_shards_read_as_tarfile_or_are_refused(tmp_path) -> None:
+    """Seeded mutations of a real shard (flipped bytes, truncations, header field edits with
+    the checksum fixed up so the edit reaches the parser); every mutant agrees with tarfile
+    or raises DataError within the time limit, never another exception."""
+    shards = make_shards(tmp_path / "s", n=6, size=8, per_shard=6)
+    original = shards.paths[0].read_bytes()
+    headers = [pos for pos in range(0, len(original), BLOCK) if original[pos + 257 : pos + 262] == b"ustar"]
+    rng = np.random.default_rng(0)
+    fields = {"name": (0, 100), "size": (124, 12), "type": (156, 1), "prefix": (345, 155), "chksum": (148, 8)}
+    tokens = [
+        b"-1",
+        b"7777777777",
+        b"0",
+        b"\0",
+        b"x",
+        b"5",
+        b"L",
+        b"g",
+        b"2",
+        b"\x80",
+        b"1 2",
+        b"../a.cls",
+        b" ",
+    ]
+    outcomes = {"agree": 0, "refused": 0}
+    for trial in range(300):
+        data = bytearray(original)
+        kind = trial % 3
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(0, len(data)))] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:
+            data = data[: int(rng.integers(1, len(data)))]
+        else:
+            pos = int(rng.choice(headers))
+            offset, width = list(fields.values())[int(rng.integers(0, len(fields)))]
+            token = tokens[int(rng.integers(0, len(tokens)))][:width]
+            data[pos + offset : pos + offset + len(token)] = token
+            if offset != 148:
+                block = data[pos : pos + BLOCK]
+                block[148:156] = b" " * 8
+                data[pos + 148 : pos + 156] = b"%06o\0 " % sum(block)
+        path = tmp_path / f"m{trial}.tar"
+        path.write_bytes(bytes(data))
+        ours = our_view(path)
+        assert ours == "refused" or ours == tarfile_view(path), f"trial {trial} ({kind}) read differently"
+        outcomes["refused" if ours == "refused" else "agree"] += 1
+    assert outcomes["refused"] > 50 and outcomes["agree"] > 20  # both outcomes were exercised
