@@ -98,6 +98,12 @@ def _poison(args: argparse.Namespace) -> dict:
 
     if (args.test_in is None) != (args.test_out is None):
         raise DataError("--test-in and --test-out go together; give both or neither")
+    folders = {"--in": args.input, "--out": args.out, "--test-in": args.test_in, "--test-out": args.test_out}
+    resolved = {flag: Path(f).resolve() for flag, f in folders.items() if f is not None}
+    for out_flag in ("--out", "--test-out"):
+        for flag, folder in resolved.items():
+            if flag != out_flag and out_flag in resolved and resolved[out_flag] == folder:
+                raise DataError(f"{out_flag} and {flag} are the same folder {folder}; give each its own")
     config = AttackConfig(
         attack=args.attack,
         rate=args.rate,

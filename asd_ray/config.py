@@ -9,6 +9,7 @@ The only I/O is reading that YAML.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -255,6 +256,7 @@ class RunConfig:
     cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if self.defense not in ("asd", "none"):
             raise ValueError(f"defense {self.defense!r}: choose asd or none")
         if self.epochs < 1:
@@ -267,6 +269,51 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def _check_ranges(self) -> None:
+        for key, (ok, rule) in _RANGES.items():
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value is not None and not ok(value):
+                raise ValueError(f"{key} = {value!r} is out of range: it must be {rule}")
+
+
+def _finite(low: float, *, strict: bool) -> tuple[Any, str]:
+    """A rule for a finite number above ``low`` (strictly or not)."""
+    if strict:
+        return (lambda v: math.isfinite(v) and v > low), f"a finite number > {low}"
+    return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low}"
+
+
+_AT_LEAST_ONE = ((lambda v: v >= 1), "an integer >= 1")
+_NOT_NEGATIVE = ((lambda v: v >= 0), "an integer >= 0")
+# Every numeric setting's range, checked where the config is built, named by its key.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "seed": _NOT_NEGATIVE,
+    "baseline_batch_size": _AT_LEAST_ONE,
+    "data.crop_padding": _NOT_NEGATIVE,
+    "scoring.sce_alpha": _finite(0, strict=False),
+    "scoring.sce_beta": _finite(0, strict=False),
+    "scoring.batch_size": _AT_LEAST_ONE,
+    "mixmatch.temperature": _finite(0, strict=True),
+    "mixmatch.mixup_alpha": _finite(0, strict=True),
+    "mixmatch.lambda_u": _finite(0, strict=False),
+    "mixmatch.rampup_epochs": _finite(0, strict=True),
+    "mixmatch.lr": _finite(0, strict=True),
+    "mixmatch.warmup_epochs": _finite(0, strict=False),
+    "virtual.lr": _finite(0, strict=True),
+    "virtual.batch_size": _AT_LEAST_ONE,
+    "virtual.epochs": _finite(0, strict=False),
+    "virtual.min_steps": _NOT_NEGATIVE,
+    "cluster.cpus_per_worker": _finite(0, strict=True),
+    "cluster.gpus_per_worker": _finite(0, strict=False),
+    "cluster.cpus_per_scorer": _finite(0, strict=True),
+    "cluster.gpus_per_scorer": _finite(0, strict=False),
+    "cluster.threads_per_process": _AT_LEAST_ONE,
+    "cluster.max_failures": _NOT_NEGATIVE,
+    "cluster.memory_budget_gb": _finite(0, strict=True),
+}
 
 
 _CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -375,7 +422,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name} must be a list, got {value!r}")
         inner = typing.get_args(hint)[0]
         return tuple(_coerce(v, inner, name) for v in value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
     if hint in (int, str, bool) and type(value) is not hint:
         raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")

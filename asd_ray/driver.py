@@ -97,13 +97,14 @@ def run(
     out = Path(out).absolute()
     config, inputs = _resolve(config, inputs, out, resume)
     data = _open_inputs(config, inputs)  # every input is checked before anything is written
-    if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
-        _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
     started_ray = _init_ray(config)
     session = None
     try:
+        _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+            _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress)
     finally:
@@ -195,6 +196,13 @@ def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
             "or its clean parent; draw them with `asd-ray seeds --in` one of those"
         )
     ids = seeds.column("sample_id").to_numpy()
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        repeated = unique[counts > 1]
+        raise DataError(
+            f"{seeds_path}: seed sample id {repeated[0]} is listed {counts.max()} times ({len(repeated)} "
+            "id(s) repeated); every seed must be a distinct sample: draw the seeds again"
+        )
     if len(ids) and (ids.max() >= len(train) or ids.min() < 0):
         raise DataError(f"{seeds_path}: seed sample id {ids.max()} is outside the training set")
     seed_labels = seeds.column("label").to_numpy()
@@ -268,6 +276,27 @@ def _init_ray(config: RunConfig) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+def _check_resources(cluster) -> None:
+    """Refuse a run that asks for more CPUs or GPUs than the Ray cluster has (Ray would wait)."""
+    have = ray.cluster_resources()
+    asks = {
+        "GPU": (
+            cluster.workers * cluster.gpus_per_worker + cluster.scorers * cluster.gpus_per_scorer,
+            "--gpus-per-worker x --workers + --gpus-per-scorer x --scorers",
+        ),
+        "CPU": (
+            cluster.workers * cluster.cpus_per_worker + cluster.scorers * cluster.cpus_per_scorer,
+            "cluster.cpus_per_worker x --workers + cluster.cpus_per_scorer x --scorers",
+        ),
+    }
+    for resource, (need, how) in asks.items():
+        if need > have.get(resource, 0) + 1e-9:
+            raise DataError(
+                f"the run asks for {need:g} {resource}s ({how}) but the Ray cluster has "
+                f"{have.get(resource, 0):g}; lower those settings or add nodes (start them before the run)"
+            )
 
 
 class _Session:

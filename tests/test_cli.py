@@ -117,3 +117,45 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
 def test_console_script_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "asd_ray", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "poison" in result.stdout
+
+
+def test_overwrite_replaces_only_shard_sets_and_outputs_never_equal_inputs(tmp_path, capsys):
+    from conftest import make_shards
+
+    make_shards(tmp_path / "clean", n=40, size=8, classes=4, per_shard=20)
+    users = tmp_path / "users-folder"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    poison = [
+        "poison",
+        "--attack",
+        "badnets",
+        "--rate",
+        "0.2",
+        "--target",
+        "1",
+        "--in",
+        str(tmp_path / "clean"),
+    ]
+    code, _, err = run([*poison, "--out", str(users), "--overwrite"], capsys)
+    assert code == 2 and "is not a shard set made by asd-ray (it holds 'thesis.tex')" in err
+    assert (users / "thesis.tex").read_text() == "years of work"
+    code, _, err = run([*poison, "--out", str(tmp_path / "clean"), "--overwrite"], capsys)
+    assert code == 2 and "--out and --in are the same folder" in err
+    code, _, err = run(
+        [
+            *poison,
+            "--out",
+            str(tmp_path / "p"),
+            "--test-in",
+            str(tmp_path / "clean"),
+            "--test-out",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "are the same folder" in err and not (tmp_path / "p").exists()
+    assert run([*poison, "--out", str(tmp_path / "p")], capsys)[0] == 0
+    assert (
+        run([*poison, "--out", str(tmp_path / "p"), "--overwrite", "--seed", "1"], capsys)[0] == 0
+    )  # a shard set

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 import torch
@@ -162,3 +163,24 @@ def test_memory_budget_serves_shares_from_disk_with_identical_results(ray_cluste
         else:
             assert not cache.exists() or not list(cache.iterdir())
     assert tables_by_budget["disk"].equals(tables_by_budget["memory"])
+
+
+def test_repeated_seed_ids_are_refused(poisoned_data, tmp_path):
+    seeds = tables.read_parquet(poisoned_data.seeds, "seeds")
+    ids = seeds.column("sample_id").to_numpy().copy()
+    labels = seeds.column("label").to_numpy()
+    for c in range(4):  # one real seed per class, listed ten times: the per-class count still holds
+        ids[labels == c] = ids[labels == c][0]
+    repeated = seeds.set_column(seeds.schema.get_field_index("sample_id"), "sample_id", pa.array(ids))
+    tables.write_parquet(repeated, tmp_path / "repeated.parquet", "seeds")
+    inputs = dataclasses.replace(poisoned_data, seeds=str(tmp_path / "repeated.parquet"))
+    with pytest.raises(DataError, match="is listed 10 times .*4 id\\(s\\) repeated"):
+        run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_request_the_cluster_cannot_meet_is_refused_not_awaited(ray_cluster, poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, "cluster.gpus_per_scorer=1"])
+    with pytest.raises(DataError, match="asks for 2 GPUs .* the Ray cluster has 0"):
+        run(config, poisoned_data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
