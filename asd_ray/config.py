@@ -362,7 +362,7 @@ def load_config(
     """
     config = preset(preset_name) if preset_name else RunConfig()
     if yaml_path is not None:
-        values = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        values = _yaml(Path(yaml_path), f"--config {yaml_path}") or {}
         if not isinstance(values, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config sections")
         config = from_dict(values, config)
@@ -384,11 +384,24 @@ def config_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def _yaml(source: Path | str, what: str) -> Any:
+    """YAML (safe: no tags that build objects) from a file or a string, or a one-line error."""
+    try:
+        return yaml.safe_load(source.read_text() if isinstance(source, Path) else source)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read the file ({err.strerror}); check the path") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{what}: not valid YAML{line} ({problem}); fix the file") from None
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"override {text!r} must look like section.field=value")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), _yaml(value, f"override {text!r}")
 
 
 def _build(cls: type, values: dict[str, Any], base: Any, prefix: str) -> Any:

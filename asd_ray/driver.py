@@ -37,7 +37,7 @@ from asd_ray.attacks.poison import read_ground_truth
 from asd_ray.config import RunConfig, config_yaml, from_dict, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
-from asd_ray.errors import DataError
+from asd_ray.errors import DataError, data_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.scoring import ModelSpec, PassResult, ScoringPool, scores_table
@@ -376,6 +376,9 @@ class _Session:
             if result is not None:
                 return result
             if not self.thread.is_alive():
+                bad_data = data_error_of(self.fit_error) if self.fit_error else None
+                if bad_data:
+                    raise bad_data from None  # the workers stopped on bad data: its one line
                 raise RuntimeError(f"Ray Train stopped during {what}: {self.fit_error!r}") from self.fit_error
 
     def loop(self, stop_after_epoch: int | None, progress: Callable[[str], None]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.augment import augment, normalize
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
-from asd_ray.errors import DataError
+from asd_ray.errors import DataError, data_error_of
 from asd_ray.losses import sce_loss
 from asd_ray.models import build_model
 
@@ -225,7 +225,11 @@ class ScoringPool:
             )
             for i in range(num_actors)
         ]
-        sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])  # waits for decoding
+        try:  # waits for decoding; bad data surfaces as the actor's DataError, in one line
+            sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])
+        except ray.exceptions.RayError as err:
+            self.shutdown()
+            raise data_error_of(err) or err from None
         assert sum(sizes) == next(iter(self.sizes.values()))
 
     def run(

@@ -184,3 +184,25 @@ def test_a_request_the_cluster_cannot_meet_is_refused_not_awaited(ray_cluster, p
     with pytest.raises(DataError, match="asks for 2 GPUs .* the Ray cluster has 0"):
         run(config, poisoned_data, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_image_found_by_the_actors_is_one_clear_error(ray_cluster, poisoned_data, tmp_path):
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    train = tmp_path / "train"
+    shutil.copytree(poisoned_data.train, train)
+    shard = sorted(train.glob("*.tar"))[1]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + 16 : member.offset_data + 40] = b"\xff" * 24  # header checksums stay valid
+    shard.write_bytes(bytes(data))
+    (train / "poison.parquet").unlink()
+    inputs = dataclasses.replace(poisoned_data, train=str(train), ground_truth=None, seeds=None)
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, "defense=none"])
+    with pytest.raises(DataError) as caught:
+        run(config, inputs, tmp_path / "run", progress=lambda _: None)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and shard.name in message and Path(member.name).stem in message

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -122,6 +123,69 @@ class ShardSetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
+
+
+def read_dataset_info(path: Path) -> ShardSetInfo:
+    """Parse and check ``dataset.json``: every field of the right type, shard files inside the folder.
+
+    Raises:
+        DataError: naming the file, the field and the fix.
+    """
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: {why}; re-make the shard set with `asd-ray shards make`")
+
+    try:
+        raw = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError) as err:  # RecursionError: absurdly deep nesting
+        raise bad(f"not readable JSON ({type(err).__name__})") from None
+    if not isinstance(raw, dict):
+        raise bad("not a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(ShardSetInfo)}
+    unknown = sorted(set(raw) - set(fields))
+    missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw)
+    if unknown or missing:
+        raise bad(f"unexpected fields {unknown} / missing fields {missing}")
+
+    def is_int(v, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    checks = {
+        "name": isinstance(raw["name"], str),
+        "num_samples": is_int(raw["num_samples"], 1),
+        "class_names": isinstance(raw["class_names"], list)
+        and len(raw["class_names"]) >= 2
+        and all(isinstance(c, str) for c in raw["class_names"]),
+        "shards": isinstance(raw["shards"], list)
+        and all(
+            isinstance(s, dict)
+            and set(s) == {"file", "count"}
+            and isinstance(s["file"], str)
+            and _SHARD_FILE.fullmatch(s["file"])
+            and is_int(s["count"])
+            for s in raw["shards"]
+        ),
+        "image_size": raw["image_size"] is None
+        or (
+            isinstance(raw["image_size"], list)
+            and len(raw["image_size"]) == 2
+            and all(is_int(v, 1) for v in raw["image_size"])
+        ),
+        "channels": raw["channels"] is None or raw["channels"] in (1, 3),
+        "source": isinstance(raw["source"], str),
+        "attack": raw.get("attack") is None or isinstance(raw["attack"], dict),
+        "format_version": is_int(raw.get("format_version", FORMAT_VERSION)),
+    }
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        raise bad(
+            f"field {wrong[0]!r} has a wrong type or value (shard files must be plain NAME.tar names "
+            "inside the folder)"
+        )
+    return ShardSetInfo(**raw)
 
 
 class ShardWriter:
@@ -416,10 +480,7 @@ class ShardSet:
         if not meta_path.is_file():
             found = "holds no files" if not any(self.folder.iterdir()) else f"has no {DATASET_FILE}"
             raise DataError(f"shard folder {self.folder} {found}; create it with `asd-ray shards make`")
-        try:
-            self.info = ShardSetInfo(**json.loads(meta_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise DataError(f"{meta_path}: unreadable ({err}); re-make the shard set") from None
+        self.info = read_dataset_info(meta_path)
         if self.info.format_version != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format v{self.info.format_version} is not supported")
         self.manifest = tables.read_parquet(self.folder / MANIFEST_FILE, "manifest")
