@@ -161,8 +161,9 @@ def _run(args: argparse.Namespace) -> dict:
     from asd_ray.config import load_config
     from asd_ray.driver import RunInputs, run
 
-    overrides = [f"defense={args.defense}", *args.set]
+    overrides = list(args.set)
     for flag, key in (
+        ("defense", "defense"),
         ("workers", "cluster.workers"),
         ("scorers", "cluster.scorers"),
         ("gpus_per_worker", "cluster.gpus_per_worker"),
@@ -172,7 +173,13 @@ def _run(args: argparse.Namespace) -> dict:
     ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    config = load_config(args.preset, args.config, overrides)
+    if args.resume:  # the run's own config, with what this command changes (checked by the driver)
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise DataError(f"--resume {args.out}: no config.yaml there; start a new run with --out")
+        config = load_config(None, saved, overrides)
+    else:
+        config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
         raise DataError("asd-ray run needs --train and --test (or --resume with an existing --out)")
     inputs = RunInputs(
@@ -355,9 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run folder")
     run.add_argument(
         "--defense",
-        default="asd",
         choices=("asd", "none"),
-        help="asd, or none: plain supervised training on the whole poisoned set",
+        help="asd (default), or none: plain supervised training on the whole poisoned set",
     )
     run.add_argument("--epochs", type=int, help="total epochs T3 (default: the preset's)")
     run.add_argument("--workers", type=int, help="Ray Train workers (cluster.workers)")

@@ -16,10 +16,12 @@ driver talks to its workers through the run's :class:`~asd_ray.mailbox.Mailbox`.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -34,7 +36,7 @@ import ray
 
 from asd_ray import tables
 from asd_ray.attacks.poison import read_ground_truth
-from asd_ray.config import RunConfig, config_yaml, from_dict, load_config
+from asd_ray.config import RunConfig, config_yaml, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
 from asd_ray.errors import DataError, data_error_of
@@ -45,6 +47,7 @@ from asd_ray.split import make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
 METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
+LOCK_FILE = ".lock"
 _RESULT_POLL_S = 5.0
 
 
@@ -98,22 +101,25 @@ def run(
     config, inputs = _resolve(config, inputs, out, resume)
     data = _open_inputs(config, inputs)  # every input is checked before anything is written
     started_ray = _init_ray(config)
-    session = None
+    session = lock = None
     try:
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
+        lock = _lock_run_folder(out)
         if not resume:
             out.mkdir(parents=True, exist_ok=True)
             _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
             _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress)
+        summary["wall_s"] = round(time.perf_counter() - start, 1)
+        _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     finally:
         if session is not None:
             session.close()
+        if lock is not None:
+            lock.close()  # released: another driver may take the folder
         if started_ray:
             ray.shutdown()
-    summary["wall_s"] = round(time.perf_counter() - start, 1)
-    _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     return summary
 
 
@@ -123,16 +129,65 @@ def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> t
         if not (out / CONFIG_FILE).is_file():
             raise DataError(f"--resume {out}: no {CONFIG_FILE} there; start a new run with --out")
         saved = load_config(None, out / CONFIG_FILE)
-        config = from_dict({"cluster": dataclasses.asdict(config.cluster)}, saved)
+        refused = [key for key in _changed_keys(saved.to_dict(), config.to_dict()) if not _resumable(key)]
+        if refused:
+            raise DataError(
+                f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
+                "a resumed run keeps its algorithm and data settings (only cluster.* and epochs may "
+                "change): drop the flag, or start a new run with --out"
+            )
         inputs = RunInputs(**json.loads((out / INPUTS_FILE).read_text()))
         return config, inputs
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise DataError(
             f"run folder {out} is not empty; pass --resume to continue it or choose another --out"
         )
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
     return config, inputs.absolute()
+
+
+def _lock_run_folder(out: Path):
+    """Hold ``RUN/.lock`` (an OS lock, gone with its process, so a killed driver leaves none)
+    while this driver writes the folder; a second driver is refused with the owner named.
+
+    Returns:
+        the open lock file: closing it releases the lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise DataError(
+            f"run folder {out} is being written by {owner}; wait for that run or choose another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+    handle.flush()
+    return handle
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return sorted(keys)
+
+
+def _resumable(key: str) -> bool:
+    """Settings a resumed run may change: where it runs, and how long (the lambda_u ramp
+    and stage boundaries stay as configured, and are checked against the new length)."""
+    return key.startswith("cluster.") or key in ("epochs", "preset")
 
 
 @dataclasses.dataclass(frozen=True)

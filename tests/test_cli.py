@@ -159,3 +159,15 @@ def test_overwrite_replaces_only_shard_sets_and_outputs_never_equal_inputs(tmp_p
     assert (
         run([*poison, "--out", str(tmp_path / "p"), "--overwrite", "--seed", "1"], capsys)[0] == 0
     )  # a shard set
+
+
+def test_resume_reads_the_run_config_and_refuses_algorithm_changes(tmp_path, capsys):
+    from asd_ray.config import config_yaml, load_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(config_yaml(load_config("mnist-quick")))
+    code, _, err = run(["run", "--out", str(out), "--resume", "--set", "mixmatch.lr=0.01"], capsys)
+    assert code == 2 and "mixmatch.lr differs from the run's config" in err and len(err.splitlines()) == 1
+    code, _, err = run(["run", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert code == 2 and "no config.yaml there" in err

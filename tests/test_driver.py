@@ -206,3 +206,30 @@ def test_a_corrupt_image_found_by_the_actors_is_one_clear_error(ray_cluster, poi
         run(config, inputs, tmp_path / "run", progress=lambda _: None)
     message = str(caught.value)
     assert len(message.splitlines()) == 1 and shard.name in message and Path(member.name).stem in message
+
+
+def test_a_second_driver_on_the_same_run_folder_is_refused(ray_cluster, poisoned_data, tmp_path):
+    from asd_ray.driver import _lock_run_folder
+
+    held = _lock_run_folder(tmp_path / "run")  # as if another driver were writing it
+    try:
+        with pytest.raises(DataError, match="is being written by the asd-ray driver pid .* on .* since"):
+            run(load_config("mnist-quick", overrides=TINY_RUN), poisoned_data, tmp_path / "run")
+    finally:
+        held.close()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing else was written
+
+
+def test_resume_applies_cluster_and_epochs_and_refuses_other_changes(poisoned_data, tmp_path):
+    from asd_ray.config import config_yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = load_config("mnist-quick", overrides=TINY_RUN)
+    (out / "config.yaml").write_text(config_yaml(saved))
+    (out / "inputs.json").write_text(json.dumps(dataclasses.asdict(poisoned_data.absolute())))
+    changed = load_config(None, out / "config.yaml", ["mixmatch.lr=0.01", "cluster.workers=1"])
+    with pytest.raises(
+        DataError, match="mixmatch.lr differs from the run's config .*only cluster.\\* and epochs"
+    ):
+        run(changed, poisoned_data, out, resume=True)
