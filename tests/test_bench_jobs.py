@@ -24,3 +24,16 @@ def test_bench_gpu_smoke_runs_on_cpu_and_reports_every_figure() -> None:
         assert 0 < figures["data_wait_share"] < 1
         assert figures["projection_s"] > 0
     assert "| 32px |" in done.stderr and "| 224px |" in done.stderr
+
+
+def test_bench_driver_runs_small_and_reports_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "bench_driver.py"), "--samples", "20000", "--classes", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["split_s"]) == {"stage1", "stage2", "stage3"} and result["flag_rows"] == 20000
+    assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
