@@ -448,6 +448,8 @@ class _Session:
             f"{config.cluster.scorers} scorers; "
             f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
         )
+        if hello.get("resumed_from"):
+            progress(f"asd-ray: {hello['resumed_from']}")
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
             _write_metrics(out, rows)

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import io
 import logging
 import math
+import pickle
 import tempfile
 import time
 import warnings
@@ -54,6 +57,38 @@ from asd_ray.mailbox import NAMESPACE
 from asd_ray.scoring import ModelSpec, to_numpy_weights
 
 CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
+
+
+def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
+    """The newest checkpoint state, starting from ``latest``, whose ``state.pt`` matches its
+    digest and loads (weights only); older checkpoints beside it are the fallback.
+
+    Returns:
+        the state and a line saying which checkpoint was used (and which were skipped).
+
+    Raises:
+        DataError: when no checkpoint of the run is intact.
+    """
+    candidates = sorted(
+        (p for p in latest.parent.glob("checkpoint_*") if p.name <= latest.name), reverse=True
+    )
+    skipped = []
+    for folder in candidates:
+        state_path, digest_path = folder / CHECKPOINT_FILE, folder / CHECKPOINT_DIGEST
+        try:
+            data = state_path.read_bytes()
+            if digest_path.exists() and hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
+                raise ValueError("digest mismatch")
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+            skipped.append(folder.name)
+            continue
+        note = f"resumed from {folder.name} (epoch {int(state['epoch'])})"
+        return state, note + (f"; skipped unreadable {', '.join(skipped)}" if skipped else "")
+    raise DataError(
+        f"{latest.parent}: no intact checkpoint ({', '.join(skipped)} unreadable); start the run again"
+    )
 
 
 @dataclasses.dataclass
@@ -464,12 +499,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
 
     # 3. Resume from the last checkpoint, if any.
-    done_epoch = -1
+    done_epoch, resumed_from = -1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state_path = Path(folder) / CHECKPOINT_FILE
-            state = torch.load(state_path, weights_only=True, map_location=device)
+        state, resumed_from = newest_intact_state(Path(checkpoint.path), device)
         base.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         done_epoch = int(state["epoch"])
@@ -480,6 +513,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": done_epoch,
             "weights": to_numpy_weights(base),
             "precision": compute.resolve_precision(config.compute, device),
+            "resumed_from": resumed_from,
         }
         ray.get(mailbox.post_result.remote(0, hello))
 
@@ -542,5 +576,7 @@ def _report(model, optimizer, epoch: int, split: str | None, seed: int, metrics:
                 "split": split,
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            digest = hashlib.sha256((Path(folder) / CHECKPOINT_FILE).read_bytes()).hexdigest()
+            (Path(folder) / CHECKPOINT_DIGEST).write_text(digest + "\n")
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)

@@ -57,7 +57,8 @@ def test_stop_and_resume_continue_from_the_last_epoch(ray_cluster, poisoned_data
     lines = []
     second = run(config, poisoned_data, out, resume=True, progress=lines.append)
     assert second["epochs"] == 3
-    assert "resuming after epoch 0" in lines[0] and "epoch 0 was checkpointed but not recorded" in lines[1]
+    assert "resuming after epoch 0" in lines[0] and "resumed from checkpoint_" in lines[1]
+    assert "epoch 0 was checkpointed but not recorded" in lines[2]
     assert split_path(out, 0).read_bytes() == epoch0  # epoch 0 was not redone
     metrics = tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist()
     assert metrics == [0, 1, 2]
@@ -233,3 +234,17 @@ def test_resume_applies_cluster_and_epochs_and_refuses_other_changes(poisoned_da
         DataError, match="mixmatch.lr differs from the run's config .*only cluster.\\* and epochs"
     ):
         run(changed, poisoned_data, out, resume=True)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(ray_cluster, poisoned_data, tmp_path):
+    config = load_config("mnist-quick", overrides=TINY_RUN)
+    out = tmp_path / "run"
+    run(config, poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
+    latest = max(c for c in (out / "train").glob("checkpoint_*") if c.is_dir())
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a truncated write
+    lines = []
+    summary = run(config, poisoned_data, out, resume=True, progress=lines.append)
+    assert any(f"skipped unreadable {latest.name}" in line and "(epoch 0)" in line for line in lines)
+    assert summary["epochs"] == 3
+    assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0, 1, 2]
