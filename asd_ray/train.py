@@ -80,7 +80,8 @@ def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
             data = state_path.read_bytes()
             if digest_path.exists() and hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
                 raise ValueError("digest mismatch")
-            state = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+            buffer = io.BytesIO(data)
+            state = torch.load(buffer, weights_only=True, map_location=device)
         except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
             skipped.append(folder.name)
             continue

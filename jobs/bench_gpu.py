@@ -106,7 +106,9 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     def score() -> None:  # fp32 without TF32, as the scoring actors run
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        score_images(base.eval(), host_images, labels.cpu(), config.data, config.scoring, config.compute)
+        score_images(
+            base.train(False), host_images, labels.cpu(), config.data, config.scoring, config.compute
+        )
         base.train()
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
