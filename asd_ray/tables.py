@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -146,26 +146,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-_SHARD_SET_FILES = ("dataset.json", "manifest.parquet", "poison.parquet")
-
-
-def _check_replaceable(path: Path) -> None:
-    """--overwrite replaces only an empty folder or a complete shard set made by asd-ray."""
-    if not path.is_dir() or path.is_symlink():
-        raise DataError(f"{path} is not a folder; --overwrite replaces only shard sets: choose another --out")
-    names = [p.name for p in path.iterdir()]
-    if not names:
-        return
-    foreign = [n for n in names if n not in _SHARD_SET_FILES and not n.endswith(".tar")]
-    if foreign or not {"dataset.json", "manifest.parquet"} <= set(names):
-        raise DataError(
-            f"{path} is not a shard set made by asd-ray (it holds {(foreign or names)[0]!r}); "
-            "--overwrite replaces only those: remove the folder yourself or choose another --out"
-        )
-
-
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path, *, overwrite: bool = False, check_replaceable: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only on success.
 
     On any error the temporary folder is removed, so a failed command leaves
@@ -177,8 +161,8 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
-    if path.exists():
-        _check_replaceable(path)
+    if path.exists() and check_replaceable is not None:
+        check_replaceable(path)  # raises if ``path`` is not the kind of folder overwrite may replace
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -34,6 +34,7 @@ from asd_ray.data.shards import (
     encode_image,
     finish_shard_set,
     iter_records,
+    new_shard_set_dir,
 )
 from asd_ray.errors import DataError
 
@@ -183,7 +184,7 @@ def poison_shards(
         return out_images
 
     params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
-    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+    with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
         for ids, records in _chunks(clean):
             _write_chunk(writer, ids, records, plan.is_modified[ids], plan.label_after[ids], modify, clean)
@@ -239,7 +240,7 @@ def poison_test_shards(
     trigger = build_trigger(config, shape)
     new_id = np.cumsum(keep) - 1
     params = {**config.to_dict(), "pgd": False}
-    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+    with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean_test.info.name, int(clean_test.info.shards[0]["count"]), num_classes)
         for ids, records in _chunks(clean_test):
             ids, records = ids[keep[ids]], [r for r, k in zip(records, keep[ids]) if k]

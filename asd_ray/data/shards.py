@@ -283,6 +283,27 @@ def finish_shard_set(
     return info
 
 
+def check_replaceable(path: Path) -> None:
+    """--overwrite replaces only an empty folder or a complete shard set made by asd-ray."""
+    if not path.is_dir() or path.is_symlink():
+        raise DataError(f"{path} is not a folder; --overwrite replaces only shard sets: choose another --out")
+    names = [p.name for p in path.iterdir()]
+    if not names:
+        return
+    own = (DATASET_FILE, MANIFEST_FILE, GROUND_TRUTH_FILE)
+    foreign = [n for n in names if n not in own and not n.endswith(".tar")]
+    if foreign or not {DATASET_FILE, MANIFEST_FILE} <= set(names):
+        raise DataError(
+            f"{path} is not a shard set made by asd-ray (it holds {(foreign or names)[0]!r}); "
+            "--overwrite replaces only those: remove the folder yourself or choose another --out"
+        )
+
+
+def new_shard_set_dir(out: str | Path, *, overwrite: bool = False):
+    """A temporary folder that becomes the shard set ``out`` on success (see tables.atomic_dir)."""
+    return tables.atomic_dir(out, overwrite=overwrite, check_replaceable=check_replaceable)
+
+
 def write_shards(
     source: Source,
     out: str | Path,
@@ -296,7 +317,7 @@ def write_shards(
     Images arrive either decoded (encoded here: PNG up to 64 px, else JPEG q95)
     or as original JPEG bytes, which are stored unchanged.
     """
-    with tables.atomic_dir(out, overwrite=overwrite) as tmp:
+    with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, name, samples_per_shard, len(source.class_names))
         for sample_id, record in enumerate(source.records):
             if record.encoded is not None:
