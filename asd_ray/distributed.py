@@ -1,12 +1,12 @@
 """What makes W workers compute the single-process step: batch norm over the global batch,
 and gathering a step's rows from every rank.
 
-Models and losses know nothing of this; :mod:`asd_ray.train` applies it when a
+Models and losses know nothing of this; :mod:`asd_ray.steps` applies it when a
 run has more than one worker. PyTorch's ``SyncBatchNorm`` runs on CUDA only, so
 on CPU (gloo) the same arithmetic is :class:`GlobalBatchNorm`: per-channel sums
 are all-reduced in the forward pass, and the sums of the upstream gradient in
 the backward pass, which is exactly the gradient of the single-process loss
-when each rank's loss is scaled as :func:`asd_ray.train.mixmatch_epoch` does.
+when each rank's loss is scaled as :func:`asd_ray.steps.mixmatch_epoch` does.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ from asd_ray.data.share import load_share
 from asd_ray.errors import DataError, data_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.scoring import ModelSpec, PassResult, ScoringPool, scores_table
+from asd_ray.models import ModelSpec
+from asd_ray.scorers import PassResult, ScoringPool
+from asd_ray.scoring import scores_table
 from asd_ray.split import make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"

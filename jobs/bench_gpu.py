@@ -40,9 +40,10 @@ import torch
 
 from asd_ray import compute
 from asd_ray.config import RunConfig, load_config
-from asd_ray.scoring import ModelSpec, score_images
+from asd_ray.models import ModelSpec
+from asd_ray.scoring import score_images
 from asd_ray.split import stage_of
-from asd_ray.train import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
+from asd_ray.steps import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
 
 # Dataset sizes of the projections: CIFAR-10, and the ImageNet-30 subset of the ASD paper.
 PRESET_SIZES = {"cifar10": (50_000, 10_000, 9_000), "imagenet30": (38_859, 3_000, 2_900)}

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from asd_ray.config import RunConfig, load_config
-from asd_ray.scoring import ModelSpec
-from asd_ray.train import WorkerData, mixmatch_epoch, virtual_epoch
+from asd_ray.models import ModelSpec
+from asd_ray.steps import WorkerData, mixmatch_epoch, virtual_epoch
 
 SECTIONS = ("mixmatch", "virtual", "scoring", "ray_overhead", "fixed_cost")
 THREADS = 2
@@ -134,7 +134,8 @@ def bench_scoring(args) -> dict:
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
     from asd_ray.data.shards import ShardSet, write_shards
     from asd_ray.data.sources import from_arrays
-    from asd_ray.scoring import ScoringPool, to_numpy_weights
+    from asd_ray.models import to_numpy_weights
+    from asd_ray.scorers import ScoringPool
 
     n = args.scoring_images
     rng = np.random.default_rng(0)

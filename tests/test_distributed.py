@@ -12,8 +12,8 @@ from scipy import stats
 
 from asd_ray import compute, distributed
 from asd_ray.config import load_config
-from asd_ray.scoring import ModelSpec
-from asd_ray.train import (
+from asd_ray.models import ModelSpec
+from asd_ray.steps import (
     WorkerData,
     batch_scale,
     lr_factor,

@@ -6,8 +6,8 @@ import torch
 
 from asd_ray import compute
 from asd_ray.config import load_config
-from asd_ray.scoring import ModelSpec
-from asd_ray.train import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
+from asd_ray.models import ModelSpec
+from asd_ray.steps import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
 
 
 def _share(n: int = 64, channels: int = 1) -> WorkerData:

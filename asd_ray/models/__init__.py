@@ -4,6 +4,22 @@ ASD's stage 3 trains a copy of the model (the virtual model) updating only its
 last layers; :meth:`Classifier.meta_parameters` names them per architecture.
 """
 
-from asd_ray.models.registry import MODEL_NAMES, Classifier, build_model
+from asd_ray.models.registry import (
+    MODEL_NAMES,
+    Classifier,
+    ModelSpec,
+    Weights,
+    build_model,
+    load_numpy_weights,
+    to_numpy_weights,
+)
 
-__all__ = ["MODEL_NAMES", "Classifier", "build_model"]
+__all__ = [
+    "MODEL_NAMES",
+    "Classifier",
+    "ModelSpec",
+    "Weights",
+    "build_model",
+    "load_numpy_weights",
+    "to_numpy_weights",
+]

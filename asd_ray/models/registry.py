@@ -8,9 +8,11 @@ CIFAR-style stem (no early down-sampling), larger ones the torchvision layout
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision import models as tvm
@@ -197,3 +199,31 @@ def _small_cnn(num_classes: int, in_channels: int) -> Classifier:
     blocks = [(f"block{i}", block(widths[i - 1], widths[i], i < 4)) for i in range(1, 5)]
     backbone = nn.Sequential(OrderedDict(blocks + _pool_flatten()))
     return Classifier(backbone, nn.Linear(widths[-1], num_classes), ("block4",))
+
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What every process needs to build the same classifier."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def build(self) -> Classifier:
+        return build_model(
+            self.name, self.num_classes, in_channels=self.in_channels, image_size=self.image_size
+        )
+
+
+def to_numpy_weights(model: torch.nn.Module) -> Weights:
+    """The model's state dict as numpy arrays (cheap to share through the object store)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Load weights from :func:`to_numpy_weights` (copies: object-store arrays are read-only)."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})

@@ -1,0 +1,212 @@
+"""A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scoring`).
+
+Each actor decodes its own slices of the shard sets once (the data layer's
+worker assignment, so every sample is scored exactly once) and keeps them in
+memory as uint8. Once per pass the driver ``ray.put``s the model weights and
+every actor receives the same object reference: weights cross the object store
+once per pass, never per batch. Actors restart on failure (up to 3 times)
+and retry the call (their data is re-read in ``__init__``, the weights come
+with every call). With
+``scoring.augment`` on, each actor draws its own augmentation stream, so
+augmented scores (unlike the default clean ones) depend on the actor count.
+
+The pool never decides a split: it returns ``(sample_id, label, loss,
+prediction)`` tables, and :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` use them.
+The same actors run stage 3's second pass with the virtual model's weights, and
+one pass can cover several datasets with one weight load (the driver fuses the
+end-of-epoch evaluation with the next epoch's scoring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from asd_ray import compute
+from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
+from asd_ray.data.shards import ShardSet, ShardSlice
+from asd_ray.data.share import load_share, remove_caches
+from asd_ray.errors import DataError, data_error_of
+from asd_ray.models import ModelSpec, Weights, load_numpy_weights
+from asd_ray.scoring import PASS_SCHEMA, score_images
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
+class ScoringActor:
+    """Holds a share of one or more shard sets and scores it with given weights."""
+
+    def __init__(
+        self,
+        shares: dict[str, tuple[str, list[ShardSlice]]],
+        spec: ModelSpec,
+        data: DataConfig,
+        scoring: ScoringConfig,
+        compute_config: ComputeConfig,
+        threads: int,
+        memory: tuple[int | None, str | None] = (None, None),
+    ):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compute.disable_tf32()  # scores are fp32, also on Ampere and later GPUs
+        self.data, self.scoring, self.compute = data, scoring, compute_config
+        model = compute.prepare_model(spec.build(), compute_config)
+        self.model = model.to(self.device).train(False)  # eval mode
+        self.shares = {}
+        for name, (folder, slices) in shares.items():
+            budget, cache_dir = memory
+            images, ids, labels = load_share(
+                ShardSet(folder), slices, budget_bytes=budget, cache_dir=cache_dir
+            )
+            pixels = torch.from_numpy(images)
+            if self.device.type == "cuda" and not isinstance(images, np.memmap):
+                pixels = pixels.pin_memory()  # batch copies overlap the arithmetic (a disk cache stays)
+            self.shares[name] = (pixels, ids, torch.from_numpy(labels))
+
+    def close(self) -> None:
+        """Drop the shares and their disk caches (before the pool kills this actor)."""
+        self.shares.clear()
+        remove_caches()
+
+    def size(self, name: str) -> int:
+        return len(self.shares[name][1])
+
+    def score(
+        self, names: list[str], weights: Weights, augment_seeds: dict[str, int] | None = None
+    ) -> tuple[dict[str, pa.RecordBatch], dict[str, float]]:
+        """SCE loss and prediction of every held sample of each dataset in ``names``
+        (eval mode, no grad, fp32), with the weights loaded once.
+
+        Returns:
+            one record batch per name, and the seconds each took (model arithmetic only).
+        """
+        load_numpy_weights(self.model, weights)
+        batches, seconds = {}, {}
+        for name in names:
+            start = time.perf_counter()
+            seed = (augment_seeds or {}).get(name)
+            batches[name] = self._score_one(
+                name, None if seed is None else torch.Generator().manual_seed(seed)
+            )
+            seconds[name] = time.perf_counter() - start
+        return batches, seconds
+
+    def _score_one(self, name: str, generator: torch.Generator | None) -> pa.RecordBatch:
+        images, ids, labels = self.shares[name]
+        loss, prediction = score_images(
+            self.model, images, labels, self.data, self.scoring, self.compute, generator=generator
+        )
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array(ids),
+                pa.array(labels.numpy().astype(np.int32)),
+                pa.array(loss.numpy().astype(np.float32)),
+                pa.array(prediction.numpy().astype(np.int32)),
+            ],
+            schema=PASS_SCHEMA,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """One scoring pass over one or more datasets with the same weights."""
+
+    tables: dict[str, pa.Table]  # name -> N rows (sample_id, label, loss, prediction), sorted by id
+    compute_s: dict[str, float]  # name -> seconds of model arithmetic on the slowest actor
+
+
+class ScoringPool:
+    """A fixed set of :class:`ScoringActor` over named shard sets (e.g. train, test, poison_test).
+
+    Results never depend on the number of actors: every sample is scored once,
+    and the assembled table is sorted by sample_id.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, ShardSet],
+        spec: ModelSpec,
+        data: DataConfig,
+        scoring: ScoringConfig,
+        compute_config: ComputeConfig,
+        *,
+        num_actors: int,
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+        threads: int = 1,
+        memory: tuple[int | None, str | None] = (None, None),
+    ):
+        self.sizes = {name: len(shards) for name, shards in datasets.items()}
+        slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
+        self.actors = [
+            ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
+                {name: (str(datasets[name].folder), slices[name][i]) for name in datasets},
+                spec,
+                data,
+                scoring,
+                compute_config,
+                threads,
+                memory,
+            )
+            for i in range(num_actors)
+        ]
+        try:  # waits for decoding; bad data surfaces as the actor's DataError, in one line
+            sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])
+        except ray.exceptions.RayError as err:
+            self.shutdown()
+            raise data_error_of(err) or err from None
+        assert sum(sizes) == next(iter(self.sizes.values()))
+
+    def run(
+        self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
+    ) -> pa.Table:
+        """One pass over dataset ``name``: a table of N rows (sample_id, label, loss, prediction)."""
+        augment_seeds = None if augment_seed is None else {name: augment_seed}
+        return self.run_many([name], weights, augment_seeds=augment_seeds).tables[name]
+
+    def run_many(
+        self,
+        names: list[str],
+        weights: Weights | ray.ObjectRef,
+        *,
+        augment_seeds: dict[str, int] | None = None,
+    ) -> PassResult:
+        """One pass over several datasets with the same weights (e.g. the end-of-epoch
+        evaluation fused with the next epoch's scoring): one weight load per actor.
+
+        Args:
+            names: datasets to score.
+            weights: numpy weights, or their object reference.
+            augment_seeds: name -> seed for datasets scored under training augmentation.
+        """
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        results = ray.get([a.score.remote(names, ref, augment_seeds) for a in self.actors])
+        tables = {name: self._assemble(name, [batches[name] for batches, _ in results]) for name in names}
+        compute_s = {name: max(seconds[name] for _, seconds in results) for name in names}
+        return PassResult(tables, compute_s)
+
+    def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
+        table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
+        ids = table.column("sample_id").to_numpy()
+        expected = self.sizes[name]
+        if len(ids) != expected or not np.array_equal(ids, np.arange(expected)):
+            missing = np.setdiff1d(np.arange(expected), ids)
+            raise DataError(
+                f"scoring {name}: got {len(ids)} rows for {expected} samples (first missing id: "
+                f"{missing[:1].tolist()}, duplicates: {len(ids) - len(np.unique(ids))}); the shards "
+                "changed during the run or an actor misread them"
+            )
+        return table
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([actor.close.remote() for actor in self.actors], timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a dead actor has no caches left to remove, or leaves them for its restart
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
