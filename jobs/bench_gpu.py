@@ -2,15 +2,16 @@
 
 Times the engine's own functions on synthetic data already on the device as
 uint8 (ResNet-18, 32 px and 224 px), on the fast path (bf16 autocast,
-channels_last; ``--compile`` adds ``torch.compile``):
+channels_last; ``--compile`` adds ``torch.compile``; ``--fp32`` times the plain
+fp32 path instead, for the side-by-side ratio):
 
 - ``train_img_s``: MixMatch training images/s, counting every forward-backward
-  image (labeled + both unlabeled views per step: ``train.mixmatch_epoch``);
+  image (labeled + both unlabeled views per step: ``steps.mixmatch_epoch``);
 - ``score_img_s``: scoring images/s in fp32 (``scoring.score_images``), from
   pinned host memory as the scoring actors hold their share;
-- ``virtual_step_s``: one virtual-model step (``train.virtual_epoch``);
+- ``virtual_step_s``: one virtual-model step (``steps.virtual_epoch``);
 - ``data_wait_share``: the share of a MixMatch step spent assembling its batch
-  (indexing + augmentation on the device: ``train.mixmatch_batches`` alone,
+  (indexing + augmentation on the device: ``steps.mixmatch_batches`` alone,
   against whole steps);
 - ``projection_s``: a full ASD run of the ``cifar10`` preset (50,000 training,
   10,000 + 9,000 test images) and of the ``imagenet30`` preset (38,859
@@ -22,7 +23,7 @@ channels_last; ``--compile`` adds ``torch.compile``):
 Needs no Ray (the device machine may lack it). On a machine without CUDA it runs
 on the CPU; ``--smoke`` shrinks everything so the suite runs it in seconds.
 
-    python jobs/bench_gpu.py [--steps 50] [--batch-224 64] [--compile] [--smoke]
+    python jobs/bench_gpu.py [--steps 50] [--batch-224 64] [--compile] [--fp32] [--smoke]
 
 Prints one line of JSON on stdout and a table on stderr.
 """
@@ -71,6 +72,8 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
         "cluster.workers=1",
         f"compute.compile={str(args.compile).lower()}",
     ]
+    if args.fp32:
+        overrides += ["compute.precision=fp32", "compute.channels_last=false"]
     if size != 32:
         batch = args.batch_224
         overrides += [f"mixmatch.batch_labeled={batch}", f"mixmatch.batch_unlabeled={batch}"]
@@ -165,6 +168,7 @@ def main() -> None:
         "--batch-224", type=int, default=64, help="MixMatch labeled/unlabeled batch at 224 px"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    parser.add_argument("--fp32", action="store_true", help="the plain fp32 path, not the fast one")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite's CPU run)")
     args = parser.parse_args()
     if args.smoke:
@@ -187,7 +191,13 @@ def main() -> None:
         )
     print("\n".join(rows), file=sys.stderr)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = {"job": "bench_gpu", "device": name, "compile": args.compile, "smoke": args.smoke}
+    out = {
+        "job": "bench_gpu",
+        "device": name,
+        "compile": args.compile,
+        "fp32": args.fp32,
+        "smoke": args.smoke,
+    }
     rounded = {
         size: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
         for size, r in results.items()
