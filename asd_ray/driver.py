@@ -39,10 +39,11 @@ from asd_ray.attacks.poison import read_ground_truth
 from asd_ray.config import RunConfig, config_yaml, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
-from asd_ray.errors import DataError, data_error_of
+from asd_ray.errors import DataError, data_error_of, storage_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models import ModelSpec
+from asd_ray.reaper import Reaper
 from asd_ray.scorers import PassResult, ScoringPool
 from asd_ray.scoring import scores_table
 from asd_ray.split import make_split, split_summary, stage_of
@@ -50,6 +51,8 @@ from asd_ray.split import make_split, split_summary, stage_of
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
 METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
 LOCK_FILE = ".lock"
+TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
+_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
 _RESULT_POLL_S = 5.0
 
 
@@ -102,26 +105,36 @@ def run(
     out = Path(out).absolute()
     config, inputs = _resolve(config, inputs, out, resume)
     data = _open_inputs(config, inputs)  # every input is checked before anything is written
-    started_ray = _init_ray(config)
+    connected = _init_ray(config)
+    reaper = Reaper.watch() if connected == "local" else None  # started right away: a kill may come soon
     session = lock = None
     try:
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
         lock = _lock_run_folder(out)
-        if not resume:
+        if resume:
+            _set_aside_unreadable_snapshot(out / TRAIN_DIR, progress)
+        else:
             out.mkdir(parents=True, exist_ok=True)
             _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
             _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
-        session = _Session(config, inputs, data, out)
+        session = _Session(config, inputs, data, out, resume)
         summary = session.loop(stop_after_epoch, progress)
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
+    except Exception as err:
+        full = storage_error_of(err, out)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if session is not None:
             session.close()
         if lock is not None:
             lock.close()  # released: another driver may take the folder
-        if started_ray:
+        if connected:
             ray.shutdown()
+        if reaper is not None:
+            reaper.close()
     return summary
 
 
@@ -310,21 +323,26 @@ RAY_TRAIN_ENV = {
 }
 
 
-def _init_ray(config: RunConfig) -> bool:
-    """Start a local Ray sized for the run unless one is running or reachable (job submit).
+def _init_ray(config: RunConfig) -> str | None:
+    """Connect to Ray, starting a local one sized for the run unless one is running or
+    reachable (job submit).
 
     :data:`RAY_TRAIN_ENV` reaches Ray Train's controller through the environment a
     local Ray inherits, or the job's runtime env on a running cluster; a Ray that
     is already initialised keeps its own (set them before ``ray.init``).
+
+    Returns:
+        ``"local"`` (a Ray this driver started), ``"cluster"`` (a running one it
+        joined) or None (Ray was already initialised: the caller owns it).
     """
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        return False
+        return None
     if os.environ.get("RAY_ADDRESS"):
         env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
         ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
-        return True
+        return "cluster"
     c = config.cluster
     cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
     ray.init(
@@ -332,7 +350,21 @@ def _init_ray(config: RunConfig) -> bool:
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
     )
-    return True
+    return "local"
+
+
+def _set_aside_unreadable_snapshot(train_dir: Path, progress: Callable[[str], None]) -> None:
+    """Move Ray Train's checkpoint index aside when a crash left it torn (Ray Train would
+    refuse to start); the workers then resume from the newest intact checkpoint folder."""
+    path = train_dir / _TRAIN_SNAPSHOT
+    try:
+        json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        path.rename(aside)
+        progress(f"asd-ray: {path} was unreadable (moved to {aside.name}); using the checkpoint folders")
 
 
 def _check_resources(cluster) -> None:
@@ -359,7 +391,7 @@ def _check_resources(cluster) -> None:
 class _Session:
     """The Ray side of one run: scoring pool, mailbox and the training thread."""
 
-    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path):
+    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path, resume: bool):
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
@@ -399,6 +431,7 @@ class _Session:
                 "model": dataclasses.asdict(data.spec),
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
+                "resume_dir": str(out / TRAIN_DIR) if resume else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,
@@ -409,7 +442,7 @@ class _Session:
                 },
             ),
             run_config=TrainRunConfig(
-                name="train",
+                name=TRAIN_DIR,
                 storage_path=str(out),
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -1,14 +1,20 @@
-"""Errors raised on bad input.
+"""Errors raised on bad input, and on a run that cannot write its outputs.
 
 Every message names the offending shard/key/value and says how to fix it: the
 datasets are untrusted, so a failure must be explicit, never a silent skip.
 """
 
+import errno
 import re
+from pathlib import Path
 
 
 class DataError(ValueError):
     """Bad or unsafe input data (shards, manifests, source folders, tables)."""
+
+
+class StorageError(RuntimeError):
+    """The run folder's disk is full: the epochs written so far are intact and resumable."""
 
 
 _DATA_ERROR_LINE = re.compile(r"(?:asd_ray\.errors\.)?DataError: (.+)")
@@ -18,19 +24,39 @@ def data_error_of(err: BaseException) -> DataError | None:
     """The DataError behind an error that crossed process boundaries (a Ray actor or
     Ray Train worker that stopped on bad data), so the user sees its one line.
 
-    Follows ``cause`` / ``__cause__`` / ``worker_failures`` links, then falls back to
-    the last ``DataError: ...`` line of the error's text (Ray carries remote
-    tracebacks as text).
+    Follows the chain of causes, then falls back to the last ``DataError: ...``
+    line of the error's text (Ray carries remote tracebacks as text).
     """
+    for current in _causes(err):
+        if isinstance(current, DataError):
+            return DataError(str(current).strip().splitlines()[0])
+    lines = [m.group(1) for m in map(_DATA_ERROR_LINE.search, str(err).splitlines()) if m]
+    return DataError(lines[-1].strip()) if lines else None
+
+
+def _causes(err: BaseException):
+    """``err`` and every error behind it, also across Ray's process boundaries."""
     queue, seen = [err], set()
     while queue:
         current = queue.pop(0)
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, DataError):
-            return DataError(str(current).strip().splitlines()[0])
-        queue += [getattr(current, "cause", None), current.__cause__]
+        yield current
+        queue += [getattr(current, "cause", None), current.__cause__, current.__context__]
         queue += list(getattr(current, "worker_failures", {}).values())
-    lines = [m.group(1) for m in map(_DATA_ERROR_LINE.search, str(err).splitlines()) if m]
-    return DataError(lines[-1].strip()) if lines else None
+
+
+def storage_error_of(err: BaseException, run_folder: Path) -> StorageError | None:
+    """A one-line :class:`StorageError` when ``err`` comes from a full disk (here, or in
+    a Ray Train worker writing a checkpoint), else None."""
+    full = any(
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+        for e in _causes(err)
+    )
+    if not full:
+        return None
+    return StorageError(
+        f"{run_folder}: no space left on device; every finished epoch is intact: "
+        f"free space, then continue with asd-ray run --resume {run_folder}",
+    )

@@ -47,6 +47,12 @@ CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
 
 
+def newest_checkpoint(folder: str | None) -> Path | None:
+    """The newest ``checkpoint_*`` folder of a run's ``train/`` folder (names sort by time)."""
+    found = sorted(p for p in Path(folder).glob("checkpoint_*") if p.is_dir()) if folder else []
+    return found[-1] if found else None
+
+
 def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
     """The newest checkpoint state, starting from ``latest``, whose ``state.pt`` matches its
     digest and loads (weights only); older checkpoints beside it are the fallback.
@@ -121,9 +127,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 3. Resume from the last checkpoint, if any.
     done_epoch, resumed_from = -1, None
+    # Ray Train's own checkpoint after a worker restart; on --resume the run folder's
+    # newest, which also serves when Ray Train's snapshot of them was unreadable.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state, resumed_from = newest_intact_state(Path(checkpoint.path), device)
+    latest = Path(checkpoint.path) if checkpoint else newest_checkpoint(loop_config["resume_dir"])
+    if latest:
+        state, resumed_from = newest_intact_state(latest, device)
         base.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         done_epoch = int(state["epoch"])

@@ -1,0 +1,232 @@
+"""Faults on a tiny run: a process killed mid-run, a torn checkpoint index, a full disk.
+
+Each disturbed run must end with exactly the tables and metrics of an undisturbed
+run of the same config: same split table every epoch, one metrics row per epoch.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_RUN
+
+from asd_ray import tables
+from asd_ray.config import load_config
+from asd_ray.driver import METRICS_FILE, TRAIN_DIR, run, split_path
+from asd_ray.errors import StorageError
+from asd_ray.reaper import _processes, ray_descendants
+
+pytestmark = pytest.mark.ray
+
+FAULT_RUN = [*TINY_RUN, "mixmatch.iterations=12", "cluster.max_failures=1"]
+METRIC_KEYS = ("epoch", "stage", "clean_pool", "poison_in_clean", "acc", "asr", "train_loss")
+
+
+def _config():
+    return load_config("mnist-quick", overrides=FAULT_RUN)
+
+
+def _outcome(out: Path) -> tuple[list, list]:
+    """What a run produced: its split tables and the timing-free part of its metrics rows."""
+    splits = [tables.read_parquet(split_path(out, epoch), "splits") for epoch in range(3)]
+    rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
+    return splits, [{k: row[k] for k in METRIC_KEYS} for row in rows]
+
+
+def _assert_same_outcome(out: Path, reference: tuple[list, list]) -> None:
+    splits, rows = _outcome(out)
+    assert [row["epoch"] for row in rows] == [0, 1, 2]  # none missing, none twice
+    assert rows == reference[1]
+    for epoch, (got, want) in enumerate(zip(splits, reference[0])):
+        assert got.equals(want), f"epoch {epoch}: the split table differs from the undisturbed run's"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, poisoned_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("undisturbed") / "run"
+    run(_config(), poisoned_data, out, progress=lambda _: None)
+    return _outcome(out)
+
+
+class _Background:
+    """``run`` in a thread, so the test can disturb it meanwhile."""
+
+    def __init__(self, *args, **kwargs):
+        self.lines, self.error, self.summary = [], None, None
+        self.thread = threading.Thread(target=self._target, args=args, kwargs=kwargs, daemon=True)
+        self.thread.start()
+
+    def _target(self, *args, **kwargs):
+        try:
+            self.summary = run(*args, progress=self.lines.append, **kwargs)
+        except BaseException as err:  # re-raised in the test by join()
+            self.error = err
+
+    def wait_for(self, path: Path, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.thread.is_alive():
+                self.join()
+                raise AssertionError(f"the run ended before {path} appeared")
+            assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+            time.sleep(0.02)
+
+    def join(self) -> dict:
+        self.thread.join(timeout=300)
+        assert not self.thread.is_alive(), "the run did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+
+def _alive_pids(class_name: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], detail=True)
+    return [actor.pid for actor in actors]
+
+
+def _score_tasks() -> list:
+    from ray.util.state import list_tasks
+
+    return list_tasks(filters=[("name", "=", "ScoringActor.score")], detail=True, limit=10_000)
+
+
+def test_a_scoring_actor_killed_mid_pass_is_restarted_and_changes_nothing(
+    ray_cluster, poisoned_data, tmp_path, reference
+):
+    out = tmp_path / "run"
+    background = _Background(_config(), poisoned_data, out)
+    background.wait_for(split_path(out, 0))  # the scorers are up and idle while epoch 0 trains
+    pids = _alive_pids("ScoringActor")
+    assert len(pids) == 2
+    finished = {task.task_id for task in _score_tasks() if task.state == "FINISHED"}
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # frozen: the next pass cannot finish
+    try:
+        deadline = time.monotonic() + 120
+        while not [t for t in _score_tasks() if t.task_id not in finished and t.state != "FINISHED"]:
+            assert time.monotonic() < deadline, "the next scoring pass was never sent"
+            time.sleep(0.2)
+        os.kill(pids[0], signal.SIGKILL)  # mid-pass: its call was sent and is not answered
+    finally:
+        for pid in pids[1:]:
+            os.kill(pid, signal.SIGCONT)
+    background.join()
+    retried = [t for t in _score_tasks() if t.task_id not in finished and t.attempt_number > 0]
+    assert retried, "the killed actor's call was not retried"
+    _assert_same_outcome(out, reference)
+
+
+def test_a_training_worker_killed_mid_epoch_restarts_from_the_checkpoint(
+    ray_cluster, poisoned_data, tmp_path, reference
+):
+    out = tmp_path / "run"
+    background = _Background(_config(), poisoned_data, out)
+    background.wait_for(split_path(out, 1))  # epoch 1's pools are written: its training starts
+    workers = _alive_pids("RayTrainWorker")
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    background.join()
+    assert not set(workers) & set(_alive_pids("RayTrainWorker"))  # a new worker group finished it
+    _assert_same_outcome(out, reference)
+
+
+_DRIVER = """
+import json, sys
+from asd_ray.config import load_config
+from asd_ray.driver import RunInputs, run
+inputs, overrides, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+run(load_config("mnist-quick", overrides=overrides), RunInputs(**inputs), out)
+"""
+
+
+def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
+    ray_cluster, poisoned_data, tmp_path, reference
+):
+    """The driver starts its own local Ray (as `asd-ray run` does), is SIGKILLed while
+    epoch 1 trains, and `--resume` (here on the test's Ray) finishes the run."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [json.dumps(dataclasses.asdict(poisoned_data)), json.dumps(FAULT_RUN), str(out)]
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not split_path(out, 1).exists():
+            assert driver.poll() is None, "the driver ended early"
+            assert time.monotonic() < deadline, "epoch 1 never started"
+            time.sleep(0.02)
+        started = ray_descendants(driver.pid, _processes())
+        assert started, "the driver started no Ray processes of its own"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+    finally:
+        driver.kill()
+    deadline = time.monotonic() + 30
+    while left := {pid for pid, start in started.items() if _processes().get(pid, (0, -1))[1] == start}:
+        assert time.monotonic() < deadline, f"Ray processes outlived their driver: {sorted(left)}"
+        time.sleep(0.5)
+    assert not split_path(out, 2).exists()
+    lines = []
+    summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
+    assert summary["epochs"] == 3 and "resuming after epoch 0" in lines[0]
+    _assert_same_outcome(out, reference)
+
+
+def test_a_torn_checkpoint_index_is_set_aside_on_resume(ray_cluster, poisoned_data, tmp_path, reference):
+    out = tmp_path / "run"
+    run(_config(), poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
+    index = out / TRAIN_DIR / "checkpoint_manager_snapshot.json"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])  # a write cut short
+    lines = []
+    run(_config(), poisoned_data, out, resume=True, progress=lines.append)
+    assert any("was unreadable" in line for line in lines)
+    assert any("resumed from checkpoint_" in line and "(epoch 1)" in line for line in lines)
+    _assert_same_outcome(out, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (needs root and mount permission, else the test is skipped)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_freed(
+    ray_cluster, poisoned_data, small_disk, reference
+):
+    out = small_disk / "run"
+    run(_config(), poisoned_data, out, stop_after_epoch=0, progress=lambda _: None)
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass  # the disk is full
+    with pytest.raises(StorageError, match="no space left on device.*asd-ray run --resume") as failure:
+        run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
+    assert len(str(failure.value).splitlines()) == 1
+    assert tables.read_parquet(split_path(out, 0), "splits").num_rows == 240  # epoch 0 intact
+    assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0]
+    assert not list(out.rglob("*.tmp"))  # nothing half-written
+    ballast.unlink()
+    run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
+    _assert_same_outcome(out, reference)
