@@ -208,9 +208,16 @@ def _report(args: argparse.Namespace) -> dict:
     return summary
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``asd-ray`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="asd-ray",
         description="ASD backdoor defense on Ray: make shards, poison them, pick seeds, run.",
     )

@@ -97,10 +97,15 @@ def decode_image(data: bytes, *, shard: str, key: str) -> np.ndarray:
         if isinstance(err, DataError):
             raise
         raise DataError(
-            f"{shard}: record {key!r} is not a readable image ({err}); remove the record or "
+            f"{shard}: record {key!r} is not a readable image ({_without_repr(err)}); remove the record or "
             "re-make the shard from its source"
         ) from None
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def _without_repr(err: Exception) -> str:
+    """PIL's message without the object reprs it embeds (``<_io.BytesIO object at 0x...>``)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err)).strip()
 
 
 # --------------------------------------------------------------------------- writing
@@ -181,10 +186,8 @@ def read_dataset_info(path: Path) -> ShardSetInfo:
     }
     wrong = [name for name, ok in checks.items() if not ok]
     if wrong:
-        raise bad(
-            f"field {wrong[0]!r} has a wrong type or value (shard files must be plain NAME.tar names "
-            "inside the folder)"
-        )
+        hint = " (shard files must be plain NAME.tar names inside the folder)" if wrong[0] == "shards" else ""
+        raise bad(f"field {wrong[0]!r} has a wrong type or value{hint}")
     return ShardSetInfo(**raw)
 
 
@@ -470,7 +473,10 @@ def parse_label(data: bytes, num_classes: int, *, shard: str, key: str) -> int:
     try:
         label = int(data)  # int() takes ASCII digits as bytes, with optional sign and spaces
     except ValueError:
-        raise DataError(f"{shard}: record {key!r} has cls {data[:20]!r}, not an integer label") from None
+        raise DataError(
+            f"{shard}: record {key!r} has cls {data[:20]!r}, not an integer label; fix the label or "
+            "re-make the shard from its source"
+        ) from None
     if not 0 <= label < num_classes:
         raise DataError(
             f"{shard}: record {key!r} has label {label}, outside 0..{num_classes - 1} for "
