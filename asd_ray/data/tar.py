@@ -50,6 +50,12 @@ _EXTENSIONS = (b"x", b"g", b"L")
 def _octal(field: bytes, what: str, path: Path, pos: int) -> int:
     """A header number field as tarfile reads it (up to the first NUL, spaces stripped), but
     only plain octal digits: signs, base-256 and anything else are refused."""
+    digits = field.rstrip(b"\0 ")
+    if digits.isdigit():  # the common form: digits, then only NULs and spaces; read as tarfile does
+        try:
+            return int(digits, 8)
+        except ValueError:
+            pass  # an 8 or a 9: refused below
     match = _OCTAL.fullmatch(field)
     if match is None:
         raise DataError(
