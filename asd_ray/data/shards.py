@@ -373,23 +373,6 @@ def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """Yield ``(key, ext, data)`` for every regular member of a tar file, in order.
-
-    The archive is read by :func:`asd_ray.data.tar.tar_members`, which sees what
-    ``tarfile`` sees or refuses.
-
-    Raises:
-        DataError: truncated or corrupt archive, a non-regular member, a name without extension.
-    """
-    for name, data in tar_members(path):
-        slash = name.rfind("/") + 1
-        key, dot, ext = name[slash:].partition(".")
-        if not dot:
-            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
-        yield name[:slash] + key, ext.lower(), data
-
-
 class Sample(NamedTuple):
     """One decoded record (a NamedTuple: cheap to build once per image)."""
 
@@ -423,7 +406,12 @@ def iter_records(
             record without an image or ``cls``, naming shard and key.
     """
     current_key, members, index, seen = None, {}, -1, set()
-    for key, ext, data in iter_tar_members(path):
+    for name, data in tar_members(path):  # sees what tarfile sees, or refuses
+        slash = name.rfind("/") + 1
+        key, dot, ext = name[slash:].partition(".")
+        if not dot:
+            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
+        key, ext = name[:slash] + key, ext.lower()
         if ext not in SAFE_EXTS:
             raise DataError(
                 f"{path.name}: record {key!r} has a {ext!r} member; asd-ray reads only "
