@@ -1,6 +1,7 @@
 """Typed configuration for every stage, validated on construction.
 
-Defaults follow ``ASD_REFERENCE.md``; each field's comment says what it is.
+Defaults are the paper's settings, with the details it leaves open taken from the
+authors' code; each field's comment says what it is.
 :data:`PRESETS` hold the paper's settings per dataset; :func:`load_config`
 layers a preset, an optional YAML file and ``section.field=value`` overrides.
 The only I/O is reading that YAML.

@@ -2,7 +2,7 @@
 
 ``sce_loss`` scores samples for the split (ASD's L1, the symmetric cross-entropy
 of Wang et al., ICCV 2019); the rest is MixMatch (Berthelot et al., NeurIPS 2019)
-as ASD trains with it (``ASD_REFERENCE.md``, "MixMatch epoch"). Shapes: B batch,
+as ASD trains with it (the authors' code fixes what the paper leaves open). Shapes: B batch,
 C classes.
 """
 

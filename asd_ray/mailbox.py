@@ -1,7 +1,7 @@
 """The driver <-> Ray Train workers mailbox: one named actor per run.
 
 One ``TorchTrainer.fit()`` runs the whole schedule, because a fit costs ~20 s of
-start-up (``RAY_NOTES.md``) and an epoch on small data costs less. The driver
+start-up (measured on Ray 2.60) and an epoch on small data costs less. The driver
 posts one task at a time (``virtual`` model epoch, ``train`` epoch, ``stop``);
 workers wait for a task newer than the last one they ran, and rank 0 posts the
 result. Only the latest task is kept, so a worker group restarted by

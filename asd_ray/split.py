@@ -1,7 +1,7 @@
 """ASD's adaptive split of the poisoned training set into a clean and a polluted pool.
 
 Guo et al., "Backdoor Defense via Adaptively Splitting Poisoned Dataset", CVPR 2023,
-with the details fixed in ``ASD_REFERENCE.md`` ("The three stages"). Everything
+with the details the paper leaves open taken from the authors' code. Everything
 here is a pure function of scores, epoch and config: the driver scores, calls
 :func:`make_split` and writes the table; training only reads its ``pool`` column.
 

@@ -3,7 +3,7 @@
 Every model is a :class:`Classifier`: a backbone ending in global average pooling
 plus one linear head, as in the authors' code. Inputs of at most 64 px get the
 CIFAR-style stem (no early down-sampling), larger ones the torchvision layout
-(``ASD_REFERENCE.md``, "Model and normalisation").
+(as the authors' code builds them).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Classifier(nn.Module):
     def meta_parameters(self) -> list[nn.Parameter]:
         """The parameters ASD's stage-3 virtual model updates.
 
-        The rule (ASD_REFERENCE.md, "The three stages"): roughly the second half
+        The rule, from the authors' code: roughly the second half
         of the feature extractor plus the head. For ResNet-18 this is exactly
         layer3 + layer4 + head, as in the authors' code; the other architectures
         document their split in :func:`build_model`. Always a strict, non-empty
