@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from asd_ray import tables
+from asd_ray import progress, tables
 from asd_ray.attacks.badnets import badnets_trigger
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
@@ -186,8 +186,11 @@ def poison_shards(
     params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
+        bar = progress.counter(total=len(clean), desc=f"poison {config.attack}")
         for ids, records in _chunks(clean):
             _write_chunk(writer, ids, records, plan.is_modified[ids], plan.label_after[ids], modify, clean)
+            bar.update(len(ids))
+        bar.close()
         manifest, counts = writer.close()
         attack = {"params": params, "clean": str(clean.folder)}
         finish_shard_set(
@@ -242,7 +245,9 @@ def poison_test_shards(
     params = {**config.to_dict(), "pgd": False}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean_test.info.name, int(clean_test.info.shards[0]["count"]), num_classes)
+        bar = progress.counter(total=len(clean_test), desc="poison test set")
         for ids, records in _chunks(clean_test):
+            bar.update(len(ids))
             ids, records = ids[keep[ids]], [r for r, k in zip(records, keep[ids]) if k]
             if len(ids):
                 images = trigger(np.stack([_decode(r, clean_test) for r in records]))
@@ -256,6 +261,7 @@ def poison_test_shards(
                         images[i].shape,
                         f"test-sample:{sample_id}",
                     )
+        bar.close()
         manifest, counts = writer.close()
         finish_shard_set(
             tmp,

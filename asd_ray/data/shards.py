@@ -16,6 +16,7 @@ nothing about losses or training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from asd_ray import tables
+from asd_ray import progress, tables
 from asd_ray.data.sources import Source
 from asd_ray.data.tar import tar_members
 from asd_ray.errors import DataError
@@ -322,7 +323,8 @@ def write_shards(
     """
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, name, samples_per_shard, len(source.class_names))
-        for sample_id, record in enumerate(source.records):
+        records = progress.bar(source.records, total=source.num_records, desc=f"shards make {name}")
+        for sample_id, record in enumerate(records):
             if record.encoded is not None:
                 data, ext = record.encoded, record.ext or "jpg"
                 shape = _encoded_shape(data, source=record.source)
@@ -613,6 +615,14 @@ class ShardSet:
             raise DataError(f"{self.folder}: read {seen} records, manifest has {len(self)}")
         return images, labels
 
+    def identity(self) -> str:
+        """A sha256 of ``dataset.json`` and the manifest: names the set's records (keys,
+        labels, sizes) wherever the folder is copied; model cards cite it."""
+        digest = hashlib.sha256()
+        for name in (MANIFEST_FILE, DATASET_FILE):
+            digest.update((self.folder / name).read_bytes())
+        return digest.hexdigest()
+
     def _shard_offsets(self) -> dict[str, int]:
         offsets, total = {}, 0
         for shard in self.info.shards:
@@ -651,7 +661,8 @@ def inspect_shard_set(folder: str | Path) -> dict:
     per_class = np.zeros(shards.info.num_classes, np.int64)
     sizes: dict[str, int] = {}
     seen = 0
-    for sample in shards.iter_samples():  # checks every record against the manifest
+    samples = progress.bar(shards.iter_samples(), total=len(shards), desc="shards inspect")
+    for sample in samples:  # checks every record against the manifest
         per_class[sample.label] += 1
         size = "x".join(map(str, sample.image.shape))
         sizes[size] = sizes.get(size, 0) + 1

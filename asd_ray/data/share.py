@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asd_ray.data.shards import DATASET_FILE, MANIFEST_FILE, ShardSet, ShardSlice
+from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.errors import DataError
 
 _CACHE_PREFIX = "asd-ray-share-"
@@ -41,9 +41,7 @@ atexit.register(remove_caches)
 
 def fingerprint(shards: ShardSet) -> str:
     """A hex digest that changes whenever the shard set's content may have changed."""
-    digest = hashlib.sha256()
-    for name in (MANIFEST_FILE, DATASET_FILE):
-        digest.update((shards.folder / name).read_bytes())
+    digest = hashlib.sha256(shards.identity().encode())
     for path in shards.paths:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())

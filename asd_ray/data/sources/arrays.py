@@ -1,0 +1,75 @@
+"""Numpy arrays already in memory (``.npy`` files from the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import numpy as np
+
+from asd_ray.data.sources.base import (
+    Source,
+    SourceRecord,
+    _Records,
+)
+from asd_ray.errors import DataError
+
+
+def from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> Source:
+    """Wrap in-memory arrays (tests, demos, already-decoded datasets).
+
+    Records are views into ``images`` (no copy), so do not mutate it while streaming.
+
+    Args:
+        images: (N, H, W, C) or (N, H, W) uint8, C in {1, 3}; (N, H, W) gets C = 1.
+        labels: (N,) integer, >= 0.
+        class_names: index = label; default "0".."K-1" with K = max label + 1.
+
+    Returns:
+        Source named "arrays"; record ``source`` is ``"arrays:<index>"``.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"images.dtype={images.dtype} must be uint8; convert with images.astype(np.uint8) after clipping to [0, 255]"
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"images.shape={images.shape} must be (N, H, W, C) or (N, H, W)")
+    if images.shape[-1] not in (1, 3):
+        raise DataError(
+            f"images.shape={images.shape} has C={images.shape[-1]} channels; need 1 or 3 (channels last)"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels must be a (N,) integer array, got shape {labels.shape} dtype {labels.dtype}")
+    n = images.shape[0]
+    if labels.shape[0] != n:
+        raise DataError(f"{n} images but {labels.shape[0]} labels; pass one label per image")
+    if n == 0:
+        raise DataError("images is empty; pass at least one image")
+    if labels.min() < 0:
+        raise DataError(
+            f"negative label {int(labels.min())} at index {int(labels.argmin())}; labels must be >= 0"
+        )
+    if class_names is None:
+        names = [str(c) for c in range(int(labels.max()) + 1)]
+    else:
+        names = [str(c) for c in class_names]
+        if labels.max() >= len(names):
+            raise DataError(
+                f"label {int(labels.max())} at index {int(labels.argmax())} is out of range for "
+                f"{len(names)} class_names; pass a longer class_names or fix the labels"
+            )
+    return Source("arrays", names, _Records(partial(_iter_arrays, "arrays", images, labels), n), n)
+
+
+def _iter_arrays(prefix: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceRecord]:
+    for i in range(images.shape[0]):
+        yield SourceRecord(label=int(labels[i]), source=f"{prefix}:{i}", image=images[i])
