@@ -118,12 +118,25 @@ class SplitConfig:
 class ModelConfig:
     """The classifier (see asd_ray.models)."""
 
-    name: str = "resnet18"  # resnet18 | vgg11 | mobilenet_v2 | densenet121 | small_cnn
+    name: str = "resnet18"  # resnet18 | vgg11 | mobilenet_v2 | densenet121 | small_cnn | custom
+    # custom: "package.module:function", called as function(num_classes=, in_channels=, image_size=)
+    # and returning a torch.nn.Module; it must be importable on every node.
+    factory: str | None = None
+    # custom: module paths (as in named_modules) whose parameters ASD's virtual model updates
+    # in stage 3: roughly the second half of the features plus the classifier layer.
+    meta_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        names = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn")
+        names = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn", "custom")
         if self.name not in names:
             raise ValueError(f"model.name {self.name!r} is unknown; choose one of {', '.join(names)}")
+        if (self.name == "custom") != (self.factory is not None):
+            raise ValueError("model.factory goes with model.name=custom (and only with it)")
+        if self.factory is not None and (self.factory.count(":") != 1 or not self.meta_layers):
+            raise ValueError(
+                f"model.factory {self.factory!r}: give 'package.module:function' and model.meta_layers "
+                "(the module paths the stage-3 virtual model updates)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

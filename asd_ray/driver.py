@@ -7,7 +7,9 @@ The driver alone owns ``ray.init``, the actors and the run folder::
     RUN/splits/epoch=NNN/part-0.parquet one split table per epoch (hive layout)
     RUN/metrics.parquet, metrics.jsonl  one row per finished epoch
     RUN/train/                          Ray Train storage: checkpoints of every epoch
+    RUN/model/{last,best}.pt, card.json the trained classifier and its model card
     RUN/summary.json                    the final one-line summary
+    RUN/run.log                         every progress line, time-stamped
 
 One ``TorchTrainer.fit()`` runs the whole schedule in a background thread; the
 driver talks to its workers through the run's :class:`~asd_ray.mailbox.Mailbox`.
@@ -34,23 +36,26 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from asd_ray import tables
-from asd_ray.attacks.poison import read_ground_truth
+from asd_ray import __version__, tables
+from asd_ray import progress as progress_bars
+from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
 from asd_ray.config import RunConfig, config_yaml, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
 from asd_ray.errors import DataError, data_error_of, storage_error_of
-from asd_ray.evaluate import accuracy, attack_success_rate
+from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models import ModelSpec
+from asd_ray.models.saved import MODEL_DIR, save_model, write_card
 from asd_ray.reaper import Reaper
 from asd_ray.scorers import PassResult, ScoringPool
 from asd_ray.scoring import scores_table
-from asd_ray.split import make_split, split_summary, stage_of
+from asd_ray.split import DETECTION_KEYS, make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
 METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
 LOCK_FILE = ".lock"
+RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
 TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
 _RESULT_POLL_S = 5.0
@@ -85,6 +90,8 @@ def run(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     progress: Callable[[str], None] = print,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ASD, or the no-defense baseline, and return the summary.
 
@@ -96,10 +103,12 @@ def run(
         resume: continue from the last complete epoch of ``out``.
         stop_after_epoch: stop (resumably) once this epoch is finished.
         progress: called with one human-readable line per event.
+        on_epoch: called with each finished epoch's metrics row (schemas/metrics.json).
+        tensorboard: also write each row to RUN/tensorboard (tensorboardX event files).
 
     Returns:
-        The summary (defense, acc, asr, max poisoned fraction of the clean pool,
-        epochs, wall seconds, run dir), also written to RUN/summary.json.
+        The summary (:func:`_summary`: defense, last ACC / ASR / robust accuracy,
+        worst ASR, the model files, timings), also written to RUN/summary.json.
     """
     start = time.perf_counter()
     out = Path(out).absolute()
@@ -117,8 +126,10 @@ def run(
             out.mkdir(parents=True, exist_ok=True)
             _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
             _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
+        progress = _RunLog(out / RUN_LOG, progress)
+        callbacks = [c for c in (on_epoch, _tensorboard_writer(out) if tensorboard else None) if c]
         session = _Session(config, inputs, data, out, resume)
-        summary = session.loop(stop_after_epoch, progress)
+        summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     except Exception as err:
@@ -127,6 +138,8 @@ def run(
             raise
         raise full from None
     finally:
+        if isinstance(progress, _RunLog):
+            progress.close()
         if session is not None:
             session.close()
         if lock is not None:
@@ -222,6 +235,7 @@ class _Data:
     seed_ids: np.ndarray
     ground_truth: pa.Table | None
     spec: ModelSpec
+    original_labels: np.ndarray | None  # the triggered test set's clean labels (robust accuracy)
 
 
 def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
@@ -251,8 +265,13 @@ def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
     if config.defense == "asd":
         seed_ids = _seed_ids(train, inputs.seeds, config.split.seeds_per_class)
     truth = read_ground_truth(inputs.ground_truth, train) if inputs.ground_truth else None
-    spec = ModelSpec(config.model.name, train.info.num_classes, channels, max(height, width))
-    return _Data(train, test, poison_test, seed_ids, truth, spec)
+    m = config.model
+    spec = ModelSpec(m.name, train.info.num_classes, channels, max(height, width), m.factory, m.meta_layers)
+    original = None
+    if poison_test is not None and (poison_test.folder / GROUND_TRUTH_FILE).is_file():
+        test_truth = read_ground_truth(poison_test.folder / GROUND_TRUTH_FILE, poison_test)
+        original = test_truth.column("original_label").to_numpy()
+    return _Data(train, test, poison_test, seed_ids, truth, spec, original)
 
 
 def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
@@ -399,6 +418,8 @@ class _Session:
         from asd_ray.train import train_loop_per_worker
 
         self.config, self.data, self.out = config, data, out
+        self.card = _model_card(config, data)
+        self.last_evaluation: dict[str, Any] = {}  # the last epoch's figures, for Ray Train's report
         c = config.cluster
         run_id = uuid.uuid4().hex[:12]
         mailbox_name = f"mailbox-{run_id}"
@@ -471,7 +492,12 @@ class _Session:
                     raise bad_data from None  # the workers stopped on bad data: its one line
                 raise RuntimeError(f"Ray Train stopped during {what}: {self.fit_error!r}") from self.fit_error
 
-    def loop(self, stop_after_epoch: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    def loop(
+        self,
+        stop_after_epoch: int | None,
+        progress: Callable[[str], None],
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         config, data, out = self.config, self.data, self.out
         hello = self._await(0, "start-up")
         startup_s = time.perf_counter() - self.fit_started
@@ -488,28 +514,34 @@ class _Session:
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
             _write_metrics(out, rows)
+            self._keep_model(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
         prefetched = None
+        bar = progress_bars.counter(total=config.epochs, desc="asd-ray", unit="epoch", initial=done + 1)
         for epoch in range(done + 1, last + 1):
             row, weights, prefetched = self._epoch(epoch, weights, prefetched, score_next=epoch < last)
             rows.append(row)
             _write_metrics(out, rows)
+            self._keep_model(weights, rows)
+            self.last_evaluation = {f"eval_{k}": row[k] for k in MODEL_FIGURES if row[k] is not None}
             progress(_progress_line(row, config.epochs))
-        return {
-            "defense": config.defense,
-            "acc": rows[-1]["acc"] if rows else None,
-            "asr": rows[-1]["asr"] if rows else None,
-            "max_poison_fraction_clean": max(
-                (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None),
-                default=None,
-            ),
-            "epochs": len(rows),
-            "precision": hello["precision"],
-            "train_startup_s": round(startup_s, 1),
-            "mean_epoch_s": _time_split(rows),
-            "run_dir": str(out),
-        }
+            bar.update(1)
+            if on_epoch is not None:
+                on_epoch(dict(row))
+        bar.close()
+        return _summary(config, rows, hello["precision"], startup_s, out)
+
+    def _keep_model(self, weights, rows: list[dict[str, Any]]) -> None:
+        """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""
+        folder = self.out / MODEL_DIR
+        row, best = rows[-1], best_row(rows)
+        figures = {k: row[k] for k in MODEL_FIGURES}
+        save_model(folder, "last", weights, {**self.card, "kind": "last", **figures})
+        if best is row:
+            save_model(folder, "best", weights, {**self.card, "kind": "best", **figures})
+        best_figures = {k: best[k] for k in MODEL_FIGURES}
+        write_card(folder, {**self.card, "last": figures, "best": best_figures})
 
     def _augment_seeds(self, epoch: int) -> dict[str, int] | None:
         """Scoring under training augmentation (the authors' variant) draws per epoch."""
@@ -571,13 +603,17 @@ class _Session:
         else:
             split_s, summary = 0.0, self._baseline_pools()
         t4 = time.perf_counter()
-        seq = ray.get(self.mailbox.post_task.remote("train", epoch=epoch, split=str(path) if path else None))
+        seq = ray.get(
+            self.mailbox.post_task.remote(
+                "train", epoch=epoch, split=str(path) if path else None, evaluation=self.last_evaluation
+            )
+        )
         result = self._await(seq, f"epoch {epoch} training")
         train_s, train_compute_s = time.perf_counter() - t4, result["compute_s"]
         weights = result["weights"]
         t5 = time.perf_counter()
         next_names = ["train"] if score_next and config.defense == "asd" else []
-        acc, asr, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
+        figures, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
         eval_s = time.perf_counter() - t5
         prefetched = None
         if next_names:  # the next epoch's share of the fused pass, by arithmetic
@@ -598,19 +634,24 @@ class _Session:
             "epoch_s": epoch_s,
             "fixed_s": max(epoch_s - model_s, 0.0),
         }
-        row = self._metrics_row(epoch, stage, acc, asr, summary, measured)
+        row = self._metrics_row(epoch, stage, figures, summary, measured)
         return row, weights, prefetched
 
     def _evaluate(
         self, weights, extra: list[str] = (), augment_seeds: dict[str, int] | None = None
-    ) -> tuple[float, float | None, PassResult]:
-        """ACC on the clean test set and, when given, ASR on the triggered one, in one pass
-        that also scores the datasets in ``extra`` with the same weights."""
+    ) -> tuple[dict[str, float | None], PassResult]:
+        """ACC on the clean test set and, when given, ASR and robust accuracy on the
+        triggered one, in one pass that also scores the datasets in ``extra``."""
         names = ["test", *(["poison_test"] if self.data.poison_test is not None else []), *extra]
         result = self.pool.run_many(names, ray.put(weights), augment_seeds=augment_seeds)
-        acc = accuracy(result.tables["test"])
-        asr = attack_success_rate(result.tables["poison_test"]) if "poison_test" in result.tables else None
-        return acc, asr, result
+        figures = {"acc": accuracy(result.tables["test"]), "asr": None, "robust_acc": None}
+        if "poison_test" in result.tables:
+            figures["asr"] = attack_success_rate(result.tables["poison_test"])
+            if self.data.original_labels is not None:
+                figures["robust_acc"] = robust_accuracy(
+                    result.tables["poison_test"], self.data.original_labels
+                )
+        return figures, result
 
     def _baseline_pools(self) -> dict[str, Any]:
         """Pool sizes of the no-defense baseline: everything is trained on as labeled."""
@@ -633,27 +674,27 @@ class _Session:
             summary = split_summary(tables.read_parquet(split_path(self.out, epoch), "splits"))
         else:
             stage, summary = 0, self._baseline_pools()
-        acc, asr, _ = self._evaluate(weights)
+        figures, _ = self._evaluate(weights)
         unknown = dict.fromkeys(
             ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s", "fixed_s"),
             float("nan"),
         )
-        return self._metrics_row(epoch, stage, acc, asr, summary, unknown)
+        return self._metrics_row(epoch, stage, figures, summary, unknown)
 
     def _metrics_row(
-        self, epoch: int, stage: int, acc: float, asr: float | None, pools: dict[str, Any], measured: dict
+        self, epoch: int, stage: int, figures: dict[str, Any], pools: dict[str, Any], measured: dict
     ) -> dict[str, Any]:
-        """One row of schemas/metrics.json: evaluation, pool sizes, loss and timings."""
+        """One row of schemas/metrics.json: evaluation, pools and detection, loss and timings."""
         return {
             "epoch": epoch,
             "stage": stage,
             "defense": self.config.defense,
-            "acc": acc,
-            "asr": asr,
+            **figures,
             "clean_pool": pools["clean_pool"],
             "polluted_pool": pools["polluted_pool"],
             "poison_in_clean": pools.get("poison_in_clean"),
             "poison_fraction_clean": pools.get("poison_fraction_clean"),
+            **{k: pools.get(k) for k in DETECTION_KEYS},
             **measured,
         }
 
@@ -668,6 +709,110 @@ class _Session:
             shutil.rmtree(
                 self.cache_dir, ignore_errors=True
             )  # this node's; other nodes' go with their processes
+
+
+MODEL_FIGURES = ("epoch", "stage", "acc", "asr", "robust_acc")
+BEST_RULE = (
+    "best.pt is the epoch with the highest ACC on the clean test set (--test) among the epochs of "
+    "the latest stage reached (stage 3 once ASD reaches it; every epoch without a defense), ties "
+    "going to the later epoch; its test ACC is therefore slightly optimistic. last.pt is the final "
+    "epoch, the model the paper reports."
+)
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics row whose model is ``best.pt`` (:data:`BEST_RULE`)."""
+    stage = rows[-1]["stage"]
+    return max((r for r in rows if r["stage"] == stage), key=lambda r: (r["acc"], r["epoch"]))
+
+
+def _model_card(config: RunConfig, data: _Data) -> dict[str, Any]:
+    """What a model file says about itself besides its epoch and figures."""
+    height, width, channels = data.train.require_uniform_size("training")
+    datasets = {"train": data.train, "test": data.test, "poison_test": data.poison_test}
+    return {
+        "asd_ray_version": __version__,
+        "architecture": dataclasses.asdict(data.spec),
+        "classes": list(data.train.info.class_names),
+        "input": {
+            "height": height,
+            "width": width,
+            "channels": channels,
+            "mean": list(config.data.mean),
+            "std": list(config.data.std),
+            "normalise": "x = (pixels / 255 - mean) / std per channel, as (B, C, H, W) float32",
+        },
+        "preset": config.preset,
+        "defense": config.defense,
+        "epochs": config.epochs,
+        "data": {
+            name: {"folder": str(shards.folder), "identity_sha256": shards.identity()}
+            for name, shards in datasets.items()
+            if shards is not None
+        },
+        "selection": BEST_RULE,
+    }
+
+
+def _summary(
+    config: RunConfig, rows: list[dict[str, Any]], precision: str, startup_s: float, out: Path
+) -> dict[str, Any]:
+    """The run's one-line result: last epoch's figures, the worst ASR, the model files."""
+    last = rows[-1] if rows else {}
+    asrs = [(r["asr"], r["epoch"]) for r in rows if r["asr"] is not None]
+    worst = max(asrs, default=(None, None))
+    best = best_row(rows) if rows else {}
+    return {
+        "defense": config.defense,
+        "acc": last.get("acc"),
+        "asr": last.get("asr"),
+        "robust_acc": last.get("robust_acc"),
+        "asr_worst": worst[0],
+        "asr_worst_epoch": worst[1],
+        "max_poison_fraction_clean": max(
+            (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None),
+            default=None,
+        ),
+        "epochs": len(rows),
+        "best_epoch": best.get("epoch"),
+        "model": str(out / MODEL_DIR),
+        "precision": precision,
+        "train_startup_s": round(startup_s, 1),
+        "mean_epoch_s": _time_split(rows),
+        "run_dir": str(out),
+    }
+
+
+class _RunLog:
+    """The progress callback, also appending each line to RUN/run.log with a time stamp."""
+
+    def __init__(self, path: Path, progress: Callable[[str], None]):
+        self.progress, self.file = progress, open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, line: str) -> None:
+        self.progress(line)
+        self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _tensorboard_writer(out: Path) -> Callable[[dict[str, Any]], None]:
+    """A callback writing each metrics row's numbers to RUN/tensorboard (``tensorboard --logdir``)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise DataError("--tensorboard needs the tensorboardX package: pip install tensorboardX") from None
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch" and value == value:  # not NaN
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+
+    return write
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -704,6 +849,8 @@ def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
     asr = f" asr {100 * row['asr']:5.1f}%" if row["asr"] is not None else ""
+    if row["robust_acc"] is not None:
+        asr += f" robust {100 * row['robust_acc']:5.1f}%"
     poison = f" (poisoned {row['poison_in_clean']})" if row["poison_in_clean"] is not None else ""
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs} stage {row['stage']} | acc {100 * row['acc']:5.1f}%{asr} | "

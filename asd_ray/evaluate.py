@@ -1,14 +1,21 @@
-"""ACC and ASR from prediction passes (pure functions, no Ray).
+"""What a run is judged by: ACC, ASR, robust accuracy and how well the flags find the poison.
 
-The ASR test set (``asd-ray poison --test-out``) already carries the attacker's
-labels (the target, or (y + 1) mod C for all2all) on triggered non-target
-images, so ASR is the fraction of it predicted as labelled.
+Pure functions over prediction passes, no Ray. The ASR test set (``asd-ray poison
+--test-out``) already carries the attacker's labels (the target, or (y + 1) mod C
+for all2all) on triggered non-target images, so ASR is the fraction of it
+predicted as labelled; its ground truth keeps each image's original label, which
+robust accuracy asks for. :func:`evaluate_model` applies a saved model to shard
+sets (``asd-ray evaluate``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
+
+from asd_ray.data.shards import ShardSet
+from asd_ray.errors import DataError
 
 
 def accuracy(predictions: pa.Table) -> float:
@@ -84,3 +91,49 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, suspicion: np.ndarray) 
         "f1": None if f1 is None else float(f1),
         "auroc": auroc(suspicion, poisoned),
     }
+
+
+def evaluate_model(
+    model: torch.nn.Module, test: ShardSet, poison_test: ShardSet | None = None, *, batch_size: int = 512
+) -> dict[str, float | None]:
+    """ACC on ``test`` and, with ``poison_test``, ASR and robust accuracy (when that set has
+    its ground truth), for a model from :func:`asd_ray.models.saved.load_model`."""
+    from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
+    from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
+    from asd_ray.scoring import PASS_SCHEMA, score_images
+
+    card = model.card["input"]
+    data = DataConfig(mean=tuple(card["mean"]), std=tuple(card["std"]))
+    config = (
+        data,
+        ScoringConfig(batch_size=batch_size),
+        ComputeConfig(precision="fp32", channels_last=False),
+    )
+
+    def predictions(shards: ShardSet) -> pa.Table:
+        if shards.info.num_classes != model.card["architecture"]["num_classes"]:
+            raise DataError(
+                f"{shards.folder} has {shards.info.num_classes} classes, the model "
+                f"{model.card['architecture']['num_classes']}; evaluate on the model's dataset"
+            )
+        images, labels = shards.load_arrays()
+        if images.shape[1:] != (card["height"], card["width"], card["channels"]):
+            raise DataError(
+                f"{shards.folder}: images are {images.shape[1:]}, the model takes "
+                f"{(card['height'], card['width'], card['channels'])}"
+            )
+        _, prediction = score_images(model, torch.from_numpy(images), torch.from_numpy(labels), *config)
+        columns = [np.arange(len(labels)), labels.astype(np.int32), np.zeros(len(labels), np.float32)]
+        return pa.Table.from_arrays(
+            [*map(pa.array, columns), pa.array(prediction.numpy().astype(np.int32))], schema=PASS_SCHEMA
+        )
+
+    figures: dict[str, float | None] = {"acc": accuracy(predictions(test)), "asr": None, "robust_acc": None}
+    if poison_test is not None:
+        triggered = predictions(poison_test)
+        figures["asr"] = attack_success_rate(triggered)
+        truth_path = poison_test.folder / GROUND_TRUTH_FILE
+        if truth_path.is_file():
+            original = read_ground_truth(truth_path, poison_test).column("original_label").to_numpy()
+            figures["robust_acc"] = robust_accuracy(triggered, original)
+    return figures

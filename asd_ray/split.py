@@ -21,8 +21,11 @@ import pyarrow.compute as pc
 from asd_ray import tables
 from asd_ray.config import SplitConfig
 from asd_ray.errors import DataError
+from asd_ray.evaluate import detection
 
 _GROUND_TRUTH_COLUMNS = ("sample_id", "is_poison", "original_label")
+# How well the polluted pool (the flags) finds the poison, with ground truth only.
+DETECTION_KEYS = ("flag_precision", "flag_recall", "flag_f1", "flag_auroc")
 
 
 def stage_of(epoch: int, config: SplitConfig) -> int:
@@ -227,14 +230,40 @@ def make_split(
     )
 
 
+def suspicion(split: pa.Table) -> np.ndarray:
+    """Every sample's suspicion score in one epoch: its place in the splitting order.
+
+    ``rank / (n - 1)`` over the samples ranked together (each class's non-seed
+    samples in stage 1; all samples in stages 2 and 3): 0 for the sample the split
+    trusts most (lowest loss, or lowest loss reduction in stage 3), 1 for the one it
+    trusts least; stage 1's seeds, forced in unranked, score 0. The polluted pool is always the
+    most suspicious part of each group, so the score ranks flagged samples and
+    compares epochs and stages on one scale.
+
+    Returns:
+        (N,) float64 in [0, 1], by position in ``split`` (sorted by sample_id).
+    """
+    rank = split.column("rank").to_numpy()
+    ranked = rank >= 0
+    score = np.zeros(len(rank), np.float64)
+    if split.column("stage")[0].as_py() == 1:
+        labels = split.column("label").to_numpy()
+        sizes = np.bincount(labels[ranked], minlength=int(labels.max()) + 1)
+        score[ranked] = rank[ranked] / np.maximum(sizes[labels[ranked]] - 1, 1)
+    else:
+        score[ranked] = rank[ranked] / max(int(ranked.sum()) - 1, 1)
+    return score
+
+
 def split_summary(split: pa.Table) -> dict[str, Any]:
     """Counts of one split table, keyed like the metrics table (schemas/metrics.json).
 
     Returns:
         ``stage``, ``clean_pool``, ``polluted_pool``, ``seeds``, ``seeds_in_clean``,
         ``clean_per_class`` (list indexed by label, up to the largest label present)
-        and, when the table carries ground truth, ``poison_in_clean`` and
-        ``poison_fraction_clean`` (poison_in_clean / clean_pool).
+        and, when the table carries ground truth, ``poison_in_clean``,
+        ``poison_fraction_clean`` (poison_in_clean / clean_pool) and the polluted
+        pool's detection figures (:data:`DETECTION_KEYS`, :func:`asd_ray.evaluate.detection`).
 
     Raises:
         DataError: if the table is empty, mixes stages, holds an unknown pool
@@ -268,9 +297,12 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
             f"split: is_poison is null in {poison.null_count} of {split.num_rows} rows; "
             "join a ground-truth table that covers every sample"
         )
-    in_clean = int((poison.to_numpy() & clean).sum())
+    poisoned = poison.to_numpy(zero_copy_only=False)
+    in_clean = int((poisoned & clean).sum())
     summary["poison_in_clean"] = in_clean
     summary["poison_fraction_clean"] = in_clean / summary["clean_pool"] if summary["clean_pool"] else 0.0
+    figures = detection(~clean, poisoned, suspicion(split))
+    summary |= {f"flag_{name}": value for name, value in figures.items()}
     return summary
 
 

@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
 
     # 3. Resume from the last checkpoint, if any.
-    done_epoch, resumed_from = -1, None
+    done_epoch, done_metrics, resumed_from = -1, {}, None
     # Ray Train's own checkpoint after a worker restart; on --resume the run folder's
     # newest, which also serves when Ray Train's snapshot of them was unreadable.
     checkpoint = ray.train.get_checkpoint()
@@ -136,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         base.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         done_epoch = int(state["epoch"])
+        done_metrics = state.get("metrics", {})
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
     if rank == 0:
@@ -172,15 +173,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         epoch = task["epoch"]
         if epoch <= done_epoch:  # re-sent after a restart: the checkpoint already has it
-            metrics = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
+            unknown = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
+            metrics = done_metrics if epoch == done_epoch and done_metrics else unknown
         elif task["split"] is None:
             metrics = supervised_epoch(model, optimizer, data, config, epoch=epoch)
         else:
             metrics = mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch)
         compute_s = time.perf_counter() - start
-        if epoch > done_epoch:
-            _report(base, optimizer, epoch, task["split"], config.seed, metrics, rank)
-            done_epoch = epoch
+        if epoch > done_epoch:  # the driver's figures of the epoch before ride along, for the dashboard
+            reported = {**metrics, **task.get("evaluation", {})}
+            _report(base, optimizer, epoch, task["split"], config.seed, metrics, reported, rank)
+            done_epoch, done_metrics = epoch, metrics
         if rank == 0:
             result = {**metrics, "weights": to_numpy_weights(base), "compute_s": compute_s}
             ray.get(mailbox.post_result.remote(seen, result))
@@ -193,8 +196,11 @@ def _quiet_ray_train_logs() -> None:
     context.logger.setLevel(logging.WARNING)
 
 
-def _report(model, optimizer, epoch: int, split: str | None, seed: int, metrics: dict, rank: int) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+def _report(
+    model, optimizer, epoch: int, split: str | None, seed: int, metrics: dict, reported: dict, rank: int
+) -> None:
+    """Every rank reports ``reported`` (a barrier); rank 0 attaches the checkpoint, which keeps
+    the epoch's ``metrics`` for a task re-sent after a restart."""
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -204,9 +210,10 @@ def _report(model, optimizer, epoch: int, split: str | None, seed: int, metrics:
                 "epoch": epoch,
                 "seed": seed,
                 "split": split,
+                "metrics": {k: float(v) for k, v in metrics.items()},
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             digest = hashlib.sha256((Path(folder) / CHECKPOINT_FILE).read_bytes()).hexdigest()
             (Path(folder) / CHECKPOINT_DIGEST).write_text(digest + "\n")
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)
+        ray.train.report({"epoch": epoch, **reported}, checkpoint=checkpoint)

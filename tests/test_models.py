@@ -126,3 +126,25 @@ def test_classifier_is_backbone_then_head() -> None:
         features = model.backbone(x)  # (B, D)
         assert features.shape == (2, model.head.in_features)
         torch.testing.assert_close(model(x), model.head(features))
+
+
+def test_a_users_own_module_through_a_factory():
+    from asd_ray.config import load_config
+    from asd_ray.models import ModelSpec
+
+    config = load_config(
+        "mnist-quick",
+        overrides=["model.name=custom", "model.factory=custom_factory:tiny_net", "model.meta_layers=['5']"],
+    )
+    m = config.model
+    spec = ModelSpec(m.name, 4, 1, 16, m.factory, m.meta_layers)
+    model = spec.build()
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 4)
+    meta = {id(p) for p in model.meta_parameters()}
+    assert meta == {id(p) for p in model.net[5].parameters()}  # the Linear head only
+    with pytest.raises(ValueError, match="some, but not all"):
+        ModelSpec("custom", 4, 1, 16, "custom_factory:tiny_net", ("",)).build()
+    with pytest.raises(ValueError, match="cannot be imported"):
+        ModelSpec("custom", 4, 1, 16, "no_such_module:make", ("5",)).build()
+    with pytest.raises(ValueError, match="model.factory goes with model.name=custom"):
+        load_config("mnist-quick", overrides=["model.factory=custom_factory:tiny_net"])

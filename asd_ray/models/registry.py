@@ -212,11 +212,60 @@ class ModelSpec:
     num_classes: int
     in_channels: int
     image_size: int
+    factory: str | None = None  # name "custom": "package.module:function"
+    meta_layers: tuple[str, ...] = ()  # name "custom": what the virtual model updates
 
-    def build(self) -> Classifier:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta_layers", tuple(self.meta_layers))  # lists come back from JSON
+
+    def build(self) -> nn.Module:
+        if self.factory is not None:
+            return build_custom(
+                self.factory, self.meta_layers, self.num_classes, self.in_channels, self.image_size
+            )
         return build_model(
             self.name, self.num_classes, in_channels=self.in_channels, image_size=self.image_size
         )
+
+
+class CustomClassifier(nn.Module):
+    """A user's ``torch.nn.Module`` with the layers ASD's virtual model updates named."""
+
+    def __init__(self, net: nn.Module, meta_layers: Sequence[str]) -> None:
+        super().__init__()
+        self.net = net
+        self.meta_layers = tuple(meta_layers)
+        try:
+            meta = {id(p) for p in self.meta_parameters()}
+        except AttributeError as err:
+            raise ValueError(
+                f"model.meta_layers: {err}; use names from the module's named_modules()"
+            ) from None
+        if not meta or len(meta) == len(list(net.parameters())):
+            raise ValueError("model.meta_layers must name some, but not all, of the model's parameters")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [p for path in self.meta_layers for p in self.net.get_submodule(path).parameters()]
+
+
+def build_custom(
+    factory: str, meta_layers: Sequence[str], num_classes: int, in_channels: int, image_size: int
+) -> CustomClassifier:
+    """Call a user's ``package.module:function`` factory and wrap its module."""
+    import importlib
+
+    module_name, _, function_name = factory.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model.factory {factory!r} cannot be imported ({err}); install or fix it") from None
+    net = function(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"model.factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return CustomClassifier(net, meta_layers)
 
 
 def to_numpy_weights(model: torch.nn.Module) -> Weights:
