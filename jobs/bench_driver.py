@@ -4,8 +4,8 @@ Synthetic scores for N samples of C classes (losses drawn per sample, 10 seeds
 per class, ground truth for 5% of the samples), then, timed one by one:
 ``split.make_split`` for a stage-1, a stage-2 and a stage-3 epoch (the meta
 pass included), writing each split table (``tables.write_parquet``), and the
-audit over those epochs (``audit.report.flag_history`` on
-``load_splits``). Peak memory is the process's maximum resident set size.
+audit over those epochs (``audit.history.flag_history``: suspicion scores,
+streaks). Peak memory is the process's maximum resident set size.
 Targets: every split under 3 s, peak memory under 2 GB.
 
     python jobs/bench_driver.py [--samples 1000000] [--classes 30]
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from asd_ray import tables
-from asd_ray.audit.report import flag_history, load_splits
+from asd_ray.audit.history import flag_history
 from asd_ray.config import SplitConfig
 from asd_ray.driver import split_path
 from asd_ray.split import make_split
@@ -88,7 +88,7 @@ def main() -> None:
             result["write_s"][f"stage{stage}"] = round(time.perf_counter() - start, 3)
             del split, current, meta
         start = time.perf_counter()
-        flags = flag_history(load_splits(run))
+        flags = flag_history(run, epochs=[0, 1, 2])
         result["audit_s"] = round(time.perf_counter() - start, 3)
         result["flag_rows"] = int(flags.num_rows)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes

@@ -1,14 +1,14 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from asd_ray import tables
+from asd_ray.audit import history
 from asd_ray.audit.report import report
 from asd_ray.config import SplitConfig
 from asd_ray.driver import METRICS_FILE, split_path
 from asd_ray.errors import DataError
-from asd_ray.split import make_split
+from asd_ray.split import DETECTION_KEYS, make_split, suspicion
 
 
 def _fake_run(folder, *, with_truth: bool):
@@ -61,10 +61,12 @@ def _fake_run(folder, *, with_truth: bool):
                 "defense": "asd",
                 "acc": 0.5 + 0.1 * epoch,
                 "asr": 0.1,
+                "robust_acc": 0.8,
                 "clean_pool": 30,
                 "polluted_pool": 30,
                 "poison_in_clean": 0 if with_truth else None,
                 "poison_fraction_clean": 0.0 if with_truth else None,
+                **{k: (0.5 if with_truth else None) for k in DETECTION_KEYS},
                 "train_loss": 1.0,
                 "score_s": 0.1,
                 "virtual_s": 0.0,
@@ -79,21 +81,58 @@ def _fake_run(folder, *, with_truth: bool):
     tables.write_parquet(metrics, folder / METRICS_FILE, "metrics")
 
 
-def test_report_writes_flags_and_a_plot(tmp_path):
+
+
+def test_suspicion_is_the_place_in_the_splitting_order(tmp_path):
+    _fake_run(tmp_path, with_truth=True)
+    for epoch in range(3):
+        split = tables.read_parquet(split_path(tmp_path, epoch), "splits")
+        score = suspicion(split)
+        polluted = np.array(split.column("pool").to_pylist()) == "polluted"
+        assert score.min() >= 0 and score.max() == 1.0
+        if epoch == 0:  # stage 1 forces the seeds in, unranked
+            assert (score[split.column("is_seed").to_numpy()] == 0).all()
+        # every flagged sample is more suspicious than every kept one of its ranking group
+        groups = split.column("label").to_numpy() if epoch == 0 else np.zeros(split.num_rows, int)
+        kept = ~polluted & (split.column("rank").to_numpy() >= 0)
+        for g in np.unique(groups):
+            mine = groups == g
+            if (mine & polluted).any() and (mine & kept).any():
+                assert score[mine & polluted].min() > score[mine & kept].max()
+
+
+def test_flag_history_flagged_and_sample(tmp_path):
+    _fake_run(tmp_path, with_truth=True)
+    flags = history.flag_history(tmp_path).to_pydict()
+    assert all(flags["epochs_polluted"][i] >= 2 for i in range(6))  # stage 2 and 3 flagged the poison
+    assert all(flags["flagged_streak"][i] >= 2 for i in range(6))
+    assert set(flags["epochs_seen"]) == {3} and set(flags["last_epoch"]) == {2}
+    top = history.flagged_samples(tmp_path, "last", top=6).to_pylist()
+    assert {row["sample_id"] for row in top} == set(range(6))  # the poison is the most suspicious
+    assert [row["suspicion"] for row in top] == sorted((row["suspicion"] for row in top), reverse=True)
+    only = history.flagged_samples(tmp_path, 1, label=2).to_pylist()
+    assert only and {row["label"] for row in only} == {2} and {row["epoch"] for row in only} == {1}
+    sample = history.sample_history(tmp_path, 0)
+    assert [row["epoch"] for row in sample] == [0, 1, 2] and sample[-1]["pool"] == "polluted"
+    with pytest.raises(DataError, match="complete epochs are 0..2"):
+        history.flagged_samples(tmp_path, 7)
+
+
+def test_an_epoch_counts_only_once_its_metrics_row_is_written(tmp_path):
+    _fake_run(tmp_path, with_truth=False)
+    metrics = tables.read_parquet(tmp_path / METRICS_FILE, "metrics")
+    tables.write_parquet(metrics.slice(0, 2), tmp_path / METRICS_FILE, "metrics")  # epoch 2 still running
+    assert history.complete_epochs(tmp_path) == [0, 1]
+    assert set(history.flag_history(tmp_path).column("last_epoch").to_pylist()) == {1}
+
+
+def test_report_is_one_html_file_with_images_and_flags(tmp_path):
     _fake_run(tmp_path, with_truth=True)
     summary = report(tmp_path)
-    flags = tables.read_parquet(tmp_path / "audit" / "flags.parquet", "flags").to_pydict()
-    assert summary["samples"] == 60 and summary["flagged_last_epoch"] == 30
-    assert summary["poisoned"] == 6 and summary["poison_recall_last_epoch"] == 1.0
-    assert all(flags["epochs_polluted"][i] >= 2 for i in range(6))  # stage 2 and 3 flagged them
-    assert set(flags["epochs_seen"]) == {3} and set(flags["last_epoch"]) == {2}
-    with Image.open(tmp_path / "audit" / "metrics.png") as plot:
-        assert plot.size == (900, 420)
-
-
-def test_report_without_ground_truth_and_without_runs(tmp_path):
-    _fake_run(tmp_path / "run", with_truth=False)
-    summary = report(tmp_path / "run")
-    assert "poisoned" not in summary and summary["flagged_last_epoch"] == 30
-    with pytest.raises(DataError, match="no such metrics table"):
+    page = (tmp_path / "audit" / "report.html").read_text()
+    assert summary["report"].endswith("report.html")
+    assert page.count("data:image/png;base64,") >= 2  # curves and histograms (no shards: no thumbnails)
+    assert "Losses per stage" in page and "no thumbnails" in page
+    assert tables.read_parquet(tmp_path / "audit" / "flags.parquet", "flags").num_rows == 60
+    with pytest.raises(DataError, match="no such run folder"):
         report(tmp_path / "missing")

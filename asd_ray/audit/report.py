@@ -1,150 +1,262 @@
-"""Audit a finished (or running) run: which samples were flagged, and a picture of the run.
+"""``asd-ray report RUN``: one self-contained HTML page about a run, for people.
 
-Reads only run outputs (``RUN/splits``, ``RUN/metrics.parquet``) and writes
-into ``RUN/audit/``:
+Reads only run outputs (complete epochs, so a running run can be reported) and
+the training shards for thumbnails, and writes into ``RUN/audit/``:
 
-- ``flags.parquet`` (schemas/flags.json): per sample, how many epochs it spent
-  in the polluted pool and its pool in the last epoch, with ground truth when
-  the split tables carry it;
-- ``metrics.png``: ACC, ASR and the poisoned share of the clean pool per epoch.
+- ``report.html``: ACC, ASR and robust accuracy with the pools per epoch and the
+  stage boundaries; per-stage loss histograms of clean against poisoned samples
+  (ground truth known; else clean against polluted pool), like the paper's
+  figures 1 and 3; thumbnails of the most suspicious samples and of the
+  hardest samples kept clean; the config and inputs. Plots are PNGs embedded
+  as data URIs, so the file can be mailed or archived alone.
+- ``flags.parquet`` (schemas/flags.json): the per-sample flag history.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-from PIL import Image, ImageDraw
 
 from asd_ray import tables
+from asd_ray.audit import history
 from asd_ray.errors import DataError
 
 AUDIT_DIR = "audit"
-
-
-def load_splits(run: str | Path) -> pa.Table:
-    """Every epoch's split table of ``run``, each part validated, with an ``epoch`` column."""
-    folder = Path(run) / "splits"
-    parts = sorted(folder.glob("epoch=*/part-0.parquet"))
-    if not parts:
-        raise DataError(f"{folder}: no split tables; is {run} an `asd-ray run --defense asd` folder?")
-    for part in parts:
-        tables.read_parquet(part, "splits")
-    dataset = ds.dataset(folder, format="parquet", partitioning="hive")
-    return dataset.to_table().sort_by([("epoch", "ascending"), ("sample_id", "ascending")])
-
-
-def flag_history(splits: pa.Table) -> pa.Table:
-    """Per-sample flag history (schemas/flags.json) from :func:`load_splits`."""
-    epochs = splits.column("epoch").to_numpy()
-    last_epoch = int(epochs.max())
-    ids = splits.column("sample_id").to_numpy()
-    n = int(ids.max()) + 1
-    polluted = pc.equal(splits.column("pool"), "polluted").to_numpy(zero_copy_only=False)
-    times_polluted = np.bincount(ids[polluted], minlength=n)
-    last = splits.filter(pc.equal(splits.column("epoch"), last_epoch)).sort_by("sample_id")
-    if last.num_rows != n:
-        raise DataError(f"the split table of epoch {last_epoch} has {last.num_rows} rows for {n} samples")
-    return tables.from_pydict(
-        {
-            "sample_id": np.arange(n),
-            "label": last.column("label").to_numpy(),
-            "epochs_seen": np.full(n, len(np.unique(epochs))),
-            "epochs_polluted": times_polluted,
-            "last_epoch": np.full(n, last_epoch),
-            "last_pool": last.column("pool").to_pylist(),
-            "last_rank": last.column("rank").to_numpy(),
-            "is_poison": last.column("is_poison").to_pylist(),
-            "original_label": last.column("original_label").to_pylist(),
-        },
-        "flags",
-    )
-
-
-def flag_summary(flags: pa.Table) -> dict[str, Any]:
-    """Counts of flagged samples; with ground truth, how well the last split caught the poison."""
-    flagged = pc.equal(flags.column("last_pool"), "polluted").to_numpy(zero_copy_only=False)
-    summary: dict[str, Any] = {"samples": flags.num_rows, "flagged_last_epoch": int(flagged.sum())}
-    truth = flags.column("is_poison")
-    if truth.null_count == 0:
-        poison = truth.to_numpy(zero_copy_only=False)
-        summary |= {
-            "poisoned": int(poison.sum()),
-            "poisoned_flagged": int((poison & flagged).sum()),
-            "poisoned_in_clean_pool": int((poison & ~flagged).sum()),
-            "poison_recall_last_epoch": float((poison & flagged).sum() / max(poison.sum(), 1)),
-        }
-    return summary
-
-
-def plot_metrics(metrics: pa.Table, path: str | Path, *, width: int = 900, height: int = 420) -> Path:
-    """Draw ACC, ASR and the poisoned share of the clean pool per epoch as a PNG."""
-    rows = metrics.to_pylist()
-    if not rows:
-        raise DataError("no metrics rows to plot yet")
-    series = {
-        "ACC %": ([100 * r["acc"] for r in rows], (31, 119, 180)),
-        "ASR %": ([100 * r["asr"] if r["asr"] is not None else None for r in rows], (214, 39, 40)),
-        "poisoned in clean pool %": (
-            [
-                100 * r["poison_fraction_clean"] if r["poison_fraction_clean"] is not None else None
-                for r in rows
-            ],
-            (44, 160, 44),
-        ),
-    }
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, width - 20, 40, height - 50
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    epochs = [r["epoch"] for r in rows]
-    span = max(epochs[-1] - epochs[0], 1)
-
-    def x_of(epoch: int) -> float:
-        return left + (epoch - epochs[0]) / span * (right - left)
-
-    def y_of(value: float) -> float:
-        return bottom - value / 100 * (bottom - top)
-
-    for tick in range(0, 101, 20):
-        draw.line([left - 4, y_of(tick), left, y_of(tick)], fill=(0, 0, 0))
-        draw.text((left - 34, y_of(tick) - 6), f"{tick:>3}", fill=(0, 0, 0))
-        draw.line([left, y_of(tick), right, y_of(tick)], fill=(230, 230, 230))
-    for epoch in epochs[:: max(1, len(epochs) // 12)]:
-        draw.text((x_of(epoch) - 6, bottom + 6), str(epoch), fill=(0, 0, 0))
-    draw.text(((left + right) // 2 - 20, bottom + 24), "epoch", fill=(0, 0, 0))
-    stage_changes = [r["epoch"] for a, r in zip(rows, rows[1:]) if r["stage"] != a["stage"]]
-    for epoch in stage_changes:  # dashed stage boundaries
-        for y in range(top, bottom, 8):
-            draw.line([x_of(epoch) - 0.5, y, x_of(epoch) - 0.5, y + 4], fill=(150, 150, 150))
-    for i, (name, (values, colour)) in enumerate(series.items()):
-        points = [(x_of(e), y_of(v)) for e, v in zip(epochs, values) if v is not None]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for px, py in points:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.rectangle([left + 10 + 230 * i, 12, left + 24 + 230 * i, 24], fill=colour)
-        draw.text((left + 30 + 230 * i, 12), name, fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tables.atomic_file(path) as tmp:
-        image.save(tmp, format="PNG")
-    return path
+THUMBNAILS = 24
+# Frame colours of the thumbnails: the browser test looks for them in a screenshot.
+FLAGGED_FRAME, KEPT_FRAME = "#ff00ff", "#00c8ff"  # used nowhere else on the page
 
 
 def report(run: str | Path) -> dict[str, Any]:
-    """Write ``RUN/audit/flags.parquet`` and ``RUN/audit/metrics.png``; return a summary."""
+    """Write ``RUN/audit/report.html`` and ``flags.parquet``; return what was written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
     run = Path(run).absolute()
-    metrics = tables.read_parquet(run / "metrics.parquet", "metrics")
+    metrics = history.read_metrics(run).to_pylist()
+    if not metrics:
+        raise DataError(f"{run}: no complete epoch yet; report again after the first one")
     out = run / AUDIT_DIR
-    summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": metrics.num_rows}
-    summary["plot"] = str(plot_metrics(metrics, out / "metrics.png"))
-    if (run / "splits").is_dir():
-        flags = flag_history(load_splits(run))
+    out.mkdir(exist_ok=True)
+    summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": len(metrics)}
+    sections = [_header(run, metrics), _figure("Metrics per epoch", _curves(metrics))]
+    if history.complete_epochs(run):
+        flags = history.flag_history(run)
         summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
-        summary |= flag_summary(flags)
+        sections.append(_figure("Losses per stage (the last epoch of each)", _histograms(run)))
+        sections += _thumbnail_sections(run)
+    sections.append(_text_section(run))
+    page = _page(f"asd-ray report: {run.name}", sections)
+    path = out / "report.html"
+    with tables.atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    summary["report"] = str(path)
     return summary
+
+
+def _png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(title: str, png: str) -> str:
+    return (
+        f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
+    )
+
+
+def _stage_lines(axis, metrics: list[dict]) -> None:
+    for before, row in zip(metrics, metrics[1:]):
+        if row["stage"] != before["stage"]:
+            axis.axvline(row["epoch"] - 0.5, color="grey", linestyle="--", linewidth=1)
+            axis.text(
+                row["epoch"] - 0.4,
+                0.98,
+                f"stage {row['stage']}",
+                transform=axis.get_xaxis_transform(),
+                va="top",
+                fontsize=8,
+                color="grey",
+            )
+
+
+def _curves(metrics: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in metrics]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for key, label, colour in (
+        ("acc", "ACC", "#1f77b4"),
+        ("asr", "ASR", "#d62728"),
+        ("robust_acc", "robust accuracy", "#9467bd"),
+    ):
+        values = [np.nan if r[key] is None else 100 * r[key] for r in metrics]
+        if not np.all(np.isnan(values)):
+            top.plot(epochs, values, marker="o", markersize=3, color=colour, label=label)
+    top.set_ylabel("%")
+    top.set_ylim(-2, 102)
+    top.legend(loc="center right")
+    top.grid(alpha=0.3)
+    _stage_lines(top, metrics)
+    bottom.plot(epochs, [r["clean_pool"] for r in metrics], color="#2ca02c", label="clean pool")
+    bottom.plot(epochs, [r["polluted_pool"] for r in metrics], color="#ff7f0e", label="polluted pool")
+    if any(r["poison_in_clean"] is not None for r in metrics):
+        poisoned = [np.nan if r["poison_in_clean"] is None else r["poison_in_clean"] for r in metrics]
+        bottom.plot(epochs, poisoned, color="#8c564b", label="poisoned in clean pool")
+    bottom.set_ylabel("samples")
+    bottom.set_xlabel("epoch")
+    bottom.legend(loc="center right")
+    bottom.grid(alpha=0.3)
+    _stage_lines(bottom, metrics)
+    return _png(figure)
+
+
+def _histograms(run: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    epochs = history.complete_epochs(run)
+    last_of_stage: dict[int, int] = {}
+    for epoch in epochs:
+        split = history.read_split(run, epoch)
+        last_of_stage[split.column("stage")[0].as_py()] = epoch
+    figure, axes = plt.subplots(1, len(last_of_stage), figsize=(4.2 * len(last_of_stage), 3.4), squeeze=False)
+    for axis, (stage, epoch) in zip(axes[0], sorted(last_of_stage.items())):
+        split = history.read_split(run, epoch)
+        column = "loss_reduction" if stage == 3 else "loss"
+        values = split.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        truth = split.column("is_poison")
+        if truth.null_count == 0:
+            bad = truth.to_numpy(zero_copy_only=False)
+            names = ("clean", "poisoned")
+        else:
+            bad = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+            names = ("clean pool", "polluted pool")
+        bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=40)
+        axis.hist(values[~bad], bins=bins, alpha=0.6, color="#1f77b4", label=names[0], density=True)
+        axis.hist(values[bad], bins=bins, alpha=0.6, color="#d62728", label=names[1], density=True)
+        axis.set_title(f"stage {stage} (epoch {epoch})")
+        axis.set_xlabel("loss reduction (virtual model)" if stage == 3 else "SCE loss")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _thumbnail_sections(run: Path) -> list[str]:
+    from asd_ray.data.shards import ShardSet
+
+    split = history.read_split(run, history.complete_epochs(run)[-1])
+    score = split.column("suspicion").to_numpy()
+    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    seeds = split.column("is_seed").to_numpy(zero_copy_only=False)
+    order = np.argsort(-score, kind="stable")
+    flagged = [i for i in order if polluted[i]][:THUMBNAILS]
+    kept = [i for i in order if not polluted[i] and not seeds[i]][:THUMBNAILS]
+    try:
+        shards = ShardSet(history.run_inputs(run)["train"])
+    except (DataError, KeyError):
+        return [
+            "<h2>Samples</h2>\n<p>The training shards are no longer where the run read them; no thumbnails.</p>"
+        ]
+    wanted = np.zeros(len(shards), bool)
+    wanted[flagged + kept] = True
+    images = {s.sample_id: s.image for s in shards.iter_samples(keep=wanted)}
+    rows = split.to_pylist()
+    return [
+        _figure(
+            f"The {len(flagged)} most suspicious samples (polluted pool, last epoch)",
+            _grid([images[i] for i in flagged], [rows[i] for i in flagged], FLAGGED_FRAME),
+        ),
+        _figure(
+            f"The {len(kept)} hardest samples kept clean (highest suspicion in the clean pool)",
+            _grid([images[i] for i in kept], [rows[i] for i in kept], KEPT_FRAME),
+        ),
+    ]
+
+
+def _grid(images: list[np.ndarray], rows: list[dict], frame: str) -> str:
+    import matplotlib.pyplot as plt
+
+    columns = 8
+    lines = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(lines, columns, figsize=(columns * 1.25, lines * 1.55), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, row in zip(axes.flat, images, rows):
+        axis.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+        axis.axis("on")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set_edgecolor(frame)
+            spine.set_linewidth(4)
+        truth = ""
+        if row.get("is_poison"):
+            truth = f" P{row['original_label']}"
+        axis.set_title(f"#{row['sample_id']} y={row['label']}{truth}\n{row['suspicion']:.3f}", fontsize=7)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _header(run: Path, metrics: list[dict]) -> str:
+    last = metrics[-1]
+    asrs = [r["asr"] for r in metrics if r["asr"] is not None]
+    facts = {
+        "run": str(run),
+        "defense": last["defense"],
+        "complete epochs": len(metrics),
+        "last epoch": f"{last['epoch']} (stage {last['stage']})",
+        "ACC (last)": _percent(last["acc"]),
+        "ASR (last / worst)": f"{_percent(last['asr'])} / {_percent(max(asrs) if asrs else None)}",
+        "robust accuracy (last)": _percent(last["robust_acc"]),
+        "pools (last)": f"{last['clean_pool']} clean, {last['polluted_pool']} polluted",
+        "poisoned in the clean pool (last)": "-"
+        if last["poison_in_clean"] is None
+        else last["poison_in_clean"],
+    }
+    model_card = run / "model" / "card.json"
+    if model_card.is_file():
+        card = json.loads(model_card.read_text())
+        facts["model"] = (
+            f"{run / 'model'} (best: epoch {card['best']['epoch']}, last: epoch {card['last']['epoch']})"
+        )
+    rows = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
+    )
+    return f"<table class=facts>\n{rows}\n</table>"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _text_section(run: Path) -> str:
+    parts = []
+    for name in ("config.yaml", "inputs.json"):
+        path = run / name
+        if path.is_file():
+            parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(path.read_text())}</pre>")
+    return "<h2>Config and inputs</h2>\n" + "\n".join(parts)
+
+
+def _page(title: str, sections: list[str]) -> str:
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "img{max-width:100%}table.facts th{text-align:left;padding-right:1em}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}"
+    )
+    body = "\n".join(sections)
+    return (
+        f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )

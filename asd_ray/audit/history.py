@@ -1,0 +1,185 @@
+"""What a run folder says about its samples: read-only, complete epochs only.
+
+An epoch is complete once its metrics row is written (its split table comes
+first), so everything here works on a run that is still going. The suspicion
+score is :func:`asd_ray.split.suspicion`: a sample's place in its epoch's
+splitting order, 0 = most trusted, 1 = least.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd_ray import tables
+from asd_ray.errors import DataError
+from asd_ray.split import suspicion
+
+METRICS_FILE = "metrics.parquet"
+SPLITS_DIR = "splits"
+INPUTS_FILE = "inputs.json"
+
+
+def read_metrics(run: str | Path) -> pa.Table:
+    """The run's metrics table (one row per complete epoch)."""
+    path = Path(run) / METRICS_FILE
+    if not Path(run).is_dir():
+        raise DataError(f"{run}: no such run folder; pass the --out of `asd-ray run`")
+    return tables.read_parquet(path, "metrics")
+
+
+def split_file(run: str | Path, epoch: int) -> Path:
+    return Path(run) / SPLITS_DIR / f"epoch={epoch:03d}" / "part-0.parquet"
+
+
+def complete_epochs(run: str | Path) -> list[int]:
+    """Epochs with both a metrics row and a split table, ascending."""
+    epochs = read_metrics(run).column("epoch").to_pylist()
+    return [e for e in epochs if split_file(run, e).is_file()]
+
+
+def resolve_epoch(run: str | Path, epoch: int | str) -> int:
+    """``epoch`` as a number: ``last`` or an integer among the complete epochs."""
+    epochs = complete_epochs(run)
+    if not epochs:
+        raise DataError(f"{run}: no complete epoch with a split table yet (a --defense none run has none)")
+    if epoch == "last":
+        return epochs[-1]
+    try:
+        value = int(epoch)
+    except ValueError:
+        raise DataError(f"--epoch {epoch!r}: give a number or 'last'") from None
+    if value not in epochs:
+        raise DataError(f"--epoch {value}: complete epochs are {epochs[0]}..{epochs[-1]}")
+    return value
+
+
+def read_split(run: str | Path, epoch: int) -> pa.Table:
+    """One epoch's split table with its ``suspicion`` score appended."""
+    split = tables.read_parquet(split_file(run, epoch), "splits")
+    return split.append_column("suspicion", pa.array(suspicion(split)))
+
+
+def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
+    """Per sample over ``epochs`` (default: the complete ones): flags.json's table."""
+    epochs = complete_epochs(run) if epochs is None else epochs
+    if not epochs:
+        raise DataError(f"{run}: no complete epoch with a split table yet")
+    flagged = None
+    for epoch in epochs:
+        split = read_split(run, epoch)
+        polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+        if flagged is None:
+            flagged = np.zeros((len(epochs), split.num_rows), bool)
+        if split.num_rows != flagged.shape[1]:
+            raise DataError(
+                f"{split_file(run, epoch)}: {split.num_rows} rows, earlier epochs have {flagged.shape[1]}"
+            )
+        flagged[epochs.index(epoch)] = polluted
+    last = split  # the last epoch's table
+    return tables.from_pydict(
+        {
+            "sample_id": last.column("sample_id").to_numpy(),
+            "label": last.column("label").to_numpy(),
+            "epochs_seen": np.full(last.num_rows, len(epochs)),
+            "epochs_polluted": flagged.sum(0),
+            "flagged_streak": _streak(flagged),
+            "last_epoch": np.full(last.num_rows, epochs[-1]),
+            "last_pool": last.column("pool").to_pylist(),
+            "last_rank": last.column("rank").to_numpy(),
+            "suspicion": last.column("suspicion").to_numpy(),
+            "loss": last.column("loss").to_numpy(),
+            "loss_reduction": last.column("loss_reduction").to_pylist(),
+            "is_poison": last.column("is_poison").to_pylist(),
+            "original_label": last.column("original_label").to_pylist(),
+        },
+        "flags",
+    )
+
+
+def _streak(flagged: np.ndarray) -> np.ndarray:
+    """(N,) epochs in a row each sample has been flagged, up to the last epoch."""
+    streak = np.zeros(flagged.shape[1], np.int64)
+    for row in flagged:
+        streak = np.where(row, streak + 1, 0)
+    return streak
+
+
+def flagged_samples(
+    run: str | Path, epoch: int | str = "last", *, top: int | None = None, label: int | None = None
+) -> pa.Table:
+    """The polluted pool of one epoch, most suspicious first, with each sample's streak."""
+    epoch = resolve_epoch(run, epoch)
+    epochs = [e for e in complete_epochs(run) if e <= epoch]
+    split = read_split(run, epoch)
+    streak = np.zeros(split.num_rows, np.int64)
+    for e in epochs:
+        polluted = pc.equal(read_split(run, e).column("pool"), "polluted").to_numpy(zero_copy_only=False)
+        streak = np.where(polluted, streak + 1, 0)
+    split = split.append_column("flagged_streak", pa.array(streak))
+    keep = pc.equal(split.column("pool"), "polluted")
+    if label is not None:
+        keep = pc.and_(keep, pc.equal(split.column("label"), label))
+    rows = split.filter(keep).sort_by([("suspicion", "descending"), ("sample_id", "ascending")])
+    rows = rows.append_column("epoch", pa.array(np.full(rows.num_rows, epoch), pa.int64()))
+    return rows.slice(0, top) if top is not None else rows
+
+
+def sample_history(run: str | Path, sample_id: int) -> list[dict[str, Any]]:
+    """One sample's row of every complete epoch's split, with its suspicion."""
+    out = []
+    for epoch in complete_epochs(run):
+        split = read_split(run, epoch)
+        if not 0 <= sample_id < split.num_rows:
+            raise DataError(f"sample {sample_id}: the run's samples are 0..{split.num_rows - 1}")
+        out.append({"epoch": epoch, **split.slice(sample_id, 1).to_pylist()[0]})
+    return out
+
+
+def per_class(run: str | Path, epoch: int | str = "last") -> list[dict[str, Any]]:
+    """Pools (and poison, with ground truth) per class in one epoch."""
+    split = read_split(run, resolve_epoch(run, epoch))
+    labels = split.column("label").to_numpy()
+    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    truth = split.column("is_poison")
+    poison = truth.to_numpy(zero_copy_only=False) if truth.null_count == 0 else None
+    names = class_names(run)
+    rows = []
+    for c in range(int(labels.max()) + 1):
+        mine = labels == c
+        row = {
+            "class": c,
+            "name": names[c] if c < len(names) else str(c),
+            "samples": int(mine.sum()),
+            "clean": int((mine & ~polluted).sum()),
+            "polluted": int((mine & polluted).sum()),
+        }
+        if poison is not None:
+            row["poisoned"] = int((mine & poison).sum())
+            row["poisoned_in_clean"] = int((mine & poison & ~polluted).sum())
+        rows.append(row)
+    return rows
+
+
+def run_inputs(run: str | Path) -> dict[str, Any]:
+    """RUN/inputs.json: the shard folders, seeds and ground truth the run read."""
+    path = Path(run) / INPUTS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
+
+
+def class_names(run: str | Path) -> list[str]:
+    """The training set's class names (from its dataset.json), or [] if it moved."""
+    from asd_ray.data.shards import DATASET_FILE, read_dataset_info
+
+    folder = Path(run_inputs(run).get("train", ""))
+    if not (folder / DATASET_FILE).is_file():
+        return []
+    return list(read_dataset_info(folder / DATASET_FILE).class_names)
