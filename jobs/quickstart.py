@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from asd_ray import progress
 from asd_ray.config import load_config
 from asd_ray.demo import prepare_mnist_badnets
 from asd_ray.driver import run
@@ -46,14 +47,17 @@ def main() -> None:
         config = load_config("mnist-quick", overrides=[*overrides, f"defense={defense}"])
         run_dir = out / f"run-{defense}"
         resume = (run_dir / "config.yaml").exists()
-        results[defense] = run(config, inputs, run_dir, resume=resume)
-    print(f"\n{'defense':<8} {'ACC':>7} {'ASR':>7} {'max poison in D_C':>18} {'epochs':>7} {'wall s':>7}")
+        results[defense] = run(config, inputs, run_dir, resume=resume, progress=progress.write)
+    table = [
+        f"\n{'defense':<8} {'ACC':>7} {'ASR':>7} {'robust':>7} {'max poison in D_C':>18} {'epochs':>7} {'wall s':>7}"
+    ]
     for defense, r in results.items():
         poison = r["max_poison_fraction_clean"]
-        print(
-            f"{defense:<8} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% "
+        table.append(
+            f"{defense:<8} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% {100 * r['robust_acc']:6.1f}% "
             f"{(f'{100 * poison:.2f}%' if poison is not None else '-'):>18} {r['epochs']:>7} {r['wall_s']:>7}"
         )
+    progress.write("\n".join(table))  # human lines on stderr; stdout carries the JSON line only
     print(
         json.dumps(
             {

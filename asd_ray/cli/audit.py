@@ -1,0 +1,220 @@
+"""``asd-ray audit`` and ``report``: what a run flagged, for people and for pipelines.
+
+Audit commands print a readable table on stdout (the table is their product) or,
+with ``--json``, JSON for scripts; they read complete epochs only, so they work
+while the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from asd_ray.cli.common import add_quiet, print_table, say
+from asd_ray.errors import DataError
+
+SUMMARY_COLUMNS = (
+    "epoch",
+    "stage",
+    "clean_pool",
+    "polluted_pool",
+    "acc",
+    "asr",
+    "robust_acc",
+    "poison_in_clean",
+    "flag_precision",
+    "flag_recall",
+    "flag_f1",
+    "flag_auroc",
+)
+FLAGGED_COLUMNS = ("sample_id", "label", "suspicion", "loss", "loss_reduction", "flagged_streak", "is_poison")
+SAMPLE_COLUMNS = ("epoch", "stage", "pool", "rank", "suspicion", "loss", "meta_loss", "loss_reduction")
+
+
+def add_commands(commands) -> None:
+    """``audit summary|flagged|sample|export|manifest`` and ``report``."""
+    audit = commands.add_parser(
+        "audit",
+        help="what a run flagged: per epoch, per class, per sample; exports for data cleaning",
+        description="Read a run folder's complete epochs (also while it runs). The suspicion score "
+        "of a sample in an epoch is its place in that epoch's splitting order: 0 = most trusted, "
+        "1 = least (per class in stage 1, over all samples in stages 2 and 3).",
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+
+    def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        parser = audit_commands.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("run", help="run folder")
+        parser.set_defaults(func=func)
+        return parser
+
+    summary = command("summary", "per epoch: stage, pools, ACC, ASR, robust accuracy, detection", _summary)
+    summary.add_argument("--json", action="store_true", help="JSON on stdout instead of tables")
+    flagged = command("flagged", "one epoch's polluted pool, most suspicious first", _flagged)
+    flagged.add_argument("--epoch", default="last", help="epoch number or 'last' (default)")
+    flagged.add_argument("--top", type=int, help="only the K most suspicious")
+    flagged.add_argument("--class", dest="label", type=int, help="only samples labelled C")
+    flagged.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a table")
+    sample = command("sample", "one sample's history: pool, rank, suspicion and losses per epoch", _sample)
+    sample.add_argument("sample_id", type=int, help="sample id")
+    sample.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+    export = command("export", "the per-sample flag history as a Parquet or CSV file", _export)
+    export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    export.add_argument("--out", required=True, help="output file")
+    manifest = command(
+        "manifest", "ids and record keys to drop or review: suspicion >= X in the last epoch", _manifest
+    )
+    manifest.add_argument("--threshold", type=float, required=True, help="suspicion threshold in [0, 1]")
+    manifest.add_argument("--out", required=True, help="output CSV (sample_id, key, shard, label, ...)")
+    for parser in (export, manifest):
+        add_quiet(parser)
+
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page about a run (RUN/audit/report.html)",
+        description="Write RUN/audit/report.html (curves with stage boundaries, per-stage loss "
+        "histograms, thumbnails of the most suspicious and of the hardest kept-clean samples, "
+        "config and inputs; images embedded) and RUN/audit/flags.parquet.",
+    )
+    report.add_argument("run", help="run folder")
+    add_quiet(report)
+    report.set_defaults(func=_report)
+
+
+def _summary(args: argparse.Namespace) -> dict | None:
+    from asd_ray.audit import history
+
+    metrics = history.read_metrics(args.run).to_pylist()
+    classes = history.per_class(args.run) if history.complete_epochs(args.run) else []
+    if args.json:
+        return {
+            "command": "audit summary",
+            "run": str(Path(args.run).absolute()),
+            "epochs": metrics,
+            "classes": classes,
+        }
+    print_table(metrics, SUMMARY_COLUMNS, title=f"{args.run}: {len(metrics)} complete epoch(s)")
+    if classes:
+        print()
+        columns = [
+            c
+            for c in ("class", "name", "samples", "clean", "polluted", "poisoned", "poisoned_in_clean")
+            if c in classes[0]
+        ]
+        print_table(classes, columns, title=f"per class, epoch {metrics[-1]['epoch']}")
+    return None
+
+
+def _flagged(args: argparse.Namespace) -> dict | None:
+    from asd_ray.audit import history
+
+    if args.top is not None and args.top < 1:
+        raise DataError(f"--top {args.top}: give at least 1")
+    rows = history.flagged_samples(args.run, args.epoch, top=args.top, label=args.label).to_pylist()
+    if args.json:
+        return {"command": "audit flagged", "run": str(Path(args.run).absolute()), "samples": rows}
+    epoch = rows[0]["epoch"] if rows else args.epoch
+    print_table(
+        rows, FLAGGED_COLUMNS, title=f"epoch {epoch}: {len(rows)} flagged sample(s), most suspicious first"
+    )
+    return None
+
+
+def _sample(args: argparse.Namespace) -> dict | None:
+    from asd_ray.audit import history
+
+    rows = history.sample_history(args.run, args.sample_id)
+    if args.json:
+        return {"command": "audit sample", "sample_id": args.sample_id, "epochs": rows}
+    first = rows[0] if rows else {}
+    truth = (
+        f", poisoned: {first['is_poison']} (original label {first['original_label']})"
+        if first.get("is_poison") is not None
+        else ""
+    )
+    print_table(rows, SAMPLE_COLUMNS, title=f"sample {args.sample_id}: label {first.get('label')}{truth}")
+    return None
+
+
+def _export(args: argparse.Namespace) -> dict:
+    import pyarrow.csv as pacsv
+
+    from asd_ray import tables
+    from asd_ray.audit import history
+
+    flags = history.flag_history(args.run)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "parquet":
+        tables.write_parquet(flags, out, "flags")
+    else:
+        with tables.atomic_file(out) as tmp:
+            pacsv.write_csv(flags, tmp)
+    say(f"wrote {flags.num_rows} rows to {out}")
+    return {
+        "command": "audit export",
+        "out": str(out.absolute()),
+        "rows": flags.num_rows,
+        "format": args.format,
+    }
+
+
+def _manifest(args: argparse.Namespace) -> dict:
+    import csv
+
+    from asd_ray import tables
+    from asd_ray.audit import history
+    from asd_ray.data.shards import ShardSet
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
+    flags = history.flag_history(args.run).to_pylist()
+    chosen = [row for row in flags if row["suspicion"] >= args.threshold]
+    shards = ShardSet(history.run_inputs(args.run)["train"])
+    manifest = shards.manifest.to_pydict()
+    keys, files = manifest["key"], manifest["shard"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = [
+        "sample_id",
+        "key",
+        "shard",
+        "label",
+        "suspicion",
+        "last_pool",
+        "flagged_streak",
+        "epochs_polluted",
+    ]
+    with tables.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in chosen:
+            i = row["sample_id"]
+            writer.writerow(
+                [
+                    i,
+                    keys[i],
+                    files[i],
+                    row["label"],
+                    f"{row['suspicion']:.6f}",
+                    row["last_pool"],
+                    row["flagged_streak"],
+                    row["epochs_polluted"],
+                ]
+            )
+    say(f"{len(chosen)} of {len(flags)} samples have suspicion >= {args.threshold}; wrote {out}")
+    return {
+        "command": "audit manifest",
+        "out": str(out.absolute()),
+        "samples": len(chosen),
+        "threshold": args.threshold,
+    }
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from asd_ray.audit.report import report
+
+    summary = report(args.run)
+    say(f"wrote {summary['report']}")
+    return summary
