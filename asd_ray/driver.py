@@ -128,7 +128,7 @@ def run(
             _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         progress = _RunLog(out / RUN_LOG, progress)
         callbacks = [c for c in (on_epoch, _tensorboard_writer(out) if tensorboard else None) if c]
-        session = _Session(config, inputs, data, out, resume)
+        session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
@@ -410,7 +410,7 @@ def _check_resources(cluster) -> None:
 class _Session:
     """The Ray side of one run: scoring pool, mailbox and the training thread."""
 
-    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path, resume: bool):
+    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path):
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
@@ -452,7 +452,7 @@ class _Session:
                 "model": dataclasses.asdict(data.spec),
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
-                "resume_dir": str(out / TRAIN_DIR) if resume else None,
+                "checkpoints": str(out / TRAIN_DIR),
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,

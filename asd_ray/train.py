@@ -47,9 +47,9 @@ CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
 
 
-def newest_checkpoint(folder: str | None) -> Path | None:
+def newest_checkpoint(folder: str) -> Path | None:
     """The newest ``checkpoint_*`` folder of a run's ``train/`` folder (names sort by time)."""
-    found = sorted(p for p in Path(folder).glob("checkpoint_*") if p.is_dir()) if folder else []
+    found = sorted(p for p in Path(folder).glob("checkpoint_*") if p.is_dir())
     return found[-1] if found else None
 
 
@@ -127,10 +127,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 3. Resume from the last checkpoint, if any.
     done_epoch, done_metrics, resumed_from = -1, {}, None
-    # Ray Train's own checkpoint after a worker restart; on --resume the run folder's
-    # newest, which also serves when Ray Train's snapshot of them was unreadable.
-    checkpoint = ray.train.get_checkpoint()
-    latest = Path(checkpoint.path) if checkpoint else newest_checkpoint(loop_config["resume_dir"])
+    # The run folder's newest intact checkpoint, after a worker-group restart as on --resume.
+    # Not ray.train.get_checkpoint(): its controller registers a report up to one health
+    # check after the worker made it, so a worker killed in between restarted its group
+    # from scratch; and a torn index of Ray Train's would hide every checkpoint.
+    latest = newest_checkpoint(loop_config["checkpoints"])
     if latest:
         state, resumed_from = newest_intact_state(latest, device)
         base.load_state_dict(state["model"])
