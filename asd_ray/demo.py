@@ -3,9 +3,11 @@
 Used by the quick-start job and the benchmarks, so every figure in the README
 comes from the same data: shards of the 5,000-digit subset (fixed stratified
 80/20 split), BadNets at 5% with target 3, the triggered test set for ASR, and
-10 seeds per class. Benchmark assumption, stated: the seeds are drawn from the
-samples the ground truth marks clean (an oracle; in production seeds come from
-a source you trust).
+10 seeds per class drawn from the clean parent, as a defender with a trusted
+copy of part of the data would: a seed the attack altered is then evidence
+(its training copy is pinned to the polluted pool, its trusted copy trains).
+``seeds="oracle"`` draws only samples the ground truth marks clean instead
+(benchmarks of the paper's setting).
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from asd_ray.seeds import pick_seeds
 QUICKSTART_ATTACK = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
 
 
-def prepare_mnist_badnets(out: str | Path, attack: AttackConfig = QUICKSTART_ATTACK) -> RunInputs:
+def prepare_mnist_badnets(
+    out: str | Path, attack: AttackConfig = QUICKSTART_ATTACK, *, seeds: str = "parent", per_class: int = 10
+) -> RunInputs:
     """Shards, poison and seeds under ``out`` (each re-used if already there).
+
+    Args:
+        seeds: ``parent`` (drawn from the clean training set) or ``oracle``.
 
     Returns:
         the run inputs: poisoned training set, clean and triggered test sets,
@@ -43,12 +50,19 @@ def prepare_mnist_badnets(out: str | Path, attack: AttackConfig = QUICKSTART_ATT
     if not (out / "poisoned-test").exists():
         poison_test_shards(out / "clean-test", out / "poisoned-test", attack)
     truth_path = out / "poisoned-train" / GROUND_TRUTH_FILE
-    seeds_path = out / "seeds.parquet"
+    if seeds not in ("parent", "oracle"):
+        raise ValueError(f"seeds={seeds!r}: choose parent or oracle")
+    seeds_path = out / f"seeds-{seeds}-{per_class}.parquet"
     if not seeds_path.exists():
-        truth = read_ground_truth(truth_path, ShardSet(out / "poisoned-train"))
-        exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
-        seeds = pick_seeds(ShardSet(out / "poisoned-train"), 10, exclude=exclude, method="ground-truth-clean")
-        tables.write_parquet(seeds, seeds_path, "seeds")
+        if seeds == "parent":
+            table = pick_seeds(ShardSet(out / "clean-train"), per_class)
+        else:
+            truth = read_ground_truth(truth_path, ShardSet(out / "poisoned-train"))
+            exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
+            table = pick_seeds(
+                ShardSet(out / "poisoned-train"), per_class, exclude=exclude, method="ground-truth-clean"
+            )
+        tables.write_parquet(table, seeds_path, "seeds")
     return RunInputs(
         train=str(out / "poisoned-train"),
         test=str(out / "clean-test"),

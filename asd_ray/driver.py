@@ -40,8 +40,9 @@ from asd_ray import __version__, tables
 from asd_ray import progress as progress_bars
 from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
 from asd_ray.config import RunConfig, config_yaml, load_config
-from asd_ray.data.shards import ShardSet
+from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
+from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError, data_error_of, storage_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.mailbox import NAMESPACE, Mailbox
@@ -49,12 +50,15 @@ from asd_ray.models import ModelSpec
 from asd_ray.models.saved import MODEL_DIR, save_model, write_card
 from asd_ray.reaper import Reaper
 from asd_ray.scorers import PassResult, ScoringPool
-from asd_ray.scoring import scores_table
+from asd_ray.scoring import PASS_SCHEMA, scores_table
+from asd_ray.seeds import SeedPlan, plan_seeds
 from asd_ray.split import DETECTION_KEYS, make_split, split_summary, stage_of
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
 METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
 LOCK_FILE = ".lock"
+TRUSTED_SEEDS_DIR = "trusted-seeds"  # shard set of the seeds' trusted copies a run trains on
+TRUSTED = "trusted"  # their name in the scoring pool
 RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
 TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
@@ -128,6 +132,7 @@ def run(
             _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         progress = _RunLog(out / RUN_LOG, progress)
         callbacks = [c for c in (on_epoch, _tensorboard_writer(out) if tensorboard else None) if c]
+        data = _add_trusted_seeds(data, out)
         session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
@@ -232,10 +237,30 @@ class _Data:
     train: ShardSet
     test: ShardSet
     poison_test: ShardSet | None
-    seed_ids: np.ndarray
-    ground_truth: pa.Table | None
+    seeds: SeedPlan | None  # None without a defense
+    ground_truth: pa.Table | None  # over the training ids, then the trusted copies
     spec: ModelSpec
     original_labels: np.ndarray | None  # the triggered test set's clean labels (robust accuracy)
+    trusted: ShardSet | None = None  # RUN/trusted-seeds: seeds' trusted copies, ids N.. N+E-1
+
+    @property
+    def total(self) -> int:
+        """Training samples including the trusted copies."""
+        return len(self.train) + (len(self.trusted) if self.trusted is not None else 0)
+
+    @property
+    def trusted_ids(self) -> np.ndarray:
+        return np.arange(len(self.train), self.total)
+
+    @property
+    def seed_ids(self) -> np.ndarray:
+        return (
+            np.concatenate([self.seeds.in_place, self.trusted_ids]) if self.seeds else np.empty(0, np.int64)
+        )
+
+    @property
+    def tampered_ids(self) -> np.ndarray:
+        return self.seeds.tampered if self.seeds else np.empty(0, np.int64)
 
 
 def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
@@ -261,9 +286,10 @@ def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
             f"{train.folder} images have {channels} channel(s) but data.mean has {len(config.data.mean)} "
             "entries; pick the preset of this dataset or set data.mean/data.std"
         )
-    seed_ids = np.empty(0, np.int64)
+    seeds = None
     if config.defense == "asd":
-        seed_ids = _seed_ids(train, inputs.seeds, config.split.seeds_per_class)
+        table = tables.read_parquet(inputs.seeds, "seeds")
+        seeds = plan_seeds(train, table, config.split.seeds_per_class, where=inputs.seeds)
     truth = read_ground_truth(inputs.ground_truth, train) if inputs.ground_truth else None
     m = config.model
     spec = ModelSpec(m.name, train.info.num_classes, channels, max(height, width), m.factory, m.meta_layers)
@@ -271,65 +297,42 @@ def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
     if poison_test is not None and (poison_test.folder / GROUND_TRUTH_FILE).is_file():
         test_truth = read_ground_truth(poison_test.folder / GROUND_TRUTH_FILE, poison_test)
         original = test_truth.column("original_label").to_numpy()
-    return _Data(train, test, poison_test, seed_ids, truth, spec, original)
+    return _Data(train, test, poison_test, seeds, truth, spec, original)
 
 
-def _seed_ids(train: ShardSet, seeds_path: str, per_class: int) -> np.ndarray:
-    """Training-set sample ids of the seeds, checked: same dataset, same labels, w per class."""
-    seeds = tables.read_parquet(seeds_path, "seeds")
-    parent = (train.info.attack or {}).get("clean")
-    folders = set(seeds.column("dataset").to_pylist())
-    if not folders <= {str(train.folder), parent}:
-        raise DataError(
-            f"{seeds_path}: seeds come from {sorted(folders)}, not from the training set {train.folder} "
-            "or its clean parent; draw them with `asd-ray seeds --in` one of those"
+def _add_trusted_seeds(data: _Data, out: Path) -> _Data:
+    """Write the seeds' trusted copies as RUN/trusted-seeds (once; a resume reads them back)
+    and extend the ground truth over them (never poisoned)."""
+    if data.seeds is None or not data.seeds.num_extras:
+        return data
+    folder = out / TRUSTED_SEEDS_DIR
+    if not (folder / "dataset.json").is_file():
+        images, labels = [], []
+        for source, ids, trusted_labels in data.seeds.extras:
+            keep = np.zeros(len(ShardSet(source)), bool)
+            keep[ids] = True
+            pixels, _, _ = load_share(ShardSet(source), keep=keep)
+            images.append(pixels)
+            labels.append(trusted_labels)
+        records = from_arrays(
+            np.concatenate(images), np.concatenate(labels), class_names=data.train.info.class_names
         )
-    ids = seeds.column("sample_id").to_numpy()
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        repeated = unique[counts > 1]
-        raise DataError(
-            f"{seeds_path}: seed sample id {repeated[0]} is listed {counts.max()} times ({len(repeated)} "
-            "id(s) repeated); every seed must be a distinct sample: draw the seeds again"
-        )
-    if len(ids) and (ids.max() >= len(train) or ids.min() < 0):
-        raise DataError(f"{seeds_path}: seed sample id {ids.max()} is outside the training set")
-    seed_labels = seeds.column("label").to_numpy()
-    tampered = np.flatnonzero(train.labels[ids] != seed_labels)
-    if tampered.size:
-        i = tampered[0]
-        raise DataError(
-            f"{seeds_path}: seed {ids[i]} is labelled {seed_labels[i]} in its trusted set but "
-            f"{train.labels[ids[i]]} in the training set: that sample was altered; draw seeds the "
-            "training set agrees with"
-        )
-    if parent and str(train.folder) not in folders and len(ids):
-        _check_seed_images(train, ShardSet(parent), ids, seeds_path)
-    counts = np.bincount(seed_labels, minlength=train.info.num_classes)
-    short = np.flatnonzero(counts < per_class)
-    if short.size:
-        c = short[0]
-        raise DataError(
-            f"{seeds_path}: class {c} ({train.info.class_names[c]!r}) has {counts[c]} seed(s), the "
-            f"config needs split.seeds_per_class = {per_class}; pick more seeds (`asd-ray seeds "
-            "--per-class`) or lower split.seeds_per_class"
-        )
-    return ids
-
-
-def _check_seed_images(train: ShardSet, parent: ShardSet, ids: np.ndarray, seeds_path: str) -> None:
-    """Seeds drawn from the clean parent must be unchanged in the training set: a clean-label
-    or WaNet-noise sample keeps its label but not its pixels."""
-    keep = np.zeros(len(train), bool)
-    keep[ids] = True
-    trusted, _, _ = load_share(parent, keep=keep)
-    used, used_ids, _ = load_share(train, keep=keep)
-    changed = np.flatnonzero((trusted != used).reshape(len(used_ids), -1).any(1))
-    if changed.size:
-        raise DataError(
-            f"{seeds_path}: seed {used_ids[changed[0]]} differs between its trusted set {parent.folder} and "
-            f"the training set ({changed.size} seed(s) altered); draw seeds the training set agrees with"
-        )
+        write_shards(records, folder, name="trusted", samples_per_shard=10_000, overwrite=False)
+    trusted = ShardSet(folder)
+    truth = data.ground_truth
+    if truth is not None:
+        n, labels = len(data.train), trusted.labels.astype(np.int32)
+        extra = {
+            "sample_id": np.arange(n, n + len(trusted)),
+            "is_poison": np.zeros(len(trusted), bool),
+            "is_modified": np.zeros(len(trusted), bool),
+            "original_label": labels,
+            "label_after": labels,
+            "attack": ["trusted-seed"] * len(trusted),
+            "params": ["{}"] * len(trusted),
+        }
+        truth = pa.concat_tables([truth, tables.from_pydict(extra, "poison")])
+    return dataclasses.replace(data, trusted=trusted, ground_truth=truth)
 
 
 RAY_TRAIN_ENV = {
@@ -420,6 +423,7 @@ class _Session:
         self.config, self.data, self.out = config, data, out
         self.card = _model_card(config, data)
         self.last_evaluation: dict[str, Any] = {}  # the last epoch's figures, for Ray Train's report
+        self.training_sets = ["train", *([TRUSTED] if data.trusted is not None else [])]
         c = config.cluster
         run_id = uuid.uuid4().hex[:12]
         mailbox_name = f"mailbox-{run_id}"
@@ -429,7 +433,7 @@ class _Session:
         self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
         datasets = {"test": data.test}
         if config.defense == "asd":
-            datasets = {"train": data.train, **datasets}
+            datasets = {"train": data.train, **({TRUSTED: data.trusted} if data.trusted else {}), **datasets}
         if data.poison_test is not None:
             datasets["poison_test"] = data.poison_test
         self.pool = ScoringPool(
@@ -453,6 +457,7 @@ class _Session:
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
                 "checkpoints": str(out / TRAIN_DIR),
+                "trusted": str(data.trusted.folder) if data.trusted is not None else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,
@@ -511,6 +516,11 @@ class _Session:
         )
         if hello.get("resumed_from"):
             progress(f"asd-ray: {hello['resumed_from']}")
+        if data.seeds is not None and (data.seeds.tampered.size or data.trusted is not None):
+            progress(
+                f"asd-ray: {data.seeds.tampered.size} seed(s) differ from their training copy (pinned to the "
+                f"polluted pool as tampered); {data.total - len(data.train)} trusted seed copies join the training set"
+            )
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
             _write_metrics(out, rows)
@@ -530,7 +540,10 @@ class _Session:
             if on_epoch is not None:
                 on_epoch(dict(row))
         bar.close()
-        return _summary(config, rows, hello["precision"], startup_s, out)
+        summary = _summary(config, rows, hello["precision"], startup_s, out)
+        summary["seeds_tampered"] = int(data.tampered_ids.size)
+        summary["seeds_added"] = data.total - len(data.train)
+        return summary
 
     def _keep_model(self, weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""
@@ -543,9 +556,22 @@ class _Session:
         best_figures = {k: best[k] for k in MODEL_FIGURES}
         write_card(folder, {**self.card, "last": figures, "best": best_figures})
 
+    def _training_pass(self, result: PassResult) -> tuple[pa.Table, float]:
+        """The training set's pass table (its ids, then the trusted copies' as N..) and its
+        model arithmetic."""
+        table, compute_s = result.tables["train"], result.compute_s["train"]
+        if TRUSTED in result.tables:
+            extra = result.tables[TRUSTED]
+            ids = pa.array(extra.column("sample_id").to_numpy() + len(self.data.train))
+            table = pa.concat_tables([table, extra.set_column(0, "sample_id", ids)]).cast(PASS_SCHEMA)
+            compute_s += result.compute_s[TRUSTED]
+        return table, compute_s
+
     def _augment_seeds(self, epoch: int) -> dict[str, int] | None:
         """Scoring under training augmentation (the authors' variant) draws per epoch."""
-        return {"train": self.config.seed * 100_003 + epoch} if self.config.scoring.augment else None
+        if not self.config.scoring.augment:
+            return None
+        return {name: self.config.seed * 100_003 + epoch + i for i, name in enumerate(self.training_sets)}
 
     def _epoch(
         self, epoch: int, weights, prefetched: _Prefetched | None, *, score_next: bool
@@ -565,9 +591,10 @@ class _Session:
             stage = stage_of(epoch, config.split)
             if prefetched is None:
                 result = self.pool.run_many(
-                    ["train"], ray.put(weights), augment_seeds=self._augment_seeds(epoch)
+                    self.training_sets, ray.put(weights), augment_seeds=self._augment_seeds(epoch)
                 )
-                prefetched = _Prefetched(result.tables["train"], 0.0, result.compute_s["train"])
+                table, train_compute_s = self._training_pass(result)
+                prefetched = _Prefetched(table, 0.0, train_compute_s)
                 score_s = time.perf_counter() - t0
             scores = scores_table(prefetched.table)
             carried_in_s = prefetched.wall_s  # spent in the previous epoch's evaluation pass
@@ -582,11 +609,12 @@ class _Session:
                 virtual_compute_s = virtual["compute_s"]
                 t2 = time.perf_counter()
                 result = self.pool.run_many(
-                    ["train"], ray.put(virtual["weights"]), augment_seeds=self._augment_seeds(epoch)
+                    self.training_sets, ray.put(virtual["weights"]), augment_seeds=self._augment_seeds(epoch)
                 )
-                meta = scores_table(result.tables["train"])
+                meta_pass, meta_compute_s = self._training_pass(result)
+                meta = scores_table(meta_pass)
                 score_s += time.perf_counter() - t2
-                scoring_compute_s += result.compute_s["train"]
+                scoring_compute_s += meta_compute_s
             t3 = time.perf_counter()
             split = make_split(
                 epoch,
@@ -596,6 +624,8 @@ class _Session:
                 seed_ids=data.seed_ids,
                 meta_scores=meta,
                 ground_truth=data.ground_truth,
+                trusted_ids=data.trusted_ids,
+                tampered_ids=data.tampered_ids,
             )
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
             summary = split_summary(split)
@@ -612,14 +642,15 @@ class _Session:
         train_s, train_compute_s = time.perf_counter() - t4, result["compute_s"]
         weights = result["weights"]
         t5 = time.perf_counter()
-        next_names = ["train"] if score_next and config.defense == "asd" else []
+        next_names = self.training_sets if score_next and config.defense == "asd" else []
         figures, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
         eval_s = time.perf_counter() - t5
         prefetched = None
         if next_names:  # the next epoch's share of the fused pass, by arithmetic
             compute_s = evaluation.compute_s
-            share = compute_s["train"] / max(sum(compute_s.values()), 1e-9)
-            prefetched = _Prefetched(evaluation.tables["train"], eval_s * share, compute_s["train"])
+            table, train_compute_s = self._training_pass(evaluation)
+            share = train_compute_s / max(sum(compute_s.values()), 1e-9)
+            prefetched = _Prefetched(table, eval_s * share, train_compute_s)
             eval_s -= prefetched.wall_s
         eval_compute_s = sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
         epoch_s = time.perf_counter() - t0 + carried_in_s - (prefetched.wall_s if prefetched else 0.0)

@@ -9,11 +9,13 @@ ground-truth poison of the attacked set, which assumes an oracle; the table's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from asd_ray import tables
 from asd_ray.data.shards import ShardSet
@@ -97,3 +99,96 @@ def _seed_table(shards: ShardSet, ids: np.ndarray, method: str) -> pa.Table:
         },
         "seeds",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedPlan:
+    """How a run uses its seeds table.
+
+    A seed whose trusted copy is the training set's own sample is used in place.
+    A seed whose trusted copy differs from the training copy (label or pixels) is
+    evidence: the trusted copy joins the training set as an extra labeled sample
+    and the training copy is pinned to the polluted pool. Seeds from another
+    dataset join as extra samples too (the paper's transfer variant).
+    """
+
+    in_place: np.ndarray  # (S1,) training-set ids of seeds used as they are
+    tampered: np.ndarray  # (S2,) training-set ids whose trusted copy differs
+    extras: list[tuple[str, np.ndarray, np.ndarray]]  # (folder, ids in it, trusted labels), to add
+
+    @property
+    def num_extras(self) -> int:
+        return sum(len(ids) for _, ids, _ in self.extras)
+
+
+def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) -> SeedPlan:
+    """Check a seeds table against the training set and decide how each seed is used.
+
+    Raises:
+        DataError: a seed listed twice, an id or label outside its set, a seed set of
+            another image size, or fewer than ``per_class`` seeds in a class.
+    """
+    from asd_ray.data.share import load_share
+
+    parent = (train.info.attack or {}).get("clean")
+    in_place, tampered, extras = [], [], []
+    for folder in sorted(set(seeds.column("dataset").to_pylist())):
+        rows = seeds.filter(pc.equal(seeds.column("dataset"), folder))
+        ids, labels = rows.column("sample_id").to_numpy(), rows.column("label").to_numpy()
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            repeated = unique[counts > 1]
+            raise DataError(
+                f"{where}: seed sample id {repeated[0]} is listed {counts.max()} times ({len(repeated)} "
+                "id(s) repeated); every seed must be a distinct sample: draw the seeds again"
+            )
+        if (labels < 0).any() or (labels >= train.info.num_classes).any():
+            raise DataError(
+                f"{where}: a seed label is outside 0..{train.info.num_classes - 1} of the training set"
+            )
+        if folder == str(train.folder):  # the user vouches for these training samples
+            _check_ids(ids, len(train), where, "the training set")
+            in_place.append(ids)
+            continue
+        source = ShardSet(folder)
+        _check_ids(ids, len(source), where, folder)
+        if source.require_uniform_size("seeds") != train.require_uniform_size("training"):
+            raise DataError(
+                f"{where}: seeds from {folder} are {source.require_uniform_size('seeds')} images, the training "
+                f"set's are {train.require_uniform_size('training')}; make both with the same --image-size"
+            )
+        if folder != parent:
+            extras.append((folder, ids, labels))
+            continue
+        keep = np.zeros(len(train), bool)
+        keep[ids] = True
+        trusted, order, _ = load_share(source, keep=keep)  # ascending ids
+        training, _, _ = load_share(train, keep=keep)
+        trusted_labels = labels[np.argsort(ids)]
+        changed = (trusted != training).reshape(len(order), -1).any(1) | (
+            train.labels[order] != trusted_labels
+        )
+        in_place.append(order[~changed])
+        tampered.append(order[changed])
+        if changed.any():
+            extras.append((folder, order[changed], trusted_labels[changed]))
+    plan = SeedPlan(_concat(in_place), _concat(tampered), extras)
+    counts = np.bincount(seeds.column("label").to_numpy(), minlength=train.info.num_classes)
+    short = np.flatnonzero(counts < per_class)
+    if short.size:
+        c = short[0]
+        raise DataError(
+            f"{where}: class {c} ({train.info.class_names[c]!r}) has {counts[c]} seed(s), the "
+            f"config needs split.seeds_per_class = {per_class}; pick more seeds (`asd-ray seeds "
+            "--per-class`) or lower split.seeds_per_class"
+        )
+    return plan
+
+
+def _check_ids(ids: np.ndarray, n: int, where: str, what: str) -> None:
+    if len(ids) and (ids.max() >= n or ids.min() < 0):
+        raise DataError(f"{where}: seed sample id {ids.max()} is outside {what} (ids 0..{n - 1})")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)

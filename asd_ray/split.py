@@ -49,7 +49,13 @@ def choice_num(epoch: int, config: SplitConfig) -> int:
 
 
 def clean_mask_stage1(
-    labels: np.ndarray, losses: np.ndarray, is_seed: np.ndarray, num_classes: int, choice: int
+    labels: np.ndarray,
+    losses: np.ndarray,
+    is_seed: np.ndarray,
+    num_classes: int,
+    choice: int,
+    *,
+    pinned_clean: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 1: the seeds plus the ``choice`` lowest-loss non-seed samples of every class.
 
@@ -61,6 +67,7 @@ def clean_mask_stage1(
         is_seed: (N,) bool, the trusted seeds; always clean, never ranked.
         num_classes: C.
         choice: per-class candidates to take (:func:`choice_num`).
+        pinned_clean: samples held clean outside these arrays (seeds' trusted copies).
 
     Returns:
         clean: (N,) bool, the clean pool D_C.
@@ -77,7 +84,7 @@ def clean_mask_stage1(
     if choice < 0:
         raise ValueError(f"choice {choice} must be >= 0")
     _check_labels(labels, num_classes, "labels")
-    if choice == 0 and not is_seed.any():
+    if choice == 0 and not is_seed.any() and not pinned_clean:
         raise DataError(
             "stage 1 with choice 0 and no seeds gives an empty clean pool; seeds are needed: "
             "pass the trusted seed ids (see asd_ray.seeds)"
@@ -150,8 +157,16 @@ def make_split(
     seed_ids: np.ndarray,
     meta_scores: pa.Table | None = None,
     ground_truth: pa.Table | None = None,
+    trusted_ids: np.ndarray | None = None,
+    tampered_ids: np.ndarray | None = None,
 ) -> pa.Table:
     """The split table of ``epoch``: one row per sample, sorted by sample_id.
+
+    Two kinds of samples are pinned to a pool in every stage and left out of the
+    ranking (``rank`` -1, ``pinned`` names why): ``trusted_ids``, the seeds'
+    trusted copies added to the training set (clean: they are the evidence), and
+    ``tampered_ids``, training samples whose trusted copy shows they were altered
+    (polluted).
 
     Args:
         epoch: epoch counted from 0; picks the stage and stage 1's choice_num.
@@ -166,6 +181,8 @@ def make_split(
         ground_truth: a table with at least sample_id, is_poison, original_label
             (schemas/poison.json) over the same ids; joined for reporting only,
             it never changes the pools.
+        trusted_ids: sample ids always in the clean pool (also seeds in stage 1).
+        tampered_ids: sample ids always in the polluted pool.
 
     Returns:
         The validated splits table (schemas/splits.json).
@@ -190,12 +207,20 @@ def make_split(
     n = ids.size
     _check_labels(labels, num_classes, "scores")
     is_seed = _seed_mask(seed_ids, n)
+    trusted = _seed_mask(np.empty(0, np.int64) if trusted_ids is None else trusted_ids, n)
+    tampered = _seed_mask(np.empty(0, np.int64) if tampered_ids is None else tampered_ids, n)
+    if (trusted & tampered).any():
+        raise ValueError("a sample id is both trusted and tampered")
+    free = ~(trusted | tampered)  # ranked as the stage says; the others are pinned
 
     meta_losses = reduction = None
     if stage == 1:
-        clean, rank = clean_mask_stage1(labels, losses, is_seed, num_classes, choice_num(epoch, config))
+        choice = choice_num(epoch, config)
+        clean_free, rank_free = clean_mask_stage1(
+            labels[free], losses[free], is_seed[free], num_classes, choice, pinned_clean=int(trusted.sum())
+        )
     elif stage == 2:
-        clean, rank = clean_mask_stage2(losses, config.clean_ratio)
+        clean_free, rank_free = clean_mask_stage2(losses[free], config.clean_ratio)
     else:
         _, meta_labels, meta_losses = _read_scores(meta_scores, "meta_scores", n)
         mismatch = np.flatnonzero(meta_labels != labels)
@@ -205,8 +230,10 @@ def make_split(
                 f"meta_scores: sample id {i} has label {meta_labels[i]}, scores has {labels[i]}; "
                 "score both passes on the same training set"
             )
-        clean, rank = clean_mask_stage3(losses, meta_losses, config.meta_clean_ratio)
+        clean_free, rank_free = clean_mask_stage3(losses[free], meta_losses[free], config.meta_clean_ratio)
         reduction = losses - meta_losses
+    clean, rank = trusted.copy(), np.full(n, -1, np.int64)
+    clean[free], rank[free] = clean_free, rank_free
 
     if ground_truth is None:
         is_poison, original_label = pa.nulls(n, pa.bool_()), pa.nulls(n, pa.int32())
@@ -222,7 +249,10 @@ def make_split(
             "loss_reduction": pa.nulls(n, pa.float32()) if reduction is None else reduction,
             "rank": rank,
             "pool": np.where(clean, "clean", "polluted"),
-            "is_seed": is_seed,
+            "is_seed": is_seed | trusted,
+            "pinned": pa.array(
+                np.where(trusted, "trusted", np.where(tampered, "tampered", None)), pa.string()
+            ),
             "is_poison": is_poison,
             "original_label": original_label,
         },
@@ -236,7 +266,8 @@ def suspicion(split: pa.Table) -> np.ndarray:
     ``rank / (n - 1)`` over the samples ranked together (each class's non-seed
     samples in stage 1; all samples in stages 2 and 3): 0 for the sample the split
     trusts most (lowest loss, or lowest loss reduction in stage 3), 1 for the one it
-    trusts least; stage 1's seeds, forced in unranked, score 0. The polluted pool is always the
+    trusts least; stage 1's seeds and the seeds' trusted copies score 0, training samples
+    their trusted copy shows tampered score 1. The polluted pool is always the
     most suspicious part of each group, so the score ranks flagged samples and
     compares epochs and stages on one scale.
 
@@ -246,6 +277,8 @@ def suspicion(split: pa.Table) -> np.ndarray:
     rank = split.column("rank").to_numpy()
     ranked = rank >= 0
     score = np.zeros(len(rank), np.float64)
+    tampered = pc.fill_null(pc.equal(split.column("pinned"), "tampered"), False)
+    score[tampered.to_numpy(zero_copy_only=False)] = 1.0  # proven altered
     if split.column("stage")[0].as_py() == 1:
         labels = split.column("label").to_numpy()
         sizes = np.bincount(labels[ranked], minlength=int(labels.max()) + 1)

@@ -30,7 +30,7 @@ import torch
 from asd_ray import compute, distributed
 from asd_ray.config import from_dict
 from asd_ray.data.shards import ShardSet
-from asd_ray.data.share import load_share, remove_caches
+from asd_ray.data.share import append_rows, load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
 from asd_ray.models import ModelSpec, to_numpy_weights
@@ -99,7 +99,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 1. This worker's share of the training set, decoded once: every world-th sample,
     # so each share mixes all classes even when the shards are sorted by class (a
     # contiguous share would give each rank's batch-norm statistics a few classes only).
+    # The seeds' trusted copies, if any, follow as ids N.. and are shared the same way.
     shards = ShardSet(loop_config["train"])
+    trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
+    total = len(shards) + (len(trusted) if trusted is not None else 0)
     c = config.cluster
     images, ids, labels = load_share(
         shards,
@@ -107,11 +110,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         budget_bytes=c.memory_budget_bytes,
         cache_dir=loop_config["cache_dir"],
     )
+    if trusted is not None:
+        extra, extra_ids, extra_labels = load_share(
+            trusted, keep=np.arange(len(shards), total) % world == rank
+        )
+        images = append_rows(images, extra)
+        ids, labels = np.concatenate([ids, extra_ids + len(shards)]), np.concatenate([labels, extra_labels])
     pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
     pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
-    data = WorkerData(
-        pixels, torch.from_numpy(labels).to(device), ids, total=len(shards), rank=rank, world=world
-    )
+    data = WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)
 
     # 2. Model (same initial weights on every rank), batch norm over the global batch
     # where the config asks for it, and the optimizer.

@@ -100,22 +100,46 @@ def test_class_count_mismatch(poisoned_data, tmp_path):
         run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
 
 
-def test_seeds_altered_in_the_training_set_are_refused(poisoned_data, tmp_path):
+def test_seeds_from_the_clean_parent_are_evidence_against_their_tampered_copies(
+    ray_cluster, poisoned_data, tmp_path
+):
+    """Seeds drawn from the clean parent: each one the attack altered is pinned to the polluted
+    pool, and its trusted copy trains in its place (ids after the training set's)."""
     from pathlib import Path
 
-    from asd_ray.attacks.poison import poison_shards
-    from asd_ray.config import AttackConfig
+    import numpy as np
+
+    from asd_ray.audit import history
     from asd_ray.data.shards import ShardSet
     from asd_ray.seeds import pick_seeds
 
-    clean = Path(poisoned_data.train).parent / "clean"
-    poison_shards(clean, tmp_path / "cl", AttackConfig("clean-label", rate=1.0, target=0))  # labels kept
-    tables.write_parquet(pick_seeds(ShardSet(clean), 10), tmp_path / "seeds.parquet", "seeds")
-    inputs = dataclasses.replace(
-        poisoned_data, train=str(tmp_path / "cl"), seeds=str(tmp_path / "seeds.parquet"), ground_truth=None
-    )
-    with pytest.raises(DataError, match="differs between its trusted set"):
-        run(load_config("mnist-quick", overrides=TINY_RUN), inputs, tmp_path / "run")
+    clean = ShardSet(Path(poisoned_data.train).parent / "clean")
+    seeds = pick_seeds(clean, 10, seed=3)  # not the oracle: poisoned samples can be drawn
+    truth = tables.read_parquet(poisoned_data.ground_truth, "poison")
+    modified = truth.column("is_modified").to_numpy(zero_copy_only=False)
+    altered = np.intersect1d(seeds.column("sample_id").to_numpy(), np.flatnonzero(modified))
+    assert altered.size  # the draw hits poisoned samples, as real seeds would
+    tables.write_parquet(seeds, tmp_path / "seeds.parquet", "seeds")
+    inputs = dataclasses.replace(poisoned_data, seeds=str(tmp_path / "seeds.parquet"))
+    out = tmp_path / "run"
+    lines = []
+    summary = run(load_config("mnist-quick", overrides=TINY_RUN), inputs, out, progress=lines.append)
+    assert summary["seeds_tampered"] == altered.size and summary["seeds_added"] == altered.size
+    assert any(f"{altered.size} seed(s) differ" in line for line in lines)
+    assert ShardSet(out / "trusted-seeds").labels.tolist() == [
+        int(seeds.filter(pa.compute.equal(seeds.column("sample_id"), i)).column("label")[0].as_py()) for i in altered
+    ]
+    for epoch in range(3):
+        split = tables.read_parquet(split_path(out, epoch), "splits")
+        assert split.num_rows == 240 + altered.size
+        rows = split.to_pylist()
+        tampered = [r["sample_id"] for r in rows if r["pinned"] == "tampered"]
+        assert tampered == altered.tolist() and all(rows[i]["pool"] == "polluted" for i in tampered)
+        trusted = rows[240:]
+        assert all(r["pinned"] == "trusted" and r["pool"] == "clean" and r["is_seed"] for r in trusted)
+        assert all(r["is_poison"] is False for r in trusted)  # ground truth extended over them
+    flagged = {r["sample_id"]: r for r in history.flagged_samples(out, "last").to_pylist()}
+    assert all(flagged[i]["suspicion"] == 1.0 for i in altered.tolist())  # proven: the top score
 
 
 def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, poisoned_data):

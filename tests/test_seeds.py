@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 from conftest import make_shards
 
+from asd_ray import tables
+from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
 from asd_ray.seeds import pick_seeds, seeds_from_list
 
@@ -36,3 +38,36 @@ def test_user_list_by_key_or_id(train_set):
     assert table.column("sample_id").to_pylist() == [5, 7]
     with pytest.raises(DataError, match="neither a key nor a sample id"):
         seeds_from_list(train_set, ["nope"])
+
+
+def test_plan_seeds_tells_tampered_seeds_by_label_and_by_pixels(tmp_path):
+    from asd_ray.attacks.poison import poison_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.seeds import plan_seeds
+
+    clean = make_shards(tmp_path / "clean", n=60, size=16, channels=1, classes=3, per_shard=30)
+    seeds = pick_seeds(clean, 5, seed=1)
+    for attack, rate in (("badnets", 0.3), ("clean-label", 1.0)):  # relabels / keeps labels, alters pixels
+        out = tmp_path / attack
+        poison_shards(clean, out, AttackConfig(attack, rate=rate, target=0))
+        train = ShardSet(out)
+        modified = tables.read_parquet(out / "poison.parquet", "poison").column("is_modified").to_numpy(
+            zero_copy_only=False
+        )
+        plan = plan_seeds(train, seeds, 5, where="seeds")
+        ids = seeds.column("sample_id").to_numpy()
+        assert plan.tampered.tolist() == sorted(ids[modified[ids]].tolist()), attack
+        assert plan.in_place.tolist() == sorted(ids[~modified[ids]].tolist())
+        assert plan.num_extras == plan.tampered.size
+
+
+def test_seeds_from_another_dataset_are_all_added(tmp_path):
+    from asd_ray.seeds import plan_seeds
+
+    train = make_shards(tmp_path / "train", n=60, size=16, channels=1, classes=3, per_shard=30)
+    other = make_shards(tmp_path / "other", n=30, size=16, channels=1, classes=3, per_shard=30, seed=5)
+    plan = plan_seeds(train, pick_seeds(other, 4), 4, where="seeds")
+    assert plan.in_place.size == 0 and plan.tampered.size == 0 and plan.num_extras == 12
+    small = make_shards(tmp_path / "small", n=30, size=8, channels=1, classes=3, per_shard=30)
+    with pytest.raises(DataError, match="same --image-size"):
+        plan_seeds(train, pick_seeds(small, 4), 4, where="seeds")

@@ -18,6 +18,7 @@ from asd_ray.split import (
     make_split,
     split_summary,
     stage_of,
+    suspicion,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "split_golden.json"
@@ -340,3 +341,30 @@ def test_golden_split():
     golden = json.loads(GOLDEN.read_text())
     assert golden["clean_ids"] == golden_splits()
     assert [len(golden["clean_ids"][e]) for e in ("7", "12", "25")] == [6 + 9, 30, 30]
+
+
+def test_trusted_copies_stay_clean_and_tampered_samples_polluted_in_every_stage():
+    rng = np.random.default_rng(4)
+    labels, losses = random_scores(36, 3, rng)
+    losses[[3, 4]] = 0.0  # the tampered copies look perfectly clean: pinned anyway
+    trusted = np.array([33, 34, 35])  # the seeds' trusted copies, after the training ids
+    meta = scores_table(labels, losses - rng.random(36).astype(np.float32))
+    for epoch in (0, 5, 12, 20):
+        split = make_split(
+            epoch,
+            scores_table(labels, losses),
+            config=SMALL,
+            num_classes=3,
+            seed_ids=trusted,  # every seed came from its trusted copy: choice 0 at epoch 0 still works
+            meta_scores=meta if epoch >= SMALL.stage3_epoch else None,
+            trusted_ids=trusted,
+            tampered_ids=np.array([3, 4]),
+        ).to_pylist()
+        assert [r["pinned"] for r in split[33:]] == ["trusted"] * 3
+        assert all(r["pool"] == "clean" and r["rank"] == -1 and r["is_seed"] for r in split[33:])
+        assert all(split[i]["pool"] == "polluted" and split[i]["pinned"] == "tampered" for i in (3, 4))
+        ranked = [r["rank"] for r in split if r["pinned"] is None and r["rank"] >= 0]
+        if epoch >= SMALL.stage2_epoch:  # the pinned samples are out of the global ranking
+            assert sorted(ranked) == list(range(31))
+        score = suspicion(tables.from_pydict({k: [r[k] for r in split] for k in split[0]}, "splits"))
+        assert score[3] == score[4] == 1.0 and (score[33:] == 0).all()

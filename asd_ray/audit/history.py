@@ -91,6 +91,7 @@ def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
             "flagged_streak": _streak(flagged),
             "last_epoch": np.full(last.num_rows, epochs[-1]),
             "last_pool": last.column("pool").to_pylist(),
+            "pinned": last.column("pinned").to_pylist(),
             "last_rank": last.column("rank").to_numpy(),
             "suspicion": last.column("suspicion").to_numpy(),
             "loss": last.column("loss").to_numpy(),

@@ -170,7 +170,9 @@ def _manifest(args: argparse.Namespace) -> dict:
     if not 0.0 <= args.threshold <= 1.0:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
     flags = history.flag_history(args.run).to_pylist()
-    chosen = [row for row in flags if row["suspicion"] >= args.threshold]
+    chosen = [
+        r for r in flags if r["suspicion"] >= args.threshold and r["pinned"] != "trusted"
+    ]  # training ids
     shards = ShardSet(history.run_inputs(args.run)["train"])
     manifest = shards.manifest.to_pydict()
     keys, files = manifest["key"], manifest["shard"]
@@ -183,6 +185,7 @@ def _manifest(args: argparse.Namespace) -> dict:
         "label",
         "suspicion",
         "last_pool",
+        "pinned",
         "flagged_streak",
         "epochs_polluted",
     ]
@@ -199,6 +202,7 @@ def _manifest(args: argparse.Namespace) -> dict:
                     row["label"],
                     f"{row['suspicion']:.6f}",
                     row["last_pool"],
+                    row["pinned"],
                     row["flagged_streak"],
                     row["epochs_polluted"],
                 ]

@@ -129,3 +129,19 @@ def _remove(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """``images`` followed by ``extra`` (a few rows): in memory, or a memmap that stays one."""
+    if not len(extra):
+        return images
+    if not isinstance(images, np.memmap):
+        return np.concatenate([images, extra])
+    path = Path(images.filename).with_suffix(".more")
+    joined = np.memmap(path, np.uint8, mode="w+", shape=(len(images) + len(extra), *images.shape[1:]))
+    for start in range(0, len(images), 4096):  # batch by batch: never the whole share in memory
+        joined[start : start + 4096] = images[start : start + 4096]
+    joined[len(images) :] = extra
+    joined.flush()
+    _OWNED.add(path)
+    return np.memmap(path, np.uint8, mode="r", shape=joined.shape)
