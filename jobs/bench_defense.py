@@ -51,13 +51,28 @@ from asd_ray.driver import RAY_TRAIN_ENV, RunInputs, run
 from asd_ray.seeds import pick_seeds
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label")
-DEFENSES = {
-    "none": ["defense=none"],
-    "asd": [],
-    "asd-no-stage2": ["split.stage2_epoch=6", "split.stage3_epoch=6"],
-    "asd-no-meta": ["split.stage3_epoch=12"],
-    "asd-augment": ["scoring.augment=true"],
-}
+DEFENSES = ("none", "asd", "asd-no-stage2", "asd-no-meta", "asd-augment")
+SMOKE = [
+    "epochs=3",
+    "split.stage2_epoch=1",
+    "split.stage3_epoch=2",
+    "mixmatch.iterations=4",
+    "virtual.min_steps=4",
+]
+
+
+def defense_overrides(defense: str, base) -> list[str]:
+    """The config changes of one defense, relative to the schedule ``base`` runs."""
+    s = base.split
+    return {
+        "none": ["defense=none"],
+        "asd": [],
+        "asd-no-stage2": [f"split.stage2_epoch={s.stage3_epoch}"],  # stage 3 starts where stage 2 would have
+        "asd-no-meta": [f"split.stage3_epoch={base.epochs}"],  # stage 2 runs to the end
+        "asd-augment": ["scoring.augment=true"],
+    }[defense]
+
+
 MEAN, STD = (0.1307,), (0.3081,)
 
 
@@ -165,7 +180,10 @@ def with_poisoned_seeds(
 
 
 def cell(inputs: RunInputs, defense: str, seed: int, out: Path, args) -> dict:
-    config = load_config("mnist-quick", overrides=[f"seed={seed}", *DEFENSES[defense], *args.set])
+    base = load_config("mnist-quick", overrides=[f"seed={seed}", *args.set])
+    config = load_config(
+        "mnist-quick", overrides=[f"seed={seed}", *args.set, *defense_overrides(defense, base)]
+    )
     start = time.perf_counter()
     resume = (out / "config.yaml").exists()
     summary = run(config, inputs, out, resume=resume, progress=progress.write)
@@ -213,7 +231,7 @@ def markdown(results: pa.Table) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--defenses", nargs="+", default=["none", "asd"], choices=list(DEFENSES))
+    parser.add_argument("--defenses", nargs="+", default=["none", "asd"], choices=DEFENSES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rate", type=float, default=0.05, help="poison rate of the poison-label attacks")
     parser.add_argument("--target", type=int, default=3)
@@ -226,11 +244,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scorers", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_defense")
+    parser.add_argument("--smoke", action="store_true", help="a 3-epoch schedule of 4 steps (the suite's run)")
     args = parser.parse_args()
     args.set = [
         f"cluster.workers={args.workers}",
         f"cluster.scorers={args.scorers}",
         f"split.seeds_per_class={args.per_class}",
+        *(SMOKE if args.smoke else []),
         *args.set,
     ]
     out = Path(args.out).absolute()
