@@ -593,8 +593,8 @@ class _Session:
                 result = self.pool.run_many(
                     self.training_sets, ray.put(weights), augment_seeds=self._augment_seeds(epoch)
                 )
-                table, train_compute_s = self._training_pass(result)
-                prefetched = _Prefetched(table, 0.0, train_compute_s)
+                table, scored_s = self._training_pass(result)
+                prefetched = _Prefetched(table, 0.0, scored_s)
                 score_s = time.perf_counter() - t0
             scores = scores_table(prefetched.table)
             carried_in_s = prefetched.wall_s  # spent in the previous epoch's evaluation pass
@@ -648,9 +648,9 @@ class _Session:
         prefetched = None
         if next_names:  # the next epoch's share of the fused pass, by arithmetic
             compute_s = evaluation.compute_s
-            table, train_compute_s = self._training_pass(evaluation)
-            share = train_compute_s / max(sum(compute_s.values()), 1e-9)
-            prefetched = _Prefetched(table, eval_s * share, train_compute_s)
+            table, next_compute_s = self._training_pass(evaluation)
+            share = next_compute_s / max(sum(compute_s.values()), 1e-9)
+            prefetched = _Prefetched(table, eval_s * share, next_compute_s)
             eval_s -= prefetched.wall_s
         eval_compute_s = sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
         epoch_s = time.perf_counter() - t0 + carried_in_s - (prefetched.wall_s if prefetched else 0.0)
