@@ -37,3 +37,34 @@ def test_bench_driver_runs_small_and_reports_every_figure() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["split_s"]) == {"stage1", "stage2", "stage3"} and result["flag_rows"] == 20000
     assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
+
+
+def test_bench_defense_smoke_writes_its_tables(tmp_path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "bench_defense.py"),
+            "--smoke",
+            "--attacks",
+            "badnets",
+            "--defenses",
+            "none",
+            "asd",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["job"] == "bench_defense" and result["cells"] == 2
+    rows = {row["defense"]: row for row in result["rows"]}
+    assert rows["asd"]["seeds_tampered"] >= 0 and 0 <= rows["asd"]["acc"] <= 1
+    assert rows["none"]["asr_last"] > 0.5  # the smoke schedule already learns the backdoor without ASD
+    table = (tmp_path / "results.md").read_text()
+    assert "| badnets | none | 1 |" in table and "| badnets | asd | 1 |" in table
+    assert (tmp_path / "results.parquet").stat().st_size > 0

@@ -1,0 +1,43 @@
+"""Seeds from another dataset (the paper's transfer variant): scikit-learn's 8x8 digits,
+upscaled to 28x28, as the only trusted data for a BadNets-poisoned MNIST subset.
+
+Slow (a full mnist-quick run, about 3 minutes): ``python -m pytest -m slow tests/test_transfer_seeds.py``.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asd_ray import tables
+from asd_ray.config import load_config
+from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.sources import from_arrays
+from asd_ray.seeds import pick_seeds
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _digits_28px() -> tuple[np.ndarray, np.ndarray]:
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    small = (digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # 8x8, values 0..16
+    big = np.stack([np.asarray(Image.fromarray(image).resize((28, 28), Image.BILINEAR)) for image in small])
+    return big[..., None], digits.target
+
+
+def test_sklearn_digits_as_seeds_defend_the_mnist_subset(ray_cluster, tmp_path):
+    import dataclasses
+
+    from asd_ray.demo import prepare_mnist_badnets
+    from asd_ray.driver import run
+
+    inputs = prepare_mnist_badnets(tmp_path / "mnist")
+    images, labels = _digits_28px()
+    write_shards(from_arrays(images, labels, class_names=[str(c) for c in range(10)]), tmp_path / "digits")
+    seeds = pick_seeds(ShardSet(tmp_path / "digits"), 10)
+    tables.write_parquet(seeds, tmp_path / "digit_seeds.parquet", "seeds")
+    inputs = dataclasses.replace(inputs, seeds=str(tmp_path / "digit_seeds.parquet"))
+    summary = run(load_config("mnist-quick"), inputs, tmp_path / "run", progress=print)
+    assert summary["seeds_added"] == 100 and summary["seeds_tampered"] == 0
+    assert summary["acc"] >= 0.90
+    assert summary["asr"] <= 0.05
