@@ -119,6 +119,10 @@ def _run(data: Path, tmp: Path, *extra: str, train: Path | None = None, seeds: P
     ]
 
 
+def _poison(data: Path, *extra: str) -> list[str]:
+    return ["poison", "--attack", "badnets", "--rate", "0.1", "--in", str(data / "train"), *extra]
+
+
 def _write(tmp: Path, name: str, text: str) -> Path:
     (tmp / name).write_text(text)
     return tmp / name
@@ -188,55 +192,17 @@ CASES = [
         ],
         "pickle",
     ),
-    (
-        "poison out is in",
-        lambda d, t: [
-            "poison",
-            "--attack",
-            "badnets",
-            "--rate",
-            "0.1",
-            "--in",
-            str(d / "train"),
-            "--out",
-            str(d / "train"),
-            "--overwrite",
-        ],
-        "--in",
-    ),
+    ("poison out is in", lambda d, t: _poison(d, "--out", str(d / "train"), "--overwrite"), "--in"),
     (
         "poison out is test-out",
-        lambda d, t: [
-            "poison",
-            "--attack",
-            "badnets",
-            "--rate",
-            "0.1",
-            "--in",
-            str(d / "train"),
-            "--out",
-            str(t / "p"),
-            "--test-in",
-            str(d / "test"),
-            "--test-out",
-            str(t / "p"),
-        ],
+        lambda d, t: _poison(
+            d, "--out", str(t / "p"), "--test-in", str(d / "test"), "--test-out", str(t / "p")
+        ),
         "--test-out",
     ),
     (
         "overwrite a user folder",
-        lambda d, t: [
-            "poison",
-            "--attack",
-            "badnets",
-            "--rate",
-            "0.1",
-            "--in",
-            str(d / "train"),
-            "--out",
-            str(_user_folder(t)),
-            "--overwrite",
-        ],
+        lambda d, t: _poison(d, "--out", str(_user_folder(t)), "--overwrite"),
         "not a shard set",
     ),
     (
