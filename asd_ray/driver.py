@@ -1,18 +1,9 @@
 """The epoch loop: score, split, write the split table, train, evaluate, record.
 
-The driver alone owns ``ray.init``, the actors and the run folder::
-
-    RUN/config.yaml                     the full config (re-read by --resume)
-    RUN/inputs.json                     shard folders, seeds and ground-truth paths
-    RUN/splits/epoch=NNN/part-0.parquet one split table per epoch (hive layout)
-    RUN/metrics.parquet, metrics.jsonl  one row per finished epoch
-    RUN/train/                          Ray Train storage: checkpoints of every epoch
-    RUN/model/{last,best}.pt, card.json the trained classifier and its model card
-    RUN/summary.json                    the final one-line summary
-    RUN/run.log                         every progress line, time-stamped
-
-One ``TorchTrainer.fit()`` runs the whole schedule in a background thread; the
-driver talks to its workers through the run's :class:`~asd_ray.mailbox.Mailbox`.
+The driver alone owns ``ray.init``, the actors and the run folder (its layout:
+:mod:`asd_ray.run_folder`). One ``TorchTrainer.fit()`` runs the whole schedule
+in a background thread; the driver talks to its workers through the run's
+:class:`~asd_ray.mailbox.Mailbox`.
 """
 
 from __future__ import annotations
@@ -49,18 +40,32 @@ from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models import ModelSpec
 from asd_ray.models.saved import MODEL_DIR, save_model, write_card
 from asd_ray.reaper import Reaper
+from asd_ray.run_folder import (
+    BEST_RULE,
+    CONFIG_FILE,
+    INPUTS_FILE,
+    LOCK_FILE,
+    MODEL_FIGURES,
+    RUN_LOG,
+    SUMMARY_FILE,
+    TRAIN_DIR,
+    TRUSTED_SEEDS_DIR,
+    RunLog,
+    best_row,
+    progress_line,
+    read_metric_rows,
+    run_summary,
+    split_path,
+    tensorboard_writer,
+    write_metrics,
+    write_text,
+)
 from asd_ray.scorers import PassResult, ScoringPool
 from asd_ray.scoring import PASS_SCHEMA, scores_table
 from asd_ray.seeds import SeedPlan, plan_seeds
 from asd_ray.split import DETECTION_KEYS, make_split, split_summary, stage_of
 
-CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
-METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
-LOCK_FILE = ".lock"
-TRUSTED_SEEDS_DIR = "trusted-seeds"  # shard set of the seeds' trusted copies a run trains on
-TRUSTED = "trusted"  # their name in the scoring pool
-RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
-TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
+TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
 _RESULT_POLL_S = 5.0
 
@@ -79,11 +84,6 @@ class RunInputs:
         return RunInputs(
             **{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()}
         )
-
-
-def split_path(run: Path, epoch: int) -> Path:
-    """Where the split table of ``epoch`` lives (hive layout: readable as one dataset)."""
-    return run / "splits" / f"epoch={epoch:03d}" / "part-0.parquet"
 
 
 def run(
@@ -128,22 +128,22 @@ def run(
             _set_aside_unreadable_snapshot(out / TRAIN_DIR, progress)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            _write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
-            _write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
-        progress = _RunLog(out / RUN_LOG, progress)
-        callbacks = [c for c in (on_epoch, _tensorboard_writer(out) if tensorboard else None) if c]
+            write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+            write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
+        progress = RunLog(out / RUN_LOG, progress)
+        callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
         data = _add_trusted_seeds(data, out)
         session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
-        _write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
+        write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     except Exception as err:
         full = storage_error_of(err, out)
         if full is None:
             raise
         raise full from None
     finally:
-        if isinstance(progress, _RunLog):
+        if isinstance(progress, RunLog):
             progress.close()
         if session is not None:
             session.close()
@@ -507,7 +507,7 @@ class _Session:
         hello = self._await(0, "start-up")
         startup_s = time.perf_counter() - self.fit_started
         weights, done = hello["weights"], hello["epoch"]
-        rows = _read_metrics(out, done)
+        rows = read_metric_rows(out, done)
         progress(
             f"asd-ray: {config.defense} on {len(data.train)} samples, {data.train.info.num_classes} classes, "
             f"{config.model.name} ({hello['precision']}), {config.cluster.workers} workers + "
@@ -523,7 +523,7 @@ class _Session:
             )
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
-            _write_metrics(out, rows)
+            write_metrics(out, rows)
             self._keep_model(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
@@ -532,15 +532,15 @@ class _Session:
         for epoch in range(done + 1, last + 1):
             row, weights, prefetched = self._epoch(epoch, weights, prefetched, score_next=epoch < last)
             rows.append(row)
-            _write_metrics(out, rows)
+            write_metrics(out, rows)
             self._keep_model(weights, rows)
             self.last_evaluation = {f"eval_{k}": row[k] for k in MODEL_FIGURES if row[k] is not None}
-            progress(_progress_line(row, config.epochs))
+            progress(progress_line(row, config.epochs))
             bar.update(1)
             if on_epoch is not None:
                 on_epoch(dict(row))
         bar.close()
-        summary = _summary(config, rows, hello["precision"], startup_s, out)
+        summary = run_summary(config, rows, hello["precision"], startup_s, out)
         summary["seeds_tampered"] = int(data.tampered_ids.size)
         summary["seeds_added"] = data.total - len(data.train)
         return summary
@@ -742,21 +742,6 @@ class _Session:
             )  # this node's; other nodes' go with their processes
 
 
-MODEL_FIGURES = ("epoch", "stage", "acc", "asr", "robust_acc")
-BEST_RULE = (
-    "best.pt is the epoch with the highest ACC on the clean test set (--test) among the epochs of "
-    "the latest stage reached (stage 3 once ASD reaches it; every epoch without a defense), ties "
-    "going to the later epoch; its test ACC is therefore slightly optimistic. last.pt is the final "
-    "epoch, the model the paper reports."
-)
-
-
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The metrics row whose model is ``best.pt`` (:data:`BEST_RULE`)."""
-    stage = rows[-1]["stage"]
-    return max((r for r in rows if r["stage"] == stage), key=lambda r: (r["acc"], r["epoch"]))
-
-
 def _model_card(config: RunConfig, data: _Data) -> dict[str, Any]:
     """What a model file says about itself besides its epoch and figures."""
     height, width, channels = data.train.require_uniform_size("training")
@@ -783,110 +768,3 @@ def _model_card(config: RunConfig, data: _Data) -> dict[str, Any]:
         },
         "selection": BEST_RULE,
     }
-
-
-def _summary(
-    config: RunConfig, rows: list[dict[str, Any]], precision: str, startup_s: float, out: Path
-) -> dict[str, Any]:
-    """The run's one-line result: last epoch's figures, the worst ASR, the model files."""
-    last = rows[-1] if rows else {}
-    asrs = [(r["asr"], r["epoch"]) for r in rows if r["asr"] is not None]
-    worst = max(asrs, default=(None, None))
-    best = best_row(rows) if rows else {}
-    return {
-        "defense": config.defense,
-        "acc": last.get("acc"),
-        "asr": last.get("asr"),
-        "robust_acc": last.get("robust_acc"),
-        "asr_worst": worst[0],
-        "asr_worst_epoch": worst[1],
-        "max_poison_fraction_clean": max(
-            (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None),
-            default=None,
-        ),
-        "epochs": len(rows),
-        "best_epoch": best.get("epoch"),
-        "model": str(out / MODEL_DIR),
-        "precision": precision,
-        "train_startup_s": round(startup_s, 1),
-        "mean_epoch_s": _time_split(rows),
-        "run_dir": str(out),
-    }
-
-
-class _RunLog:
-    """The progress callback, also appending each line to RUN/run.log with a time stamp."""
-
-    def __init__(self, path: Path, progress: Callable[[str], None]):
-        self.progress, self.file = progress, open(path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def __call__(self, line: str) -> None:
-        self.progress(line)
-        self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _tensorboard_writer(out: Path) -> Callable[[dict[str, Any]], None]:
-    """A callback writing each metrics row's numbers to RUN/tensorboard (``tensorboard --logdir``)."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        raise DataError("--tensorboard needs the tensorboardX package: pip install tensorboardX") from None
-    writer = SummaryWriter(str(out / "tensorboard"))
-
-    def write(row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "epoch" and value == value:  # not NaN
-                writer.add_scalar(key, value, row["epoch"])
-        writer.flush()
-
-    return write
-
-
-def _write_text(path: Path, text: str) -> None:
-    with tables.atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
-def _read_metrics(out: Path, done: int) -> list[dict[str, Any]]:
-    """Metrics rows of a run folder up to epoch ``done`` (empty for a new run)."""
-    path = out / METRICS_FILE
-    if done < 0 or not path.exists():
-        return []
-    rows = tables.read_parquet(path, "metrics").to_pylist()
-    return [r for r in rows if r["epoch"] <= done]
-
-
-def _write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
-    table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
-    tables.write_parquet(table, out / METRICS_FILE, "metrics")
-    with tables.atomic_file(out / METRICS_JSONL) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for, ``fixed``
-    everything that is not model arithmetic."""
-    if not rows:
-        return {}
-    phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
-    means = {p: float(np.nanmean([r[p] for r in rows])) for p in (*phases, "fixed_s")}  # NaN: recovered
-    means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
-    return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
-
-
-def _progress_line(row: dict[str, Any], epochs: int) -> str:
-    asr = f" asr {100 * row['asr']:5.1f}%" if row["asr"] is not None else ""
-    if row["robust_acc"] is not None:
-        asr += f" robust {100 * row['robust_acc']:5.1f}%"
-    poison = f" (poisoned {row['poison_in_clean']})" if row["poison_in_clean"] is not None else ""
-    return (
-        f"epoch {row['epoch'] + 1:>3}/{epochs} stage {row['stage']} | acc {100 * row['acc']:5.1f}%{asr} | "
-        f"clean {row['clean_pool']}{poison} polluted {row['polluted_pool']} | loss {row['train_loss']:.3f} | "
-        f"score {row['score_s']:.1f}s virtual {row['virtual_s']:.1f}s split {row['split_s']:.2f}s "
-        f"train {row['train_s']:.1f}s eval {row['eval_s']:.1f}s total {row['epoch_s']:.1f}s "
-        f"(fixed {row['fixed_s']:.2f}s)"
-    )

@@ -244,7 +244,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scorers", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_defense")
-    parser.add_argument("--smoke", action="store_true", help="a 3-epoch schedule of 4 steps (the suite's run)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 3-epoch schedule of 4 steps (the suite's run)"
+    )
     args = parser.parse_args()
     args.set = [
         f"cluster.workers={args.workers}",

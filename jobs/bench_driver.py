@@ -28,7 +28,7 @@ import pyarrow as pa
 from asd_ray import tables
 from asd_ray.audit.history import flag_history
 from asd_ray.config import SplitConfig
-from asd_ray.driver import split_path
+from asd_ray.run_folder import split_path
 from asd_ray.split import make_split
 
 

@@ -246,7 +246,8 @@ def bench_fixed_cost(args) -> dict:
     """Fixed (non-arithmetic) seconds of one mnist-quick epoch per stage, as a share."""
     from asd_ray import tables
     from asd_ray.demo import prepare_mnist_badnets
-    from asd_ray.driver import METRICS_FILE, run
+    from asd_ray.driver import run
+    from asd_ray.run_folder import METRICS_FILE
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-pipeline-"))
     inputs = prepare_mnist_badnets(root / "data")

@@ -42,7 +42,8 @@ def bench_defense(args, root: Path) -> list[dict]:
     from asd_ray import tables
     from asd_ray.config import load_config
     from asd_ray.demo import prepare_mnist_badnets
-    from asd_ray.driver import METRICS_FILE, RAY_TRAIN_ENV, run
+    from asd_ray.driver import RAY_TRAIN_ENV, run
+    from asd_ray.run_folder import METRICS_FILE
 
     inputs = prepare_mnist_badnets(root / "data")
     cells = [(w, "global") for w in args.workers] + [(4, "scaled")]

@@ -6,8 +6,8 @@ from asd_ray import tables
 from asd_ray.audit import history
 from asd_ray.audit.report import report
 from asd_ray.config import SplitConfig
-from asd_ray.driver import METRICS_FILE, split_path
 from asd_ray.errors import DataError
+from asd_ray.run_folder import METRICS_FILE, split_path
 from asd_ray.split import DETECTION_KEYS, make_split, suspicion
 
 
@@ -79,8 +79,6 @@ def _fake_run(folder, *, with_truth: bool):
         )
     metrics = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
     tables.write_parquet(metrics, folder / METRICS_FILE, "metrics")
-
-
 
 
 def test_suspicion_is_the_place_in_the_splitting_order(tmp_path):

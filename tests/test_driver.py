@@ -11,8 +11,9 @@ from conftest import TINY_RUN
 
 from asd_ray import tables
 from asd_ray.config import load_config
-from asd_ray.driver import METRICS_FILE, run, split_path
+from asd_ray.driver import run
 from asd_ray.errors import DataError
+from asd_ray.run_folder import METRICS_FILE, split_path
 
 pytestmark = pytest.mark.ray
 
@@ -127,7 +128,8 @@ def test_seeds_from_the_clean_parent_are_evidence_against_their_tampered_copies(
     assert summary["seeds_tampered"] == altered.size and summary["seeds_added"] == altered.size
     assert any(f"{altered.size} seed(s) differ" in line for line in lines)
     assert ShardSet(out / "trusted-seeds").labels.tolist() == [
-        int(seeds.filter(pa.compute.equal(seeds.column("sample_id"), i)).column("label")[0].as_py()) for i in altered
+        int(seeds.filter(pa.compute.equal(seeds.column("sample_id"), i)).column("label")[0].as_py())
+        for i in altered
     ]
     for epoch in range(3):
         split = tables.read_parquet(split_path(out, epoch), "splits")

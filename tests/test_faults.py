@@ -19,9 +19,10 @@ from conftest import TINY_RUN
 
 from asd_ray import tables
 from asd_ray.config import load_config
-from asd_ray.driver import METRICS_FILE, TRAIN_DIR, run, split_path
+from asd_ray.driver import run
 from asd_ray.errors import StorageError
 from asd_ray.reaper import _processes, ray_descendants
+from asd_ray.run_folder import METRICS_FILE, TRAIN_DIR, split_path
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,8 @@ from conftest import TINY_RUN
 
 from asd_ray import tables
 from asd_ray.config import load_config
-from asd_ray.driver import RAY_TRAIN_ENV, run, split_path
+from asd_ray.driver import RAY_TRAIN_ENV, run
+from asd_ray.run_folder import split_path
 
 pytestmark = pytest.mark.ray
 

@@ -20,7 +20,7 @@ import asd_ray
 from asd_ray import tables
 from asd_ray.cli import main
 from asd_ray.data.shards import ShardSet
-from asd_ray.driver import METRICS_FILE
+from asd_ray.run_folder import METRICS_FILE
 
 pytestmark = pytest.mark.ray
 

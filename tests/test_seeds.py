@@ -51,8 +51,10 @@ def test_plan_seeds_tells_tampered_seeds_by_label_and_by_pixels(tmp_path):
         out = tmp_path / attack
         poison_shards(clean, out, AttackConfig(attack, rate=rate, target=0))
         train = ShardSet(out)
-        modified = tables.read_parquet(out / "poison.parquet", "poison").column("is_modified").to_numpy(
-            zero_copy_only=False
+        modified = (
+            tables.read_parquet(out / "poison.parquet", "poison")
+            .column("is_modified")
+            .to_numpy(zero_copy_only=False)
         )
         plan = plan_seeds(train, seeds, 5, where="seeds")
         ids = seeds.column("sample_id").to_numpy()

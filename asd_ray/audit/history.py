@@ -18,11 +18,8 @@ import pyarrow.compute as pc
 
 from asd_ray import tables
 from asd_ray.errors import DataError
+from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, split_path
 from asd_ray.split import suspicion
-
-METRICS_FILE = "metrics.parquet"
-SPLITS_DIR = "splits"
-INPUTS_FILE = "inputs.json"
 
 
 def read_metrics(run: str | Path) -> pa.Table:
@@ -33,14 +30,10 @@ def read_metrics(run: str | Path) -> pa.Table:
     return tables.read_parquet(path, "metrics")
 
 
-def split_file(run: str | Path, epoch: int) -> Path:
-    return Path(run) / SPLITS_DIR / f"epoch={epoch:03d}" / "part-0.parquet"
-
-
 def complete_epochs(run: str | Path) -> list[int]:
     """Epochs with both a metrics row and a split table, ascending."""
     epochs = read_metrics(run).column("epoch").to_pylist()
-    return [e for e in epochs if split_file(run, e).is_file()]
+    return [e for e in epochs if split_path(Path(run), e).is_file()]
 
 
 def resolve_epoch(run: str | Path, epoch: int | str) -> int:
@@ -61,7 +54,7 @@ def resolve_epoch(run: str | Path, epoch: int | str) -> int:
 
 def read_split(run: str | Path, epoch: int) -> pa.Table:
     """One epoch's split table with its ``suspicion`` score appended."""
-    split = tables.read_parquet(split_file(run, epoch), "splits")
+    split = tables.read_parquet(split_path(Path(run), epoch), "splits")
     return split.append_column("suspicion", pa.array(suspicion(split)))
 
 
@@ -78,7 +71,7 @@ def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
             flagged = np.zeros((len(epochs), split.num_rows), bool)
         if split.num_rows != flagged.shape[1]:
             raise DataError(
-                f"{split_file(run, epoch)}: {split.num_rows} rows, earlier epochs have {flagged.shape[1]}"
+                f"{split_path(Path(run), epoch)}: {split.num_rows} rows, earlier epochs have {flagged.shape[1]}"
             )
         flagged[epochs.index(epoch)] = polluted
     last = split  # the last epoch's table

@@ -1,0 +1,165 @@
+"""What a run folder holds, and the helpers that write and read its records.
+
+    RUN/config.yaml                     the full config (re-read by --resume)
+    RUN/inputs.json                     shard folders, seeds and ground-truth paths
+    RUN/splits/epoch=NNN/part-0.parquet one split table per epoch (hive layout)
+    RUN/metrics.parquet, metrics.jsonl  one row per finished epoch
+    RUN/train/                          Ray Train storage: checkpoints of every epoch
+    RUN/trusted-seeds/                  the seeds' trusted copies a run trains on, if any
+    RUN/model/{last,best}.pt, card.json the trained classifier and its model card
+    RUN/summary.json                    the final one-line summary
+    RUN/run.log                         every progress line, time-stamped
+    RUN/audit/                          what ``asd-ray report`` writes
+
+The driver writes them; :mod:`asd_ray.audit` only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asd_ray import tables
+from asd_ray.config import RunConfig
+from asd_ray.errors import DataError
+from asd_ray.models.saved import MODEL_DIR
+
+CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
+METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
+LOCK_FILE = ".lock"
+TRUSTED_SEEDS_DIR = "trusted-seeds"  # shard set of the seeds' trusted copies a run trains on
+RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
+TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
+SPLITS_DIR = "splits"
+
+
+def split_path(run: Path, epoch: int) -> Path:
+    """Where the split table of ``epoch`` lives (hive layout: readable as one dataset)."""
+    return run / SPLITS_DIR / f"epoch={epoch:03d}" / "part-0.parquet"
+
+
+MODEL_FIGURES = ("epoch", "stage", "acc", "asr", "robust_acc")
+BEST_RULE = (
+    "best.pt is the epoch with the highest ACC on the clean test set (--test) among the epochs of "
+    "the latest stage reached (stage 3 once ASD reaches it; every epoch without a defense), ties "
+    "going to the later epoch; its test ACC is therefore slightly optimistic. last.pt is the final "
+    "epoch, the model the paper reports."
+)
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics row whose model is ``best.pt`` (:data:`BEST_RULE`)."""
+    stage = rows[-1]["stage"]
+    return max((r for r in rows if r["stage"] == stage), key=lambda r: (r["acc"], r["epoch"]))
+
+
+def run_summary(
+    config: RunConfig, rows: list[dict[str, Any]], precision: str, startup_s: float, out: Path
+) -> dict[str, Any]:
+    """The run's one-line result: last epoch's figures, the worst ASR, the model files."""
+    last = rows[-1] if rows else {}
+    asrs = [(r["asr"], r["epoch"]) for r in rows if r["asr"] is not None]
+    worst = max(asrs, default=(None, None))
+    best = best_row(rows) if rows else {}
+    return {
+        "defense": config.defense,
+        "acc": last.get("acc"),
+        "asr": last.get("asr"),
+        "robust_acc": last.get("robust_acc"),
+        "asr_worst": worst[0],
+        "asr_worst_epoch": worst[1],
+        "max_poison_fraction_clean": max(
+            (r["poison_fraction_clean"] for r in rows if r["poison_fraction_clean"] is not None),
+            default=None,
+        ),
+        "epochs": len(rows),
+        "best_epoch": best.get("epoch"),
+        "model": str(out / MODEL_DIR),
+        "precision": precision,
+        "train_startup_s": round(startup_s, 1),
+        "mean_epoch_s": time_split(rows),
+        "run_dir": str(out),
+    }
+
+
+class RunLog:
+    """The progress callback, also appending each line to RUN/run.log with a time stamp."""
+
+    def __init__(self, path: Path, progress: Callable[[str], None]):
+        self.progress, self.file = progress, open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, line: str) -> None:
+        self.progress(line)
+        self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def tensorboard_writer(out: Path) -> Callable[[dict[str, Any]], None]:
+    """A callback writing each metrics row's numbers to RUN/tensorboard (``tensorboard --logdir``)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise DataError("--tensorboard needs the tensorboardX package: pip install tensorboardX") from None
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch" and value == value:  # not NaN
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+
+    return write
+
+
+def write_text(path: Path, text: str) -> None:
+    with tables.atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
+    """Metrics rows of a run folder up to epoch ``done`` (empty for a new run)."""
+    path = out / METRICS_FILE
+    if done < 0 or not path.exists():
+        return []
+    rows = tables.read_parquet(path, "metrics").to_pylist()
+    return [r for r in rows if r["epoch"] <= done]
+
+
+def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
+    tables.write_parquet(table, out / METRICS_FILE, "metrics")
+    with tables.atomic_file(out / METRICS_JSONL) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for, ``fixed``
+    everything that is not model arithmetic."""
+    if not rows:
+        return {}
+    phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
+    means = {p: float(np.nanmean([r[p] for r in rows])) for p in (*phases, "fixed_s")}  # NaN: recovered
+    means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
+    return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
+
+
+def progress_line(row: dict[str, Any], epochs: int) -> str:
+    asr = f" asr {100 * row['asr']:5.1f}%" if row["asr"] is not None else ""
+    if row["robust_acc"] is not None:
+        asr += f" robust {100 * row['robust_acc']:5.1f}%"
+    poison = f" (poisoned {row['poison_in_clean']})" if row["poison_in_clean"] is not None else ""
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{epochs} stage {row['stage']} | acc {100 * row['acc']:5.1f}%{asr} | "
+        f"clean {row['clean_pool']}{poison} polluted {row['polluted_pool']} | loss {row['train_loss']:.3f} | "
+        f"score {row['score_s']:.1f}s virtual {row['virtual_s']:.1f}s split {row['split_s']:.2f}s "
+        f"train {row['train_s']:.1f}s eval {row['eval_s']:.1f}s total {row['epoch_s']:.1f}s "
+        f"(fixed {row['fixed_s']:.2f}s)"
+    )
