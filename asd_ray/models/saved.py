@@ -64,8 +64,9 @@ def model_file(source: str | Path, kind: str = "best") -> Path:
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and card of a model file, loaded as weights only (never unpickled code)."""
     data = path.read_bytes()
+    buffer = io.BytesIO(data)
     try:
-        saved = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        saved = torch.load(buffer, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise DataError(
             f"{path}: not a readable asd-ray model ({type(err).__name__}); re-export it"
