@@ -50,7 +50,7 @@ def report(run: str | Path) -> dict[str, Any]:
     if history.complete_epochs(run):
         flags = history.flag_history(run)
         summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
-        sections.append(_figure("Losses per stage (the last epoch of each)", _histograms(run)))
+        sections.append(_figure("Losses per stage (the last epoch of each)", _histograms(run, metrics)))
         sections += _thumbnail_sections(run)
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
@@ -122,14 +122,11 @@ def _curves(metrics: list[dict]) -> str:
     return _png(figure)
 
 
-def _histograms(run: Path) -> str:
+def _histograms(run: Path, metrics: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
-    epochs = history.complete_epochs(run)
-    last_of_stage: dict[int, int] = {}
-    for epoch in epochs:
-        split = history.read_split(run, epoch)
-        last_of_stage[split.column("stage")[0].as_py()] = epoch
+    complete = set(history.complete_epochs(run))
+    last_of_stage = {r["stage"]: r["epoch"] for r in metrics if r["epoch"] in complete}  # rows ascend
     figure, axes = plt.subplots(1, len(last_of_stage), figsize=(4.2 * len(last_of_stage), 3.4), squeeze=False)
     for axis, (stage, epoch) in zip(axes[0], sorted(last_of_stage.items())):
         split = history.read_split(run, epoch)
