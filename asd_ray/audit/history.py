@@ -63,18 +63,8 @@ def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
     epochs = complete_epochs(run) if epochs is None else epochs
     if not epochs:
         raise DataError(f"{run}: no complete epoch with a split table yet")
-    flagged = None
-    for epoch in epochs:
-        split = read_split(run, epoch)
-        polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
-        if flagged is None:
-            flagged = np.zeros((len(epochs), split.num_rows), bool)
-        if split.num_rows != flagged.shape[1]:
-            raise DataError(
-                f"{split_path(Path(run), epoch)}: {split.num_rows} rows, earlier epochs have {flagged.shape[1]}"
-            )
-        flagged[epochs.index(epoch)] = polluted
-    last = split  # the last epoch's table
+    flagged = _flags(run, epochs)
+    last = read_split(run, epochs[-1])
     return tables.from_pydict(
         {
             "sample_id": last.column("sample_id").to_numpy(),
@@ -96,6 +86,18 @@ def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
     )
 
 
+def _flags(run: str | Path, epochs: list[int]) -> np.ndarray:
+    """(epochs, N) bool: in the polluted pool, from each split table's pool column alone."""
+    rows = []
+    for epoch in epochs:
+        path = split_path(Path(run), epoch)
+        pool = tables.read_parquet(path, "splits").column("pool")
+        if rows and len(pool) != len(rows[0]):
+            raise DataError(f"{path}: {len(pool)} rows, earlier epochs have {len(rows[0])}")
+        rows.append(pc.equal(pool, "polluted").to_numpy(zero_copy_only=False))
+    return np.stack(rows)
+
+
 def _streak(flagged: np.ndarray) -> np.ndarray:
     """(N,) epochs in a row each sample has been flagged, up to the last epoch."""
     streak = np.zeros(flagged.shape[1], np.int64)
@@ -111,11 +113,7 @@ def flagged_samples(
     epoch = resolve_epoch(run, epoch)
     epochs = [e for e in complete_epochs(run) if e <= epoch]
     split = read_split(run, epoch)
-    streak = np.zeros(split.num_rows, np.int64)
-    for e in epochs:
-        polluted = pc.equal(read_split(run, e).column("pool"), "polluted").to_numpy(zero_copy_only=False)
-        streak = np.where(polluted, streak + 1, 0)
-    split = split.append_column("flagged_streak", pa.array(streak))
+    split = split.append_column("flagged_streak", pa.array(_streak(_flags(run, epochs))))
     keep = pc.equal(split.column("pool"), "polluted")
     if label is not None:
         keep = pc.and_(keep, pc.equal(split.column("label"), label))
