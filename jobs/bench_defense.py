@@ -31,6 +31,7 @@ seeds per attack and defense) and prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +112,13 @@ def attack_config(name: str, seed: int, args) -> AttackConfig:
         extra["size"] = args.trigger_size
     if args.trigger_location:
         extra["location"] = tuple(args.trigger_location)
+    for item in args.attack_set:
+        key, _, value = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(AttackConfig)}
+        if key not in fields or key in ("attack", "rate", "target", "seed"):
+            raise SystemExit(f"--attack-set {item!r}: {key!r} is not an attack parameter to set here")
+        kind = fields[key].type.split(" |")[0]  # annotations are strings here
+        extra[key] = {"bool": lambda v: v.lower() == "true", "int": int, "float": float}.get(kind, str)(value)
     return AttackConfig(name, rate=rate, target=args.target, seed=seed, **extra)
 
 
@@ -118,6 +126,7 @@ def poisoned_data(root: Path, name: str, seed: int, args, model_cache: dict) -> 
     clean, clean_test = clean_data(root)
     config = attack_config(name, seed, args)
     tag = f"{name}-r{config.rate}-t{config.target}-s{seed}-z{config.size}-l{config.location}"
+    tag += "".join(f"-{item}" for item in args.attack_set)
     folder = root / tag
     if not (folder / "train").exists():
         kwargs = {}
@@ -237,6 +246,13 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=3)
     parser.add_argument("--trigger-size", type=int, help="BadNets patch side (default 2 px)")
     parser.add_argument("--trigger-location", type=int, nargs=2, metavar=("ROW", "COL"))
+    parser.add_argument(
+        "--attack-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="another attack parameter, e.g. wanet_s=1.0 or trigger=checkerboard",
+    )
     parser.add_argument("--per-class", type=int, default=10, help="seeds per class")
     parser.add_argument("--poisoned-seeds", type=int, default=0, help="poisoned samples among the seeds")
     parser.add_argument("--seed-source", choices=("parent", "oracle"), default="parent")
@@ -275,6 +291,7 @@ def main() -> None:
                     name = f"{attack}-{defense}-s{seed}-r{args.rate}-t{args.target}-k{args.poisoned_seeds}-w{args.per_class}-{args.seed_source}"
                     if args.trigger_size or args.trigger_location:
                         name += f"-z{args.trigger_size}-l{args.trigger_location}"
+                    name += "".join(f"-{item}" for item in args.attack_set)
                     figures = cell(inputs, defense, seed, out / "runs" / name, args)
                     records.append({"attack": attack, "defense": defense, "seed": seed, **figures})
                     progress.write(f"bench_defense: {attack} {defense} seed {seed}: {json.dumps(figures)}")
