@@ -209,6 +209,21 @@ class VirtualConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """Transfer-based ASD (paper section 5.4), for seeds from another dataset.
+
+    Before epoch 0 the model is pre-trained: ``semi_epochs`` MixMatch epochs with
+    only the seeds labeled and the whole training set unlabeled, then
+    ``head_epochs`` passes fitting the linear head alone on the whole training set
+    (backbone frozen). ASD then starts from that model, its settings unchanged.
+    The paper uses 10 and 1.
+    """
+
+    semi_epochs: int = 0  # 0: no pre-training
+    head_epochs: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ComputeConfig:
     """How training arithmetic runs (see asd_ray.compute); scoring always computes in fp32."""
 
@@ -266,6 +281,7 @@ class RunConfig:
     scoring: ScoringConfig = ScoringConfig()
     mixmatch: MixMatchConfig = MixMatchConfig()
     virtual: VirtualConfig = VirtualConfig()
+    transfer: TransferConfig = TransferConfig()
     compute: ComputeConfig = ComputeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -275,6 +291,8 @@ class RunConfig:
             raise ValueError(f"defense {self.defense!r}: choose asd or none")
         if self.epochs < 1:
             raise ValueError(f"epochs {self.epochs} must be >= 1")
+        if self.transfer.semi_epochs and self.defense != "asd":
+            raise ValueError("transfer.semi_epochs pre-trains on the seeds: it goes with defense asd")
         if self.split.stage3_epoch > self.epochs:
             raise ValueError(
                 f"split.stage3_epoch {self.split.stage3_epoch} is after the last epoch "
@@ -320,6 +338,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "virtual.batch_size": _AT_LEAST_ONE,
     "virtual.epochs": _finite(0, strict=False),
     "virtual.min_steps": _NOT_NEGATIVE,
+    "transfer.semi_epochs": _NOT_NEGATIVE,
+    "transfer.head_epochs": _finite(0, strict=False),
     "cluster.cpus_per_worker": _finite(0, strict=True),
     "cluster.gpus_per_worker": _finite(0, strict=False),
     "cluster.cpus_per_scorer": _finite(0, strict=True),

@@ -46,6 +46,7 @@ from asd_ray.run_folder import (
     INPUTS_FILE,
     LOCK_FILE,
     MODEL_FIGURES,
+    PRETRAIN_FILE,
     RUN_LOG,
     SUMMARY_FILE,
     TRAIN_DIR,
@@ -526,6 +527,8 @@ class _Session:
             write_metrics(out, rows)
             self._keep_model(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
+        if config.transfer.semi_epochs and done < 0 and not hello["pretrained"]:
+            weights = self._pretrain(progress)
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
         prefetched = None
         bar = progress_bars.counter(total=config.epochs, desc="asd-ray", unit="epoch", initial=done + 1)
@@ -544,6 +547,31 @@ class _Session:
         summary["seeds_tampered"] = int(data.tampered_ids.size)
         summary["seeds_added"] = data.total - len(data.train)
         return summary
+
+    def _pretrain(self, progress: Callable[[str], None]) -> Any:
+        """Transfer pre-training on the workers (see :func:`asd_ray.steps.transfer_pretraining`);
+        its model's figures go to RUN/pretrain.json. Returns the weights epoch 0 starts from."""
+        t = self.config.transfer
+        start = time.perf_counter()
+        seq = ray.get(self.mailbox.post_task.remote("pretrain", labeled=self.data.seed_ids.tolist()))
+        result = self._await(seq, "transfer pre-training")
+        figures, _ = self._evaluate(result["weights"])
+        record = {
+            **figures,
+            "semi_epochs": t.semi_epochs,
+            "head_epochs": t.head_epochs,
+            "labeled": int(self.data.seed_ids.size),
+            "train_loss": float(result["train_loss"]),
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+        write_text(self.out / PRETRAIN_FILE, json.dumps(record) + "\n")
+        asr = "" if figures["asr"] is None else f", ASR {100 * figures['asr']:.1f}%"
+        progress(
+            f"asd-ray: transfer pre-training ({t.semi_epochs} MixMatch epochs with the {record['labeled']} "
+            f"seeds labeled, then {t.head_epochs:g} of the head alone): ACC {100 * figures['acc']:.1f}%{asr}; "
+            f"{record['wall_s']:.0f}s"
+        )
+        return result["weights"]
 
     def _keep_model(self, weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""

@@ -6,6 +6,7 @@
     RUN/metrics.parquet, metrics.jsonl  one row per finished epoch
     RUN/train/                          Ray Train storage: checkpoints of every epoch
     RUN/trusted-seeds/                  the seeds' trusted copies a run trains on, if any
+    RUN/pretrain.json                   transfer pre-training's model: ACC, ASR, loss, time
     RUN/model/{last,best}.pt, card.json the trained classifier and its model card
     RUN/summary.json                    the final one-line summary
     RUN/run.log                         every progress line, time-stamped
@@ -35,6 +36,7 @@ LOCK_FILE = ".lock"
 TRUSTED_SEEDS_DIR = "trusted-seeds"  # shard set of the seeds' trusted copies a run trains on
 RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
 TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
+PRETRAIN_FILE = "pretrain.json"  # figures of the transfer pre-trained model ASD starts from
 SPLITS_DIR = "splits"
 
 
@@ -84,6 +86,11 @@ def run_summary(
         "train_startup_s": round(startup_s, 1),
         "mean_epoch_s": time_split(rows),
         "run_dir": str(out),
+        **(
+            {"pretrain": json.loads((out / PRETRAIN_FILE).read_text())}
+            if (out / PRETRAIN_FILE).exists()
+            else {}
+        ),
     }
 
 

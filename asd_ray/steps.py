@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from asd_ray import compute, distributed
 from asd_ray.config import RunConfig
@@ -146,7 +147,7 @@ class StepBatch:
 
 
 def mixmatch_batches(
-    data: WorkerData, clean: np.ndarray, config: RunConfig, *, epoch: int
+    data: WorkerData, clean: np.ndarray, config: RunConfig, *, epoch: int, phase: int = 0
 ) -> Iterator[StepBatch]:
     """Endless MixMatch batches: every worker draws the same global batch (seeded by
     seed and epoch alone) and augments the rows it holds.
@@ -157,6 +158,7 @@ def mixmatch_batches(
 
     Args:
         clean: (N,) bool pool mask over the whole training set (True: labeled).
+        phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
     """
     labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
     if len(labeled) == 0 or len(unlabeled) == 0:
@@ -166,9 +168,9 @@ def mixmatch_batches(
         )
     mm, scale = config.mixmatch, batch_scale(config, data.world)
     bl, bu = mm.batch_labeled * scale, mm.batch_unlabeled * scale
-    labeled_batches = Cycler(labeled, generator(config.seed, epoch, 0, 1))
-    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, 0, 2))
-    aug_gen = generator(config.seed, epoch, 0, 3)
+    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, 1))
+    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, 2))
+    aug_gen = generator(config.seed, epoch, phase, 3)
     while True:
         lids, uids = labeled_batches.next(bl), unlabeled_batches.next(bu)
         lrows, li = data.serve(lids)
@@ -224,6 +226,7 @@ def mixmatch_epoch(
     config: RunConfig,
     *,
     epoch: int,
+    phase: int = 0,
 ) -> dict[str, float]:
     """One MixMatch epoch; every worker takes part in every step of the same global batch.
 
@@ -234,13 +237,13 @@ def mixmatch_epoch(
 
     Args:
         clean: (N,) bool pool mask over the whole training set.
+        phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_batches`).
 
     Returns:
         the epoch's mean loss, labeled and unlabeled terms, over the global batches.
     """
-    batches = mixmatch_batches(data, clean, config, epoch=epoch)
-    mix_rng = np.random.default_rng([config.seed, epoch, 0, 4])
-    num_classes = model.module.head.out_features if hasattr(model, "module") else model.head.out_features
+    batches = mixmatch_batches(data, clean, config, epoch=epoch, phase=phase)
+    mix_rng = np.random.default_rng([config.seed, epoch, phase, 4])
     mm = config.mixmatch
     iterations = math.ceil(mm.iterations / batch_scale(config, data.world))
     ramp = mm.rampup_epochs or config.epochs
@@ -255,7 +258,7 @@ def mixmatch_epoch(
         with torch.no_grad(), compute.autocast(config.compute, device):
             guess = (model(batch.u1).float().softmax(1) + model(batch.u2).float().softmax(1)) / 2  # (bu, K)
             guess = sharpen(guess, mm.temperature)
-        targets_x = F.one_hot(batch.y, num_classes).float()  # (bl, K)
+        targets_x = F.one_hot(batch.y, guess.shape[1]).float()  # (bl, K)
         inputs = torch.cat([batch.x, batch.u1, batch.u2])  # (bl + 2 bu, C, H, W)
         targets = torch.cat([targets_x, guess, guess])
         mixed_inputs, mixed_targets = _global_mixup(inputs, targets, batch, data, mix_rng, mm.mixup_alpha)
@@ -308,17 +311,27 @@ def cross_entropy_steps(
     steps: int,
     batch: int,
     seeds: tuple[int, ...],
+    frozen_norm: bool = False,
 ) -> float:
     """``steps`` of plain, augmented cross-entropy on global batches of ``batch``
     over the whole training set (every worker serves its rows); the mean loss.
 
-    Shared by the no-defense baseline and the virtual model. ``seeds`` keys the
-    batch order and the augmentation (the same on every worker).
+    Shared by the no-defense baseline, the virtual model and transfer pre-training's
+    head fit. ``seeds`` keys the batch order and the augmentation (the same on every
+    worker). ``frozen_norm``: batch-norm layers whose parameters are frozen keep
+    their running statistics too (a frozen backbone stays exactly as it was).
     """
     batches = Cycler(np.arange(data.total), generator(*seeds, 1))
     aug_gen = generator(*seeds, 2)
     device = data.device
     model.train()
+    if frozen_norm:
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in params
+            ):
+                module.eval()
     total = torch.zeros((), device=device)  # summed on the device: no host sync inside the loop
     for _ in range(steps):
         rows, local = data.serve(batches.next(batch))
@@ -372,14 +385,7 @@ def virtual_epoch(
     Args:
         model: the bare model (not wrapped in DDP or compiled).
     """
-    virtual = copy.deepcopy(model)
-    meta = {id(p) for p in virtual.meta_parameters()}
-    for param in virtual.parameters():
-        param.requires_grad_(id(param) in meta)
-    wrapped = virtual
-    if data.world > 1:
-        device_ids = [data.device] if data.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(virtual, device_ids=device_ids)
+    virtual, wrapped = _partial_copy(model, "meta_parameters", data)
     vc, scale = config.virtual, batch_scale(config, data.world)
     lr = vc.lr * lr_factor(config, data.world)
     optimizer = torch.optim.Adam([p for p in virtual.parameters() if p.requires_grad], lr=lr)
@@ -394,6 +400,86 @@ def virtual_epoch(
         seeds=(config.seed, epoch, 0, 7),
     )
     return virtual
+
+
+def transfer_pretraining(
+    model: torch.nn.Module,
+    base: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: WorkerData,
+    labeled: np.ndarray,
+    config: RunConfig,
+) -> dict[str, float]:
+    """Transfer-based ASD's initial model (paper section 5.4), trained in place.
+
+    ``transfer.semi_epochs`` MixMatch epochs with only the seeds labeled and the
+    whole training set unlabeled (λ_u ramped over these epochs alone), then
+    :func:`head_epochs` on the whole training set with the backbone frozen.
+
+    Args:
+        model: the training model (DDP-wrapped or compiled as the epochs use it).
+        base: the bare model inside it.
+        labeled: (N,) bool, True for the seeds (their trusted copies included).
+
+    Returns:
+        the last semi-supervised epoch's losses.
+    """
+    pre = dataclasses.replace(
+        config, mixmatch=dataclasses.replace(config.mixmatch, rampup_epochs=config.transfer.semi_epochs)
+    )
+    losses = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
+    for epoch in range(config.transfer.semi_epochs):
+        losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=1)
+    if config.transfer.head_epochs > 0:
+        base.load_state_dict(head_epochs(base, data, config).state_dict())
+    return losses
+
+
+def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> torch.nn.Module:
+    """Transfer pre-training's last step: a copy of ``model`` whose linear head alone
+    was fitted by plain CE on the whole training set for ``transfer.head_epochs``
+    passes (batch ``baseline_batch_size``, Adam at ``mixmatch.lr``); the backbone,
+    batch-norm statistics included, stays frozen.
+
+    Seeds from another dataset teach the head their own domain's look of each
+    class; fitting the head to the training set's features gives stage 1's losses
+    a model that reads the training images. The frozen backbone keeps the head
+    from taking up the backdoor beyond what the features already encode.
+
+    Args:
+        model: the bare model (not wrapped in DDP or compiled).
+    """
+    probe, wrapped = _partial_copy(model, "head_parameters", data)
+    optimizer = torch.optim.Adam([p for p in probe.parameters() if p.requires_grad], lr=config.mixmatch.lr)
+    batch = config.baseline_batch_size * batch_scale(config, data.world)
+    cross_entropy_steps(
+        wrapped,
+        optimizer,
+        data,
+        config,
+        steps=max(1, math.ceil(config.transfer.head_epochs * data.total / batch)),
+        batch=batch,
+        seeds=(config.seed, 0, 1, 8),
+        frozen_norm=True,
+    )
+    return probe
+
+
+def _partial_copy(
+    model: torch.nn.Module, trainable: str, data: WorkerData
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A deep copy of ``model`` with only ``getattr(copy, trainable)()`` trainable, and the
+    copy wrapped in its own DDP when there are several workers (its reducer then knows
+    only those parameters)."""
+    part = copy.deepcopy(model)
+    keep = {id(p) for p in getattr(part, trainable)()}
+    for param in part.parameters():
+        param.requires_grad_(id(param) in keep)
+    wrapped = part
+    if data.world > 1:
+        device_ids = [data.device] if data.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(part, device_ids=device_ids)
+    return part, wrapped
 
 
 def clean_mask(split_path: str, total: int) -> np.ndarray:

@@ -39,6 +39,7 @@ from asd_ray.steps import (
     clean_mask,
     mixmatch_epoch,
     supervised_epoch,
+    transfer_pretraining,
     use_sync_batch_norm,
     virtual_epoch,
 )
@@ -132,8 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = compute.maybe_compile(model, config.compute)
     optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
 
-    # 3. Resume from the last checkpoint, if any.
-    done_epoch, done_metrics, resumed_from = -1, {}, None
+    # 3. Resume from the last checkpoint, if any (epoch -1: transfer pre-training's model).
+    done_epoch, done_metrics, resumed_from, pretrained = -1, {}, None, False
     # The run folder's newest intact checkpoint, after a worker-group restart as on --resume.
     # Not ray.train.get_checkpoint(): its controller registers a report up to one health
     # check after the worker made it, so a worker killed in between restarted its group
@@ -145,6 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         done_epoch = int(state["epoch"])
         done_metrics = state.get("metrics", {})
+        pretrained = True  # any checkpoint comes after the pre-training, if the run has one
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
     if rank == 0:
@@ -153,6 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "weights": to_numpy_weights(base),
             "precision": compute.resolve_precision(config.compute, device),
             "resumed_from": resumed_from,
+            "pretrained": pretrained,
         }
         ray.get(mailbox.post_result.remote(0, hello))
 
@@ -171,6 +174,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if task["kind"] == "train" and task["split"] is not None:  # read before the clock starts
             clean = clean_mask(task["split"], data.total)
         start = time.perf_counter()
+        if task["kind"] == "pretrain":
+            labeled = np.zeros(data.total, bool)
+            labeled[task["labeled"]] = True
+            losses = transfer_pretraining(model, base, optimizer, data, labeled, config)
+            optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)  # ASD starts afresh
+            _report(base, optimizer, -1, None, config.seed, losses, losses, rank)  # a restart keeps it
+            if rank == 0:
+                result = {
+                    **losses,
+                    "weights": to_numpy_weights(base),
+                    "compute_s": time.perf_counter() - start,
+                }
+                ray.get(mailbox.post_result.remote(seen, result))
+            continue
         if task["kind"] == "virtual":
             virtual = virtual_epoch(base, data, config, epoch=task["epoch"])  # bare: it wraps its copy
             if rank == 0:

@@ -275,3 +275,34 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(ray_cluster, poisoned
     assert any(f"skipped unreadable {latest.name}" in line and "(epoch 0)" in line for line in lines)
     assert summary["epochs"] == 3
     assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0, 1, 2]
+
+
+def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_cluster, poisoned_data, tmp_path):
+    """Seeds from another shard set: pre-training runs once before epoch 0, its model is
+    checkpointed (a resume starts from it, not again), and its figures are recorded."""
+    from conftest import make_shards
+
+    from asd_ray.run_folder import PRETRAIN_FILE
+    from asd_ray.seeds import pick_seeds
+
+    other = make_shards(tmp_path / "other", n=80, size=16, channels=1, classes=4, seed=7)
+    tables.write_parquet(pick_seeds(other, 10), tmp_path / "seeds.parquet", "seeds")
+    inputs = dataclasses.replace(poisoned_data, seeds=str(tmp_path / "seeds.parquet"))
+    config = load_config(
+        "mnist-quick", overrides=[*TINY_RUN, "transfer.semi_epochs=2", "transfer.head_epochs=0.5"]
+    )
+    out = tmp_path / "run"
+    lines = []
+    first = run(config, inputs, out, stop_after_epoch=-1, progress=lines.append)  # pre-training alone
+    assert first["epochs"] == 0 and first["seeds_added"] == 40
+    pretrained = [
+        line for line in lines if "transfer pre-training (2 MixMatch epochs with the 40 seeds" in line
+    ]
+    assert len(pretrained) == 1
+    record = json.loads((out / PRETRAIN_FILE).read_text())
+    assert record["labeled"] == 40 and 0 <= record["acc"] <= 1 and record["asr"] is not None
+    lines.clear()
+    summary = run(config, inputs, out, resume=True, progress=lines.append)
+    assert not any("transfer pre-training" in line for line in lines)  # the checkpoint carried it
+    assert any("resumed from checkpoint_" in line and "(epoch -1)" in line for line in lines)
+    assert summary["epochs"] == 3 and summary["pretrain"] == record

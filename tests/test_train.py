@@ -7,7 +7,14 @@ import torch
 from asd_ray import compute
 from asd_ray.config import load_config
 from asd_ray.models import ModelSpec
-from asd_ray.steps import WorkerData, mixmatch_batches, mixmatch_epoch, virtual_epoch
+from asd_ray.steps import (
+    WorkerData,
+    head_epochs,
+    mixmatch_batches,
+    mixmatch_epoch,
+    transfer_pretraining,
+    virtual_epoch,
+)
 
 
 def _share(n: int = 64, channels: int = 1) -> WorkerData:
@@ -79,3 +86,50 @@ def test_virtual_epoch_updates_only_meta_parameters_on_the_fast_path() -> None:
     after = dict(virtual.named_parameters())  # batch-norm statistics move everywhere (train mode)
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("backbone.block4", "head")) for k in changed)
+
+
+def test_head_epochs_fit_the_head_alone_with_the_backbone_frozen() -> None:
+    config = _config(*PLAIN, "baseline_batch_size=16", "transfer.head_epochs=1")
+    model = _model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = head_epochs(model, _share(), config)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    changed = {k for k, v in probe.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"head.weight", "head.bias"}  # batch-norm statistics included: nothing else moved
+
+
+def test_transfer_pretraining_labels_only_the_seeds_and_ends_with_the_head_fit(monkeypatch) -> None:
+    import asd_ray.steps as steps
+
+    config = _config(*PLAIN, "transfer.semi_epochs=2", "transfer.head_epochs=0.5", "baseline_batch_size=16")
+    model = _model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
+    seeds = np.zeros(64, bool)
+    seeds[[0, 1, 2, 3, 5]] = True
+    calls = []
+    real = steps.mixmatch_epoch
+
+    def spy(model, optimizer, data, labeled, config, *, epoch, phase=0):
+        calls.append((labeled.copy(), epoch, phase, config.mixmatch.rampup_epochs))
+        return real(model, optimizer, data, labeled, config, epoch=epoch, phase=phase)
+
+    monkeypatch.setattr(steps, "mixmatch_epoch", spy)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
+    assert np.isfinite(losses["train_loss"])
+    assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, 1, 2), (1, 1, 2)]  # own ramp, own streams
+    assert all(np.array_equal(labeled, seeds) for labeled, *_ in calls)
+    assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_mixmatch_runs_a_users_own_module() -> None:
+    """A custom model has no ``head`` attribute: MixMatch reads the class count off its logits."""
+    from asd_ray.models import ModelSpec
+
+    config = _config(*PLAIN)
+    torch.manual_seed(0)
+    model = ModelSpec("custom", 4, 1, 16, "custom_factory:tiny_net", ("5",)).build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
+    losses = mixmatch_epoch(model, optimizer, _share(), np.arange(64) % 2 == 0, config, epoch=0)
+    assert np.isfinite(losses["train_loss"])
+    assert {id(p) for p in model.head_parameters()} == {id(p) for p in model.net[5].parameters()}

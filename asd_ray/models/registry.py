@@ -58,7 +58,11 @@ class Classifier(nn.Module):
         subset of ``parameters()`` that includes the head.
         """
         params = [p for path in self.meta_modules for p in self.backbone.get_submodule(path).parameters()]
-        return params + list(self.head.parameters())
+        return params + self.head_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The linear head's parameters (what transfer pre-training fits on a frozen backbone)."""
+        return list(self.head.parameters())
 
 
 def build_model(name: str, num_classes: int, *, in_channels: int = 3, image_size: int = 32) -> Classifier:
@@ -249,6 +253,13 @@ class CustomClassifier(nn.Module):
 
     def meta_parameters(self) -> list[nn.Parameter]:
         return [p for path in self.meta_layers for p in self.net.get_submodule(path).parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The last ``nn.Linear`` in module order: the classifier layer, by convention."""
+        linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("transfer pre-training fits the model's last nn.Linear, and this model has none")
+        return list(linears[-1].parameters())
 
 
 def build_custom(
