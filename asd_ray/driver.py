@@ -559,7 +559,7 @@ class _Session:
         record = {
             **figures,
             "semi_epochs": t.semi_epochs,
-            "head_epochs": t.head_epochs,
+            "head_steps": int(result["head_steps"]),
             "labeled": int(self.data.seed_ids.size),
             "train_loss": float(result["train_loss"]),
             "wall_s": round(time.perf_counter() - start, 1),
@@ -568,7 +568,7 @@ class _Session:
         asr = "" if figures["asr"] is None else f", ASR {100 * figures['asr']:.1f}%"
         progress(
             f"asd-ray: transfer pre-training ({t.semi_epochs} MixMatch epochs with the {record['labeled']} "
-            f"seeds labeled, then {t.head_epochs:g} of the head alone): ACC {100 * figures['acc']:.1f}%{asr}; "
+            f"seeds labeled, then {record['head_steps']} steps of the head alone): ACC {100 * figures['acc']:.1f}%{asr}; "
             f"{record['wall_s']:.0f}s"
         )
         return result["weights"]

@@ -422,7 +422,7 @@ def transfer_pretraining(
         labeled: (N,) bool, True for the seeds (their trusted copies included).
 
     Returns:
-        the last semi-supervised epoch's losses.
+        the last semi-supervised epoch's losses and ``head_steps`` (0 without a head fit).
     """
     pre = dataclasses.replace(
         config, mixmatch=dataclasses.replace(config.mixmatch, rampup_epochs=config.transfer.semi_epochs)
@@ -430,16 +430,17 @@ def transfer_pretraining(
     losses = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
     for epoch in range(config.transfer.semi_epochs):
         losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=1)
-    if config.transfer.head_epochs > 0:
-        base.load_state_dict(head_epochs(base, data, config).state_dict())
-    return losses
+    if config.transfer.head_epochs <= 0:
+        return {**losses, "head_steps": 0}
+    base.load_state_dict(head_epochs(base, data, config).state_dict())
+    return {**losses, "head_steps": head_steps(config, data.total, data.world)}
 
 
 def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> torch.nn.Module:
     """Transfer pre-training's last step: a copy of ``model`` whose linear head alone
     was fitted by plain CE on the whole training set for ``transfer.head_epochs``
-    passes (batch ``baseline_batch_size``, Adam at ``mixmatch.lr``); the backbone,
-    batch-norm statistics included, stays frozen.
+    passes, at least ``transfer.head_min_steps`` steps (batch ``baseline_batch_size``,
+    Adam at ``mixmatch.lr``); the backbone, batch-norm statistics included, stays frozen.
 
     Seeds from another dataset teach the head their own domain's look of each
     class; fitting the head to the training set's features gives stage 1's losses
@@ -457,12 +458,23 @@ def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> 
         optimizer,
         data,
         config,
-        steps=max(1, math.ceil(config.transfer.head_epochs * data.total / batch)),
+        steps=head_steps(config, data.total, data.world),
         batch=batch,
         seeds=(config.seed, 0, 1, 8),
         frozen_norm=True,
     )
     return probe
+
+
+def head_steps(config: RunConfig, total: int, world: int) -> int:
+    """Steps of :func:`head_epochs`: ``transfer.head_epochs`` passes, at least ``head_min_steps``."""
+    scale = batch_scale(config, world)
+    t = config.transfer
+    return max(
+        1,
+        math.ceil(t.head_min_steps / scale),
+        math.ceil(t.head_epochs * total / (config.baseline_batch_size * scale)),
+    )
 
 
 def _partial_copy(

@@ -177,12 +177,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if task["kind"] == "pretrain":
             labeled = np.zeros(data.total, bool)
             labeled[task["labeled"]] = True
-            losses = transfer_pretraining(model, base, optimizer, data, labeled, config)
+            outcome = transfer_pretraining(model, base, optimizer, data, labeled, config)
             optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)  # ASD starts afresh
-            _report(base, optimizer, -1, None, config.seed, losses, losses, rank)  # a restart keeps it
+            _report(base, optimizer, -1, None, config.seed, outcome, outcome, rank)  # a restart keeps it
             if rank == 0:
                 result = {
-                    **losses,
+                    **outcome,
                     "weights": to_numpy_weights(base),
                     "compute_s": time.perf_counter() - start,
                 }

@@ -289,7 +289,13 @@ def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_clust
     tables.write_parquet(pick_seeds(other, 10), tmp_path / "seeds.parquet", "seeds")
     inputs = dataclasses.replace(poisoned_data, seeds=str(tmp_path / "seeds.parquet"))
     config = load_config(
-        "mnist-quick", overrides=[*TINY_RUN, "transfer.semi_epochs=2", "transfer.head_epochs=0.5"]
+        "mnist-quick",
+        overrides=[
+            *TINY_RUN,
+            "transfer.semi_epochs=2",
+            "transfer.head_epochs=0.5",
+            "transfer.head_min_steps=0",
+        ],
     )
     out = tmp_path / "run"
     lines = []
@@ -300,7 +306,8 @@ def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_clust
     ]
     assert len(pretrained) == 1
     record = json.loads((out / PRETRAIN_FILE).read_text())
-    assert record["labeled"] == 40 and 0 <= record["acc"] <= 1 and record["asr"] is not None
+    assert record["labeled"] == 40 and record["head_steps"] == 2  # half of 280 samples in batches of 128
+    assert 0 <= record["acc"] <= 1 and record["asr"] is not None
     lines.clear()
     summary = run(config, inputs, out, resume=True, progress=lines.append)
     assert not any("transfer pre-training" in line for line in lines)  # the checkpoint carried it
