@@ -331,7 +331,7 @@ def cross_entropy_steps(
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in params
             ):
-                module.eval()
+                module.train(False)
     total = torch.zeros((), device=device)  # summed on the device: no host sync inside the loop
     for _ in range(steps):
         rows, local = data.serve(batches.next(batch))
