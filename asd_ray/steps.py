@@ -150,7 +150,7 @@ def mixmatch_batches(
     data: WorkerData, clean: np.ndarray, config: RunConfig, *, epoch: int, phase: int = 0
 ) -> Iterator[StepBatch]:
     """Endless MixMatch batches: every worker draws the same global batch (seeded by
-    seed and epoch alone) and augments the rows it holds.
+    seed, epoch and phase alone) and augments the rows it holds.
 
     So every sample of a pool is equally likely to be drawn whatever the worker
     count and however the pools fall across shares, and the augmentation of a
