@@ -422,6 +422,12 @@ def load_config(
     return config
 
 
+def with_overrides(obj: Any, overrides: list[str]) -> Any:
+    """A copy of the config dataclass ``obj`` with ``field=value`` overrides, parsed and
+    checked as :func:`load_config` parses and checks them."""
+    return _build(type(obj), dict(_parse_override(o) for o in overrides), obj, "")
+
+
 def config_yaml(config: RunConfig) -> str:
     """``config`` as YAML text (readable back with :func:`load_config`)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
