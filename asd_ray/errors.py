@@ -2,6 +2,10 @@
 
 Every message names the offending shard/key/value and says how to fix it: the
 datasets are untrusted, so a failure must be explicit, never a silent skip.
+
+Only these types are a user's mistake: the command line prints their one line
+and exits 2. Any other exception is a bug in asd-ray and keeps its traceback
+(exit 1), so a real defect is never reported as the user's fault.
 """
 
 import errno
@@ -9,8 +13,16 @@ import re
 from pathlib import Path
 
 
-class DataError(ValueError):
-    """Bad or unsafe input data (shards, manifests, source folders, tables)."""
+class UserError(Exception):
+    """A mistake the user can fix: bad input data or a bad setting (exit status 2)."""
+
+
+class DataError(UserError, ValueError):
+    """Bad or unsafe input data (shards, manifests, source folders, tables, model files)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting: a config field, a command-line flag or an attack parameter."""
 
 
 class StorageError(RuntimeError):
