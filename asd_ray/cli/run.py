@@ -86,6 +86,11 @@ def add_commands(commands) -> None:
     )
     evaluate.add_argument("--model", required=True, help="run folder, its model/ folder, or a .pt file")
     evaluate.add_argument("--kind", choices=("best", "last"), default="best", help="which model of a run")
+    evaluate.add_argument(
+        "--factory",
+        help="package.module:function that builds a model trained with model.name=custom (code you "
+        "trust: a model file never names code to run; its recorded factory must match)",
+    )
     evaluate.add_argument("--test", required=True, help="clean test shard folder (ACC)")
     evaluate.add_argument("--poison-test", help="triggered test shard folder (ASR, robust accuracy)")
     evaluate.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
@@ -149,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: give at least 1")
-    model = load_model(args.model, args.kind)
+    model = load_model(args.model, args.kind, factory=args.factory)
     test = ShardSet(args.test)
     poison_test = ShardSet(args.poison_test) if args.poison_test else None
     figures = evaluate_model(model, test, poison_test, batch_size=args.batch_size)

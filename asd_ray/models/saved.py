@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,20 @@ from typing import Any
 import torch
 
 from asd_ray import tables
+from asd_ray.data.shards import MAX_PIXELS
 from asd_ray.errors import DataError
-from asd_ray.models.registry import ModelSpec, Weights
+from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
 
 MODEL_DIR = "model"
 CARD_FILE = "card.json"
 FORMAT = "asd-ray-model/1"
 KINDS = ("best", "last")
+CUSTOM = "custom"
+# torch.load(weights_only=True) could run code from a crafted file before torch 2.6
+# (CVE-2025-32434, GHSA-53q9-r3pm-6pq6).
+SAFE_TORCH = (2, 6)
+MAX_MODEL_BYTES = 2**31  # DenseNet-121 at 1,000 classes is ~32 MB; a larger file is not ours
+MAX_CLASSES = 100_000  # the class-count limit of shard sets, models and tables
 
 
 def save_model(folder: Path, kind: str, weights: Weights, card: dict[str, Any]) -> Path:
@@ -62,34 +70,165 @@ def model_file(source: str | Path, kind: str = "best") -> Path:
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict and card of a model file, loaded as weights only (never unpickled code)."""
+    """The state dict and checked card of a model file, loaded as weights only (never
+    unpickled code), with the file's path and sha256 added to the card."""
+    if _torch_version() < SAFE_TORCH:
+        raise DataError(
+            f"{path}: torch {torch.__version__} can run code while loading a model file even with "
+            f"weights_only=True; install torch >= {'.'.join(map(str, SAFE_TORCH))}"
+        )
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise DataError(
+            f"{path}: {size} bytes is over the {MAX_MODEL_BYTES}-byte limit of a model file; "
+            "this is not a classifier asd-ray wrote"
+        )
     data = path.read_bytes()
-    buffer = io.BytesIO(data)
     try:
-        saved = torch.load(buffer, weights_only=True, map_location="cpu")
+        saved = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise DataError(
             f"{path}: not a readable asd-ray model ({type(err).__name__}); re-export it"
         ) from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise DataError(f"{path}: not an asd-ray model file (format {FORMAT} expected)")
-    card = dict(saved["card"], file=str(path), sha256=hashlib.sha256(data).hexdigest())
-    return saved["state_dict"], card
+    state = saved.get("state_dict")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise DataError(f"{path}: state_dict must map parameter names to tensors; re-export the model")
+    card = check_card(saved.get("card"), path)
+    return state, dict(card, file=str(path), sha256=hashlib.sha256(data).hexdigest())
 
 
-def load_model(source: str | Path, kind: str = "best") -> torch.nn.Module:
+def check_card(card: Any, where: Path) -> dict[str, Any]:
+    """``card`` if it has every field a model is rebuilt and evaluated from, with its types
+    and ranges, else a one-line :class:`DataError` naming the field.
+
+    A card is data: it may name a built-in architecture and record a custom
+    factory's name, but nothing in it is ever imported or called.
+    """
+    if not isinstance(card, dict):
+        raise DataError(
+            f"{where}: the model card is a {type(card).__name__}, not a mapping; re-export the model"
+        )
+    arch = _field(card, "architecture", dict, where)
+    name = _field(arch, "name", str, where, "architecture.")
+    if name not in (*MODEL_NAMES, CUSTOM):
+        raise DataError(
+            f"{where}: architecture.name {name!r} is unknown; known: {', '.join((*MODEL_NAMES, CUSTOM))}"
+        )
+    num_classes = _whole(arch, "num_classes", 2, MAX_CLASSES, where, "architecture.")
+    _whole(arch, "in_channels", 1, 3, where, "architecture.")
+    _whole(arch, "image_size", 1, MAX_PIXELS, where, "architecture.")
+    factory = arch.get("factory")
+    if (name == CUSTOM) != isinstance(factory, str):
+        raise DataError(
+            f"{where}: architecture.factory must be a name exactly when architecture.name is custom"
+        )
+    layers = arch.get("meta_layers", [])
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
+        raise DataError(f"{where}: architecture.meta_layers must be a list of module names")
+    classes = _field(card, "classes", list, where)
+    if len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(
+            f"{where}: classes must be {num_classes} names (architecture.num_classes); re-export the model"
+        )
+    shape = _field(card, "input", dict, where)
+    channels = _whole(shape, "channels", 1, 3, where, "input.")
+    if (
+        _whole(shape, "height", 1, MAX_PIXELS, where, "input.")
+        * _whole(shape, "width", 1, MAX_PIXELS, where, "input.")
+        > MAX_PIXELS
+    ):
+        raise DataError(f"{where}: input.height x input.width is over the {MAX_PIXELS}-pixel image limit")
+    for stat in ("mean", "std"):
+        values = _field(shape, stat, list, where, "input.")
+        if len(values) != channels or not all(_finite_number(v) for v in values):
+            raise DataError(f"{where}: input.{stat} must be {channels} finite numbers (one per channel)")
+    if not all(v > 0 for v in shape["std"]):
+        raise DataError(f"{where}: input.std must be > 0 in every channel")
+    _whole(card, "epoch", 0, 10**6, where)
+    _field(card, "kind", str, where)
+    return card
+
+
+def _field(mapping: dict, key: str, kind: type, where: Path, prefix: str = "") -> Any:
+    value = mapping.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        got = "missing" if key not in mapping else f"a {type(value).__name__}"
+        raise DataError(
+            f"{where}: model card field {prefix}{key} is {got}, not a {kind.__name__}; re-export the model"
+        )
+    return value
+
+
+def _whole(mapping: dict, key: str, low: int, high: int, where: Path, prefix: str = "") -> int:
+    value = _field(mapping, key, int, where, prefix)
+    if not low <= value <= high:
+        raise DataError(f"{where}: model card field {prefix}{key} = {value} is outside {low}..{high}")
+    return value
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def load_model(source: str | Path, kind: str = "best", *, factory: str | None = None) -> torch.nn.Module:
     """The trained classifier of a run, in eval mode on the CPU, with its card as ``.card``.
+
+    A model file never chooses code to run: a built-in architecture is rebuilt from
+    the card's name, and a custom one only from the factory *you* name here; the
+    card's recorded factory is compared with yours, never imported.
 
     Args:
         source: a run folder, its ``model/`` folder, or a ``.pt`` file.
         kind: ``best`` or ``last`` when ``source`` is a folder.
+        factory: for a model trained with ``model.name=custom``, the
+            ``package.module:function`` that builds it (code you trust).
 
     Inputs are ``(B, C, H, W)`` float tensors normalised as ``model.card["input"]`` says:
     ``(pixels / 255 - mean) / std``.
+
+    Raises:
+        DataError: the file is not a readable asd-ray model, its card is malformed, or
+            ``factory`` is missing, unneeded, or not the one the card records.
     """
     state, card = read_model_file(model_file(source, kind))
-    spec = ModelSpec(**card["architecture"])
-    model = spec.build()
+    arch = card["architecture"]
+    recorded = arch.get("factory")
+    if recorded is None and factory is not None:
+        raise DataError(f"{card['file']}: a built-in {arch['name']} model needs no factory; drop --factory")
+    if recorded is not None and factory is None:
+        raise DataError(
+            f"{card['file']}: trained with a custom architecture whose card names the factory "
+            f"{recorded!r}; a model file never chooses code to run: if you trust that code, pass "
+            f"--factory {recorded} (load_model(..., factory=...))"
+        )
+    if recorded is not None and factory != recorded:
+        raise DataError(
+            f"{card['file']}: --factory {factory!r} is not the factory this model was trained with "
+            f"({recorded!r}); pass the model's own factory"
+        )
+    spec = ModelSpec(
+        arch["name"],
+        arch["num_classes"],
+        arch["in_channels"],
+        arch["image_size"],
+        factory,
+        tuple(arch.get("meta_layers", ())),
+    )
+    try:
+        model = spec.build()
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{card['file']}: cannot build {arch['name']} from the card ({err})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
