@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from asd_ray.errors import ConfigError
+
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label")
 TRIGGERS = ("badnets", "blend", "checkerboard")
 
@@ -49,23 +51,18 @@ class AttackConfig:
     pgd_steps: int = 30
 
     def __post_init__(self) -> None:
+        _check_ranges(self, _ATTACK_RANGES, lambda key: "--" + key.replace("_", "-"))
         if self.attack not in ATTACKS:
-            raise ValueError(f"--attack {self.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
-        if not 0.0 < self.rate <= 1.0:
-            raise ValueError(f"--rate {self.rate} must be in (0, 1]")
-        if self.target < 0:
-            raise ValueError(f"--target {self.target} must be a class index >= 0")
+            raise ConfigError(f"--attack {self.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
         if self.trigger is not None and self.trigger not in TRIGGERS:
-            raise ValueError(f"--trigger {self.trigger!r} is unknown; choose one of {', '.join(TRIGGERS)}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"--alpha {self.alpha} must be in (0, 1]")
+            raise ConfigError(f"--trigger {self.trigger!r} is unknown; choose one of {', '.join(TRIGGERS)}")
+        if self.location is not None and (len(self.location) != 2 or min(self.location) < 0):
+            raise ConfigError(f"--location {self.location} must be two integers (row, col) >= 0")
         if self.attack == "wanet" and self.wanet_noise and self.rate * (1 + self.cross_ratio) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--rate {self.rate} with --cross-ratio {self.cross_ratio} would modify more than "
                 "every sample; lower one of them"
             )
-        if self.size is not None and self.size < 1:
-            raise ValueError(f"--size {self.size} must be >= 1")
 
     @property
     def trigger_kind(self) -> str:
@@ -103,15 +100,15 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.stage2_epoch <= self.stage3_epoch:
-            raise ValueError(
+            raise ConfigError(
                 f"stage2_epoch {self.stage2_epoch} and stage3_epoch {self.stage3_epoch} must satisfy "
                 "0 <= stage2_epoch <= stage3_epoch"
             )
         for name in ("clean_ratio", "meta_clean_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name} {getattr(self, name)} must be in (0, 1)")
+                raise ConfigError(f"{name} {getattr(self, name)} must be in (0, 1)")
         if self.grow_every < 1 or self.grow_by < 0 or self.seeds_per_class < 1:
-            raise ValueError("grow_every and seeds_per_class must be >= 1 and grow_by >= 0")
+            raise ConfigError("grow_every and seeds_per_class must be >= 1 and grow_by >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +126,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         names = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn", "custom")
         if self.name not in names:
-            raise ValueError(f"model.name {self.name!r} is unknown; choose one of {', '.join(names)}")
+            raise ConfigError(f"model.name {self.name!r} is unknown; choose one of {', '.join(names)}")
         if (self.name == "custom") != (self.factory is not None):
-            raise ValueError("model.factory goes with model.name=custom (and only with it)")
+            raise ConfigError("model.factory goes with model.name=custom (and only with it)")
         if self.factory is not None and (self.factory.count(":") != 1 or not self.meta_layers):
-            raise ValueError(
+            raise ConfigError(
                 f"model.factory {self.factory!r}: give 'package.module:function' and model.meta_layers "
                 "(the module paths the stage-3 virtual model updates)"
             )
@@ -151,9 +148,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.augment not in ("crop", "resized_crop", "none"):
-            raise ValueError(f"data.augment {self.augment!r}: choose crop, resized_crop or none")
+            raise ConfigError(f"data.augment {self.augment!r}: choose crop, resized_crop or none")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError("data.mean and data.std need one entry per channel, std > 0")
+            raise ConfigError("data.mean and data.std need one entry per channel, std > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,14 +185,14 @@ class MixMatchConfig:
 
     def __post_init__(self) -> None:
         if self.batch_rule not in ("global", "scaled"):
-            raise ValueError(
+            raise ConfigError(
                 f"mixmatch.batch_rule {self.batch_rule!r}: choose global (the paper's step on any "
                 "worker count) or scaled (W times the batch, W times fewer iterations)"
             )
         if self.scaled_lr not in ("sqrt", "linear", "none"):
-            raise ValueError(f"mixmatch.scaled_lr {self.scaled_lr!r}: choose sqrt, linear or none")
+            raise ConfigError(f"mixmatch.scaled_lr {self.scaled_lr!r}: choose sqrt, linear or none")
         if min(self.iterations, self.batch_labeled, self.batch_unlabeled) < 1:
-            raise ValueError("mixmatch.iterations and batch sizes must be >= 1")
+            raise ConfigError("mixmatch.iterations and batch sizes must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +236,7 @@ class ComputeConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"compute.precision {self.precision!r}: choose auto, bf16 or fp32")
+            raise ConfigError(f"compute.precision {self.precision!r}: choose auto, bf16 or fp32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,9 +264,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.scorers < 1:
-            raise ValueError("cluster.workers and cluster.scorers must be >= 1")
+            raise ConfigError("cluster.workers and cluster.scorers must be >= 1")
         if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
-            raise ValueError("cluster.gpus_per_worker above 1 must be a whole number")
+            raise ConfigError("cluster.gpus_per_worker above 1 must be a whole number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,15 +289,15 @@ class RunConfig:
     cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:
-        self._check_ranges()
+        _check_ranges(self, _RANGES, str)
         if self.defense not in ("asd", "none"):
-            raise ValueError(f"defense {self.defense!r}: choose asd or none")
+            raise ConfigError(f"defense {self.defense!r}: choose asd or none")
         if self.epochs < 1:
-            raise ValueError(f"epochs {self.epochs} must be >= 1")
+            raise ConfigError(f"epochs {self.epochs} must be >= 1")
         if self.transfer.semi_epochs and self.defense != "asd":
-            raise ValueError("transfer.semi_epochs pre-trains on the seeds: it goes with defense asd")
+            raise ConfigError("transfer.semi_epochs pre-trains on the seeds: it goes with defense asd")
         if self.split.stage3_epoch > self.epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"split.stage3_epoch {self.split.stage3_epoch} is after the last epoch "
                 f"({self.epochs}); lower it or raise epochs"
             )
@@ -308,20 +305,28 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
-    def _check_ranges(self) -> None:
-        for key, (ok, rule) in _RANGES.items():
-            value = self
-            for part in key.split("."):
-                value = getattr(value, part)
-            if value is not None and not ok(value):
-                raise ValueError(f"{key} = {value!r} is out of range: it must be {rule}")
+
+def _check_ranges(obj: Any, ranges: dict[str, tuple[Any, str]], name: Any) -> None:
+    """Refuse the first value of ``obj`` (a dotted key into it) outside its rule, naming it
+    as ``name(key)`` says (a config key, or a command-line flag)."""
+    for key, (ok, rule) in ranges.items():
+        value = obj
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{name(key)} = {value!r} is out of range: it must be {rule}")
 
 
-def _finite(low: float, *, strict: bool) -> tuple[Any, str]:
-    """A rule for a finite number above ``low`` (strictly or not)."""
-    if strict:
-        return (lambda v: math.isfinite(v) and v > low), f"a finite number > {low}"
-    return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low}"
+def _finite(low: float, *, strict: bool, high: float | None = None) -> tuple[Any, str]:
+    """A rule for a finite number above ``low`` (strictly or not), and at most ``high``."""
+    top = math.inf if high is None else high
+    above = (lambda v: v > low) if strict else (lambda v: v >= low)
+    rule = f"a finite number {'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
+    return (lambda v: math.isfinite(v) and above(v) and v <= top), rule
+
+
+def _whole(low: int, high: int) -> tuple[Any, str]:
+    return (lambda v: low <= v <= high), f"an integer in {low}..{high}"
 
 
 _AT_LEAST_ONE = ((lambda v: v >= 1), "an integer >= 1")
@@ -357,6 +362,23 @@ _RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+# Every attack parameter's range, checked where the attack is built, named by its flag.
+# A trigger must also fit the image; that is checked when the trigger is built.
+_ATTACK_RANGES: dict[str, tuple[Any, str]] = {
+    "rate": _finite(0, strict=True, high=1),
+    "target": _NOT_NEGATIVE,
+    "seed": _NOT_NEGATIVE,
+    "size": _whole(1, 4096),  # the largest image side a shard set holds
+    "alpha": _finite(0, strict=True, high=1),
+    "wanet_k": _whole(2, 64),
+    "wanet_s": _finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
+    "cross_ratio": _finite(0, strict=False),
+    "pgd_eps": _finite(0, strict=True, high=1),
+    "pgd_step": _finite(0, strict=True, high=1),
+    "pgd_steps": _whole(1, 10_000),
+}
+
+
 _CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
 
@@ -384,7 +406,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str) -> RunConfig:
     """The :class:`RunConfig` of a named preset."""
     if name not in PRESETS:
-        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     return from_dict({"preset": name, **PRESETS[name]})
 
 
@@ -407,7 +429,7 @@ def load_config(
     if yaml_path is not None:
         values = _yaml(Path(yaml_path), f"--config {yaml_path}") or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{yaml_path}: expected a mapping of config sections")
+            raise ConfigError(f"{yaml_path}: expected a mapping of config sections")
         config = from_dict(values, config)
     if overrides:
         pairs = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides)
@@ -438,30 +460,30 @@ def _yaml(source: Path | str, what: str) -> Any:
     try:
         return yaml.safe_load(source.read_text() if isinstance(source, Path) else source)
     except OSError as err:
-        raise ValueError(f"{what}: cannot read the file ({err.strerror}); check the path") from None
+        raise ConfigError(f"{what}: cannot read the file ({err.strerror}); check the path") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         problem = getattr(err, "problem", None) or type(err).__name__
-        raise ValueError(f"{what}: not valid YAML{line} ({problem}); fix the file") from None
+        raise ConfigError(f"{what}: not valid YAML{line} ({problem}); fix the file") from None
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {text!r} must look like section.field=value")
+        raise ConfigError(f"override {text!r} must look like section.field=value")
     return key.strip(), _yaml(value, f"override {text!r}")
 
 
 def _build(cls: type, values: dict[str, Any], base: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     changes = {}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config key {prefix + key!r}; known: {', '.join(prefix + f for f in fields)}"
             )
         hint = hints[key]
@@ -481,15 +503,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return _coerce(value, options[0], name)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {value!r}")
         inner = typing.get_args(hint)[0]
         return tuple(_coerce(v, inner, name) for v in value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if hint in (int, str, bool) and type(value) is not hint:
-        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
     return value
 
 

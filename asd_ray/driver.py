@@ -34,7 +34,7 @@ from asd_ray.config import RunConfig, config_yaml, load_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
-from asd_ray.errors import DataError, data_error_of, storage_error_of
+from asd_ray.errors import DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models import ModelSpec
@@ -493,9 +493,9 @@ class _Session:
             if result is not None:
                 return result
             if not self.thread.is_alive():
-                bad_data = data_error_of(self.fit_error) if self.fit_error else None
-                if bad_data:
-                    raise bad_data from None  # the workers stopped on bad data: its one line
+                users_error = user_error_of(self.fit_error) if self.fit_error else None
+                if users_error:
+                    raise users_error from None  # the workers stopped on bad input: its one line
                 raise RuntimeError(f"Ray Train stopped during {what}: {self.fit_error!r}") from self.fit_error
 
     def loop(

@@ -29,21 +29,25 @@ class StorageError(RuntimeError):
     """The run folder's disk is full: the epochs written so far are intact and resumable."""
 
 
-_DATA_ERROR_LINE = re.compile(r"(?:asd_ray\.errors\.)?DataError: (.+)")
+_USER_ERROR_LINE = re.compile(r"(?:asd_ray\.errors\.)?(DataError|ConfigError): (.+)")
 
 
-def data_error_of(err: BaseException) -> DataError | None:
-    """The DataError behind an error that crossed process boundaries (a Ray actor or
-    Ray Train worker that stopped on bad data), so the user sees its one line.
+def user_error_of(err: BaseException) -> UserError | None:
+    """The user's mistake behind an error that crossed process boundaries (a Ray actor
+    or Ray Train worker that stopped on bad data or a bad setting), so the user sees
+    its one line; None when the error is not the user's.
 
-    Follows the chain of causes, then falls back to the last ``DataError: ...``
-    line of the error's text (Ray carries remote tracebacks as text).
+    Follows the chain of causes, then falls back to the last ``DataError: ...`` or
+    ``ConfigError: ...`` line of the error's text (Ray carries remote tracebacks as text).
     """
     for current in _causes(err):
-        if isinstance(current, DataError):
-            return DataError(str(current).strip().splitlines()[0])
-    lines = [m.group(1) for m in map(_DATA_ERROR_LINE.search, str(err).splitlines()) if m]
-    return DataError(lines[-1].strip()) if lines else None
+        if isinstance(current, UserError):
+            return type(current)(str(current).strip().splitlines()[0])
+    lines = [m.groups() for m in map(_USER_ERROR_LINE.search, str(err).splitlines()) if m]
+    if not lines:
+        return None
+    kind, message = lines[-1]
+    return (DataError if kind == "DataError" else ConfigError)(message.strip())
 
 
 def _causes(err: BaseException):

@@ -31,7 +31,7 @@ from asd_ray import compute
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
-from asd_ray.errors import DataError, data_error_of
+from asd_ray.errors import DataError, user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
 from asd_ray.scoring import PASS_SCHEMA, score_images
 
@@ -158,7 +158,7 @@ class ScoringPool:
             sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])
         except ray.exceptions.RayError as err:
             self.shutdown()
-            raise data_error_of(err) or err from None
+            raise user_error_of(err) or err from None
         assert sum(sizes) == next(iter(self.sizes.values()))
 
     def run(

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from asd_ray import tables
 from asd_ray.data.shards import ShardSet
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 
 
 def pick_seeds(
@@ -46,7 +46,7 @@ def pick_seeds(
         DataError: if a class has fewer than ``per_class`` candidates.
     """
     if per_class < 1:
-        raise ValueError(f"--per-class {per_class} must be >= 1")
+        raise ConfigError(f"--per-class {per_class} must be >= 1")
     labels = shards.labels
     allowed = np.ones(len(labels), bool) if exclude is None else ~np.asarray(exclude, bool)
     rng = np.random.default_rng(seed)

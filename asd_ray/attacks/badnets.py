@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
+from asd_ray.errors import ConfigError
 
 BADNETS_32PX_PATCH = np.array(
     [[(180, 249, 112), (155, 50, 126)], [(234, 82, 68), (187, 201, 219)]], dtype=np.uint8
@@ -34,7 +35,7 @@ def white_square_pattern(size: int = 3) -> np.ndarray:
         (size, size, 3) uint8, all 255.
     """
     if size < 1:
-        raise ValueError(f"white square size={size} must be at least 1")
+        raise ConfigError(f"white square size={size} must be at least 1")
     return np.full((size, size, 3), 255, dtype=np.uint8)
 
 
@@ -76,14 +77,14 @@ def badnets_trigger(
     pattern = to_channels(pattern, channels)
     if size is not None:
         if size < 1:
-            raise ValueError(f"size={size} must be at least 1")
+            raise ConfigError(f"size={size} must be at least 1")
         pattern = resize_pattern(pattern, size, size, nearest=True)
     if location is None:
         location = _SMALL_LOCATION if small else (0, 0)
     row, col = location
     h, w = pattern.shape[:2]
     if row < 0 or col < 0 or row + h > height or col + w > width:
-        raise ValueError(
+        raise ConfigError(
             f"a {h}x{w} pattern at location (row, col)={location} does not fit in a "
             f"{height}x{width} image; pick a location in [0, {height - h}] x [0, {width - w}] "
             "or a smaller size"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
+from asd_ray.errors import ConfigError
 
 
 def blend_trigger(
@@ -39,7 +40,7 @@ def blend_trigger(
         A :class:`Trigger` with weight ``alpha`` everywhere.
     """
     if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha={alpha} must be in (0, 1]; the reference uses 0.1")
+        raise ConfigError(f"alpha={alpha} must be in (0, 1]; the reference uses 0.1")
     if pattern is None:
         rng = np.random.default_rng(seed)
         pattern = rng.integers(0, 256, size=(height, width, channels))

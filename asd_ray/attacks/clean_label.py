@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from asd_ray.attacks.trigger import Trigger
+from asd_ray.errors import ConfigError
 
 
 def checkerboard_corners_trigger(height: int, width: int, channels: int, *, size: int = 3) -> Trigger:
@@ -32,7 +33,7 @@ def checkerboard_corners_trigger(height: int, width: int, channels: int, *, size
         A :class:`Trigger` with weight 1 on the four patches and 0 elsewhere.
     """
     if size < 1 or 2 * size > min(height, width):
-        raise ValueError(
+        raise ConfigError(
             f"checkerboard size={size} must be in [1, {min(height, width) // 2}] so the four "
             f"corner patches fit in a {height}x{width} image without overlapping"
         )
@@ -92,7 +93,7 @@ def pgd_perturb(
     if labels.shape != (len(images),):
         raise ValueError(f"labels of shape {labels.shape} must be ({len(images)},), one per image")
     if eps <= 0 or step <= 0 or steps < 1 or batch_size < 1:
-        raise ValueError(
+        raise ConfigError(
             f"eps={eps}, step={step}, steps={steps}, batch_size={batch_size} must all be positive"
         )
     if (mean is None) != (std is None):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from asd_ray.errors import ConfigError
+
 # ITU-R BT.601 luma weights (the ones PIL's "L" mode uses).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Patterns no larger than this (per side) are resized with nearest neighbour so that
@@ -80,11 +82,11 @@ def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
         (..., channels) float32, not rounded.
     """
     if channels not in (1, 3):
-        raise ValueError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        raise ConfigError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     if rgb.shape[-1] == channels:
         return rgb.astype(np.float32)
     if rgb.shape[-1] != 3:
-        raise ValueError(
+        raise ConfigError(
             f"pattern of shape {rgb.shape} has neither 3 nor {channels} channels; pass an RGB pattern"
         )
     return (rgb.astype(np.float32) @ _LUMA)[..., None]
@@ -126,7 +128,7 @@ def load_pattern(path: str | Path, height: int, width: int, channels: int) -> np
         (height, width, channels) float32 in [0, 255].
     """
     if height < 1 or width < 1:
-        raise ValueError(f"pattern size {height}x{width} must be positive")
+        raise ConfigError(f"pattern size {height}x{width} must be positive")
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     nearest = max(height, width) <= _NEAREST_MAX_SIDE

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asd_ray.errors import ConfigError
+
 
 def wanet_grid(size: int, *, k: int = 4, s: float = 0.5, seed: int = 0) -> torch.Tensor:
     """The attack's fixed warping grid for square images of side ``size``.
@@ -27,7 +29,7 @@ def wanet_grid(size: int, *, k: int = 4, s: float = 0.5, seed: int = 0) -> torch
         (1, size, size, 2) float32 grid in [-1, 1]; ``[..., 0]`` is x (column), ``[..., 1]`` y.
     """
     if size < 2 or k < 2:
-        raise ValueError(f"size={size} and k={k} must both be at least 2")
+        raise ConfigError(f"size={size} and k={k} must both be at least 2")
     generator = torch.Generator().manual_seed(seed)
     ins = torch.rand(1, 2, k, k, generator=generator) * 2 - 1  # (1, 2, k, k)
     ins = ins / ins.abs().mean()
@@ -57,7 +59,7 @@ def apply_wanet(
         raise ValueError(f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}")
     n, height, width, _ = images.shape
     if height != width:
-        raise ValueError(f"WaNet needs square images, got {height}x{width}; resize them first")
+        raise ConfigError(f"WaNet needs square images, got {height}x{width}; resize them first")
     if grid.shape != (1, height, width, 2):
         raise ValueError(
             f"grid of shape {tuple(grid.shape)} does not fit {height}x{width} images; "

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from asd_ray.compute import to_device
 from asd_ray.config import DataConfig
+from asd_ray.errors import ConfigError
 
 
 def normalize(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
     """(B, H, W, C) uint8 -> (B, C, H, W) float32, scaled to [0, 1] and standardised."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
     if x.shape[1] != len(config.mean):
-        raise ValueError(
+        raise ConfigError(
             f"images have {x.shape[1]} channels but data.mean has {len(config.mean)} entries; "
             "set data.mean/data.std for this dataset"
         )

@@ -19,6 +19,8 @@ from torchvision import models as tvm
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers as vgg_make_layers
 
+from asd_ray.errors import ConfigError
+
 MODEL_NAMES: tuple[str, ...] = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn")
 _SMALL_MAX = 64  # image sides up to this get the CIFAR-style stem
 _MIN_IMAGE_SIZE = 8  # three halvings must leave at least one pixel
@@ -84,19 +86,19 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, image_size
         ValueError: unknown name, or a value the architecture cannot take.
     """
     if name not in MODEL_NAMES:
-        raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+        raise ConfigError(f"model {name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
     if num_classes < 2:
-        raise ValueError(f"num_classes {num_classes} must be >= 2")
+        raise ConfigError(f"num_classes {num_classes} must be >= 2")
     if in_channels not in (1, 3):
-        raise ValueError(f"in_channels {in_channels} must be 1 (grey) or 3 (RGB); convert the images")
+        raise ConfigError(f"in_channels {in_channels} must be 1 (grey) or 3 (RGB); convert the images")
     if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size {image_size} must be >= {_MIN_IMAGE_SIZE}; resize the images")
+        raise ConfigError(f"image_size {image_size} must be >= {_MIN_IMAGE_SIZE}; resize the images")
     small = image_size <= _SMALL_MAX
     if name == "resnet18":
         return _resnet18(num_classes, in_channels, small)
     if name == "vgg11":
         if image_size < _VGG_MIN_IMAGE_SIZE:
-            raise ValueError(
+            raise ConfigError(
                 f"vgg11 needs image_size >= {_VGG_MIN_IMAGE_SIZE} (five max-pools), got {image_size}; "
                 "use small_cnn or resnet18 for smaller images"
             )
@@ -242,11 +244,11 @@ class CustomClassifier(nn.Module):
         try:
             meta = {id(p) for p in self.meta_parameters()}
         except AttributeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"model.meta_layers: {err}; use names from the module's named_modules()"
             ) from None
         if not meta or len(meta) == len(list(net.parameters())):
-            raise ValueError("model.meta_layers must name some, but not all, of the model's parameters")
+            raise ConfigError("model.meta_layers must name some, but not all, of the model's parameters")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -258,7 +260,9 @@ class CustomClassifier(nn.Module):
         """The last ``nn.Linear`` in module order: the classifier layer, by convention."""
         linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise ValueError("transfer pre-training fits the model's last nn.Linear, and this model has none")
+            raise ConfigError(
+                "transfer pre-training fits the model's last nn.Linear, and this model has none"
+            )
         return list(linears[-1].parameters())
 
 
@@ -272,10 +276,12 @@ def build_custom(
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"model.factory {factory!r} cannot be imported ({err}); install or fix it") from None
+        raise ConfigError(
+            f"model.factory {factory!r} cannot be imported ({err}); install or fix it"
+        ) from None
     net = function(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if not isinstance(net, nn.Module):
-        raise ValueError(f"model.factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"model.factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
     return CustomClassifier(net, meta_layers)
 
 
