@@ -6,6 +6,7 @@ stdout is left to the final JSON line.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -14,6 +15,22 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 _quiet = False
+# C0/C1 controls (ANSI escapes start with ESC), zero-width and bidirectional marks, line
+# separators: text from a data set or a model file (class names, keys, paths) must not
+# steer the terminal or reorder what it shows.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
+def terminal_safe(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character written as its escape (``\\x1b``, ``\\u202e``)."""
+
+    def escape(match: re.Match) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        return char.encode("unicode_escape").decode("ascii")
+
+    return _UNSAFE.sub(escape, text)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -37,7 +54,7 @@ def counter(*, total: int, desc: str, unit: str = "img", initial: int = 0) -> tq
 def write(line: str) -> None:
     """A human line on stderr that does not break an active bar."""
     if not _quiet:
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(terminal_safe(line, keep_newlines=True), file=sys.stderr)
 
 
 def _disabled() -> bool | None:

@@ -37,7 +37,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
             return "-"
         if isinstance(value, float):
             return f"{value:.4g}"
-        return str(value)
+        return progress.terminal_safe(str(value))
 
     grid = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
@@ -49,6 +49,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     """A table that is the command's product (``asd-ray audit``): on stdout."""
     if title:
-        print(title)
+        print(progress.terminal_safe(title, keep_newlines=True))
     print(format_table(rows, columns))
     sys.stdout.flush()
