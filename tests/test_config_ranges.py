@@ -32,3 +32,42 @@ def test_every_preset_is_in_range() -> None:
 
     for name in PRESETS:
         load_config(name)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--attack", "wanet", "--wanet-s", "nan"], "--wanet-s = nan is out of range"),
+        (["--attack", "wanet", "--wanet-s", "inf"], "--wanet-s = inf is out of range"),
+        (["--attack", "wanet", "--wanet-k", "1"], "--wanet-k = 1 is out of range"),
+        (["--attack", "wanet", "--cross-ratio", "nan"], "--cross-ratio = nan is out of range"),
+        (["--attack", "badnets", "--size", "1000000000"], "--size = 1000000000 is out of range"),
+        (["--attack", "badnets", "--rate", "nan"], "--rate = nan is out of range"),
+        (["--attack", "blend", "--alpha=-0.5"], "--alpha = -0.5 is out of range"),
+        (["--attack", "badnets", "--seed=-3"], "--seed = -3 is out of range"),
+    ],
+)
+def test_every_attack_parameter_has_a_range_named_by_its_flag(tmp_path, capsys, flags, message) -> None:
+    """Before its range, ``--wanet-s nan`` exited 0 and wrote black images."""
+    from conftest import make_shards
+
+    from asd_ray.cli import main
+
+    make_shards(tmp_path / "clean", n=24, classes=4, size=8, channels=1)
+    rate = [] if "--rate" in flags else ["--rate", "0.1"]
+    argv = ["poison", "--in", str(tmp_path / "clean"), "--out", str(tmp_path / "out"), "--quiet"]
+    code = main([*argv, *rate, *flags])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("pgd_steps", 0), ("pgd_eps", float("nan")), ("pgd_step", 2.0), ("wanet_k", 65)]
+)
+def test_attack_parameters_without_a_flag_have_ranges_too(field, value) -> None:
+    from asd_ray.config import AttackConfig
+    from asd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} = {value} is out of range"):
+        AttackConfig("clean-label", **{field: value})
