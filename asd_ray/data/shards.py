@@ -288,19 +288,28 @@ def finish_shard_set(
 
 
 def check_replaceable(path: Path) -> None:
-    """--overwrite replaces only an empty folder or a complete shard set made by asd-ray."""
+    """--overwrite replaces only an empty folder or a shard set made by asd-ray, and only if
+    every entry is a regular file that set names (its shards in ``dataset.json``, its
+    manifest, ``dataset.json`` and ground truth): a user's ``backup.tar`` is never deleted."""
     if not path.is_dir() or path.is_symlink():
         raise DataError(f"{path} is not a folder; --overwrite replaces only shard sets: choose another --out")
-    names = [p.name for p in path.iterdir()]
-    if not names:
+    entries = sorted(path.iterdir())
+    if not entries:
         return
-    own = (DATASET_FILE, MANIFEST_FILE, GROUND_TRUTH_FILE)
-    foreign = [n for n in names if n not in own and not n.endswith(".tar")]
-    if foreign or not {DATASET_FILE, MANIFEST_FILE} <= set(names):
+    refuse = "--overwrite replaces only a shard set's own files: move it away or choose another --out"
+    if not (path / DATASET_FILE).is_file():
         raise DataError(
-            f"{path} is not a shard set made by asd-ray (it holds {(foreign or names)[0]!r}); "
-            "--overwrite replaces only those: remove the folder yourself or choose another --out"
+            f"{path} is not a shard set made by asd-ray (it holds {entries[0].name!r}) and has no "
+            f"{DATASET_FILE}; {refuse}"
         )
+    try:
+        listed = {str(s["file"]) for s in read_dataset_info(path / DATASET_FILE).shards}
+    except DataError:
+        raise DataError(f"{path}/{DATASET_FILE} is not a readable shard set description; {refuse}") from None
+    own = listed | {DATASET_FILE, MANIFEST_FILE, GROUND_TRUTH_FILE}
+    for entry in entries:
+        if entry.name not in own or entry.is_symlink() or not entry.is_file():
+            raise DataError(f"{path} holds {entry.name!r}, which is not a file of its shard set; {refuse}")
 
 
 def new_shard_set_dir(out: str | Path, *, overwrite: bool = False):
