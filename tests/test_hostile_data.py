@@ -3,11 +3,15 @@ views of one shard set or ended in a traceback: each now refuses with one line."
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import write_tar
 
 from asd_ray.cli import main
-from asd_ray.data.shards import write_shards
+from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
 
@@ -49,3 +53,75 @@ def test_overwrite_replaces_the_sets_own_files(tmp_path):
     write_shards(_small_source(), out, name="old")
     write_shards(_small_source(), out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "manifest.parquet", "train-000000.tar"]
+
+
+# --------------------------------------------------------------------------- class lists and keys
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _foreign_shard(folder: Path, records: list[tuple[str, bytes]]) -> Path:
+    """A foreign WebDataset shard of (name stem, cls) records, each with a tiny PNG."""
+    folder.mkdir()
+    write_tar(
+        folder / "a.tar", [m for key, cls in records for m in ((f"{key}.png", _png()), (f"{key}.cls", cls))]
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([b"2147483647", b"0"], "label 2147483647 would make 2147483648 classes, over the limit of 10000"),
+        ([b"100000", b"1", b"0"], "label 100000 would make 100001 classes"),
+        ([b"5", b"1", b"0"], "no record has label 2, yet the largest label 5 makes 6 classes"),
+        ([b"0", b"0"], "1 class(es) ['0']; a classifier needs at least 2"),
+    ],
+)
+def test_import_refuses_class_counts_a_stray_label_makes(tmp_path, capsys, labels, message):
+    shard = _foreign_shard(tmp_path / "in", [(f"k{i}", cls) for i, cls in enumerate(labels)])
+    code, err = run(["shards", "import", "--in", str(shard), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_arrays_source_refuses_a_huge_label_before_building_names():
+    labels = np.array([0, 1, 2**40])
+    with pytest.raises(DataError, match="over the limit of 10000"):
+        from_arrays(np.zeros((3, 4, 4), np.uint8), labels)
+
+
+def test_duplicate_class_names_are_refused(tmp_path, capsys):
+    shard = _foreign_shard(tmp_path / "in", [("a", b"0"), ("b", b"1")])
+    (tmp_path / "classes.txt").write_text("cat\ncat\n")
+    argv = ["shards", "import", "--in", str(shard), "--classes", str(tmp_path / "classes.txt")]
+    code, err = run([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "class name 'cat' is given twice" in err
+
+
+def test_dataset_json_with_a_duplicate_class_name_is_refused(tmp_path):
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["class_names"] = ["cat", "cat"]
+    (out / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="class name 'cat' is given twice"):
+        ShardSet(out)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [("a.b", "record keys may not contain dots"), ("", "member '.png' has an empty record key")],
+)
+def test_import_names_the_true_fault_of_a_bad_key(tmp_path, capsys, key, message):
+    shard = _foreign_shard(tmp_path / "in", [(key, b"0"), ("c", b"1")])
+    code, err = run(["shards", "import", "--in", str(shard), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and "pickle" not in err

@@ -329,6 +329,10 @@ def test_from_imagefolder_bad_files(tmp_path: Path) -> None:
         from_imagefolder(tmp_path)
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "fake.jpg").write_bytes(b"\x89PNG not a jpeg")
+    with pytest.raises(DataError, match="1 class"):  # a classifier needs two
+        from_imagefolder(tmp_path)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "dog.jpg").write_bytes(_jpeg_bytes(32, 32, 0))
     with pytest.raises(DataError, match="fake.jpg: not a JPEG"):
         list(from_imagefolder(tmp_path).records)
     (tmp_path / "cat" / "fake.jpg").write_bytes(_jpeg_bytes(32, 32, 0)[:200])  # truncated

@@ -32,6 +32,7 @@ from PIL import Image
 
 from asd_ray import progress, tables
 from asd_ray.data.sources import Source
+from asd_ray.data.sources.base import check_class_names
 from asd_ray.data.tar import tar_members
 from asd_ray.errors import DataError
 
@@ -162,9 +163,7 @@ def read_dataset_info(path: Path) -> ShardSetInfo:
     checks = {
         "name": isinstance(raw["name"], str),
         "num_samples": is_int(raw["num_samples"], 1),
-        "class_names": isinstance(raw["class_names"], list)
-        and len(raw["class_names"]) >= 2
-        and all(isinstance(c, str) for c in raw["class_names"]),
+        "class_names": isinstance(raw["class_names"], list),
         "shards": isinstance(raw["shards"], list)
         and all(
             isinstance(s, dict)
@@ -189,6 +188,10 @@ def read_dataset_info(path: Path) -> ShardSetInfo:
     if wrong:
         hint = " (shard files must be plain NAME.tar names inside the folder)" if wrong[0] == "shards" else ""
         raise bad(f"field {wrong[0]!r} has a wrong type or value{hint}")
+    try:
+        check_class_names(raw["class_names"], "class_names")
+    except DataError as err:
+        raise bad(str(err)) from None
     return ShardSetInfo(**raw)
 
 
@@ -422,7 +425,14 @@ def iter_records(
         key, dot, ext = name[slash:].partition(".")
         if not dot:
             raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
+        if not key:
+            raise DataError(f"{path.name}: member {name!r} has an empty record key; name it KEY.EXT")
         key, ext = name[:slash] + key, ext.lower()
+        if "." in ext and ext.rsplit(".", 1)[1] in SAFE_EXTS:
+            raise DataError(
+                f"{path.name}: member {name!r} would be record {key!r} with a {ext!r} member: WebDataset "
+                "splits a name at its first dot, so record keys may not contain dots; rename the record"
+            )
         if ext not in SAFE_EXTS:
             raise DataError(
                 f"{path.name}: record {key!r} has a {ext!r} member; asd-ray reads only "

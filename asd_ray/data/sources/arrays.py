@@ -11,6 +11,7 @@ from asd_ray.data.sources.base import (
     Source,
     SourceRecord,
     _Records,
+    inferred_class_names,
 )
 from asd_ray.errors import DataError
 
@@ -28,7 +29,8 @@ def from_arrays(
     Args:
         images: (N, H, W, C) or (N, H, W) uint8, C in {1, 3}; (N, H, W) gets C = 1.
         labels: (N,) integer, >= 0.
-        class_names: index = label; default "0".."K-1" with K = max label + 1.
+        class_names: index = label; default "0".."K-1" with K = max label + 1 (every
+            label 0..K-1 present).
 
     Returns:
         Source named "arrays"; record ``source`` is ``"arrays:<index>"``.
@@ -59,7 +61,7 @@ def from_arrays(
             f"negative label {int(labels.min())} at index {int(labels.argmin())}; labels must be >= 0"
         )
     if class_names is None:
-        names = [str(c) for c in range(int(labels.max()) + 1)]
+        names = inferred_class_names(labels, "labels")
     else:
         names = [str(c) for c in class_names]
         if labels.max() >= len(names):

@@ -12,6 +12,52 @@ from PIL import Image
 
 from asd_ray.errors import DataError
 
+MAX_CLASSES = 10_000
+"""Most classes a shard set may have (ImageNet-1k fits ten times over). Class lists,
+per-class counts and the model's output layer are sized by the class count, so one
+hostile label (``cls=2147483647``) must be refused before anything is allocated."""
+
+
+def check_class_names(names: Sequence[str], where: str) -> None:
+    """Refuse a class list a classifier cannot use: fewer than 2 or more than
+    :data:`MAX_CLASSES` classes, an empty name or a name given twice."""
+    if len(names) < 2:
+        raise DataError(
+            f"{where}: {len(names)} class(es) {list(names)[:2]}; a classifier needs at least 2: add "
+            "the samples of the other classes or give the full class list"
+        )
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{where}: {len(names)} classes, over the limit of {MAX_CLASSES}; fix the class list")
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: class {index} has an empty name {name!r}; name every class")
+        if name in seen:
+            raise DataError(f"{where}: class name {name!r} is given twice; every class needs its own name")
+        seen.add(name)
+
+
+def inferred_class_names(labels: Sequence[int] | np.ndarray, where: str) -> list[str]:
+    """Names ``"0".."C-1"`` for labels without a class list, C = largest label + 1.
+
+    Refused before any name is built: C over :data:`MAX_CLASSES`, or a class in 0..C-1
+    that no record has (a stray large label would otherwise make a set of empty classes).
+    """
+    present = np.unique(np.asarray(labels, dtype=np.int64))
+    top = int(present[-1])
+    if top >= MAX_CLASSES:
+        raise DataError(
+            f"{where}: label {top} would make {top + 1} classes, over the limit of {MAX_CLASSES}; "
+            "labels must be class indices 0..C-1: fix the labels"
+        )
+    if len(present) != top + 1:
+        missing = int(np.setdiff1d(np.arange(top + 1), present)[0])
+        raise DataError(
+            f"{where}: no record has label {missing}, yet the largest label {top} makes {top + 1} "
+            "classes; relabel to 0..C-1 without gaps or give the class names"
+        )
+    return [str(c) for c in range(top + 1)]
+
 
 @dataclass(frozen=True)
 class SourceRecord:
@@ -47,6 +93,9 @@ class Source:
     class_names: list[str]
     records: Iterable[SourceRecord]
     num_records: int
+
+    def __post_init__(self) -> None:
+        check_class_names(self.class_names, f"{self.name} source")
 
 
 class _Records:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
-from asd_ray.data.sources.base import Source, SourceRecord, _Records
+from asd_ray.data.sources.base import Source, SourceRecord, _Records, inferred_class_names
 from asd_ray.errors import DataError
 
 _NO_LIMIT = 2**31  # labels are range-checked against the class count once it is known
@@ -22,7 +22,8 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
 
     Args:
         spec: a folder of ``*.tar``, a file, a brace pattern (``data-{000..009}.tar``) or a list.
-        class_names: index = label; default ``"0".."C-1"`` with C = largest label + 1.
+        class_names: index = label; default ``"0".."C-1"`` with C = largest label + 1
+            (every label 0..C-1 present).
     """
     from asd_ray.data.shards import expand_shard_paths, iter_records, parse_label
 
@@ -34,12 +35,12 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
     ]
     if not labels:
         raise DataError(f"{spec}: the shards hold no records")
-    num_classes = len(class_names) if class_names else max(labels) + 1
+    names = list(class_names) if class_names else inferred_class_names(labels, str(spec))
+    num_classes = len(names)
     if max(labels) >= num_classes:
         raise DataError(
             f"{spec}: a record has label {max(labels)}, but only {num_classes} class names were given"
         )
-    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
     return Source(
         "webdataset", names, _Records(partial(_iter_webdataset, paths, num_classes), len(labels)), len(labels)
     )
