@@ -120,12 +120,20 @@ def write_parquet(table: pa.Table, path: str | Path, name: str) -> Path:
     return path
 
 
-def read_parquet(path: str | Path, name: str) -> pa.Table:
-    """Read a Parquet file and validate it against schema ``name``."""
+def read_parquet(path: str | Path, name: str, *, rows: int | None = None) -> pa.Table:
+    """Read a Parquet file and validate it against schema ``name``.
+
+    Args:
+        rows: the row count the table must have, checked from the file's metadata
+            before any row is read (a 5 MB file can declare 200 M rows).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such {name} table; check the path")
     try:
+        declared = pq.read_metadata(path).num_rows
+        if rows is not None and declared != rows:
+            raise DataError(f"{path}: {declared} rows where {rows} are expected; re-create the {name} table")
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file ({err}); re-create it") from None

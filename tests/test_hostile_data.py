@@ -125,3 +125,79 @@ def test_import_names_the_true_fault_of_a_bad_key(tmp_path, capsys, key, message
     shard = _foreign_shard(tmp_path / "in", [(key, b"0"), ("c", b"1")])
     code, err = run(["shards", "import", "--in", str(shard), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and message in err and "pickle" not in err
+
+
+# --------------------------------------------------------------------------- sizes from metadata
+
+
+def test_npy_header_claiming_more_than_the_file_is_refused_before_loading(tmp_path, capsys):
+    images = tmp_path / "images.npy"
+    with images.open("wb") as file:  # a 93 GiB header on a 1 KB file
+        np.lib.format.write_array_header_1_0(
+            file, {"descr": "|u1", "fortran_order": False, "shape": (100_000_000, 1000)}
+        )
+        file.write(bytes(1024))
+    np.save(tmp_path / "labels.npy", np.arange(4) % 2)
+    argv = ["shards", "make", "--source", "arrays", "--images", str(images)]
+    code, err = run([*argv, "--labels", str(tmp_path / "labels.npy"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "the header claims a 100000000x1000 uint8 array (100000000000 bytes)" in err
+
+
+def test_manifest_row_count_is_checked_from_metadata_before_reading(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    manifest = pq.read_table(out / "manifest.parquet")
+    pq.write_table(pa.concat_tables([manifest] * 50), out / "manifest.parquet")
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("the manifest was read"))
+    with pytest.raises(DataError, match="manifest.parquet: 400 rows where 8 are expected"):
+        ShardSet(out)
+
+
+def test_dataset_json_counts_are_checked_against_the_shard_files(tmp_path):
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["num_samples"] = meta["shards"][0]["count"] = 200_000_000
+    (out / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="too small for the 200000000 records it is said to hold"):
+        ShardSet(out)
+    meta["shards"][0]["count"] = 8
+    (out / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="counts add up to 8, num_samples is 200000000"):
+        ShardSet(out)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("d-{000000..999999}{000..999}.tar", "names 1000000000 files, over the limit of 100000"),
+        ("{" * 30 + "a" + "}" * 30 + ".tar", "nests braces deeper than 4 levels"),
+        ("d-{0..1.tar", "unbalanced braces"),
+    ],
+)
+def test_shard_patterns_are_sized_before_they_are_expanded(tmp_path, capsys, pattern, message):
+    code, err = run(
+        ["shards", "import", "--in", str(tmp_path / pattern), "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 2 and message in err
+
+
+def test_pattern_count_follows_braceexpand():
+    import braceexpand
+
+    from asd_ray.data.shards import _expansion_count
+
+    for pattern in [
+        "a",
+        "{01..10..3}",
+        "{20..0..7}",
+        "{Z..b..2}{1,2}",
+        "x{a,b,{c,d}}y",
+        "{a,{b..d}{1,2}}",
+        "{x}",
+        "{a,}",
+    ]:
+        assert _expansion_count(pattern) == len(list(braceexpand.braceexpand(pattern))), pattern

@@ -192,21 +192,14 @@ def _shards_make(args: argparse.Namespace) -> dict:
 
 
 def _arrays_source(args: argparse.Namespace):
-    import numpy as np
-
     from asd_ray.data import sources
+    from asd_ray.data.sources.arrays import read_npy
 
     arrays = []
     for path in (Path(_need(args, "images")), Path(_need(args, "labels"))):
         if path.suffix != ".npy" or not path.is_file():
             raise DataError(f"{path}: --images/--labels must be existing .npy files (numpy.save)")
-        try:  # allow_pickle=False: an object array in an .npy file would run code on load
-            arrays.append(np.load(path, allow_pickle=False))
-        except ValueError as err:
-            raise DataError(
-                f"{path}: {err}; save a plain numeric array (object arrays need pickle, which "
-                "asd-ray refuses on untrusted data)"
-            ) from None
+        arrays.append(read_npy(path))
     return sources.from_arrays(*arrays)
 
 

@@ -48,6 +48,11 @@ FORMAT_VERSION = 1
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 _DECODE_CHUNK = 64  # records parsed before they are decoded
 _PIL_FORMATS = ("PNG", "JPEG", "PPM", "WEBP")  # PIL never probes other decoders
+MAX_SHARD_PATHS = 100_000
+"""Most shard files one brace pattern (or list of them) may name, counted before expanding:
+``{000000..999999}{000..999}`` would otherwise build 10^9 names."""
+MAX_BRACE_DEPTH = 4  # brace groups nested deeper than this are refused before parsing
+_MIN_RECORD_BYTES = 4 * 512  # a tar record: two members, each a 512-byte header and >= one data block
 
 
 def sample_key(sample_id: int) -> str:
@@ -377,14 +382,78 @@ def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
             raise DataError(f"shard path {text!r}: only local paths are read; mount the data")
         if Path(text).is_dir():
             paths.extend(sorted(Path(text).glob("*.tar")))
-        else:
+            continue
+        if _brace_depth(text) > MAX_BRACE_DEPTH:
+            raise DataError(
+                f"shard pattern {text!r} nests braces deeper than {MAX_BRACE_DEPTH} levels; "
+                "list the shards with one {a..b} range per number"
+            )
+        count = len(paths) + _expansion_count(text)
+        if count > MAX_SHARD_PATHS:
+            raise DataError(
+                f"shard pattern {text!r} names {count} files, over the limit of {MAX_SHARD_PATHS}; "
+                "check the {a..b} ranges"
+            )
+        try:
             paths.extend(Path(p) for p in braceexpand.braceexpand(text))
+        except braceexpand.UnbalancedBracesError:
+            raise DataError(f"shard pattern {text!r} has unbalanced braces; fix the pattern") from None
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the path")
     if not paths:
         raise DataError(f"no shards (*.tar) found in {specs}; run `asd-ray shards make` first")
     return paths
+
+
+def _brace_depth(pattern: str) -> int:
+    depth = deepest = 0
+    for char in re.sub(r"\\.", "", pattern):  # escaped characters are literals
+        depth += (char == "{") - (char == "}")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _expansion_count(pattern: str) -> int:
+    """How many names ``braceexpand(pattern)`` yields, without expanding: it follows
+    braceexpand's grammar (a product of literals and brace groups; a group is an integer
+    or letter range, a comma list whose counts add up, or literal braces around a pattern)."""
+    count, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _group_count(pattern[start + 1 : pos])
+        pos += 1
+    return count
+
+
+def _group_count(expr: str) -> int:
+    if match := braceexpand.int_range_re.match(expr):
+        first, last, step = match.groups()
+        step = int(step or 1) or 1
+        return abs(int(last) - int(first)) // step + 1
+    if match := braceexpand.char_range_re.match(expr):
+        return len(braceexpand.make_char_range(*match.groups()))
+    items, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += (expr[pos] == "{") - (expr[pos] == "}")
+        if expr[pos] == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not items:  # not a list: literal braces around a pattern
+        return _expansion_count(expr)
+    return sum(_expansion_count(item) for item in [*items, expr[start:]])
 
 
 class Sample(NamedTuple):
@@ -519,12 +588,11 @@ class ShardSet:
         self.info = read_dataset_info(meta_path)
         if self.info.format_version != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format v{self.info.format_version} is not supported")
-        self.manifest = tables.read_parquet(self.folder / MANIFEST_FILE, "manifest")
-        if self.manifest.num_rows != self.info.num_samples or self.manifest.num_rows == 0:
-            raise DataError(
-                f"{self.folder}: manifest has {self.manifest.num_rows} rows, dataset.json says "
-                f"{self.info.num_samples}; re-make the shard set"
-            )
+        self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
+        self._check_sizes(meta_path)
+        self.manifest = tables.read_parquet(
+            self.folder / MANIFEST_FILE, "manifest", rows=self.info.num_samples
+        )
         ids = self.manifest.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
@@ -536,10 +604,25 @@ class ShardSet:
             columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
             self._shapes = list(zip(*columns))
         self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
-        self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
-        for path in self.paths:
+
+    def _check_sizes(self, meta_path: Path) -> None:
+        """The counts of ``dataset.json`` against each other and the shard files' sizes, before
+        the manifest they size is read (a hostile count must not allocate anything)."""
+        counts = [int(s["count"]) for s in self.info.shards]
+        if sum(counts) != self.info.num_samples:
+            raise DataError(
+                f"{meta_path}: the shards' counts add up to {sum(counts)}, num_samples is "
+                f"{self.info.num_samples}; re-make the shard set"
+            )
+        for path, count in zip(self.paths, counts):
             if not path.is_file():
                 raise DataError(f"shard {path} is missing; re-make or re-copy the shard set")
+            size = path.stat().st_size
+            if count * _MIN_RECORD_BYTES > size:
+                raise DataError(
+                    f"{meta_path}: shard {path.name} is {f'{size} bytes' if size else 'empty'}, too small for the "
+                    f"{count} records it is said to hold; re-make or re-copy the shard set"
+                )
 
     def __len__(self) -> int:
         return self.info.num_samples
@@ -701,8 +784,6 @@ def inspect_shard_set(folder: str | Path) -> dict:
     }
     truth_path = shards.folder / GROUND_TRUTH_FILE
     if truth_path.exists():
-        truth = tables.read_parquet(truth_path, "poison")
-        if truth.num_rows != seen:
-            raise DataError(f"{truth_path}: {truth.num_rows} rows for {seen} samples; re-run poison")
+        truth = tables.read_parquet(truth_path, "poison", rows=seen)
         report["ground_truth_poisoned"] = int(np.sum(truth.column("is_poison").to_numpy()))
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +71,46 @@ def from_arrays(
                 f"{len(names)} class_names; pass a longer class_names or fix the labels"
             )
     return Source("arrays", names, _Records(partial(_iter_arrays, "arrays", images, labels), n), n)
+
+
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """An ``.npy`` file as a read-only memory map, after its header is checked against the file.
+
+    The header alone says how many bytes the array needs; a header that claims more (or
+    fewer) than the file holds, or an object array (which needs pickle), is refused
+    before anything is read or allocated.
+    """
+    path = Path(path)
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: {why}; save a plain numeric array with numpy.save")
+
+    try:
+        with path.open("rb") as file:
+            read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(file))
+            if read_header is None:
+                raise bad("an .npy format other than 1.0 or 2.0")
+            shape, _, dtype = read_header(file)
+            offset = file.tell()
+    except (OSError, ValueError) as err:  # ValueError: not an .npy header
+        if isinstance(err, DataError):
+            raise
+        raise bad(f"not a readable .npy file ({err})") from None
+    if dtype.hasobject:
+        raise bad("an object array needs pickle, which asd-ray refuses on untrusted data")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed != path.stat().st_size - offset:
+        raise bad(
+            f"the header claims a {'x'.join(map(str, shape))} {dtype} array ({claimed} bytes), the file "
+            f"holds {path.stat().st_size - offset}"
+        )
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _iter_arrays(prefix: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceRecord]:
