@@ -28,12 +28,11 @@ from asd_ray.config import AttackConfig
 from asd_ray.data.shards import (
     GROUND_TRUTH_FILE,
     IMAGE_EXTS,
+    Sample,
     ShardSet,
     ShardWriter,
-    decode_image,
     encode_image,
     finish_shard_set,
-    iter_records,
     new_shard_set_dir,
 )
 from asd_ray.errors import DataError
@@ -192,7 +191,7 @@ def poison_shards(
             bar.update(len(ids))
         bar.close()
         manifest, counts = writer.close()
-        attack = {"params": params, "clean": str(clean.folder)}
+        attack = {"params": params, "clean": str(clean.folder), "clean_identity": clean.identity()}
         finish_shard_set(
             tmp,
             manifest,
@@ -250,7 +249,7 @@ def poison_test_shards(
             bar.update(len(ids))
             ids, records = ids[keep[ids]], [r for r, k in zip(records, keep[ids]) if k]
             if len(ids):
-                images = trigger(np.stack([_decode(r, clean_test) for r in records]))
+                images = trigger(np.stack([sample.image for sample, _ in records]))
                 for i, sample_id in enumerate(ids):
                     data, ext = encode_image(images[i])
                     writer.add(
@@ -288,46 +287,34 @@ def read_ground_truth(path: str | Path, shards: ShardSet) -> pa.Table:
     return tables.read_parquet(path, "poison", rows=len(shards))
 
 
-def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[str, str, dict]]]]:
-    """Yield (sample ids, [(shard, key, members as bytes)]) in sample-id order, _CHUNK at a time."""
-    ids, records, sample_id = [], [], 0
-    for path in shards.paths:
-        for _, key, members in iter_records(path):
-            ids.append(sample_id)
-            records.append((path.name, key, {e: bytes(v) for e, v in members.items()}))
-            sample_id += 1
-            if len(ids) == _CHUNK:
-                yield np.array(ids), records
-                ids, records = [], []
-    if ids:
-        yield np.array(ids), records
-    if sample_id != len(shards):
-        raise DataError(f"{shards.folder}: read {sample_id} records, manifest has {len(shards)}; re-make it")
-
-
-def _decode(record: tuple[str, str, dict], shards: ShardSet) -> np.ndarray:
-    shard, key, members = record
-    ext = next(e for e in members if e in IMAGE_EXTS)
-    return decode_image(members[ext], shard=shard, key=key)
+def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[Sample, dict[str, bytes]]]]]:
+    """Yield (sample ids, [(sample, members as stored)]) in sample-id order, _CHUNK at a time,
+    through the verified reader: a set `shards inspect` refuses is never poisoned."""
+    records = []
+    for record in shards.iter_checked():
+        records.append(record)
+        if len(records) == _CHUNK:
+            yield np.array([sample.sample_id for sample, _ in records]), records
+            records = []
+    if records:
+        yield np.array([sample.sample_id for sample, _ in records]), records
 
 
 def _write_chunk(writer, ids, records, modified, labels, modify, shards) -> None:
-    rows = shards.manifest.take(pa.array(ids))
-    sources = rows.column("source").to_pylist()
-    shapes = np.stack([rows.column(c).to_numpy() for c in ("height", "width", "channels")], 1)
+    sources = shards.manifest.take(pa.array(ids)).column("source").to_pylist()
     new_images = {}
     if modified.any():
         idx = np.flatnonzero(modified)
-        images = modify(ids[idx], np.stack([_decode(records[i], shards) for i in idx]))
+        images = modify(ids[idx], np.stack([records[i][0].image for i in idx]))
         new_images = dict(zip(idx.tolist(), images))
-    for i, (sample_id, (_, _, members)) in enumerate(zip(ids, records)):
+    for i, (sample, members) in enumerate(records):
         if i in new_images:
             data, ext = encode_image(new_images[i])
             shape = new_images[i].shape
         else:  # unchanged records keep their exact bytes
             ext = next(e for e in members if e in IMAGE_EXTS)
-            data, shape = members[ext], shapes[i].tolist()
-        writer.add(int(sample_id), data, ext, int(labels[i]), shape, sources[i])
+            data, shape = members[ext], sample.image.shape
+        writer.add(int(sample.sample_id), data, ext, int(labels[i]), shape, sources[i])
 
 
 def _ground_truth(ids, is_poison, is_modified, original, after, params) -> pa.Table:

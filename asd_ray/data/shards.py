@@ -596,6 +596,7 @@ class ShardSet:
         ids = self.manifest.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
+        self._check_manifest()
         self._keys: list[str] = self.manifest.column("key").to_pylist()
         # What every decoded record must match (plain Python: cheap per record).
         self._labels: list[int] = self.manifest.column("label").to_pylist()
@@ -604,6 +605,28 @@ class ShardSet:
             columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
             self._shapes = list(zip(*columns))
         self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
+
+    def _check_manifest(self) -> None:
+        """The manifest's labels and image sizes against ``dataset.json``: models are sized
+        from them before any image is decoded."""
+        labels = self.manifest.column("label").to_numpy()
+        outside = np.flatnonzero((labels < 0) | (labels >= self.info.num_classes))
+        if outside.size:
+            raise DataError(
+                f"{self.folder}/{MANIFEST_FILE}: row {int(outside[0])} has label {int(labels[outside[0]])}, "
+                f"outside the {self.info.num_classes} classes of {DATASET_FILE}; re-make the shard set"
+            )
+        if self.info.image_size is None or self.info.channels is None:
+            return  # mixed sizes: each record is checked against its own row when decoded
+        expected = (*self.info.image_size, self.info.channels)
+        for column, value in zip(("height", "width", "channels"), expected):
+            differ = np.flatnonzero(self.manifest.column(column).to_numpy() != value)
+            if differ.size:
+                raise DataError(
+                    f"{self.folder}/{MANIFEST_FILE}: row {int(differ[0])} has {column} "
+                    f"{self.manifest.column(column)[int(differ[0])].as_py()}, {DATASET_FILE} says every "
+                    f"image is {'x'.join(map(str, expected))}; re-make the shard set"
+                )
 
     def _check_sizes(self, meta_path: Path) -> None:
         """The counts of ``dataset.json`` against each other and the shard files' sizes, before
@@ -662,24 +685,41 @@ class ShardSet:
     def iter_samples(
         self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
     ) -> Iterator[Sample]:
-        """Decode samples (all, or those of ``slices``), checked against the manifest.
+        """Decode samples (all, or those of ``slices``), checked against the manifest
+        (see :meth:`iter_checked`)."""
+        for sample, _ in self.iter_checked(slices, keep=keep):
+            yield sample
+
+    def iter_checked(
+        self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
+    ) -> Iterator[tuple[Sample, dict[str, bytes]]]:
+        """The one verified reader: every record decoded, counted and compared with the
+        manifest (key, label, image size), with its members as stored (an attack copies an
+        unchanged record's bytes). Every command reads shard sets through it, so a set one
+        command refuses is refused by all.
 
         Args:
             keep: optional (N,) bool over sample ids; records outside it are
-                skipped before decoding.
+                skipped before decoding (their keys and count are still checked).
         """
         slices = self.worker_slices(1)[0] if slices is None else slices
-        offsets = self._shard_offsets()
+        offsets, counts = self._shard_offsets(), {str(s["file"]): int(s["count"]) for s in self.info.shards}
         keys = self._keys
         for piece in slices:
-            base, chunk = offsets[piece.path.name], []
-            for index, key, members in iter_records(piece.path, start=piece.start, stop=piece.stop):
-                sample_id = base + index
-                if sample_id >= len(keys) or keys[sample_id] != key:
+            base, chunk, read = offsets[piece.path.name], [], 0
+            count = counts[piece.path.name]
+            stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
+            for index, key, members in iter_records(piece.path, start=piece.start, stop=stop):
+                if index >= count:
+                    raise DataError(
+                        f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
+                        "shard was changed after it was made: re-make the shard set"
+                    )
+                sample_id, read = base + index, read + 1
+                if keys[sample_id] != key:
                     raise DataError(
                         f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
-                        f"{keys[sample_id] if sample_id < len(keys) else None!r}; the shard "
-                        "was changed after it was made: re-make the shard set"
+                        f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
                     )
                 if keep is not None and not keep[sample_id]:
                     continue
@@ -688,8 +728,15 @@ class ShardSet:
                     yield from self._decode(chunk, piece.path.name)
                     chunk = []
             yield from self._decode(chunk, piece.path.name)
+            if read != piece.count:
+                raise DataError(
+                    f"{piece.path.name}: holds {piece.start + read} records where dataset.json lists "
+                    f"{count}; the shard was truncated or changed after it was made: re-make the shard set"
+                )
 
-    def _decode(self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str) -> Iterator[Sample]:
+    def _decode(
+        self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
+    ) -> Iterator[tuple[Sample, dict[str, bytes]]]:
         # Parsing a chunk of records, then decoding it, runs ~5% faster than
         # interleaving the two (the decoder's working set stays in cache).
         for sample_id, key, members in chunk:
@@ -701,20 +748,16 @@ class ShardSet:
                     f"manifest (label {self._labels[sample_id]}, image {shape}); the shard was changed "
                     "after it was made: re-make the shard set"
                 )
-            yield Sample(sample_id, key, label, image, shard)
+            yield Sample(sample_id, key, label, image, shard), members
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Decode the whole set into memory: images (N, H, W, C) uint8, labels (N,) int64."""
         h, w, c = self.require_uniform_size("loading into one array")
         images = np.empty((len(self), h, w, c), np.uint8)
         labels = np.empty(len(self), np.int64)
-        seen = 0
-        for sample in self.iter_samples():
+        for sample in self.iter_samples():  # counts every record against dataset.json
             images[sample.sample_id] = sample.image
             labels[sample.sample_id] = sample.label
-            seen += 1
-        if seen != len(self):
-            raise DataError(f"{self.folder}: read {seen} records, manifest has {len(self)}")
         return images, labels
 
     def identity(self) -> str:
@@ -764,13 +807,11 @@ def inspect_shard_set(folder: str | Path) -> dict:
     sizes: dict[str, int] = {}
     seen = 0
     samples = progress.bar(shards.iter_samples(), total=len(shards), desc="shards inspect")
-    for sample in samples:  # checks every record against the manifest
+    for sample in samples:  # checks and counts every record against the manifest
         per_class[sample.label] += 1
         size = "x".join(map(str, sample.image.shape))
         sizes[size] = sizes.get(size, 0) + 1
         seen += 1
-    if seen != len(shards):
-        raise DataError(f"{shards.folder}: read {seen} records, the manifest has {len(shards)}")
     report = {
         "command": "shards inspect",
         "folder": str(shards.folder),
