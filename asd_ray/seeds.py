@@ -130,10 +130,17 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
     """
     from asd_ray.data.share import load_share
 
-    parent = (train.info.attack or {}).get("clean")
+    train_identity, parent_identity = train.identity(), _parent_identity(train)
     in_place, tampered, extras = [], [], []
-    for folder in sorted(set(seeds.column("dataset").to_pylist())):
-        rows = seeds.filter(pc.equal(seeds.column("dataset"), folder))
+    # Shard sets are told apart by identity, never by how their folder is spelled (a trailing
+    # slash, "..", a symlink or a copy): one set named two ways is one group.
+    opened = {folder: ShardSet(folder) for folder in sorted(set(seeds.column("dataset").to_pylist()))}
+    groups: dict[str, list[str]] = {}
+    for folder, shards in opened.items():
+        groups.setdefault(shards.identity(), []).append(folder)
+    for identity, spellings in groups.items():
+        folder, source = spellings[0], opened[spellings[0]]
+        rows = seeds.filter(pc.is_in(seeds.column("dataset"), value_set=pa.array(spellings)))
         ids, labels = rows.column("sample_id").to_numpy(), rows.column("label").to_numpy()
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
@@ -146,18 +153,17 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
             raise DataError(
                 f"{where}: a seed label is outside 0..{train.info.num_classes - 1} of the training set"
             )
-        if folder == str(train.folder):  # the user vouches for these training samples
+        if identity == train_identity:  # the user vouches for these training samples
             _check_ids(ids, len(train), where, "the training set")
             in_place.append(ids)
             continue
-        source = ShardSet(folder)
         _check_ids(ids, len(source), where, folder)
         if source.require_uniform_size("seeds") != train.require_uniform_size("training"):
             raise DataError(
                 f"{where}: seeds from {folder} are {source.require_uniform_size('seeds')} images, the training "
                 f"set's are {train.require_uniform_size('training')}; make both with the same --image-size"
             )
-        if folder != parent:
+        if identity != parent_identity:
             extras.append((folder, ids, labels))
             continue
         keep = np.zeros(len(train), bool)
@@ -183,6 +189,18 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
             "--per-class`) or lower split.seeds_per_class"
         )
     return plan
+
+
+def _parent_identity(train: ShardSet) -> str | None:
+    """The identity of the clean set ``train`` was poisoned from: recorded by ``asd-ray
+    poison``, else (a set poisoned before it was recorded) that of the folder it names."""
+    attack = train.info.attack or {}
+    if "clean_identity" in attack:
+        return attack["clean_identity"]
+    try:
+        return ShardSet(attack["clean"]).identity() if "clean" in attack else None
+    except DataError:  # moved or removed since: no seed can be its copy
+        return None
 
 
 def _check_ids(ids: np.ndarray, n: int, where: str, what: str) -> None:
