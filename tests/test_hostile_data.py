@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tar
+from conftest import make_shards, write_tar
 
 from asd_ray.cli import main
 from asd_ray.data.shards import ShardSet, write_shards
@@ -201,3 +201,102 @@ def test_pattern_count_follows_braceexpand():
         "{a,}",
     ]:
         assert _expansion_count(pattern) == len(list(braceexpand.braceexpand(pattern))), pattern
+
+
+# --------------------------------------------------------------------------- one verified reader
+
+
+def _rewrite_shard(shard: Path, change) -> None:
+    """Rewrite a shard's members through ``change([(name, data), ...]) -> [(name, data), ...]``."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    write_tar(shard, change(members))
+
+
+def _swap_first_records(members):
+    return members[2:4] + members[:2] + members[4:]
+
+
+def _relabel_first(members):
+    return [(n, b"1" if n == "000000000.cls" else d) for n, d in members]
+
+
+def _corrupt_first_image(members):
+    return [(n, d[:20] if n == "000000000.png" else d) for n, d in members]
+
+
+def _append_record(members):
+    return members + [("999999999.png", members[0][1]), ("999999999.cls", b"0")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_swap_first_records, "has key '000000001', the manifest expects '000000000'"),
+        (
+            _relabel_first,
+            "record '000000000' (label 1, image (8, 8, 1)) disagrees with the manifest (label 0",
+        ),
+        (_corrupt_first_image, "record '000000000' is not a readable image"),
+        (_append_record, "holds more than the 8 records dataset.json lists"),
+    ],
+)
+def test_poison_reads_through_the_verified_reader(tmp_path, capsys, change, message):
+    clean = tmp_path / "clean"
+    write_shards(_small_source(), clean)
+    _rewrite_shard(clean / "train-000000.tar", change)
+    for argv in (
+        ["shards", "inspect", str(clean)],
+        ["poison", "--attack", "badnets", "--rate", "0.5", "--in", str(clean), "--out", str(tmp_path / "p")],
+    ):
+        code, err = run(argv, capsys)
+        assert code == 2 and message in err, argv
+    assert not (tmp_path / "p").exists()
+
+
+def test_manifest_shapes_and_labels_must_agree_with_dataset_json(tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    manifest = pq.read_table(out / "manifest.parquet")
+    wide = manifest.set_column(6, "width", pc.add(manifest.column("width"), 56).cast("int32"))
+    pq.write_table(wide, out / "manifest.parquet")
+    with pytest.raises(DataError, match="row 0 has width 64, dataset.json says every image is 8x8x1"):
+        ShardSet(out)
+    relabelled = manifest.set_column(
+        4, "label", pc.add(manifest.column("label"), 5).cast(manifest.schema.field("label").type)
+    )
+    pq.write_table(relabelled, out / "manifest.parquet")
+    with pytest.raises(DataError, match="row 0 has label 5, outside the 2 classes of dataset.json"):
+        ShardSet(out)
+
+
+def test_trusted_seeds_are_compared_by_identity_not_by_path_spelling(tmp_path):
+    import pyarrow as pa
+
+    from asd_ray.attacks.poison import poison_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.seeds import pick_seeds, plan_seeds
+
+    clean = make_shards(tmp_path / "clean", n=60, size=8, channels=1, classes=3, per_shard=30)
+    poison_shards(clean, tmp_path / "train", AttackConfig("badnets", rate=0.5, target=0))
+    train = ShardSet(tmp_path / "train")
+    (tmp_path / "link-to-clean").symlink_to(tmp_path / "clean")
+    (tmp_path / "link-to-train").symlink_to(tmp_path / "train")
+
+    def respelled(table: pa.Table, folder: str) -> pa.Table:
+        return table.set_column(3, "dataset", pa.array([folder] * table.num_rows))
+
+    trusted = pick_seeds(clean, 5, seed=1)
+    expected = plan_seeds(train, trusted, 5, where="seeds")
+    assert expected.tampered.size  # badnets at 50% touches some seeds
+    for spelling in (f"{tmp_path}/link-to-clean", f"{tmp_path}/train/../clean", f"{tmp_path}/clean/"):
+        plan = plan_seeds(train, respelled(trusted, spelling), 5, where="seeds")
+        assert plan.tampered.tolist() == expected.tampered.tolist(), spelling
+    own = pick_seeds(train, 5, seed=1)
+    plan = plan_seeds(train, respelled(own, f"{tmp_path}/link-to-train"), 5, where="seeds")
+    assert plan.num_extras == 0 and plan.in_place.size == own.num_rows
