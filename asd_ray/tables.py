@@ -9,6 +9,7 @@ renamed, so no reader ever sees half a table.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 
 TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics", "flags")
 
@@ -114,7 +115,6 @@ def write_parquet(table: pa.Table, path: str | Path, name: str) -> Path:
     """Validate ``table`` against schema ``name`` and write it atomically to ``path``."""
     path = Path(path)
     table = validate(table, name, where=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -140,11 +140,33 @@ def read_parquet(path: str | Path, name: str, *, rows: int | None = None) -> pa.
     return validate(table, name, where=str(path))
 
 
+def _temporary_beside(path: Path, *, folder: bool) -> Path:
+    """A new temporary file or folder in ``path``'s folder (created if missing). A path that
+    cannot hold one (under a regular file, on /proc, read-only) is refused in one line;
+    a full disk is left to the caller's StorageError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        return Path(tmp)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else f"cannot create files in {path.parent}"
+        raise ConfigError(
+            f"cannot write {path}: {why} ({err.strerror or type(err).__name__}); choose another output path"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; name a file to write")
+    tmp = _temporary_beside(path, folder=False)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -171,8 +193,7 @@ def atomic_dir(
         raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
     if path.exists() and check_replaceable is not None:
         check_replaceable(path)  # raises if ``path`` is not the kind of folder overwrite may replace
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary_beside(path, folder=True)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
