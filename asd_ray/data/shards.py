@@ -45,7 +45,8 @@ DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 GROUND_TRUTH_FILE = "poison.parquet"
 FORMAT_VERSION = 1
-MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs), and when written
+JPEG_MAX_SIDE = 65_535  # the JPEG format's largest side
 _DECODE_CHUNK = 64  # records parsed before they are decoded
 _PIL_FORMATS = ("PNG", "JPEG", "PPM", "WEBP")  # PIL never probes other decoders
 MAX_SHARD_PATHS = 100_000
@@ -343,17 +344,31 @@ def write_shards(
         records = progress.bar(source.records, total=source.num_records, desc=f"shards make {name}")
         for sample_id, record in enumerate(records):
             if record.encoded is not None:
-                data, ext = record.encoded, record.ext or "jpg"
-                shape = _encoded_shape(data, source=record.source)
+                shape = _encoded_shape(record.encoded, source=record.source)
             elif record.image is not None:
-                data, ext = encode_image(record.image)
                 shape = record.image.shape
             else:
                 raise DataError(f"{record.source}: record has neither image nor bytes")
+            _check_storable(shape, record.source)
+            if record.encoded is not None:
+                data, ext = record.encoded, record.ext or "jpg"
+            else:
+                data, ext = encode_image(record.image)
             writer.add(sample_id, data, ext, record.label, shape, record.source)
         manifest, counts = writer.close()
         info = finish_shard_set(tmp, manifest, counts, class_names=source.class_names, source=source.name)
     return info
+
+
+def _check_storable(shape: Sequence[int], source: str) -> None:
+    """Refuse an image the shard set could not hold or give back: larger than the readers
+    decode (MAX_PIXELS) or than JPEG can encode (JPEG_MAX_SIDE per side)."""
+    height, width = shape[:2]
+    if height * width > MAX_PIXELS or max(height, width) > JPEG_MAX_SIDE:
+        raise DataError(
+            f"{source}: image is {height}x{width}, over the {MAX_PIXELS}-pixel (and {JPEG_MAX_SIDE} px "
+            "per side) limit of a shard set; resize the source images (--image-size)"
+        )
 
 
 def _encoded_shape(data: bytes, *, source: str) -> tuple[int, int, int]:
