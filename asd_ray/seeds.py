@@ -82,7 +82,13 @@ def seeds_from_list(shards: ShardSet, keys: Sequence[str]) -> pa.Table:
 
 def read_seed_list(path: str | Path) -> list[str]:
     """Keys or sample ids, one per line; blank lines and ``#`` comments are skipped."""
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"--from-list {path}: cannot read it ({getattr(err, 'strerror', None) or type(err).__name__}); "
+            "pass a text file of keys or sample ids, one per line"
+        ) from None
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 

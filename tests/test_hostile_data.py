@@ -300,3 +300,78 @@ def test_trusted_seeds_are_compared_by_identity_not_by_path_spelling(tmp_path):
     own = pick_seeds(train, 5, seed=1)
     plan = plan_seeds(train, respelled(own, f"{tmp_path}/link-to-train"), 5, where="seeds")
     assert plan.num_extras == 0 and plan.in_place.size == own.num_rows
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+
+
+def _arrays_argv(tmp_path: Path, out: str) -> list[str]:
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 1), np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(4) % 2)
+    return ["shards", "make", "--source", "arrays", "--images", str(tmp_path / "x.npy")] + [
+        "--labels",
+        str(tmp_path / "y.npy"),
+        "--out",
+        out,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("{tmp}/a-file/set", "a-file is a file, not a folder"),
+        ("{tmp}/a-file/deeper/set", "a-file is a file, not a folder"),
+        ("/proc/asd-ray-set", "cannot create files in /proc"),
+    ],
+)
+def test_unwritable_output_paths_are_one_line(tmp_path, capsys, out, message):
+    (tmp_path / "a-file").write_text("mine")
+    code, err = run(_arrays_argv(tmp_path, out.format(tmp=tmp_path)), capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_seeds_output_under_a_file_or_onto_a_folder_is_one_line(tmp_path, capsys):
+    make_shards(tmp_path / "set", n=16, size=8, classes=2, per_shard=16)
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "a-folder").mkdir()
+    seeds = ["seeds", "--in", str(tmp_path / "set"), "--per-class", "2", "--overwrite", "--out"]
+    code, err = run([*seeds, str(tmp_path / "a-file" / "s.parquet")], capsys)
+    assert code == 2 and "a-file is a file, not a folder" in err
+    code, err = run([*seeds, str(tmp_path / "a-folder")], capsys)
+    assert code == 2 and "a-folder is a folder; name a file to write" in err
+
+
+def test_images_a_shard_set_cannot_hold_are_refused_when_written(tmp_path):
+    for shape in [(2, 1, 70_000, 1), (2, 4097, 4097, 1)]:  # too wide for JPEG; over MAX_PIXELS
+        source = from_arrays(np.zeros(shape, np.uint8), np.array([0, 1]))
+        with pytest.raises(
+            DataError, match=f"arrays:0: image is {shape[1]}x{shape[2]}, over the 16777216-pixel"
+        ):
+            write_shards(source, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_missing_seed_list_is_one_line(tmp_path, capsys):
+    make_shards(tmp_path / "set", n=16, size=8, classes=2, per_shard=16)
+    argv = ["seeds", "--in", str(tmp_path / "set"), "--out", str(tmp_path / "s.parquet")]
+    code, err = run([*argv, "--from-list", str(tmp_path / "absent.txt")], capsys)
+    assert code == 2 and "--from-list" in err and "No such file or directory" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pattern-file", "{tmp}/x.npy"], "not a readable image (UnidentifiedImageError)"),
+        (["--size", "9"], "--size 9: the badnets patch side must be 1..8 on these 8x8 images"),
+        (["--size", "4000", "--pattern-file", "{tmp}/x.npy"], "--size 4000: the badnets patch side"),
+    ],
+)
+def test_trigger_flags_the_image_cannot_take_are_one_line(tmp_path, capsys, flags, message):
+    make_shards(tmp_path / "set", n=16, size=8, classes=2, per_shard=16)
+    (tmp_path / "x.npy").write_bytes(b"\x93NUMPY not an image")
+    argv = ["poison", "--attack", "badnets", "--rate", "0.5", "--in", str(tmp_path / "set")]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    code, err = run([*argv, *flags, "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()

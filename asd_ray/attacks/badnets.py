@@ -39,6 +39,15 @@ def white_square_pattern(size: int = 3) -> np.ndarray:
     return np.full((size, size, 3), 255, dtype=np.uint8)
 
 
+def check_patch_size(size: int, height: int, width: int) -> None:
+    """Refuse a patch side outside 1..the image's shorter side, before a pattern is resized to it."""
+    if not 1 <= size <= min(height, width):
+        raise ConfigError(
+            f"--size {size}: the badnets patch side must be 1..{min(height, width)} on these "
+            f"{height}x{width} images; pick a smaller --size"
+        )
+
+
 def badnets_trigger(
     height: int,
     width: int,
@@ -76,8 +85,7 @@ def badnets_trigger(
     check_pattern(pattern)
     pattern = to_channels(pattern, channels)
     if size is not None:
-        if size < 1:
-            raise ConfigError(f"size={size} must be at least 1")
+        check_patch_size(size, height, width)
         pattern = resize_pattern(pattern, size, size, nearest=True)
     if location is None:
         location = _SMALL_LOCATION if small else (0, 0)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from asd_ray import progress, tables
-from asd_ray.attacks.badnets import badnets_trigger
+from asd_ray.attacks.badnets import badnets_trigger, check_patch_size
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
 from asd_ray.attacks.trigger import apply_trigger, load_pattern
@@ -115,6 +115,8 @@ def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTra
         )
     else:
         pattern = None
+        if config.size is not None:
+            check_patch_size(config.size, height, width)
         if config.pattern_file:
             side = config.size or (2 if max(height, width) <= 64 else 32)
             pattern = load_pattern(config.pattern_file, side, side, channels)

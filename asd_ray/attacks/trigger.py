@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from asd_ray.errors import ConfigError
+from asd_ray.errors import ConfigError, DataError
 
 # ITU-R BT.601 luma weights (the ones PIL's "L" mode uses).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -129,7 +129,12 @@ def load_pattern(path: str | Path, height: int, width: int, channels: int) -> np
     """
     if height < 1 or width < 1:
         raise ConfigError(f"pattern size {height}x{width} must be positive")
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"--pattern-file {path}: not a readable image ({type(err).__name__}); pass a PNG or JPEG"
+        ) from None
     nearest = max(height, width) <= _NEAREST_MAX_SIDE
     return to_channels(resize_pattern(rgb, height, width, nearest=nearest), channels)
