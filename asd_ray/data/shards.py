@@ -28,6 +28,7 @@ from typing import NamedTuple
 import braceexpand
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from asd_ray import progress, tables
@@ -622,8 +623,24 @@ class ShardSet:
         self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
 
     def _check_manifest(self) -> None:
-        """The manifest's labels and image sizes against ``dataset.json``: models are sized
-        from them before any image is decoded."""
+        """The manifest's labels, image sizes and record places against ``dataset.json``:
+        models are sized from them before any image is decoded, and the audit's review
+        list hands each flagged sample's shard and place to a data-cleaning step."""
+        files = [str(s["file"]) for s in self.info.shards]
+        counts = [int(s["count"]) for s in self.info.shards]
+        # shard names as indices into dataset.json's list (-1: a name it does not list)
+        shard_index = pc.fill_null(pc.index_in(self.manifest.column("shard"), pa.array(files)), -1).to_numpy()
+        places = self.manifest.column("index_in_shard").to_numpy()
+        expected_index = np.repeat(np.arange(len(files)), counts)
+        expected_places = np.concatenate([np.arange(c) for c in counts]) if counts else places
+        wrong = np.flatnonzero((shard_index != expected_index) | (places != expected_places))
+        if wrong.size:
+            row = int(wrong[0])
+            raise DataError(
+                f"{self.folder}/{MANIFEST_FILE}: row {row} places its record at "
+                f"{self.manifest.column('shard')[row].as_py()!r} #{places[row]}, {DATASET_FILE} at "
+                f"{files[expected_index[row]]!r} #{expected_places[row]}; re-make the shard set"
+            )
         labels = self.manifest.column("label").to_numpy()
         outside = np.flatnonzero((labels < 0) | (labels >= self.info.num_classes))
         if outside.size:

@@ -21,6 +21,7 @@ import torch
 
 from asd_ray import tables
 from asd_ray.data.shards import MAX_PIXELS
+from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import DataError
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
 
@@ -33,7 +34,6 @@ CUSTOM = "custom"
 # (CVE-2025-32434, GHSA-53q9-r3pm-6pq6).
 SAFE_TORCH = (2, 6)
 MAX_MODEL_BYTES = 2**31  # DenseNet-121 at 1,000 classes is ~32 MB; a larger file is not ours
-MAX_CLASSES = 100_000  # the class-count limit of shard sets, models and tables
 
 
 def save_model(folder: Path, kind: str, weights: Weights, card: dict[str, Any]) -> Path:
