@@ -398,32 +398,11 @@ def _read_scores(
     The ids must be exactly 0..n-1, each once (n = largest id + 1 when not given).
     """
     table = tables.validate(table, "scores", where=where)
-    if table.num_rows == 0:
-        raise DataError(f"{where}: the table is empty; score every training sample first")
     ids = table.column("sample_id").to_numpy()
-    order = _id_order(ids, where, "score every training sample exactly once", n)
+    order = tables.id_order(ids, where=where, fix="score every training sample exactly once", n=n)
     labels = table.column("label").to_numpy()[order]
     losses = _check_losses(table.column("loss").to_numpy()[order], where)
     return ids[order], labels, losses
-
-
-def _id_order(ids: np.ndarray, where: str, fix: str, n: int | None = None) -> np.ndarray:
-    """Row order that sorts ``ids``, which must be exactly 0..n-1, each once."""
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    dup = ordered[1:][ordered[1:] == ordered[:-1]]
-    if dup.size:
-        raise DataError(f"{where}: sample id {dup[0]} appears more than once; {fix}")
-    n = int(ordered[-1]) + 1 if n is None else n
-    out = ordered[(ordered < 0) | (ordered >= n)]
-    if out.size:
-        raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
-    if ordered.size != n:
-        missing = np.setdiff1d(np.arange(n), ordered)
-        raise DataError(
-            f"{where}: sample id {missing[0]} is missing ({missing.size} of the ids 0..{n - 1}); {fix}"
-        )
-    return order
 
 
 def _seed_mask(seed_ids: np.ndarray, n: int) -> np.ndarray:
@@ -461,7 +440,9 @@ def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.n
                 f"null(s); it must be {expected} without nulls (see schemas/poison.json)"
             )
     ids = ground_truth.column("sample_id").to_numpy()
-    order = _id_order(ids, "ground_truth", "it must cover the same sample ids as the scores", n)
+    order = tables.id_order(
+        ids, where="ground_truth", fix="it must cover the same sample ids as the scores", n=n
+    )
     return (
         ground_truth.column("is_poison").to_numpy()[order],
         ground_truth.column("original_label").to_numpy()[order],
