@@ -16,16 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd_ray import tables
+from asd_ray import run_folder, tables
 from asd_ray.errors import DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR
-from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, split_path
+from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
 from asd_ray.split import suspicion
 
 if TYPE_CHECKING:
     from asd_ray.data.shards import ShardSet
-
-_RESTORE = "restore the run's own file (or run again)"
 
 
 def read_metrics(run: str | Path) -> pa.Table:
@@ -34,14 +32,9 @@ def read_metrics(run: str | Path) -> pa.Table:
     Raises:
         DataError: an epoch is repeated or missing (every run records epochs 0, 1, ...).
     """
-    path = Path(run) / METRICS_FILE
     if not Path(run).is_dir():
         raise DataError(f"{run}: no such run folder; pass the --out of `asd-ray run`")
-    metrics = tables.read_parquet(path, "metrics")
-    if metrics.num_rows == 0:
-        return metrics
-    order = tables.id_order(metrics.column("epoch").to_numpy(), where=str(path), fix=_RESTORE, name="epoch")
-    return metrics.take(pa.array(order))
+    return run_folder.read_metrics(Path(run))
 
 
 def complete_epochs(run: str | Path) -> list[int]:
@@ -78,13 +71,13 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
             than the epoch's pools, or a label outside the run's classes.
     """
     path = split_path(Path(run), epoch)
-    split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=_RESTORE)
+    split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=RESTORE)
     row = next(r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch)
     samples = row["clean_pool"] + row["polluted_pool"]
     if split.num_rows != samples:
         raise DataError(
             f"{path}: {split.num_rows} rows, but {METRICS_FILE} counts {samples} samples in epoch {epoch} "
-            f"(clean_pool + polluted_pool); {_RESTORE}"
+            f"(clean_pool + polluted_pool); {RESTORE}"
         )
     classes = num_classes(run, split)
     labels = split.column("label").to_numpy()
@@ -92,7 +85,7 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
     if bad.size:
         raise DataError(
             f"{path}: sample {bad[0]} has label {labels[bad[0]]}, outside the run's classes "
-            f"0..{classes - 1}; {_RESTORE}"
+            f"0..{classes - 1}; {RESTORE}"
         )
     return split.append_column("suspicion", pa.array(suspicion(split)))
 
@@ -140,7 +133,7 @@ def _flags(run: str | Path, epochs: list[int]) -> np.ndarray:
         if rows and len(pool) != len(rows[0]):
             raise DataError(
                 f"{split_path(Path(run), epoch)}: {len(pool)} rows, earlier epochs have {len(rows[0])}; "
-                f"{_RESTORE}"
+                f"{RESTORE}"
             )
         rows.append(pc.equal(pool, "polluted").to_numpy(zero_copy_only=False))
     return np.stack(rows)
@@ -214,7 +207,7 @@ def run_inputs(run: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
     if not isinstance(inputs, dict) or not isinstance(inputs.get("train"), str):
-        raise DataError(f'{path}: not a run\'s inputs (no "train" folder); {_RESTORE}')
+        raise DataError(f'{path}: not a run\'s inputs (no "train" folder); {RESTORE}')
     return inputs
 
 
@@ -244,7 +237,7 @@ def read_card(run: str | Path) -> dict[str, Any] | None:
     if not ok:
         raise DataError(
             f"{path}: not a model card of asd-ray (needs best, last, classes, architecture.num_classes "
-            f"and data.train.identity_sha256); {_RESTORE}"
+            f"and data.train.identity_sha256); {RESTORE}"
         )
     return card
 
@@ -291,6 +284,6 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
     if split.num_rows - int(trusted.sum()) != len(shards) or trusted[: len(shards)].any():
         raise DataError(
             f"{Path(run) / 'splits'}: {split.num_rows} rows ({int(trusted.sum())} trusted seed copies) do not "
-            f"fit the {len(shards)} samples of {folder}; {_RESTORE}"
+            f"fit the {len(shards)} samples of {folder}; {RESTORE}"
         )
     return shards
