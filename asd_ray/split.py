@@ -288,6 +288,30 @@ def suspicion(split: pa.Table) -> np.ndarray:
     return score
 
 
+def check_split(split: pa.Table, *, where: str, fix: str) -> int:
+    """Check what the schema cannot say about one epoch's split table; return its stage.
+
+    Raises:
+        DataError: naming ``where`` and ``fix``: the table is empty, mixes stages,
+            holds an unknown pool value, or has ground truth for only some rows.
+    """
+    if split.num_rows == 0:
+        raise DataError(f"{where}: the table is empty; {fix}")
+    stages = pc.unique(split.column("stage")).to_pylist()
+    if len(stages) != 1:
+        raise DataError(f"{where}: rows of stages {sorted(stages)} in one epoch's table; {fix}")
+    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
+    if pools:
+        raise DataError(f"{where}: unknown pool value(s) {sorted(pools)}, not 'clean' or 'polluted'; {fix}")
+    missing = split.column("is_poison").null_count
+    if missing not in (0, split.num_rows):
+        raise DataError(
+            f"{where}: is_poison is null in {missing} of {split.num_rows} rows; ground truth must "
+            f"cover every sample or none; {fix}"
+        )
+    return stages[0]
+
+
 def split_summary(split: pa.Table) -> dict[str, Any]:
     """Counts of one split table, keyed like the metrics table (schemas/metrics.json).
 
@@ -303,19 +327,12 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
             value, or has ground truth for only some rows.
     """
     split = tables.validate(split, "splits", where="split")
-    if split.num_rows == 0:
-        raise DataError("split: the table is empty; summarise a table made by make_split")
-    stages = pc.unique(split.column("stage")).to_pylist()
-    if len(stages) != 1:
-        raise DataError(f"split: rows of stages {sorted(stages)}; summarise one epoch's table at a time")
-    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
-    if pools:
-        raise DataError(f"split: unknown pool value(s) {sorted(pools)}; use 'clean' or 'polluted'")
+    stage = check_split(split, where="split", fix="summarise one whole table made by make_split")
     clean = pc.equal(split.column("pool"), "clean").to_numpy()
     is_seed = split.column("is_seed").to_numpy()
     labels = split.column("label").to_numpy()
     summary: dict[str, Any] = {
-        "stage": stages[0],
+        "stage": stage,
         "clean_pool": int(clean.sum()),
         "polluted_pool": int((~clean).sum()),
         "seeds": int(is_seed.sum()),
@@ -323,13 +340,8 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
         "clean_per_class": np.bincount(labels[clean], minlength=labels.max() + 1).tolist(),
     }
     poison = split.column("is_poison")
-    if poison.null_count == split.num_rows:
-        return summary
     if poison.null_count:
-        raise DataError(
-            f"split: is_poison is null in {poison.null_count} of {split.num_rows} rows; "
-            "join a ground-truth table that covers every sample"
-        )
+        return summary
     poisoned = poison.to_numpy(zero_copy_only=False)
     in_clean = int((poisoned & clean).sum())
     summary["poison_in_clean"] = in_clean

@@ -172,6 +172,12 @@ SPLIT_DEFECTS = {
     "label 2**31-1": lambda t: _label(t, 2**31 - 1),
     "label -1": lambda t: _label(t, -1),
     "pool missing": lambda t: t.drop_columns(["pool"]),
+    "an unknown pool": lambda t: _set(t, "pool", ["kept"] + t.column("pool").to_pylist()[1:]),
+    "a pool changed": lambda t: _set(t, "pool", ["clean"] * t.num_rows),
+    "two stages": lambda t: _set(t, "stage", [9] + t.column("stage").to_pylist()[1:]),
+    "ground truth on some rows": lambda t: _set(
+        t, "is_poison", [None] + t.column("is_poison").to_pylist()[1:]
+    ),
 }
 
 
@@ -196,10 +202,22 @@ def test_split_labels_are_bounded_by_the_cards_classes(fake_run, tmp_path):
         history.per_class(run)
 
 
-def test_split_rows_must_match_the_epochs_pools(fake_run, tmp_path):
+@pytest.mark.parametrize(
+    "column, value, recorded",
+    [("stage", 3, "stage 3, 3 clean and 57 polluted"), ("clean_pool", 4, "stage 1, 4 clean and 57 polluted")],
+)
+def test_a_split_table_must_match_its_epochs_metrics_row(fake_run, tmp_path, column, value, recorded):
     run = _copy(fake_run, tmp_path)
-    _rewrite(run / METRICS_FILE, lambda t: _set(t, "clean_pool", np.full(t.num_rows, 31)))
-    with pytest.raises(DataError, match=f"60 rows, but {METRICS_FILE} counts 61 samples in epoch 0"):
+
+    def edit(t):
+        values = t.column(column).to_numpy().copy()
+        values[0] = value
+        return _set(t, column, values)
+
+    _rewrite(run / METRICS_FILE, edit)
+    with pytest.raises(
+        DataError, match=f"3 clean and 57 polluted samples, but {METRICS_FILE} records {recorded} in epoch 0"
+    ):
         history.flag_history(run)
 
 

@@ -20,7 +20,7 @@ from asd_ray import run_folder, tables
 from asd_ray.errors import DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
-from asd_ray.split import suspicion
+from asd_ray.split import check_split, suspicion
 
 if TYPE_CHECKING:
     from asd_ray.data.shards import ShardSet
@@ -63,21 +63,25 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
     """One epoch's split table, row i being sample i, with its ``suspicion`` score appended.
 
     Rows are matched by ``sample_id``, never by position, and the table must agree
-    with the metrics row of its epoch and with the run's classes before anything
-    is sized by it.
+    with the metrics row of its epoch (stage and pools) and with the run's classes
+    before anything is sized by it.
 
     Raises:
-        DataError: a sample id missing, repeated or out of range, a row count other
-            than the epoch's pools, or a label outside the run's classes.
+        DataError: a sample id missing, repeated or out of range, a stage or pool
+            sizes other than the metrics row's, or a label outside the run's classes.
     """
     path = split_path(Path(run), epoch)
     split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=RESTORE)
+    stage = check_split(split, where=str(path), fix=RESTORE)
     row = next(r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch)
-    samples = row["clean_pool"] + row["polluted_pool"]
-    if split.num_rows != samples:
+    clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py()
+    pools = (stage, clean, split.num_rows - clean)
+    recorded = (row["stage"], row["clean_pool"], row["polluted_pool"])
+    if pools != recorded:
         raise DataError(
-            f"{path}: {split.num_rows} rows, but {METRICS_FILE} counts {samples} samples in epoch {epoch} "
-            f"(clean_pool + polluted_pool); {RESTORE}"
+            f"{path}: stage {pools[0]}, {pools[1]} clean and {pools[2]} polluted samples, but "
+            f"{METRICS_FILE} records stage {recorded[0]}, {recorded[1]} clean and {recorded[2]} polluted "
+            f"in epoch {epoch}; {RESTORE}"
         )
     classes = num_classes(run, split)
     labels = split.column("label").to_numpy()
