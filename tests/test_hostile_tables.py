@@ -323,3 +323,40 @@ def test_report_never_writes_through_a_linked_audit_folder(fake_run, tmp_path):
     with pytest.raises(DataError, match=f"{run / 'audit'} is a link or a file"):
         report(run)
     assert not list(target.iterdir())
+
+
+def test_the_report_of_reordered_split_tables_is_the_same_page(fake_run, two_sets, tmp_path):
+    run = _copy(fake_run, tmp_path)
+    _point(run, two_sets[0], two_sets[0].folder)
+    report(run)
+    page = (run / "audit" / "report.html").read_text()
+    assert "most suspicious samples" in page  # thumbnails, each titled with its sample's id and label
+    for epoch in range(3):
+        _rewrite(split_path(run, epoch), PERMUTATIONS["reversed"])
+    report(run)
+    assert (run / "audit" / "report.html").read_text() == page
+
+
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        (f"{MODEL_DIR}/{CARD_FILE}", "{oops", f"{MODEL_DIR}/{CARD_FILE}: not a model card"),
+        (f"{MODEL_DIR}/{CARD_FILE}", "[]", f"{MODEL_DIR}/{CARD_FILE}: not a model card"),
+        (INPUTS_FILE, "[1, 2]", f'{INPUTS_FILE}: not a run\'s inputs \\(no "train" folder\\)'),
+        (INPUTS_FILE, '{"train": 7}', f'{INPUTS_FILE}: not a run\'s inputs \\(no "train" folder\\)'),
+        ("audit", "a file", "audit is a link or a file"),
+    ],
+)
+def test_damaged_run_folder_files_are_one_data_error_in_report(fake_run, tmp_path, name, content, where):
+    run = _copy(fake_run, tmp_path)
+    _point(run, make_shards(tmp_path / "set", n=N, size=8, channels=1, classes=3), tmp_path / "set")
+    (run / name).write_text(content)
+    with pytest.raises(DataError, match=f"{run}/{where}"):
+        report(run)
+
+
+def test_a_config_that_is_not_text_is_shown_escaped(fake_run, tmp_path):
+    run = _copy(fake_run, tmp_path)
+    (run / "config.yaml").write_bytes(b"\xff\xfe<script>")
+    report(run)
+    assert "\ufffd\ufffd&lt;script&gt;" in (run / "audit" / "report.html").read_text()
