@@ -137,14 +137,15 @@ def read_metrics(out: Path) -> pa.Table:
     """RUN/metrics.parquet in epoch order, matched by its ``epoch`` column, not its row order.
 
     Raises:
-        DataError: an epoch repeated or missing (a run records epochs 0, 1, ... each once).
+        DataError: an epoch recorded twice.
     """
     path = out / METRICS_FILE
     metrics = tables.read_parquet(path, "metrics")
-    if metrics.num_rows == 0:
-        return metrics
     epochs = metrics.column("epoch").to_numpy()
-    order = tables.id_order(epochs, where=str(path), fix=RESTORE, name="epoch")
+    order = np.argsort(epochs, kind="stable")
+    repeated = epochs[order][1:][np.diff(epochs[order]) == 0]
+    if repeated.size:
+        raise DataError(f"{path}: epoch {repeated[0]} appears more than once; {RESTORE}")
     return metrics.take(pa.array(order))
 
 

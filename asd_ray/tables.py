@@ -111,11 +111,8 @@ def from_pydict(columns: dict[str, Any], name: str) -> pa.Table:
     return validate(table, name)
 
 
-def id_order(
-    ids: np.ndarray, *, where: str, fix: str, n: int | None = None, name: str = "sample id"
-) -> np.ndarray:
-    """Row order that sorts ``ids`` (sample ids, or the ``name`` of another key such as
-    epochs), which must be exactly 0..n-1, each once.
+def id_order(ids: np.ndarray, *, where: str, fix: str, n: int | None = None) -> np.ndarray:
+    """Row order that sorts the sample ``ids``, which must be exactly 0..n-1, each once.
 
     Rows are matched to samples by id, never by position, so a table re-saved in
     another order reads the same; a missing, repeated or foreign id is refused
@@ -131,16 +128,16 @@ def id_order(
     ordered = ids[order]
     dup = ordered[1:][ordered[1:] == ordered[:-1]]
     if dup.size:
-        raise DataError(f"{where}: {name} {dup[0]} appears more than once; {fix}")
+        raise DataError(f"{where}: sample id {dup[0]} appears more than once; {fix}")
     n = int(ordered[-1]) + 1 if n is None else n
     out = ordered[(ordered < 0) | (ordered >= n)]
     if out.size:
-        raise DataError(f"{where}: {name} {out[0]} is outside 0..{n - 1}; {fix}")
+        raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
     if ordered.size != n:  # distinct ids in 0..n-1: the first gap is the first id missing
         gaps = np.flatnonzero(ordered != np.arange(ordered.size))
         first = int(gaps[0]) if gaps.size else ordered.size
         raise DataError(
-            f"{where}: {name} {first} is missing ({n - ordered.size} of the ids 0..{n - 1}); {fix}"
+            f"{where}: sample id {first} is missing ({n - ordered.size} of the ids 0..{n - 1}); {fix}"
         )
     return order
 
