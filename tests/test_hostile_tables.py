@@ -22,6 +22,7 @@ from asd_ray.cli import main
 from asd_ray.errors import DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, read_metric_rows, split_path
+from asd_ray.split import split_summary
 
 N = 60  # samples of _fake_run
 
@@ -303,10 +304,44 @@ def test_split_tables_that_do_not_fit_the_training_set_are_refused(fake_run, tmp
     run = _copy(fake_run, tmp_path)
     smaller = make_shards(tmp_path / "smaller", n=N - 5, size=8, channels=1, classes=3, per_shard=32)
     _point(run, smaller, smaller.folder)
-    with pytest.raises(DataError, match=f"60 rows .0 trusted seed copies. do not fit the {N - 5} samples"):
+    with pytest.raises(
+        DataError, match=f"60 rows, 0 of them trusted seed copies, do not fit the {N - 5} samples"
+    ):
         report(run)
     argv = ["audit", "manifest", str(run), "--threshold", "0.5", "--out", str(tmp_path / "m.csv")]
     assert main(argv) == 2 and "do not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pool", ["clean", "polluted"])
+def test_trusted_seed_copies_come_after_the_training_samples_as_clean_seeds(fake_run, tmp_path, pool):
+    """A run whose seeds' trusted copies joined the training set: 57 shard samples, 3 copies."""
+    run = _copy(fake_run, tmp_path)
+    trained = make_shards(tmp_path / "set", n=N - 3, size=8, channels=1, classes=3, per_shard=32)
+    _point(run, trained, trained.folder)
+
+    def copies(t):
+        last = np.arange(t.num_rows) >= N - 3
+        t = _set(t, "pinned", np.where(last, "trusted", None))
+        t = _set(t, "is_seed", t.column("is_seed").to_numpy() | last)
+        return _set(t, "pool", np.where(last, pool, t.column("pool").to_numpy(zero_copy_only=False)))
+
+    _rewrite(split_path(run, 2), copies)
+    pools = split_summary(tables.read_parquet(split_path(run, 2), "splits"))
+
+    def record(t):  # the metrics row of epoch 2 counts the pools as the run would
+        for column in ("clean_pool", "polluted_pool"):
+            t = _set(t, column, [*t[column][:2].to_pylist(), pools[column]])
+        return t
+
+    _rewrite(run / METRICS_FILE, record)
+    if pool == "clean":
+        report(run)
+        assert "most suspicious samples" in (run / "audit" / "report.html").read_text()
+    else:
+        with pytest.raises(
+            DataError, match=f"60 rows, 3 of them trusted seed copies, do not fit the {N - 3}"
+        ):
+            report(run)
 
 
 def test_report_never_writes_through_a_linked_audit_folder(fake_run, tmp_path):

@@ -258,7 +258,8 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
 
     The set must be the one the model card names (same identity, not merely the
     same size) and ``split`` must hold one row per sample of it (plus the seeds'
-    trusted copies after them), so record keys and images belong to their rows.
+    trusted copies after them, clean seeds), so record keys and images belong to
+    their rows.
 
     Raises:
         DataError: another shard set, no model card to check it against, or a split
@@ -285,9 +286,12 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
             f'differs from {card_path}); point "train" at the run\'s own training shards'
         )
     trusted = pc.fill_null(pc.equal(split.column("pinned"), "trusted"), False).to_numpy(zero_copy_only=False)
-    if split.num_rows - int(trusted.sum()) != len(shards) or trusted[: len(shards)].any():
+    clean_seeds = pc.and_(split.column("is_seed"), pc.equal(split.column("pool"), "clean"))
+    fits = split.num_rows - int(trusted.sum()) == len(shards) and not trusted[: len(shards)].any()
+    if not fits or not clean_seeds.to_numpy(zero_copy_only=False)[trusted].all():
         raise DataError(
-            f"{Path(run) / 'splits'}: {split.num_rows} rows ({int(trusted.sum())} trusted seed copies) do not "
-            f"fit the {len(shards)} samples of {folder}; {RESTORE}"
+            f"{Path(run) / 'splits'}: {split.num_rows} rows, {int(trusted.sum())} of them trusted seed copies, "
+            f"do not fit the {len(shards)} samples of {folder} (one row each, then the copies as clean "
+            f"seeds); {RESTORE}"
         )
     return shards
