@@ -389,3 +389,11 @@ def test_a_config_that_is_not_text_is_shown_escaped(fake_run, tmp_path):
     (run / "config.yaml").write_bytes(b"\xff\xfe<script>")
     report(run)
     assert "\ufffd\ufffd&lt;script&gt;" in (run / "audit" / "report.html").read_text()
+
+
+def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_path):
+    run = _copy(fake_run, tmp_path)
+    _rewrite(run / METRICS_FILE, lambda t: t.slice(0, 2))
+    with pytest.raises(DataError, match=f"{run / METRICS_FILE}: no row for epoch 2"):
+        history.flag_history(run, epochs=[0, 1, 2])
+    assert history.flag_history(run)  # the complete epochs: 0 and 1

@@ -73,7 +73,12 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
     path = split_path(Path(run), epoch)
     split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=RESTORE)
     stage = check_split(split, where=str(path), fix=RESTORE)
-    row = next(r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch)
+    rows = [r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch]
+    if not rows:
+        raise DataError(
+            f"{Path(run) / METRICS_FILE}: no row for epoch {epoch}; audit only complete epochs (with a row)"
+        )
+    row = rows[0]
     clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py()
     pools = (stage, clean, split.num_rows - clean)
     recorded = (row["stage"], row["clean_pool"], row["polluted_pool"])
