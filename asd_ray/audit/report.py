@@ -58,6 +58,7 @@ def report(run: str | Path) -> dict[str, Any]:
     page = _page(f"asd-ray report: {run.name}", sections)
     out = run / AUDIT_DIR
     out.mkdir(exist_ok=True)
+    _check_audit_folder(run)  # again: it may have changed while the page was drawn
     if flags is not None:
         summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
     path = out / "report.html"
