@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from asd_ray import tables
 from asd_ray.config import RunConfig
@@ -38,6 +39,7 @@ RUN_LOG = "run.log"  # every progress line, time-stamped, across resumes
 TRAIN_DIR = "train"  # Ray Train's storage inside the run folder
 PRETRAIN_FILE = "pretrain.json"  # figures of the transfer pre-trained model ASD starts from
 SPLITS_DIR = "splits"
+RESTORE = "restore the run's own file (or run again)"  # the fix for a run folder's damaged record
 
 
 def split_path(run: Path, epoch: int) -> Path:
@@ -131,13 +133,27 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_metrics(out: Path) -> pa.Table:
+    """RUN/metrics.parquet in epoch order, matched by its ``epoch`` column, not its row order.
+
+    Raises:
+        DataError: an epoch recorded twice.
+    """
+    path = out / METRICS_FILE
+    metrics = tables.read_parquet(path, "metrics")
+    epochs = metrics.column("epoch").to_numpy()
+    order = np.argsort(epochs, kind="stable")
+    repeated = epochs[order][1:][np.diff(epochs[order]) == 0]
+    if repeated.size:
+        raise DataError(f"{path}: epoch {repeated[0]} appears more than once; {RESTORE}")
+    return metrics.take(pa.array(order))
+
+
 def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
     """Metrics rows of a run folder up to epoch ``done`` (empty for a new run)."""
-    path = out / METRICS_FILE
-    if done < 0 or not path.exists():
+    if done < 0 or not (out / METRICS_FILE).exists():
         return []
-    rows = tables.read_parquet(path, "metrics").to_pylist()
-    return [r for r in rows if r["epoch"] <= done]
+    return [r for r in read_metrics(out).to_pylist() if r["epoch"] <= done]
 
 
 def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -288,6 +288,30 @@ def suspicion(split: pa.Table) -> np.ndarray:
     return score
 
 
+def check_split(split: pa.Table, *, where: str, fix: str) -> int:
+    """Check what the schema cannot say about one epoch's split table; return its stage.
+
+    Raises:
+        DataError: naming ``where`` and ``fix``: the table is empty, mixes stages,
+            holds an unknown pool value, or has ground truth for only some rows.
+    """
+    if split.num_rows == 0:
+        raise DataError(f"{where}: the table is empty; {fix}")
+    stages = pc.unique(split.column("stage")).to_pylist()
+    if len(stages) != 1:
+        raise DataError(f"{where}: rows of stages {sorted(stages)} in one epoch's table; {fix}")
+    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
+    if pools:
+        raise DataError(f"{where}: unknown pool value(s) {sorted(pools)}, not 'clean' or 'polluted'; {fix}")
+    missing = split.column("is_poison").null_count
+    if missing not in (0, split.num_rows):
+        raise DataError(
+            f"{where}: is_poison is null in {missing} of {split.num_rows} rows; ground truth must "
+            f"cover every sample or none; {fix}"
+        )
+    return stages[0]
+
+
 def split_summary(split: pa.Table) -> dict[str, Any]:
     """Counts of one split table, keyed like the metrics table (schemas/metrics.json).
 
@@ -303,19 +327,12 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
             value, or has ground truth for only some rows.
     """
     split = tables.validate(split, "splits", where="split")
-    if split.num_rows == 0:
-        raise DataError("split: the table is empty; summarise a table made by make_split")
-    stages = pc.unique(split.column("stage")).to_pylist()
-    if len(stages) != 1:
-        raise DataError(f"split: rows of stages {sorted(stages)}; summarise one epoch's table at a time")
-    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
-    if pools:
-        raise DataError(f"split: unknown pool value(s) {sorted(pools)}; use 'clean' or 'polluted'")
+    stage = check_split(split, where="split", fix="summarise one whole table made by make_split")
     clean = pc.equal(split.column("pool"), "clean").to_numpy()
     is_seed = split.column("is_seed").to_numpy()
     labels = split.column("label").to_numpy()
     summary: dict[str, Any] = {
-        "stage": stages[0],
+        "stage": stage,
         "clean_pool": int(clean.sum()),
         "polluted_pool": int((~clean).sum()),
         "seeds": int(is_seed.sum()),
@@ -323,13 +340,8 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
         "clean_per_class": np.bincount(labels[clean], minlength=labels.max() + 1).tolist(),
     }
     poison = split.column("is_poison")
-    if poison.null_count == split.num_rows:
-        return summary
     if poison.null_count:
-        raise DataError(
-            f"split: is_poison is null in {poison.null_count} of {split.num_rows} rows; "
-            "join a ground-truth table that covers every sample"
-        )
+        return summary
     poisoned = poison.to_numpy(zero_copy_only=False)
     in_clean = int((poisoned & clean).sum())
     summary["poison_in_clean"] = in_clean
@@ -398,32 +410,11 @@ def _read_scores(
     The ids must be exactly 0..n-1, each once (n = largest id + 1 when not given).
     """
     table = tables.validate(table, "scores", where=where)
-    if table.num_rows == 0:
-        raise DataError(f"{where}: the table is empty; score every training sample first")
     ids = table.column("sample_id").to_numpy()
-    order = _id_order(ids, where, "score every training sample exactly once", n)
+    order = tables.id_order(ids, where=where, fix="score every training sample exactly once", n=n)
     labels = table.column("label").to_numpy()[order]
     losses = _check_losses(table.column("loss").to_numpy()[order], where)
     return ids[order], labels, losses
-
-
-def _id_order(ids: np.ndarray, where: str, fix: str, n: int | None = None) -> np.ndarray:
-    """Row order that sorts ``ids``, which must be exactly 0..n-1, each once."""
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    dup = ordered[1:][ordered[1:] == ordered[:-1]]
-    if dup.size:
-        raise DataError(f"{where}: sample id {dup[0]} appears more than once; {fix}")
-    n = int(ordered[-1]) + 1 if n is None else n
-    out = ordered[(ordered < 0) | (ordered >= n)]
-    if out.size:
-        raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
-    if ordered.size != n:
-        missing = np.setdiff1d(np.arange(n), ordered)
-        raise DataError(
-            f"{where}: sample id {missing[0]} is missing ({missing.size} of the ids 0..{n - 1}); {fix}"
-        )
-    return order
 
 
 def _seed_mask(seed_ids: np.ndarray, n: int) -> np.ndarray:
@@ -461,7 +452,9 @@ def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.n
                 f"null(s); it must be {expected} without nulls (see schemas/poison.json)"
             )
     ids = ground_truth.column("sample_id").to_numpy()
-    order = _id_order(ids, "ground_truth", "it must cover the same sample ids as the scores", n)
+    order = tables.id_order(
+        ids, where="ground_truth", fix="it must cover the same sample ids as the scores", n=n
+    )
     return (
         ground_truth.column("is_poison").to_numpy()[order],
         ground_truth.column("original_label").to_numpy()[order],

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -109,6 +110,44 @@ def from_pydict(columns: dict[str, Any], name: str) -> pa.Table:
     except KeyError as err:
         raise DataError(f"{name} table: column {err.args[0]!r} is missing") from None
     return validate(table, name)
+
+
+def id_order(ids: np.ndarray, *, where: str, fix: str, n: int | None = None) -> np.ndarray:
+    """Row order that sorts the sample ``ids``, which must be exactly 0..n-1, each once.
+
+    Rows are matched to samples by id, never by position, so a table re-saved in
+    another order reads the same; a missing, repeated or foreign id is refused
+    rather than silently shifting every row after it. ``n`` defaults to the
+    largest id + 1.
+
+    Raises:
+        DataError: naming ``where``, the first offending id and ``fix``.
+    """
+    if len(ids) == 0:
+        raise DataError(f"{where}: the table is empty; {fix}")
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    dup = ordered[1:][ordered[1:] == ordered[:-1]]
+    if dup.size:
+        raise DataError(f"{where}: sample id {dup[0]} appears more than once; {fix}")
+    n = int(ordered[-1]) + 1 if n is None else n
+    out = ordered[(ordered < 0) | (ordered >= n)]
+    if out.size:
+        raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
+    if ordered.size != n:  # distinct ids in 0..n-1: the first gap is the first id missing
+        gaps = np.flatnonzero(ordered != np.arange(ordered.size))
+        first = int(gaps[0]) if gaps.size else ordered.size
+        raise DataError(
+            f"{where}: sample id {first} is missing ({n - ordered.size} of the ids 0..{n - 1}); {fix}"
+        )
+    return order
+
+
+def by_sample_id(table: pa.Table, *, where: str, fix: str, n: int | None = None) -> pa.Table:
+    """``table``'s rows in sample_id order, row i being sample i (:func:`id_order`)."""
+    ids = table.column("sample_id").to_numpy()
+    order = id_order(ids, where=where, fix=fix, n=n)
+    return table if np.array_equal(order, np.arange(len(order))) else table.take(pa.array(order))
 
 
 def write_parquet(table: pa.Table, path: str | Path, name: str) -> Path:

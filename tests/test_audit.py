@@ -8,7 +8,7 @@ from asd_ray.audit.report import report
 from asd_ray.config import SplitConfig
 from asd_ray.errors import DataError
 from asd_ray.run_folder import METRICS_FILE, split_path
-from asd_ray.split import DETECTION_KEYS, make_split, suspicion
+from asd_ray.split import DETECTION_KEYS, make_split, split_summary, suspicion
 
 
 def _fake_run(folder, *, with_truth: bool):
@@ -54,16 +54,17 @@ def _fake_run(folder, *, with_truth: bool):
             ground_truth=truth if with_truth else None,
         )
         tables.write_parquet(split, split_path(folder, epoch), "splits")
+        pools = split_summary(split)  # the audit checks each split table against its metrics row
         rows.append(
             {
                 "epoch": epoch,
-                "stage": epoch + 1,
+                "stage": pools["stage"],
                 "defense": "asd",
                 "acc": 0.5 + 0.1 * epoch,
                 "asr": 0.1,
                 "robust_acc": 0.8,
-                "clean_pool": 30,
-                "polluted_pool": 30,
+                "clean_pool": pools["clean_pool"],
+                "polluted_pool": pools["polluted_pool"],
                 "poison_in_clean": 0 if with_truth else None,
                 "poison_fraction_clean": 0.0 if with_truth else None,
                 **{k: (0.5 if with_truth else None) for k in DETECTION_KEYS},

@@ -281,12 +281,19 @@ def poison_test_shards(
 
 
 def read_ground_truth(path: str | Path, shards: ShardSet) -> pa.Table:
-    """The validated ``poison.parquet`` of ``shards`` (one row per sample).
+    """The validated ``poison.parquet`` of ``shards``, row i being sample i.
+
+    Rows are matched to samples by ``sample_id``, so a file re-saved in another
+    row order gives the same answers.
 
     Raises:
-        DataError: if it belongs to a shard set of another size.
+        DataError: if it belongs to a shard set of another size, or an id is
+            missing, repeated or outside the set.
     """
-    return tables.read_parquet(path, "poison", rows=len(shards))
+    truth = tables.read_parquet(path, "poison", rows=len(shards))
+    return tables.by_sample_id(
+        truth, where=str(path), fix=f"pass the poison.parquet of {shards.folder}", n=len(shards)
+    )
 
 
 def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[Sample, dict[str, bytes]]]]]:

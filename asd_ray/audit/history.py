@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd_ray import tables
+from asd_ray import run_folder, tables
 from asd_ray.errors import DataError
-from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, split_path
-from asd_ray.split import suspicion
+from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_run_card
+from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
+from asd_ray.split import check_split, suspicion
+
+if TYPE_CHECKING:
+    from asd_ray.data.shards import ShardSet
 
 
 def read_metrics(run: str | Path) -> pa.Table:
-    """The run's metrics table (one row per complete epoch)."""
-    path = Path(run) / METRICS_FILE
+    """The run's metrics table, one row per complete epoch, in epoch order.
+
+    Raises:
+        DataError: an epoch is repeated or missing (every run records epochs 0, 1, ...).
+    """
     if not Path(run).is_dir():
         raise DataError(f"{run}: no such run folder; pass the --out of `asd-ray run`")
-    return tables.read_parquet(path, "metrics")
+    return run_folder.read_metrics(Path(run))
 
 
 def complete_epochs(run: str | Path) -> list[int]:
@@ -53,9 +60,50 @@ def resolve_epoch(run: str | Path, epoch: int | str) -> int:
 
 
 def read_split(run: str | Path, epoch: int) -> pa.Table:
-    """One epoch's split table with its ``suspicion`` score appended."""
-    split = tables.read_parquet(split_path(Path(run), epoch), "splits")
+    """One epoch's split table, row i being sample i, with its ``suspicion`` score appended.
+
+    Rows are matched by ``sample_id``, never by position, and the table must agree
+    with the metrics row of its epoch (stage and pools) and with the run's classes
+    before anything is sized by it.
+
+    Raises:
+        DataError: a sample id missing, repeated or out of range, a stage or pool
+            sizes other than the metrics row's, or a label outside the run's classes.
+    """
+    path = split_path(Path(run), epoch)
+    split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=RESTORE)
+    stage = check_split(split, where=str(path), fix=RESTORE)
+    rows = [r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch]
+    if not rows:
+        raise DataError(
+            f"{Path(run) / METRICS_FILE}: no row for epoch {epoch}; audit only complete epochs (with a row)"
+        )
+    row = rows[0]
+    clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py()
+    pools = (stage, clean, split.num_rows - clean)
+    recorded = (row["stage"], row["clean_pool"], row["polluted_pool"])
+    if pools != recorded:
+        raise DataError(
+            f"{path}: stage {pools[0]}, {pools[1]} clean and {pools[2]} polluted samples, but "
+            f"{METRICS_FILE} records stage {recorded[0]}, {recorded[1]} clean and {recorded[2]} polluted "
+            f"in epoch {epoch}; {RESTORE}"
+        )
+    classes = num_classes(run, split)
+    labels = split.column("label").to_numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise DataError(
+            f"{path}: sample {bad[0]} has label {labels[bad[0]]}, outside the run's classes "
+            f"0..{classes - 1}; {RESTORE}"
+        )
     return split.append_column("suspicion", pa.array(suspicion(split)))
+
+
+def num_classes(run: str | Path, split: pa.Table) -> int:
+    """The run's class count: its model card's, else at most one class per row (every
+    class of an ASD run, the only kind with split tables, has a seed)."""
+    card = read_card(run)
+    return split.num_rows if card is None else card["architecture"]["num_classes"]
 
 
 def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
@@ -90,10 +138,12 @@ def _flags(run: str | Path, epochs: list[int]) -> np.ndarray:
     """(epochs, N) bool: in the polluted pool, from each split table's pool column alone."""
     rows = []
     for epoch in epochs:
-        path = split_path(Path(run), epoch)
-        pool = tables.read_parquet(path, "splits").column("pool")
+        pool = read_split(run, epoch).column("pool")
         if rows and len(pool) != len(rows[0]):
-            raise DataError(f"{path}: {len(pool)} rows, earlier epochs have {len(rows[0])}")
+            raise DataError(
+                f"{split_path(Path(run), epoch)}: {len(pool)} rows, earlier epochs have {len(rows[0])}; "
+                f"{RESTORE}"
+            )
         rows.append(pc.equal(pool, "polluted").to_numpy(zero_copy_only=False))
     return np.stack(rows)
 
@@ -142,7 +192,7 @@ def per_class(run: str | Path, epoch: int | str = "last") -> list[dict[str, Any]
     poison = truth.to_numpy(zero_copy_only=False) if truth.null_count == 0 else None
     names = class_names(run)
     rows = []
-    for c in range(int(labels.max()) + 1):
+    for c in range(int(labels.max()) + 1):  # read_split bounds the labels by the run's classes
         mine = labels == c
         row = {
             "class": c,
@@ -162,16 +212,73 @@ def run_inputs(run: str | Path) -> dict[str, Any]:
     """RUN/inputs.json: the shard folders, seeds and ground truth the run read."""
     path = Path(run) / INPUTS_FILE
     try:
-        return json.loads(path.read_text())
+        inputs = json.loads(path.read_text())
     except (OSError, ValueError):
         raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("train"), str):
+        raise DataError(f'{path}: not a run\'s inputs (no "train" folder); {RESTORE}')
+    return inputs
+
+
+def read_card(run: str | Path) -> dict[str, Any] | None:
+    """RUN/model/card.json, or None before the run's first epoch has written it.
+
+    Raises:
+        DataError: it lacks what the audit reads from it (best and last epochs, the
+            classes, the training set's identity).
+    """
+    path = Path(run) / MODEL_DIR / CARD_FILE
+    if not path.exists():
+        return None
+    return read_run_card(path, fix=RESTORE)
 
 
 def class_names(run: str | Path) -> list[str]:
-    """The training set's class names (from its dataset.json), or [] if it moved."""
-    from asd_ray.data.shards import DATASET_FILE, read_dataset_info
+    """The training set's class names (from the model card), or [] before it exists."""
+    card = read_card(run)
+    return [] if card is None else list(card["classes"])
 
-    folder = Path(run_inputs(run).get("train", ""))
+
+def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
+    """The training shard set the run read, or None if it is no longer where inputs.json
+    says (or inputs.json is gone).
+
+    The set must be the one the model card names (same identity, not merely the
+    same size) and ``split`` must hold one row per sample of it (plus the seeds'
+    trusted copies after them, clean seeds), so record keys and images belong to
+    their rows.
+
+    Raises:
+        DataError: another shard set, no model card to check it against, or a split
+            table that does not fit it.
+    """
+    from asd_ray.data.shards import DATASET_FILE, ShardSet
+
+    if not (Path(run) / INPUTS_FILE).exists():
+        return None
+    folder = Path(run_inputs(run)["train"])
     if not (folder / DATASET_FILE).is_file():
-        return []
-    return list(read_dataset_info(folder / DATASET_FILE).class_names)
+        return None
+    card = read_card(run)
+    card_path = Path(run) / MODEL_DIR / CARD_FILE
+    if card is None:
+        raise DataError(
+            f"{card_path}: missing, so {folder} cannot be checked as the run's training set; "
+            "wait for the run's first epoch to finish, or restore the file"
+        )
+    shards = ShardSet(folder)
+    if shards.identity() != card["data"]["train"]["identity_sha256"]:
+        raise DataError(
+            f"{Path(run) / INPUTS_FILE}: {folder} is not the shard set the run trained on (its identity "
+            f'differs from {card_path}); point "train" at the run\'s own training shards'
+        )
+    trusted = pc.fill_null(pc.equal(split.column("pinned"), "trusted"), False).to_numpy(zero_copy_only=False)
+    clean_seeds = pc.and_(split.column("is_seed"), pc.equal(split.column("pool"), "clean"))
+    fits = split.num_rows - int(trusted.sum()) == len(shards) and not trusted[: len(shards)].any()
+    if not fits or not clean_seeds.to_numpy(zero_copy_only=False)[trusted].all():
+        raise DataError(
+            f"{Path(run) / 'splits'}: {split.num_rows} rows, {int(trusted.sum())} of them trusted seed copies, "
+            f"do not fit the {len(shards)} samples of {folder} (one row each, then the copies as clean "
+            f"seeds); {RESTORE}"
+        )
+    return shards

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,11 @@ FLAGGED_FRAME, KEPT_FRAME = "#ff00ff", "#00c8ff"  # used nowhere else on the pag
 
 
 def report(run: str | Path) -> dict[str, Any]:
-    """Write ``RUN/audit/report.html`` and ``flags.parquet``; return what was written."""
+    """Write ``RUN/audit/report.html`` and ``flags.parquet``; return what was written.
+
+    Everything is read and checked first, so a run folder that fails a check gets
+    no file at all.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -43,22 +46,36 @@ def report(run: str | Path) -> dict[str, Any]:
     metrics = history.read_metrics(run).to_pylist()
     if not metrics:
         raise DataError(f"{run}: no complete epoch yet; report again after the first one")
-    out = run / AUDIT_DIR
-    out.mkdir(exist_ok=True)
+    _check_audit_folder(run)
     summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": len(metrics)}
     sections = [_header(run, metrics), _figure("Metrics per epoch", _curves(metrics))]
+    flags = None
     if history.complete_epochs(run):
         flags = history.flag_history(run)
-        summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
         sections.append(_figure("Losses per stage (the last epoch of each)", _histograms(run, metrics)))
         sections += _thumbnail_sections(run)
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
+    out = run / AUDIT_DIR
+    out.mkdir(exist_ok=True)
+    _check_audit_folder(run)  # again: it may have changed while the page was drawn
+    if flags is not None:
+        summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
     path = out / "report.html"
     with tables.atomic_file(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     summary["report"] = str(path)
     return summary
+
+
+def _check_audit_folder(run: Path) -> None:
+    """RUN/audit must be absent or a real folder inside the run, never a link out of it."""
+    out = run / AUDIT_DIR
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DataError(
+            f"{out} is a link or a file, not a folder; report writes only inside the run folder: "
+            "remove it (or move it aside) and report again"
+        )
 
 
 def _png(figure) -> str:
@@ -150,8 +167,6 @@ def _histograms(run: Path, metrics: list[dict]) -> str:
 
 
 def _thumbnail_sections(run: Path) -> list[str]:
-    from asd_ray.data.shards import ShardSet
-
     split = history.read_split(run, history.complete_epochs(run)[-1])
     score = split.column("suspicion").to_numpy()
     polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
@@ -159,9 +174,8 @@ def _thumbnail_sections(run: Path) -> list[str]:
     order = np.argsort(-score, kind="stable")
     flagged = [i for i in order if polluted[i]][:THUMBNAILS]
     kept = [i for i in order if not polluted[i] and not seeds[i]][:THUMBNAILS]
-    try:
-        shards = ShardSet(history.run_inputs(run)["train"])
-    except (DataError, KeyError):
+    shards = history.train_shards(run, split)
+    if shards is None:
         return [
             "<h2>Samples</h2>\n<p>The training shards are no longer where the run read them; no thumbnails.</p>"
         ]
@@ -221,9 +235,8 @@ def _header(run: Path, metrics: list[dict]) -> str:
         if last["poison_in_clean"] is None
         else last["poison_in_clean"],
     }
-    model_card = run / "model" / "card.json"
-    if model_card.is_file():
-        card = json.loads(model_card.read_text())
+    card = history.read_card(run)
+    if card is not None:
         facts["model"] = (
             f"{run / 'model'} (best: epoch {card['best']['epoch']}, last: epoch {card['last']['epoch']})"
         )
@@ -242,7 +255,8 @@ def _text_section(run: Path) -> str:
     for name in ("config.yaml", "inputs.json"):
         path = run / name
         if path.is_file():
-            parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(path.read_text())}</pre>")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(text)}</pre>")
     return "<h2>Config and inputs</h2>\n" + "\n".join(parts)
 
 

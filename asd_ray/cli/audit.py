@@ -165,7 +165,6 @@ def _manifest(args: argparse.Namespace) -> dict:
 
     from asd_ray import tables
     from asd_ray.audit import history
-    from asd_ray.data.shards import ShardSet
 
     if not 0.0 <= args.threshold <= 1.0:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
@@ -173,7 +172,14 @@ def _manifest(args: argparse.Namespace) -> dict:
     chosen = [
         r for r in flags if r["suspicion"] >= args.threshold and r["pinned"] != "trusted"
     ]  # training ids
-    shards = ShardSet(history.run_inputs(args.run)["train"])
+    shards = history.train_shards(
+        args.run, history.read_split(args.run, history.resolve_epoch(args.run, "last"))
+    )
+    if shards is None:
+        folder = history.run_inputs(args.run)["train"]
+        raise DataError(
+            f"{folder}: the run's training shards are no longer there; put them back to list keys"
+        )
     manifest = shards.manifest.to_pydict()
     keys, files = manifest["key"], manifest["shard"]
     out = Path(args.out)

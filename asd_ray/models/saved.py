@@ -33,6 +33,7 @@ CUSTOM = "custom"
 # torch.load(weights_only=True) could run code from a crafted file before torch 2.6
 # (CVE-2025-32434, GHSA-53q9-r3pm-6pq6).
 SAFE_TORCH = (2, 6)
+MAX_EPOCH = 10**6
 MAX_MODEL_BYTES = 2**31  # DenseNet-121 at 1,000 classes is ~32 MB; a larger file is not ours
 
 
@@ -100,75 +101,97 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     ):
         raise DataError(f"{path}: state_dict must map parameter names to tensors; re-export the model")
     card = check_card(saved.get("card"), path)
+    try:
+        _whole(card, "epoch", 0, MAX_EPOCH)
+        _field(card, "kind", str)
+    except _CardProblem as problem:
+        raise DataError(f"{path}: {problem}; re-export the model") from None
     return state, dict(card, file=str(path), sha256=hashlib.sha256(data).hexdigest())
 
 
-def check_card(card: Any, where: Path) -> dict[str, Any]:
+def check_card(card: Any, where: Path, *, fix: str = "re-export the model") -> dict[str, Any]:
     """``card`` if it has every field a model is rebuilt and evaluated from, with its types
-    and ranges, else a one-line :class:`DataError` naming the field.
+    and ranges, else a one-line :class:`DataError` naming ``where``, the field and ``fix``.
 
     A card is data: it may name a built-in architecture and record a custom
     factory's name, but nothing in it is ever imported or called.
     """
-    if not isinstance(card, dict):
-        raise DataError(
-            f"{where}: the model card is a {type(card).__name__}, not a mapping; re-export the model"
-        )
-    arch = _field(card, "architecture", dict, where)
-    name = _field(arch, "name", str, where, "architecture.")
-    if name not in (*MODEL_NAMES, CUSTOM):
-        raise DataError(
-            f"{where}: architecture.name {name!r} is unknown; known: {', '.join((*MODEL_NAMES, CUSTOM))}"
-        )
-    num_classes = _whole(arch, "num_classes", 2, MAX_CLASSES, where, "architecture.")
-    _whole(arch, "in_channels", 1, 3, where, "architecture.")
-    _whole(arch, "image_size", 1, MAX_PIXELS, where, "architecture.")
-    factory = arch.get("factory")
-    if (name == CUSTOM) != isinstance(factory, str):
-        raise DataError(
-            f"{where}: architecture.factory must be a name exactly when architecture.name is custom"
-        )
-    layers = arch.get("meta_layers", [])
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
-        raise DataError(f"{where}: architecture.meta_layers must be a list of module names")
-    classes = _field(card, "classes", list, where)
-    if len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(
-            f"{where}: classes must be {num_classes} names (architecture.num_classes); re-export the model"
-        )
-    shape = _field(card, "input", dict, where)
-    channels = _whole(shape, "channels", 1, 3, where, "input.")
-    if (
-        _whole(shape, "height", 1, MAX_PIXELS, where, "input.")
-        * _whole(shape, "width", 1, MAX_PIXELS, where, "input.")
-        > MAX_PIXELS
-    ):
-        raise DataError(f"{where}: input.height x input.width is over the {MAX_PIXELS}-pixel image limit")
-    for stat in ("mean", "std"):
-        values = _field(shape, stat, list, where, "input.")
-        if len(values) != channels or not all(_finite_number(v) for v in values):
-            raise DataError(f"{where}: input.{stat} must be {channels} finite numbers (one per channel)")
-    if not all(v > 0 for v in shape["std"]):
-        raise DataError(f"{where}: input.std must be > 0 in every channel")
-    _whole(card, "epoch", 0, 10**6, where)
-    _field(card, "kind", str, where)
+    try:
+        _check_description(card)
+    except _CardProblem as problem:
+        raise DataError(f"{where}: {problem}; {fix}") from None
     return card
 
 
-def _field(mapping: dict, key: str, kind: type, where: Path, prefix: str = "") -> Any:
+def read_run_card(path: Path, *, fix: str) -> dict[str, Any]:
+    """``RUN/model/card.json``: a model card (as :func:`check_card` checks it) that also
+    records the best and last epochs and the training set's identity."""
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable model card ({type(err).__name__}); {fix}") from None
+    check_card(card, path, fix=fix)
+    try:
+        for kind in KINDS:
+            _whole(_field(card, kind, dict), "epoch", 0, MAX_EPOCH, f"{kind}.")
+        train = _field(_field(card, "data", dict), "train", dict, "data.")
+        _field(train, "identity_sha256", str, "data.train.")
+    except _CardProblem as problem:
+        raise DataError(f"{path}: {problem}; {fix}") from None
+    return card
+
+
+class _CardProblem(Exception):
+    """What is wrong with a card, without where it came from or how to fix it."""
+
+
+def _check_description(card: Any) -> None:
+    if not isinstance(card, dict):
+        raise _CardProblem(f"the model card is a {type(card).__name__}, not a mapping")
+    arch = _field(card, "architecture", dict)
+    name = _field(arch, "name", str, "architecture.")
+    if name not in (*MODEL_NAMES, CUSTOM):
+        raise _CardProblem(
+            f"architecture.name {name!r} is unknown; known: {', '.join((*MODEL_NAMES, CUSTOM))}"
+        )
+    num_classes = _whole(arch, "num_classes", 2, MAX_CLASSES, "architecture.")
+    _whole(arch, "in_channels", 1, 3, "architecture.")
+    _whole(arch, "image_size", 1, MAX_PIXELS, "architecture.")
+    if (name == CUSTOM) != isinstance(arch.get("factory"), str):
+        raise _CardProblem("architecture.factory must be a name exactly when architecture.name is custom")
+    layers = arch.get("meta_layers", [])
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
+        raise _CardProblem("architecture.meta_layers must be a list of module names")
+    classes = _field(card, "classes", list)
+    if len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
+        raise _CardProblem(f"classes must be {num_classes} names (architecture.num_classes)")
+    shape = _field(card, "input", dict)
+    channels = _whole(shape, "channels", 1, 3, "input.")
+    if (
+        _whole(shape, "height", 1, MAX_PIXELS, "input.") * _whole(shape, "width", 1, MAX_PIXELS, "input.")
+        > MAX_PIXELS
+    ):
+        raise _CardProblem(f"input.height x input.width is over the {MAX_PIXELS}-pixel image limit")
+    for stat in ("mean", "std"):
+        values = _field(shape, stat, list, "input.")
+        if len(values) != channels or not all(_finite_number(v) for v in values):
+            raise _CardProblem(f"input.{stat} must be {channels} finite numbers (one per channel)")
+    if not all(v > 0 for v in shape["std"]):
+        raise _CardProblem("input.std must be > 0 in every channel")
+
+
+def _field(mapping: dict, key: str, kind: type, prefix: str = "") -> Any:
     value = mapping.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         got = "missing" if key not in mapping else f"a {type(value).__name__}"
-        raise DataError(
-            f"{where}: model card field {prefix}{key} is {got}, not a {kind.__name__}; re-export the model"
-        )
+        raise _CardProblem(f"model card field {prefix}{key} is {got}, not a {kind.__name__}")
     return value
 
 
-def _whole(mapping: dict, key: str, low: int, high: int, where: Path, prefix: str = "") -> int:
-    value = _field(mapping, key, int, where, prefix)
+def _whole(mapping: dict, key: str, low: int, high: int, prefix: str = "") -> int:
+    value = _field(mapping, key, int, prefix)
     if not low <= value <= high:
-        raise DataError(f"{where}: model card field {prefix}{key} = {value} is outside {low}..{high}")
+        raise _CardProblem(f"model card field {prefix}{key} = {value} is outside {low}..{high}")
     return value
 
 
