@@ -368,7 +368,7 @@ _ATTACK_RANGES: dict[str, tuple[Any, str]] = {
     "rate": _finite(0, strict=True, high=1),
     "target": _NOT_NEGATIVE,
     "seed": _NOT_NEGATIVE,
-    "size": _whole(1, 4096),  # the largest image side a shard set holds
+    "size": _whole(1, 4096),  # a sanity bound; it must also fit the image (checked when built)
     "alpha": _finite(0, strict=True, high=1),
     "wanet_k": _whole(2, 64),
     "wanet_s": _finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
@@ -461,6 +461,8 @@ def _yaml(source: Path | str, what: str) -> Any:
         return yaml.safe_load(source.read_text() if isinstance(source, Path) else source)
     except OSError as err:
         raise ConfigError(f"{what}: cannot read the file ({err.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not UTF-8 text; save the file as UTF-8 YAML") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

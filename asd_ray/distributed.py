@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from asd_ray.errors import ConfigError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
@@ -43,7 +45,10 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         dist.all_reduce(stats)
         n = stats[-1]
         if n.item() < 2:
-            raise ValueError("batch norm over the global batch needs at least 2 values per channel")
+            raise ConfigError(
+                "batch norm over the global batch needs at least 2 values per channel: raise "
+                "mixmatch.batch_labeled / batch_unlabeled (or virtual.batch_size)"
+            )
         offset, sq_mean = stats[:channels] / n, stats[channels : 2 * channels] / n
         var = (sq_mean - offset * offset).clamp_(min=0.0)  # biased, as batch norm normalises
         mean = offset + shift.flatten()
@@ -84,7 +89,10 @@ class GlobalBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         if bn.momentum is None or not bn.affine or not bn.track_running_stats:
-            raise ValueError(f"{bn}: global batch norm needs momentum, affine and running statistics")
+            raise ConfigError(
+                f"model: {bn} has no momentum, affine parameters or running statistics, which batch "
+                "norm over the global batch needs; build the model's batch norms with the defaults"
+            )
         self.eps, self.momentum = bn.eps, bn.momentum
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)

@@ -34,7 +34,7 @@ from asd_ray.config import RunConfig, config_yaml, load_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
-from asd_ray.errors import DataError, storage_error_of, user_error_of
+from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models import ModelSpec
@@ -53,7 +53,9 @@ from asd_ray.run_folder import (
     TRUSTED_SEEDS_DIR,
     RunLog,
     best_row,
+    open_to_append,
     progress_line,
+    read_inputs,
     read_metric_rows,
     run_summary,
     split_path,
@@ -159,6 +161,9 @@ def run(
 
 def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one."""
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
     if resume:
         if not (out / CONFIG_FILE).is_file():
             raise DataError(f"--resume {out}: no {CONFIG_FILE} there; start a new run with --out")
@@ -170,7 +175,7 @@ def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> t
                 "a resumed run keeps its algorithm and data settings (only cluster.* and epochs may "
                 "change): drop the flag, or start a new run with --out"
             )
-        inputs = RunInputs(**json.loads((out / INPUTS_FILE).read_text()))
+        inputs = RunInputs(**read_inputs(out))
         return config, inputs
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise DataError(
@@ -189,7 +194,7 @@ def _lock_run_folder(out: Path):
         the open lock file: closing it releases the lock.
     """
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole run)
+    handle = open_to_append(out / LOCK_FILE, readable=True)  # held for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

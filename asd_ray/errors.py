@@ -42,7 +42,7 @@ def user_error_of(err: BaseException) -> UserError | None:
     """
     for current in _causes(err):
         if isinstance(current, UserError):
-            return type(current)(str(current).strip().splitlines()[0])
+            return type(current)((str(current).strip().splitlines() or [""])[0])
     lines = [m.groups() for m in map(_USER_ERROR_LINE.search, str(err).splitlines()) if m]
     if not lines:
         return None

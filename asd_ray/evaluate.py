@@ -116,12 +116,13 @@ def evaluate_model(
                 f"{shards.folder} has {shards.info.num_classes} classes, the model "
                 f"{model.card['architecture']['num_classes']}; evaluate on the model's dataset"
             )
-        images, labels = shards.load_arrays()
-        if images.shape[1:] != (card["height"], card["width"], card["channels"]):
+        shape = shards.require_uniform_size("evaluate")  # from the checked manifest, before loading
+        if shape != (card["height"], card["width"], card["channels"]):
             raise DataError(
-                f"{shards.folder}: images are {images.shape[1:]}, the model takes "
+                f"{shards.folder}: images are {shape}, the model takes "
                 f"{(card['height'], card['width'], card['channels'])}"
             )
+        images, labels = shards.load_arrays()
         _, prediction = score_images(model, torch.from_numpy(images), torch.from_numpy(labels), *config)
         columns = [np.arange(len(labels)), labels.astype(np.int32), np.zeros(len(labels), np.float32)]
         return pa.Table.from_arrays(

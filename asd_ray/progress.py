@@ -18,7 +18,7 @@ _quiet = False
 # C0/C1 controls (ANSI escapes start with ESC), zero-width and bidirectional marks, line
 # separators: text from a data set or a model file (class names, keys, paths) must not
 # steer the terminal or reorder what it shows.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
 
 
 def terminal_safe(text: str, *, keep_newlines: bool = False) -> str:

@@ -17,11 +17,13 @@ The driver writes them; :mod:`asd_ray.audit` only reads them.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -96,11 +98,30 @@ def run_summary(
     }
 
 
+def open_to_append(path: Path, *, readable: bool = False) -> TextIO:
+    """``path`` opened for appending (created if missing), never through a symbolic link:
+    a run folder handed over may hold one that points at a file elsewhere.
+
+    Raises:
+        DataError: ``path`` is a symbolic link.
+    """
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (os.O_RDWR if readable else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise DataError(
+            f"{path} is a symbolic link; a run writes only inside its folder: remove the link"
+        ) from None
+    return os.fdopen(fd, "a+" if readable else "a", encoding="utf-8")
+
+
 class RunLog:
     """The progress callback, also appending each line to RUN/run.log with a time stamp."""
 
     def __init__(self, path: Path, progress: Callable[[str], None]):
-        self.progress, self.file = progress, open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.progress, self.file = progress, open_to_append(path)
 
     def __call__(self, line: str) -> None:
         self.progress(line)
@@ -131,6 +152,34 @@ def tensorboard_writer(out: Path) -> Callable[[dict[str, Any]], None]:
 def write_text(path: Path, text: str) -> None:
     with tables.atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+INPUT_FIELDS = ("train", "test", "poison_test", "seeds", "ground_truth")  # RUN/inputs.json
+
+
+def read_inputs(run: str | Path) -> dict[str, str | None]:
+    """``RUN/inputs.json``: the shard folders, seeds and ground truth the run read.
+
+    Raises:
+        DataError: the file is missing, not JSON, or not the record a run writes
+            (a path per known field, ``train`` and ``test`` always).
+    """
+    path = Path(run) / INPUTS_FILE
+    try:
+        inputs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
+    ok = (
+        isinstance(inputs, dict)
+        and set(inputs) <= set(INPUT_FIELDS)
+        and all(isinstance(inputs.get(k), str) for k in ("train", "test"))
+        and all(v is None or isinstance(v, str) for v in inputs.values())
+    )
+    if not ok:
+        raise DataError(
+            f'{path}: not a run\'s inputs (a path for "train" and "test", and only {INPUT_FIELDS}); {RESTORE}'
+        )
+    return inputs
 
 
 def read_metrics(out: Path) -> pa.Table:

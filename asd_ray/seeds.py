@@ -172,6 +172,11 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
         if identity != parent_identity:
             extras.append((folder, ids, labels))
             continue
+        if len(source) != len(train):  # a parent holds the training set's samples, id for id
+            raise DataError(
+                f"{where}: {folder} is named as the training set's clean parent but holds {len(source)} "
+                f"samples, the training set {len(train)}; draw the seeds from the set `asd-ray poison` read"
+            )
         keep = np.zeros(len(train), bool)
         keep[ids] = True
         trusted, order, _ = load_share(source, keep=keep)  # ascending ids
@@ -185,6 +190,13 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
         if changed.any():
             extras.append((folder, order[changed], trusted_labels[changed]))
     plan = SeedPlan(_concat(in_place), _concat(tampered), extras)
+    used = np.concatenate([plan.in_place, plan.tampered])
+    unique, counts = np.unique(used, return_counts=True)
+    if (counts > 1).any():  # one training sample listed under two spellings of its folder
+        raise DataError(
+            f"{where}: training sample {unique[counts > 1][0]} is listed as a seed more than once "
+            "(from the training set and from its clean parent); every seed must be a distinct sample"
+        )
     counts = np.bincount(seeds.column("label").to_numpy(), minlength=train.info.num_classes)
     short = np.flatnonzero(counts < per_class)
     if short.size:

@@ -73,10 +73,11 @@ def validate(table: pa.Table, name: str, *, where: str = "table") -> pa.Table:
     expected = schema(name)
     meta = table.schema.metadata or {}
     version = meta.get(b"asd_ray.schema_version")
-    if version is not None and version.decode() != expected.metadata[b"asd_ray.schema_version"].decode():
+    wanted = expected.metadata[b"asd_ray.schema_version"].decode()
+    if version is not None and version.decode(errors="replace") != wanted:
         raise DataError(
-            f"{where}: written with {name} schema v{version.decode()}, this asd-ray reads "
-            f"v{expected.metadata[b'asd_ray.schema_version'].decode()}; re-create it with this version"
+            f"{where}: written with {name} schema v{version.decode(errors='replace')!r}, this asd-ray "
+            f"reads v{wanted}; re-create it with this version"
         )
     missing = [f.name for f in expected if f.name not in table.column_names]
     extra = [c for c in table.column_names if c not in expected.names]
@@ -174,8 +175,11 @@ def read_parquet(path: str | Path, name: str, *, rows: int | None = None) -> pa.
         if rows is not None and declared != rows:
             raise DataError(f"{path}: {declared} rows where {rows} are expected; re-create the {name} table")
         table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file ({err}); re-create it") from None
+    except (pa.ArrowException, OSError) as err:  # invalid, unsupported codec or type, unreadable
+        reason = (str(err).strip().splitlines() or [""])[0]  # Arrow's messages may list a whole schema
+        raise DataError(
+            f"{path}: not a readable Parquet file ({type(err).__name__}: {reason}); re-create it"
+        ) from None
     return validate(table, name, where=str(path))
 
 

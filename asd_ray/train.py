@@ -12,9 +12,7 @@ and the split table used, with a sha256 digest so a resume skips a torn one.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import pickle
 import tempfile
 import time
 import warnings
@@ -34,6 +32,7 @@ from asd_ray.data.share import append_rows, load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
 from asd_ray.models import ModelSpec, to_numpy_weights
+from asd_ray.models.saved import load_weights_only
 from asd_ray.steps import (
     WorkerData,
     clean_mask,
@@ -73,10 +72,9 @@ def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
         try:
             data = state_path.read_bytes()
             if digest_path.exists() and hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
-                raise ValueError("digest mismatch")
-            buffer = io.BytesIO(data)
-            state = torch.load(buffer, weights_only=True, map_location=device)
-        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+                raise DataError(f"{state_path}: digest mismatch")
+            state = load_weights_only(data, state_path, fix="skipped", map_location=device)
+        except (OSError, DataError):  # unreadable, digest mismatch, or not a checkpoint
             skipped.append(folder.name)
             continue
         note = f"resumed from {folder.name} (epoch {int(state['epoch'])})"

@@ -375,3 +375,107 @@ def test_trigger_flags_the_image_cannot_take_are_one_line(tmp_path, capsys, flag
     code, err = run([*argv, *flags, "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def _edit_dataset_json(folder: Path, change) -> None:
+    path = folder / "dataset.json"
+    info = json.loads(path.read_text())
+    change(info)
+    path.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda i: i.update(image_size=[10**6, 10**6]), id="image size over the pixel limit"),
+        pytest.param(lambda i: i.update(image_size=[1, 70_000]), id="a side over JPEG's limit"),
+        pytest.param(lambda i: i.update(attack={"clean": 5}), id="attack clean not a path"),
+        pytest.param(lambda i: i.update(attack={"params": "x"}), id="attack params not a mapping"),
+    ],
+)
+def test_dataset_json_cannot_size_buffers_or_name_paths_of_another_type(tmp_path, change):
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    _edit_dataset_json(out, change)
+    with pytest.raises(
+        DataError, match="dataset.json: field '(image_size|attack)' has a wrong type or value"
+    ):
+        ShardSet(out)
+
+
+def test_a_mixed_size_manifest_cannot_claim_a_huge_image(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "set"
+    write_shards(_small_source(), out)
+    _edit_dataset_json(out, lambda i: i.update(image_size=None))
+    manifest = pq.read_table(out / "manifest.parquet")
+    heights = pa.array([10**5] + manifest.column("height").to_pylist()[1:], pa.int32())
+    pq.write_table(manifest.set_column(5, "height", heights), out / "manifest.parquet")
+    with pytest.raises(DataError, match="row 0 claims a 100000x8x1 image, which no shard set holds"):
+        ShardSet(out)
+
+
+def test_a_table_with_a_column_twice_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from asd_ray import tables
+
+    seeds = tables.from_pydict(
+        {"sample_id": [0], "key": ["k"], "label": [0], "dataset": ["d"], "method": ["m"]}, "seeds"
+    )
+    doubled = pa.Table.from_arrays(
+        [*seeds.columns, seeds.column(0)], names=[*seeds.column_names, "sample_id"]
+    )
+    pq.write_table(doubled, tmp_path / "seeds.parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file .*sample_id") as refused:
+        tables.read_parquet(tmp_path / "seeds.parquet", "seeds")
+    assert "\n" not in str(refused.value)
+
+
+def test_a_parent_that_is_not_the_training_sets_size_is_refused(tmp_path):
+    from asd_ray.attacks.poison import poison_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.seeds import pick_seeds, plan_seeds
+
+    clean = make_shards(tmp_path / "clean", n=60, size=8, channels=1, classes=3, per_shard=30)
+    bigger = make_shards(tmp_path / "bigger", n=90, size=8, channels=1, classes=3, per_shard=30)
+    poison_shards(clean, tmp_path / "train", AttackConfig("badnets", rate=0.5, target=0))
+    _edit_dataset_json(tmp_path / "train", lambda i: i["attack"].update(clean_identity=bigger.identity()))
+    with pytest.raises(DataError, match="named as the training set's clean parent but holds 90 samples"):
+        plan_seeds(ShardSet(tmp_path / "train"), pick_seeds(bigger, 5, seed=1), 5, where="seeds")
+
+
+def test_one_training_sample_cannot_be_a_seed_twice_under_two_spellings(tmp_path):
+    import pyarrow as pa
+
+    from asd_ray.attacks.poison import poison_shards
+    from asd_ray.config import AttackConfig
+    from asd_ray.seeds import pick_seeds, plan_seeds
+
+    clean = make_shards(tmp_path / "clean", n=60, size=8, channels=1, classes=3, per_shard=30)
+    poison_shards(clean, tmp_path / "train", AttackConfig("badnets", rate=0.05, target=0))
+    train = ShardSet(tmp_path / "train")
+    own = pick_seeds(train, 5, seed=1)
+    from_parent = own.set_column(3, "dataset", pa.array([str(clean.folder)] * own.num_rows)).cast(own.schema)
+    with pytest.raises(DataError, match="is listed as a seed more than once"):
+        plan_seeds(train, pa.concat_tables([own, from_parent]), 5, where="seeds")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1, -1, 1]), "negative label -1"),
+        (np.array([0, 1, 2**64 - 1, 1], np.uint64), f"label {2**64 - 1} would make"),
+        (np.array([0, 1, 2**63, 1], np.uint64), f"label {2**63} would make"),
+    ],
+)
+def test_labels_that_wrap_or_are_negative_are_refused(labels, message):
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match=message):
+        from_arrays(rng.integers(0, 256, (4, 8, 8, 1), np.uint8), labels)

@@ -18,7 +18,7 @@ from conftest import make_shards
 import asd_ray.config
 from asd_ray.cli import main
 from asd_ray.cli.common import format_table
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 from asd_ray.models import ModelSpec, saved
 from asd_ray.models.registry import to_numpy_weights
 from asd_ray.models.saved import load_model, save_model
@@ -178,7 +178,7 @@ def _cards() -> list[tuple[str, object, bool]]:
         for value in HOSTILE_VALUES:
             changed = _with(base, path, value)
             # only free text that is never used to build or size anything may change
-            harmless = path == ("asd_ray_version",) or (path == ("kind",) and isinstance(value, str))
+            harmless = path == ("asd_ray_version",)
             if changed != base:
                 cases.append((f"{'.'.join(path)}={value!r}", changed, harmless))
     cases += [
@@ -192,6 +192,14 @@ def _cards() -> list[tuple[str, object, bool]]:
         ("a class name is not text", _with(base, ("classes",), [1, 2, 3, 4]), False),
         ("mean per channel missing", _with(base, ("input", "mean"), []), False),
         ("std zero", _with(base, ("input", "std"), [0.0]), False),
+        (
+            "architecture and input disagree on channels",
+            _with(base, ("architecture", "in_channels"), 3),
+            False,
+        ),
+        ("architecture and input disagree on size", _with(base, ("architecture", "image_size"), 32), False),
+        ("a side over the JPEG limit", _with(base, ("input", "width"), 70_000), False),
+        ("an unknown kind", _with(base, ("kind",), "newest"), False),
         (
             "pixels over the limit",
             _with(_with(base, ("input", "height"), 10**6), ("input", "width"), 10**6),
@@ -252,7 +260,7 @@ def test_truncated_and_foreign_files_are_one_line(model_dir, tmp_path, test_set,
 
 def test_model_files_are_refused_on_a_torch_whose_weights_only_load_can_run_code(model_dir, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
-    with pytest.raises(DataError, match="install torch >= 2.6"):
+    with pytest.raises(ConfigError, match="install torch >= 2.6"):
         load_model(model_dir)
 
 
@@ -286,3 +294,72 @@ def test_control_characters_from_data_never_reach_the_terminal_raw(tmp_path, cap
     assert code == 2 and "\x1b" not in err and "\u202e" not in err and "\\x1b[2J\\u202e" in err
     table = format_table([{"class": "cat\x1b[31m\nred"}], ["class"])
     assert "\x1b" not in table and "cat\\x1b[31m\\nred" in table
+
+
+def test_a_card_whose_architecture_cannot_be_built_blames_the_file(tmp_path):
+    card = _card()
+    state = {k: torch.from_numpy(v) for k, v in _weights(card).items()}
+    small = _with(
+        _with(_with(card, ("architecture", "image_size"), 4), ("input", "height"), 4), ("input", "width"), 4
+    )
+    path = _raw_model_file(tmp_path / "m.pt", {"format": saved.FORMAT, "state_dict": state, "card": small})
+    with pytest.raises(DataError, match="the card's architecture cannot be built"):
+        load_model(path)
+
+
+def test_a_factory_with_the_wrong_signature_is_the_flags_mistake(tmp_path, monkeypatch):
+    (tmp_path / "asd_wrong_factory.py").write_text("def build(classes):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    factory = "asd_wrong_factory:build"
+    card = _card(name="custom", factory=factory, meta_layers=["0"])
+    save_model(tmp_path / "model", "best", _weights(_card()), card)
+    with pytest.raises(ConfigError, match="cannot be called as"):
+        load_model(tmp_path / "model", factory=factory)
+    sys.modules.pop("asd_wrong_factory", None)
+
+
+def test_a_traceback_reaches_the_terminal_escaped(monkeypatch, capsys):
+    def broken(config):
+        raise KeyError("\x1b[2J column")
+
+    monkeypatch.setattr(asd_ray.config, "config_yaml", broken)
+    assert main(["config", "show"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J column" in err
+
+
+def test_a_config_file_that_is_not_text_is_the_users_mistake(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_bytes(b"\xff\xfe epochs: 3")
+    assert main(["config", "show", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_resuming_a_run_folder_never_imports_the_factory_it_names(tmp_path, trap, capsys):
+    factory, marker = trap
+    run = tmp_path / "run"
+    run.mkdir()
+    config = asd_ray.config.load_config(
+        "mnist-quick", overrides=["model.name=custom", f"model.factory={factory}", "model.meta_layers=[x]"]
+    )
+    (run / "config.yaml").write_text(asd_ray.config.config_yaml(config))
+    assert main(["run", "--resume", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--set model.factory={factory}" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_a_run_whose_out_is_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    argv = ["run", "--train", "t", "--test", "t", "--out", str(tmp_path / "afile" / "run"), "--quiet"]
+    assert main(argv) == 2
+    assert "afile is a file; name a folder for the run" in capsys.readouterr().err
+
+
+def test_run_records_are_never_written_through_a_link(tmp_path):
+    from asd_ray.run_folder import open_to_append
+
+    target = tmp_path / "elsewhere.txt"
+    (tmp_path / "run.log").symlink_to(target)
+    with pytest.raises(DataError, match="is a symbolic link"):
+        open_to_append(tmp_path / "run.log")
+    assert not target.exists()

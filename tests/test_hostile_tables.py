@@ -151,7 +151,9 @@ def _answers(run) -> dict:
 def fake_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake") / "run"
     _fake_run(folder, with_truth=True)
-    (folder / INPUTS_FILE).write_text(json.dumps({"train": str(folder / "moved")}))  # no thumbnails
+    (folder / INPUTS_FILE).write_text(
+        json.dumps({"train": str(folder / "moved"), "test": "t"})
+    )  # no thumbnails
     return folder, _answers(folder)
 
 
@@ -285,7 +287,7 @@ def two_sets(tmp_path_factory):
 
 def _point(run, trained, folder) -> None:
     _write_card(run, identity=trained.identity())
-    (run / INPUTS_FILE).write_text(json.dumps({"train": str(folder)}))
+    (run / INPUTS_FILE).write_text(json.dumps({"train": str(folder), "test": "t"}))
 
 
 def test_report_and_manifest_refuse_another_shard_set_of_the_same_size(fake_run, two_sets, tmp_path, capsys):
@@ -373,8 +375,8 @@ def test_the_report_of_reordered_split_tables_is_the_same_page(fake_run, two_set
     [
         (f"{MODEL_DIR}/{CARD_FILE}", "{oops", f"{MODEL_DIR}/{CARD_FILE}: not a readable model card"),
         (f"{MODEL_DIR}/{CARD_FILE}", "[]", f"{MODEL_DIR}/{CARD_FILE}: the model card is a list"),
-        (INPUTS_FILE, "[1, 2]", f'{INPUTS_FILE}: not a run\'s inputs \\(no "train" folder\\)'),
-        (INPUTS_FILE, '{"train": 7}', f'{INPUTS_FILE}: not a run\'s inputs \\(no "train" folder\\)'),
+        (INPUTS_FILE, "[1, 2]", f"{INPUTS_FILE}: not a run's inputs"),
+        (INPUTS_FILE, '{"train": 7}', f"{INPUTS_FILE}: not a run's inputs"),
         ("audit", "a file", "audit is a link or a file"),
     ],
 )
@@ -399,3 +401,22 @@ def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_p
     with pytest.raises(DataError, match=f"{run / METRICS_FILE}: no row for epoch 2"):
         history.flag_history(run, epochs=[0, 1, 2])
     assert history.flag_history(run)  # the complete epochs: 0 and 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"train": "t", "test": "t", "code": "x"}',
+        '{"train": "t"}',
+        '{"train": "t", "test": 5}',
+        "[]",
+        "{oops",
+    ],
+    ids=["an unknown field", "no test", "a path that is not text", "not a mapping", "not JSON"],
+)
+def test_inputs_json_that_a_run_did_not_write_is_one_data_error(tmp_path, text):
+    from asd_ray.run_folder import INPUTS_FILE, read_inputs
+
+    (tmp_path / INPUTS_FILE).write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / INPUTS_FILE))):
+        read_inputs(tmp_path)

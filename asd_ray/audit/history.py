@@ -8,7 +8,6 @@ splitting order, 0 = most trusted, 1 = least.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,8 @@ def read_metrics(run: str | Path) -> pa.Table:
     """The run's metrics table, one row per complete epoch, in epoch order.
 
     Raises:
-        DataError: an epoch is repeated or missing (every run records epochs 0, 1, ...).
+        DataError: an epoch is repeated (a gap can be left by a crash before its row
+            was written, and reads).
     """
     if not Path(run).is_dir():
         raise DataError(f"{run}: no such run folder; pass the --out of `asd-ray run`")
@@ -191,33 +191,23 @@ def per_class(run: str | Path, epoch: int | str = "last") -> list[dict[str, Any]
     truth = split.column("is_poison")
     poison = truth.to_numpy(zero_copy_only=False) if truth.null_count == 0 else None
     names = class_names(run)
-    rows = []
-    for c in range(int(labels.max()) + 1):  # read_split bounds the labels by the run's classes
-        mine = labels == c
-        row = {
+    classes = int(labels.max()) + 1  # read_split bounds the labels by the run's classes
+
+    def count(mask: np.ndarray) -> np.ndarray:  # (classes,) samples of each class in mask
+        return np.bincount(labels[mask], minlength=classes)
+
+    everyone = np.ones(len(labels), bool)
+    columns = {"samples": count(everyone), "clean": count(~polluted), "polluted": count(polluted)}
+    if poison is not None:
+        columns |= {"poisoned": count(poison), "poisoned_in_clean": count(poison & ~polluted)}
+    return [
+        {
             "class": c,
             "name": names[c] if c < len(names) else str(c),
-            "samples": int(mine.sum()),
-            "clean": int((mine & ~polluted).sum()),
-            "polluted": int((mine & polluted).sum()),
+            **{k: int(v[c]) for k, v in columns.items()},
         }
-        if poison is not None:
-            row["poisoned"] = int((mine & poison).sum())
-            row["poisoned_in_clean"] = int((mine & poison & ~polluted).sum())
-        rows.append(row)
-    return rows
-
-
-def run_inputs(run: str | Path) -> dict[str, Any]:
-    """RUN/inputs.json: the shard folders, seeds and ground truth the run read."""
-    path = Path(run) / INPUTS_FILE
-    try:
-        inputs = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
-    if not isinstance(inputs, dict) or not isinstance(inputs.get("train"), str):
-        raise DataError(f'{path}: not a run\'s inputs (no "train" folder); {RESTORE}')
-    return inputs
+        for c in range(classes)
+    ]
 
 
 def read_card(run: str | Path) -> dict[str, Any] | None:
@@ -256,7 +246,7 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
 
     if not (Path(run) / INPUTS_FILE).exists():
         return None
-    folder = Path(run_inputs(run)["train"])
+    folder = Path(run_folder.read_inputs(run)["train"])
     if not (folder / DATASET_FILE).is_file():
         return None
     card = read_card(run)

@@ -182,15 +182,14 @@ def _thumbnail_sections(run: Path) -> list[str]:
     wanted = np.zeros(len(shards), bool)
     wanted[flagged + kept] = True
     images = {s.sample_id: s.image for s in shards.iter_samples(keep=wanted)}
-    rows = split.to_pylist()
-    return [
+    return [  # read_split gives row i to sample i
         _figure(
             f"The {len(flagged)} most suspicious samples (polluted pool, last epoch)",
-            _grid([images[i] for i in flagged], [rows[i] for i in flagged], FLAGGED_FRAME),
+            _grid([images[i] for i in flagged], split.take(flagged).to_pylist(), FLAGGED_FRAME),
         ),
         _figure(
             f"The {len(kept)} hardest samples kept clean (highest suspicion in the clean pool)",
-            _grid([images[i] for i in kept], [rows[i] for i in kept], KEPT_FRAME),
+            _grid([images[i] for i in kept], split.take(kept).to_pylist(), KEPT_FRAME),
         ),
     ]
 

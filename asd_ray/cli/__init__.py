@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(err)
         return 1
     except Exception:  # not the user's mistake: keep everything a bug report needs
-        traceback.print_exc()
+        print(progress.terminal_safe(traceback.format_exc(), keep_newlines=True), end="", file=sys.stderr)
         print(
             f"asd-ray: internal error: the traceback above is a bug in asd-ray {__version__}, "
             "not a problem with your input; please report it",

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from asd_ray import run_folder
 from asd_ray.cli.common import add_quiet, print_table, say
 from asd_ray.errors import DataError
 
@@ -145,7 +146,6 @@ def _export(args: argparse.Namespace) -> dict:
 
     flags = history.flag_history(args.run)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "parquet":
         tables.write_parquet(flags, out, "flags")
     else:
@@ -176,14 +176,13 @@ def _manifest(args: argparse.Namespace) -> dict:
         args.run, history.read_split(args.run, history.resolve_epoch(args.run, "last"))
     )
     if shards is None:
-        folder = history.run_inputs(args.run)["train"]
+        folder = run_folder.read_inputs(args.run)["train"]
         raise DataError(
             f"{folder}: the run's training shards are no longer there; put them back to list keys"
         )
     manifest = shards.manifest.to_pydict()
     keys, files = manifest["key"], manifest["shard"]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     columns = [
         "sample_id",
         "key",

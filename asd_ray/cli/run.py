@@ -101,6 +101,7 @@ def add_commands(commands) -> None:
 def _run(args: argparse.Namespace) -> dict:
     from asd_ray.config import load_config
     from asd_ray.driver import RunInputs, run
+    from asd_ray.run_folder import CONFIG_FILE
 
     overrides = list(args.set)
     for flag, key in (
@@ -115,9 +116,16 @@ def _run(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
-        saved = Path(args.out) / "config.yaml"
+        saved = Path(args.out) / CONFIG_FILE
         if not saved.is_file():
-            raise DataError(f"--resume {args.out}: no config.yaml there; start a new run with --out")
+            raise DataError(f"--resume {args.out}: no {CONFIG_FILE} there; start a new run with --out")
+        recorded = load_config(None, saved).model.factory
+        restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides)
+        if recorded is not None and not restated:
+            raise DataError(
+                f"{saved}: the run's model is built by the factory {recorded!r}, and a run folder never "
+                f"chooses code to run: if you trust that code, resume with --set model.factory={recorded}"
+            )
         config = load_config(None, saved, overrides)
     else:
         config = load_config(args.preset, args.config, overrides)

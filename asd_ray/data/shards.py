@@ -185,10 +185,11 @@ def read_dataset_info(path: Path) -> ShardSetInfo:
             isinstance(raw["image_size"], list)
             and len(raw["image_size"]) == 2
             and all(is_int(v, 1) for v in raw["image_size"])
+            and _image_fits(*raw["image_size"])
         ),
         "channels": raw["channels"] is None or raw["channels"] in (1, 3),
         "source": isinstance(raw["source"], str),
-        "attack": raw.get("attack") is None or isinstance(raw["attack"], dict),
+        "attack": raw.get("attack") is None or _attack_record_ok(raw["attack"]),
         "format_version": is_int(raw.get("format_version", FORMAT_VERSION)),
     }
     wrong = [name for name, ok in checks.items() if not ok]
@@ -200,6 +201,23 @@ def read_dataset_info(path: Path) -> ShardSetInfo:
     except DataError as err:
         raise bad(str(err)) from None
     return ShardSetInfo(**raw)
+
+
+def _image_fits(height: int, width: int) -> bool:
+    """Whether a shard set may hold an image of this size: not larger than the readers decode
+    (MAX_PIXELS) or than JPEG can encode (JPEG_MAX_SIDE per side)."""
+    return height * width <= MAX_PIXELS and max(height, width) <= JPEG_MAX_SIDE
+
+
+def _attack_record_ok(attack: object) -> bool:
+    """The ``attack`` record ``asd-ray poison`` writes: JSON parameters, the clean parent's
+    folder and identity (a hostile one must not reach a path or a lookup as another type)."""
+    return (
+        isinstance(attack, dict)
+        and isinstance(attack.get("params", {}), dict)
+        and isinstance(attack.get("clean", ""), str)
+        and isinstance(attack.get("clean_identity", ""), str)
+    )
 
 
 class ShardWriter:
@@ -362,10 +380,9 @@ def write_shards(
 
 
 def _check_storable(shape: Sequence[int], source: str) -> None:
-    """Refuse an image the shard set could not hold or give back: larger than the readers
-    decode (MAX_PIXELS) or than JPEG can encode (JPEG_MAX_SIDE per side)."""
+    """Refuse an image the shard set could not hold or give back (:func:`_image_fits`)."""
     height, width = shape[:2]
-    if height * width > MAX_PIXELS or max(height, width) > JPEG_MAX_SIDE:
+    if not _image_fits(height, width):
         raise DataError(
             f"{source}: image is {height}x{width}, over the {MAX_PIXELS}-pixel (and {JPEG_MAX_SIDE} px "
             "per side) limit of a shard set; resize the source images (--image-size)"
@@ -649,7 +666,26 @@ class ShardSet:
                 f"outside the {self.info.num_classes} classes of {DATASET_FILE}; re-make the shard set"
             )
         if self.info.image_size is None or self.info.channels is None:
-            return  # mixed sizes: each record is checked against its own row when decoded
+            # mixed sizes: each record is checked against its own row when decoded, but
+            # buffers are sized from the rows before that
+            heights, widths = (
+                self.manifest.column(c).to_numpy().astype(np.int64) for c in ("height", "width")
+            )
+            channels = self.manifest.column("channels").to_numpy()
+            bad = np.flatnonzero(
+                (heights < 1)
+                | (widths < 1)
+                | (heights * widths > MAX_PIXELS)
+                | (np.maximum(heights, widths) > JPEG_MAX_SIDE)
+                | ~np.isin(channels, (1, 3))
+            )
+            if bad.size:
+                row = int(bad[0])
+                raise DataError(
+                    f"{self.folder}/{MANIFEST_FILE}: row {row} claims a {heights[row]}x{widths[row]}x"
+                    f"{channels[row]} image, which no shard set holds; re-make the shard set"
+                )
+            return
         expected = (*self.info.image_size, self.info.channels)
         for column, value in zip(("height", "width", "channels"), expected):
             differ = np.flatnonzero(self.manifest.column(column).to_numpy() != value)
@@ -853,7 +889,7 @@ def inspect_shard_set(folder: str | Path) -> dict:
         "per_class": {name: int(n) for name, n in zip(shards.info.class_names, per_class)},
         "image_sizes": sizes,
         "schema": "ok",
-        "attack": (shards.info.attack or {}).get("params", {}).get("attack"),
+        "attack": (shards.info.attack or {}).get("params", {}).get("attack"),  # types checked on open
     }
     truth_path = shards.folder / GROUND_TRUTH_FILE
     if truth_path.exists():

@@ -279,7 +279,12 @@ def build_custom(
         raise ConfigError(
             f"model.factory {factory!r} cannot be imported ({err}); install or fix it"
         ) from None
-    net = function(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    try:
+        net = function(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    except TypeError as err:  # a signature that does not take the three keywords
+        raise ConfigError(
+            f"model.factory {factory!r} cannot be called as (num_classes=, in_channels=, image_size=) ({err})"
+        ) from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model.factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
     return CustomClassifier(net, meta_layers)

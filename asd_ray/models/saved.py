@@ -13,16 +13,15 @@ import hashlib
 import io
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from asd_ray import tables
-from asd_ray.data.shards import MAX_PIXELS
+from asd_ray.data.shards import JPEG_MAX_SIDE, MAX_PIXELS
 from asd_ray.data.sources.base import MAX_CLASSES
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
 
 MODEL_DIR = "model"
@@ -70,14 +69,30 @@ def model_file(source: str | Path, kind: str = "best") -> Path:
     )
 
 
+def load_weights_only(data: bytes, where: Path, *, fix: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of untrusted bytes: plain containers and tensors only, on a torch
+    whose weights-only loading no crafted file can make run code.
+
+    Raises:
+        ConfigError: this torch is older than :data:`SAFE_TORCH`.
+        DataError: the bytes are not a readable weights-only file (any failure on a
+            crafted file is a data problem, not a bug).
+    """
+    if _torch_version() < SAFE_TORCH:
+        raise ConfigError(
+            f"{where}: torch {torch.__version__} can run code while loading a file even with "
+            f"weights_only=True; install torch >= {'.'.join(map(str, SAFE_TORCH))}"
+        )
+    buffer = io.BytesIO(data)
+    try:
+        return torch.load(buffer, weights_only=True, map_location=map_location)
+    except Exception as err:  # noqa: BLE001 (whatever a crafted file makes the unpickler raise)
+        raise DataError(f"{where}: not a readable file of asd-ray ({type(err).__name__}); {fix}") from None
+
+
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and checked card of a model file, loaded as weights only (never
     unpickled code), with the file's path and sha256 added to the card."""
-    if _torch_version() < SAFE_TORCH:
-        raise DataError(
-            f"{path}: torch {torch.__version__} can run code while loading a model file even with "
-            f"weights_only=True; install torch >= {'.'.join(map(str, SAFE_TORCH))}"
-        )
     size = path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise DataError(
@@ -85,12 +100,7 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             "this is not a classifier asd-ray wrote"
         )
     data = path.read_bytes()
-    try:
-        saved = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise DataError(
-            f"{path}: not a readable asd-ray model ({type(err).__name__}); re-export it"
-        ) from None
+    saved = load_weights_only(data, path, fix="re-export it")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise DataError(f"{path}: not an asd-ray model file (format {FORMAT} expected)")
     state = saved.get("state_dict")
@@ -103,7 +113,8 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     card = check_card(saved.get("card"), path)
     try:
         _whole(card, "epoch", 0, MAX_EPOCH)
-        _field(card, "kind", str)
+        if _field(card, "kind", str) not in KINDS:
+            raise _CardProblem(f"kind {card['kind']!r} is not one of {', '.join(KINDS)}")
     except _CardProblem as problem:
         raise DataError(f"{path}: {problem}; re-export the model") from None
     return state, dict(card, file=str(path), sha256=hashlib.sha256(data).hexdigest())
@@ -155,8 +166,8 @@ def _check_description(card: Any) -> None:
             f"architecture.name {name!r} is unknown; known: {', '.join((*MODEL_NAMES, CUSTOM))}"
         )
     num_classes = _whole(arch, "num_classes", 2, MAX_CLASSES, "architecture.")
-    _whole(arch, "in_channels", 1, 3, "architecture.")
-    _whole(arch, "image_size", 1, MAX_PIXELS, "architecture.")
+    in_channels = _whole(arch, "in_channels", 1, 3, "architecture.")
+    image_size = _whole(arch, "image_size", 1, JPEG_MAX_SIDE, "architecture.")
     if (name == CUSTOM) != isinstance(arch.get("factory"), str):
         raise _CardProblem("architecture.factory must be a name exactly when architecture.name is custom")
     layers = arch.get("meta_layers", [])
@@ -167,11 +178,15 @@ def _check_description(card: Any) -> None:
         raise _CardProblem(f"classes must be {num_classes} names (architecture.num_classes)")
     shape = _field(card, "input", dict)
     channels = _whole(shape, "channels", 1, 3, "input.")
-    if (
-        _whole(shape, "height", 1, MAX_PIXELS, "input.") * _whole(shape, "width", 1, MAX_PIXELS, "input.")
-        > MAX_PIXELS
-    ):
+    height = _whole(shape, "height", 1, JPEG_MAX_SIDE, "input.")
+    width = _whole(shape, "width", 1, JPEG_MAX_SIDE, "input.")
+    if height * width > MAX_PIXELS:
         raise _CardProblem(f"input.height x input.width is over the {MAX_PIXELS}-pixel image limit")
+    if (in_channels, image_size) != (channels, max(height, width)):
+        raise _CardProblem(
+            f"architecture takes {in_channels} channel(s) at {image_size} px, input says {channels} at "
+            f"{height}x{width}"
+        )
     for stat in ("mean", "std"):
         values = _field(shape, stat, list, "input.")
         if len(values) != channels or not all(_finite_number(v) for v in values):
@@ -250,8 +265,12 @@ def load_model(source: str | Path, kind: str = "best", *, factory: str | None = 
     )
     try:
         model = spec.build()
-    except (ValueError, TypeError) as err:
-        raise DataError(f"{card['file']}: cannot build {arch['name']} from the card ({err})") from None
+    except ConfigError as err:
+        if factory is not None:
+            raise  # the user's --factory, not the file
+        raise DataError(
+            f"{card['file']}: the card's architecture cannot be built ({err}); re-export the model"
+        ) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

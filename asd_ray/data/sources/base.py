@@ -43,13 +43,19 @@ def inferred_class_names(labels: Sequence[int] | np.ndarray, where: str) -> list
     Refused before any name is built: C over :data:`MAX_CLASSES`, or a class in 0..C-1
     that no record has (a stray large label would otherwise make a set of empty classes).
     """
-    present = np.unique(np.asarray(labels, dtype=np.int64))
-    top = int(present[-1])
-    if top >= MAX_CLASSES:
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise DataError(
+            f"{where}: label {int(labels.min())} is negative; labels must be class indices 0..C-1"
+        )
+    if labels.size and labels.max() >= MAX_CLASSES:  # in the labels' own type: a huge uint64 must not wrap
+        top = int(labels.max())
         raise DataError(
             f"{where}: label {top} would make {top + 1} classes, over the limit of {MAX_CLASSES}; "
             "labels must be class indices 0..C-1: fix the labels"
         )
+    present = np.unique(labels.astype(np.int64))
+    top = int(present[-1])
     if len(present) != top + 1:
         missing = int(np.setdiff1d(np.arange(top + 1), present)[0])
         raise DataError(
