@@ -76,7 +76,7 @@ def validate(table: pa.Table, name: str, *, where: str = "table") -> pa.Table:
     wanted = expected.metadata[b"asd_ray.schema_version"].decode()
     if version is not None and version.decode(errors="replace") != wanted:
         raise DataError(
-            f"{where}: written with {name} schema v{version.decode(errors='replace')!r}, this asd-ray "
+            f"{where}: written with {name} schema v{version.decode(errors='replace')}, this asd-ray "
             f"reads v{wanted}; re-create it with this version"
         )
     missing = [f.name for f in expected if f.name not in table.column_names]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +41,7 @@ def test_bench_driver_runs_small_and_reports_every_figure() -> None:
     assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
 
 
+@pytest.mark.slow  # two Ray Train runs (about a minute): run with -m slow
 def test_bench_defense_smoke_writes_its_tables(tmp_path) -> None:
     done = subprocess.run(
         [

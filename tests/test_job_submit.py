@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a whole cluster per test: run with -m slow
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,7 +14,7 @@ from asd_ray.config import load_config
 from asd_ray.driver import RAY_TRAIN_ENV, run
 from asd_ray.run_folder import split_path
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a whole cluster per test: run with -m slow
 
 
 def _run(inputs, out):
