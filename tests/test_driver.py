@@ -277,6 +277,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(ray_cluster, poisoned
     assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0, 1, 2]
 
 
+@pytest.mark.slow  # transfer pre-training end to end (about 40 s), with the other transfer runs
 def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_cluster, poisoned_data, tmp_path):
     """Seeds from another shard set: pre-training runs once before epoch 0, its model is
     checkpointed (a resume starts from it, not again), and its figures are recorded."""
