@@ -172,6 +172,7 @@ class MixMatchConfig:
     batch_unlabeled: int = 64  # unlabeled samples per step (global, see batch_rule)
     # global: the paper's step whatever the worker count (one global batch of 64 + 64, served
     # by the workers that hold its samples); scaled: global batch W x (64 + 64), iterations / W
+    # (the baseline too; the stage-3 virtual model keeps the paper's batch under both rules)
     batch_rule: str = "global"
     temperature: float = 0.5  # sharpening of guessed labels
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
@@ -197,12 +198,13 @@ class MixMatchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VirtualConfig:
-    """Stage 3's throw-away virtual model (meta-split)."""
+    """Stage 3's throw-away virtual model (meta-split): the same global batch, step count and
+    learning rate under both batch rules and every worker count."""
 
     lr: float = 0.015  # Adam learning rate on the model's meta_parameters()
     batch_size: int = 128  # global batch
     epochs: float = 1.0  # passes over the whole poisoned set
-    min_steps: int = 0  # at least this many steps (small data sets need ~250: see the reference)
+    min_steps: int = 0  # at least this many steps (small data sets need ~250: see the README)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +232,15 @@ class TransferConfig:
 class ComputeConfig:
     """How training arithmetic runs (see asd_ray.compute); scoring always computes in fp32."""
 
-    precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32 | bf16 | fp32
+    # auto: what was measured faster on the device (GPU: tf32 up to 64 px, bf16 above; CPU: bf16
+    # where native, else fp32) | fp32 (full fp32, no TF32) | tf32 (GPUs; fp32 on a CPU) | bf16
+    precision: str = "auto"
     channels_last: bool = True  # NHWC memory format for models and batches
     compile: bool = False  # torch.compile the training model (first steps pay the compile time)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"compute.precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.precision not in ("auto", "fp32", "tf32", "bf16"):
+            raise ConfigError(f"compute.precision {self.precision!r}: choose auto, fp32, tf32 or bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +338,7 @@ _NOT_NEGATIVE = ((lambda v: v >= 0), "an integer >= 0")
 # Every numeric setting's range, checked where the config is built, named by its key.
 _RANGES: dict[str, tuple[Any, str]] = {
     "seed": _NOT_NEGATIVE,
-    "baseline_batch_size": _AT_LEAST_ONE,
+    "baseline_batch_size": _whole(2, 2**20),  # batch norm needs two values per channel
     "data.crop_padding": _NOT_NEGATIVE,
     "scoring.sce_alpha": _finite(0, strict=False),
     "scoring.sce_beta": _finite(0, strict=False),
@@ -346,7 +350,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "mixmatch.lr": _finite(0, strict=True),
     "mixmatch.warmup_epochs": _finite(0, strict=False),
     "virtual.lr": _finite(0, strict=True),
-    "virtual.batch_size": _AT_LEAST_ONE,
+    "virtual.batch_size": _whole(2, 2**20),
     "virtual.epochs": _finite(0, strict=False),
     "virtual.min_steps": _NOT_NEGATIVE,
     "transfer.semi_epochs": _NOT_NEGATIVE,

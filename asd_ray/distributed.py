@@ -2,11 +2,16 @@
 and gathering a step's rows from every rank.
 
 Models and losses know nothing of this; :mod:`asd_ray.steps` applies it when a
-run has more than one worker. PyTorch's ``SyncBatchNorm`` runs on CUDA only, so
-on CPU (gloo) the same arithmetic is :class:`GlobalBatchNorm`: per-channel sums
-are all-reduced in the forward pass, and the sums of the upstream gradient in
-the backward pass, which is exactly the gradient of the single-process loss
-when each rank's loss is scaled as :func:`asd_ray.steps.mixmatch_epoch` does.
+run has more than one worker. One batch norm serves every backend (gloo on CPU,
+NCCL on GPUs): :class:`GlobalBatchNorm` all-reduces per-channel sums in float32 in
+the forward pass, and the sums of the upstream gradient in the backward pass,
+which is exactly the gradient of the single-process loss when each rank's loss is
+scaled as :func:`asd_ray.steps.mixmatch_epoch` does. A rank may hold none of a
+step's rows (64 rows over 16 GPUs, say): it still sends float32 zeros of the same
+size, so every rank takes part in the same collectives. PyTorch's
+``SyncBatchNorm`` does not: an empty rank sends its statistics in the input's
+dtype (bf16 under autocast) while the others send float32, and the ranks then
+gather tensors of different types, which NCCL does not check.
 """
 
 from __future__ import annotations
@@ -41,14 +46,9 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         shape = [1, channels] + [1] * (x.dim() - 2)
         shift = running_mean.detach().float().view(shape)
         centred = x - shift
-        stats = torch.cat([centred.sum(dims), (centred * centred).sum(dims), count])  # (2C + 1,)
-        dist.all_reduce(stats)
-        n = stats[-1]
-        if n.item() < 2:
-            raise ConfigError(
-                "batch norm over the global batch needs at least 2 values per channel: raise "
-                "mixmatch.batch_labeled / batch_unlabeled (or virtual.batch_size)"
-            )
+        stats = torch.cat([centred.sum(dims), (centred * centred).sum(dims), count])  # (2C + 1,) fp32
+        dist.all_reduce(stats)  # the same size and dtype on every rank, rows or none
+        n = stats[-1]  # the global batch (>= 2: the config's batch ranges); never read on the host
         offset, sq_mean = stats[:channels] / n, stats[channels : 2 * channels] / n
         var = (sq_mean - offset * offset).clamp_(min=0.0)  # biased, as batch norm normalises
         mean = offset + shift.flatten()
@@ -119,19 +119,14 @@ class GlobalBatchNorm(nn.Module):
         )
 
 
-def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every batch-norm layer of ``model`` by one over the global batch (in place).
-
-    CUDA uses PyTorch's ``SyncBatchNorm`` (fused kernels, NCCL); other devices
-    :class:`GlobalBatchNorm`. State-dict keys do not change.
-    """
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """Replace every batch-norm layer of ``model`` by :class:`GlobalBatchNorm` (in place), on
+    every device and backend. State-dict keys do not change."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(model, name, GlobalBatchNorm(child))
         else:
-            sync_batch_norm(child, device)
+            sync_batch_norm(child)
     return model
 
 

@@ -45,12 +45,13 @@ def score_images(
     device = next(model.parameters()).device
     fmt = compute.memory_format(compute_config)
     losses, predictions = [], []
+    labels = compute.to_device(labels, device)  # once per pass, not one pageable copy per batch
     with torch.inference_mode():
         for start in range(0, len(labels), scoring.batch_size):
             batch = images[start : start + scoring.batch_size].to(device, non_blocking=True)
             x = augment(batch, data, generator) if generator else normalize(batch, data)
             logits = model(x.contiguous(memory_format=fmt)).float()  # (B, C)
-            y = labels[start : start + scoring.batch_size].to(device, non_blocking=True)
+            y = labels[start : start + scoring.batch_size]
             losses.append(sce_loss(logits, y, alpha=scoring.sce_alpha, beta=scoring.sce_beta))
             predictions.append(logits.argmax(1))
     if not losses:

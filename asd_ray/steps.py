@@ -11,8 +11,11 @@ any W: every worker draws the same global batch and serves the rows it holds,
 losses are each worker's share of the global means (times W, for DDP's
 average), batch norm spans the global batch and MixUp partners come from all
 of it (see :func:`mixmatch_epoch`). ``scaled`` takes W times the batch, W
-times fewer iterations and a larger learning rate (:func:`lr_factor`). Every
-worker runs every step, so DDP never waits on a rank that ran out of data.
+times fewer iterations and a larger learning rate (:func:`lr_factor`) in the
+MixMatch and baseline epochs; the stage-3 virtual model keeps the paper's
+global batch, step count and learning rate under both rules
+(:func:`virtual_epoch`). Every worker runs every step, so DDP never waits on a
+rank that ran out of data.
 
 Randomness is derived from (seed, epoch, purpose), the same on every worker,
 so a resumed run draws the same batches as an uninterrupted one and W does
@@ -377,29 +380,34 @@ def virtual_epoch(
 
     Only ``meta_parameters()`` (the second half of the features plus the head)
     are updated, with plain CE, Adam and batch-norm in train mode, over the whole
-    poisoned set for ``virtual.epochs`` (at least ``virtual.min_steps`` steps;
-    under ``scaled`` both on W times larger batches, W times fewer steps).
+    poisoned set for ``virtual.epochs`` (at least ``virtual.min_steps`` steps).
     It runs on the training workers under DDP: they already hold the model, the
     data and a process group, so it costs no extra start-up.
+
+    Under either batch rule it is the paper's single-process model: global
+    batches of ``virtual.batch_size`` at ``virtual.lr``, the same step count, and
+    batch norm over the global batch on W > 1 workers. ``scaled`` changes only
+    the MixMatch and baseline epochs: fewer, larger steps would move the virtual
+    model less, and the meta-split measures how far it moves.
 
     Args:
         model: the bare model (not wrapped in DDP or compiled).
     """
-    virtual, wrapped = _partial_copy(model, "meta_parameters", data)
-    vc, scale = config.virtual, batch_scale(config, data.world)
-    lr = vc.lr * lr_factor(config, data.world)
-    optimizer = torch.optim.Adam([p for p in virtual.parameters() if p.requires_grad], lr=lr)
-    batch = vc.batch_size * scale
+    virtual, wrapped = _partial_copy(model, "meta_parameters", data, global_norm=data.world > 1)
+    steps, batch, lr = virtual_schedule(config, data.total)
+    optimizer = compute.adam([p for p in virtual.parameters() if p.requires_grad], lr, data.device)
     cross_entropy_steps(
-        wrapped,
-        optimizer,
-        data,
-        config,
-        steps=max(math.ceil(vc.min_steps / scale), math.ceil(vc.epochs * data.total / batch)),
-        batch=batch,
-        seeds=(config.seed, epoch, 0, 7),
+        wrapped, optimizer, data, config, steps=steps, batch=batch, seeds=(config.seed, epoch, 0, 7)
     )
     return virtual
+
+
+def virtual_schedule(config: RunConfig, total: int) -> tuple[int, int, float]:
+    """(steps, global batch, learning rate) of the virtual model over ``total`` samples:
+    ``virtual.epochs`` passes, at least ``virtual.min_steps``; the same for every worker
+    count and batch rule."""
+    vc = config.virtual
+    return max(vc.min_steps, math.ceil(vc.epochs * total / vc.batch_size)), vc.batch_size, vc.lr
 
 
 def transfer_pretraining(
@@ -451,7 +459,9 @@ def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> 
         model: the bare model (not wrapped in DDP or compiled).
     """
     probe, wrapped = _partial_copy(model, "head_parameters", data)
-    optimizer = torch.optim.Adam([p for p in probe.parameters() if p.requires_grad], lr=config.mixmatch.lr)
+    optimizer = compute.adam(
+        [p for p in probe.parameters() if p.requires_grad], config.mixmatch.lr, data.device
+    )
     batch = config.baseline_batch_size * batch_scale(config, data.world)
     cross_entropy_steps(
         wrapped,
@@ -478,12 +488,15 @@ def head_steps(config: RunConfig, total: int, world: int) -> int:
 
 
 def _partial_copy(
-    model: torch.nn.Module, trainable: str, data: WorkerData
+    model: torch.nn.Module, trainable: str, data: WorkerData, *, global_norm: bool = False
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A deep copy of ``model`` with only ``getattr(copy, trainable)()`` trainable, and the
     copy wrapped in its own DDP when there are several workers (its reducer then knows
-    only those parameters)."""
+    only those parameters). ``global_norm``: its batch norms span the global batch (a
+    no-op where the model's already do)."""
     part = copy.deepcopy(model)
+    if global_norm:
+        distributed.sync_batch_norm(part)
     keep = {id(p) for p in getattr(part, trainable)()}
     for param in part.parameters():
         param.requires_grad_(id(param) in keep)

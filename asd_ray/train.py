@@ -11,6 +11,7 @@ and the split table used, with a sha256 digest so a resume skips a torn one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import tempfile
@@ -94,6 +95,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    # The precision resolved once for this device and image size (TF32 only under tf32).
+    resolved = compute.configure_training(config.compute, device, loop_config["model"]["image_size"])
+    config = dataclasses.replace(config, compute=resolved)
 
     # 1. This worker's share of the training set, decoded once: every world-th sample,
     # so each share mixes all classes even when the shards are sorted by class (a
@@ -125,11 +129,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(config.seed)
         model = compute.prepare_model(ModelSpec(**loop_config["model"]).build(), config.compute)
     if use_sync_batch_norm(config, world):
-        model = distributed.sync_batch_norm(model, device)
+        model = distributed.sync_batch_norm(model)
     model = ray.train.torch.prepare_model(model)
     base = model.module if hasattr(model, "module") else model
     model = compute.maybe_compile(model, config.compute)
-    optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
+    optimizer = compute.adam(base.parameters(), config.mixmatch.lr, device)
 
     # 3. Resume from the last checkpoint, if any (epoch -1: transfer pre-training's model).
     done_epoch, done_metrics, resumed_from, pretrained = -1, {}, None, False
@@ -151,7 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         hello = {
             "epoch": done_epoch,
             "weights": to_numpy_weights(base),
-            "precision": compute.resolve_precision(config.compute, device),
+            "precision": config.compute.precision,
             "resumed_from": resumed_from,
             "pretrained": pretrained,
         }

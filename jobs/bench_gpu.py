@@ -125,7 +125,7 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     per_step_images = mm.batch_labeled + 2 * mm.batch_unlabeled
     return {
         "batch": f"{mm.batch_labeled}+{mm.batch_unlabeled}",
-        "precision": compute.resolve_precision(config.compute, device),
+        "precision": compute.resolve_precision(config.compute, device, size),
         "train_step_s": train_s / mm.iterations,
         "train_img_s": per_step_images * mm.iterations / train_s,
         "score_img_s": n / score_s,

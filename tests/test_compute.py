@@ -21,12 +21,24 @@ def test_auto_precision_follows_native_cpu_bf16(monkeypatch, native: bool) -> No
     assert compute.resolve_precision(ComputeConfig(), CPU) == ("bf16" if native else "fp32")
 
 
+def test_tf32_is_fp32_on_a_cpu_and_configure_resolves_once() -> None:
+    assert compute.resolve_precision(ComputeConfig(precision="tf32"), CPU) == "fp32"
+    resolved = compute.configure_training(ComputeConfig(precision="tf32"), CPU, 32)
+    assert resolved.precision == "fp32" and resolved.channels_last
+
+
+def test_adam_is_fused_only_on_a_gpu() -> None:
+    optimizer = compute.adam([torch.nn.Parameter(torch.zeros(2))], 0.1, CPU)
+    assert optimizer.defaults["fused"] is False and optimizer.defaults["lr"] == 0.1
+
+
 def test_autocast_computes_in_the_resolved_precision() -> None:
     a = torch.randn(4, 8)
     with compute.autocast(ComputeConfig(precision="bf16"), CPU):
         assert (a @ a.T).dtype == torch.bfloat16
-    with compute.autocast(ComputeConfig(precision="fp32"), CPU):
-        assert (a @ a.T).dtype == torch.float32
+    for name in ("fp32", "tf32"):
+        with compute.autocast(ComputeConfig(precision=name), CPU):
+            assert (a @ a.T).dtype == torch.float32
 
 
 def test_prepare_model_sets_the_memory_format() -> None:
