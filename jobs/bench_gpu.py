@@ -1,9 +1,10 @@
 """GPU throughput of asd-ray's training and scoring functions, and what it implies for a full run.
 
 Times the engine's own functions on synthetic data already on the device as
-uint8 (ResNet-18, 32 px and 224 px), on the fast path (bf16 autocast,
-channels_last; ``--compile`` adds ``torch.compile``; ``--fp32`` times the plain
-fp32 path instead, for the side-by-side ratio):
+uint8 (ResNet-18, 32 px and 224 px), on the fast path (``compute.precision=auto``
+as a run resolves it for each image size, channels_last; ``--compile`` adds
+``torch.compile``; ``--fp32`` times full fp32 (no TF32) in NCHW instead, for the
+side-by-side ratio):
 
 - ``train_img_s``: MixMatch training images/s, counting every forward-backward
   image (labeled + both unlabeled views per step: ``steps.mixmatch_epoch``);
@@ -31,6 +32,7 @@ Prints one line of JSON on stdout and a table on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -82,6 +84,8 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
         overrides += ["mixmatch.batch_labeled=4", "mixmatch.batch_unlabeled=4", "virtual.batch_size=8"]
         overrides += ["scoring.batch_size=8"]
     config = load_config(preset, overrides=overrides)
+    # as a run's workers do: the precision resolved for this image size, TF32 set to match
+    config = dataclasses.replace(config, compute=compute.configure_training(config.compute, device, size))
     n = args.images if not args.smoke else 32
     rng = np.random.default_rng(0)
     host_images = torch.from_numpy(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
@@ -92,7 +96,7 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     base = compute.prepare_model(ModelSpec("resnet18", 10, 3, size).build(), config.compute).to(device)
     model = compute.maybe_compile(base, config.compute)
-    optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)
+    optimizer = compute.adam(base.parameters(), config.mixmatch.lr, device)
     clean = np.arange(n) % 2 == 0
     mm = config.mixmatch
 
@@ -125,7 +129,7 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     per_step_images = mm.batch_labeled + 2 * mm.batch_unlabeled
     return {
         "batch": f"{mm.batch_labeled}+{mm.batch_unlabeled}",
-        "precision": compute.resolve_precision(config.compute, device, size),
+        "precision": config.compute.precision,
         "train_step_s": train_s / mm.iterations,
         "train_img_s": per_step_images * mm.iterations / train_s,
         "score_img_s": n / score_s,
