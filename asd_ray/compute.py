@@ -81,6 +81,25 @@ def autocast(config: ComputeConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def scoring_precision(precision: str, device: torch.device):
+    """Score in ``precision`` (``fp32``, ``tf32`` or ``bf16``) on ``device`` for the
+    duration: TF32 on only under ``tf32``, bf16 autocast under ``bf16``."""
+    if device.type == "cuda":
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        ):
+            yield
+    finally:
+        if device.type == "cuda":
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam with its fused kernel on a GPU (one launch per step and no host reads of
     its step counts), the default elsewhere; the same update either way."""
@@ -106,16 +125,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def disable_tf32() -> None:
-    """Keep fp32 convolutions and matmuls in full fp32 on GPUs (no TF32), for this process.
-
-    A function here rather than inline in a Ray actor: Ray pickles actor classes,
-    and an inline reference to ``torch.backends.cudnn`` cannot be pickled.
-    """
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def maybe_compile(model: torch.nn.Module, config: ComputeConfig) -> torch.nn.Module:

@@ -161,6 +161,14 @@ class ScoringConfig:
     sce_beta: float = 1.0  # weight of reverse CE in SCE
     augment: bool = False  # score with training augmentation (the authors' code) instead of clean inputs
     batch_size: int = 512
+    # fp32 (full fp32, TF32 off) | tf32 (GPUs; fp32 on a CPU) | bf16 (autocast): the split ranks
+    # samples by small loss differences, so a faster mode must keep them on their side of each
+    # cut (jobs/bench_scoring_precision.py measures that)
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ConfigError(f"scoring.precision {self.precision!r}: choose fp32, tf32 or bf16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,6 @@ class ScoringActor:
     ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        compute.disable_tf32()  # scores are fp32, also on Ampere and later GPUs
         self.data, self.scoring, self.compute = data, scoring, compute_config
         model = compute.prepare_model(spec.build(), compute_config)
         self.model = model.to(self.device).train(False)  # eval mode

@@ -2,8 +2,9 @@
 
 Pure torch, no Ray: :mod:`asd_ray.scorers` runs this in a pool of actors, and
 :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` read the tables it yields. Scores
-are computed in fp32 (channels_last where configured): the split ranks samples by
-small loss differences, so no reduced precision here.
+are computed in full fp32 by default (channels_last where configured): the split
+ranks samples by small loss differences. ``scoring.precision`` picks tf32 or bf16
+where ``jobs/bench_scoring_precision.py`` shows they keep the split.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def score_images(
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SCE loss and argmax prediction of every image, in fp32 batches on the model's device.
+    """SCE loss and argmax prediction of every image, in batches on the model's device, in
+    ``scoring.precision`` (losses always reduced in fp32).
 
     Args:
         model: the classifier, in eval mode.
@@ -46,7 +48,7 @@ def score_images(
     fmt = compute.memory_format(compute_config)
     losses, predictions = [], []
     labels = compute.to_device(labels, device)  # once per pass, not one pageable copy per batch
-    with torch.inference_mode():
+    with torch.inference_mode(), compute.scoring_precision(scoring.precision, device):
         for start in range(0, len(labels), scoring.batch_size):
             batch = images[start : start + scoring.batch_size].to(device, non_blocking=True)
             x = augment(batch, data, generator) if generator else normalize(batch, data)

@@ -111,14 +111,11 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
     def virtual() -> None:
         virtual_epoch(base, data, config, epoch=0)
 
-    def score() -> None:  # fp32 without TF32, as the scoring actors run
-        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    def score() -> None:  # in scoring.precision (full fp32 by default), as the scoring actors run
         score_images(
             base.train(False), host_images, labels.cpu(), config.data, config.scoring, config.compute
         )
         base.train()
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
     for fn in (train, batches_only, virtual, score):  # warm-up: kernels, allocator, compilation
         fn()

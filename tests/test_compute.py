@@ -58,3 +58,16 @@ def test_to_device_leaves_cpu_tensors_alone() -> None:
 def test_bad_precision_names_the_key() -> None:
     with pytest.raises(ValueError, match="compute.precision 'half'"):
         load_config(None, None, ["compute.precision=half"])
+
+
+def test_scoring_precision_is_checked_and_applied() -> None:
+    from asd_ray.config import ScoringConfig
+
+    a = torch.randn(4, 8)
+    with compute.scoring_precision("bf16", CPU):
+        assert (a @ a.T).dtype == torch.bfloat16
+    for name in ("fp32", "tf32"):
+        with compute.scoring_precision(name, CPU):
+            assert (a @ a.T).dtype == torch.float32
+    with pytest.raises(ValueError, match="scoring.precision 'half'"):
+        ScoringConfig(precision="half")

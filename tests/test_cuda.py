@@ -53,7 +53,8 @@ def _model(config, device: torch.device) -> torch.nn.Module:
 
 @pytest.fixture(autouse=True)
 def _full_fp32():
-    compute.disable_tf32()  # fp32 comparisons with the CPU need full fp32 kernels
+    # fp32 comparisons with the CPU need full fp32 kernels
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     yield
     torch.backends.cudnn.deterministic = False
