@@ -2,16 +2,15 @@
 
 Precision is named for what the hardware computes: ``fp32`` (full fp32, also on
 GPUs), ``tf32`` (fp32 storage, TF32 matmuls and convolutions on GPUs), ``bf16``
-(autocast). The fast path on a CPU is bf16 autocast plus channels_last. Measured on a 2-core
-AVX-512-BF16 CPU (ResNet-18, 32 px, 192 images, forward + backward): fp32 2.7 s,
-channels_last 2.0 s, bf16 1.1 s, both 0.94 s (``jobs/bench_pipeline.py`` has the
-MixMatch-step figures). Where the hardware has native bf16 (CUDA compute
-capability 8+, or a CPU with AVX512-BF16 or AMX) ``compute.precision = auto``
-takes it; elsewhere emulated bf16 is slower than fp32, so auto stays fp32.
+(autocast). The fast path on a CPU is bf16 autocast plus channels_last. Measured
+on a 2-core AVX-512-BF16 CPU (ResNet-18, 32 px, 192 images, forward + backward):
+fp32 2.7 s, channels_last 2.0 s, bf16 1.1 s, both 0.94 s (``jobs/bench_pipeline.py``
+has the MixMatch-step figures). ``compute.precision = auto`` takes what was
+measured faster on the device (:func:`resolve_precision`).
 
 Training (MixMatch passes, label guesses, the virtual model, the baseline) runs
-under the chosen precision; the scoring pass always computes in fp32, because
-the split ranks samples by small loss differences.
+under ``compute.precision``; scoring under ``scoring.precision`` (full fp32 by
+default: the split ranks samples by small loss differences).
 """
 
 from __future__ import annotations

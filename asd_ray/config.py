@@ -238,7 +238,7 @@ class TransferConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
-    """How training arithmetic runs (see asd_ray.compute); scoring always computes in fp32."""
+    """How training arithmetic runs (see asd_ray.compute); scoring has ``scoring.precision``."""
 
     # auto: what was measured faster on the device (GPU: tf32 up to 64 px, bf16 above; CPU: bf16
     # where native, else fp32) | fp32 (full fp32, no TF32) | tf32 (GPUs; fp32 on a CPU) | bf16
