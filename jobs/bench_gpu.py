@@ -8,12 +8,15 @@ side-by-side ratio):
 
 - ``train_img_s``: MixMatch training images/s, counting every forward-backward
   image (labeled + both unlabeled views per step: ``steps.mixmatch_epoch``);
-- ``score_img_s``: scoring images/s in fp32 (``scoring.score_images``), from
+- ``score_img_s``: scoring images/s in ``scoring.precision`` (``scoring.score_images``), from
   pinned host memory as the scoring actors hold their share;
 - ``virtual_step_s``: one virtual-model step (``steps.virtual_epoch``);
 - ``data_wait_share``: the share of a MixMatch step spent assembling its batch
   (indexing + augmentation on the device: ``steps.mixmatch_batches`` alone,
   against whole steps);
+- ``ops_per_step`` / ``optimizer_ops``: aten ops dispatched by one MixMatch step
+  (forward, backward, copies) and by its optimizer step, counted apart with a
+  dispatch counter (not under ``--compile``);
 - ``projection_s``: a full ASD run of the ``cifar10`` preset (50,000 training,
   10,000 + 9,000 test images) and of the ``imagenet30`` preset (38,859
   training, 3,000 + 2,900 test images) on one GPU, from those rates and the
@@ -40,6 +43,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from asd_ray import compute
 from asd_ray.config import RunConfig, load_config
@@ -55,6 +59,43 @@ PRESET_SIZES = {"cifar10": (50_000, 10_000, 9_000), "imagenet30": (38_859, 3_000
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (forward, backward, copies), except
+    while ``paused``: each is a kernel launch on a GPU, where a small step waits on
+    the host that dispatches them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(model, optimizer, data: WorkerData, clean: np.ndarray, config: RunConfig) -> dict:
+    """Aten ops of one MixMatch step, the optimizer's step counted apart."""
+    one = dataclasses.replace(config, mixmatch=dataclasses.replace(config.mixmatch, iterations=1))
+    step, optimizer_ops = optimizer.step, _OpCounter()
+
+    def counted_step(*args, **kwargs):
+        counter.paused = True
+        try:
+            with optimizer_ops:
+                return step(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    counter = _OpCounter()
+    optimizer.step = counted_step
+    try:
+        with counter:
+            mixmatch_epoch(model, optimizer, data, clean, one, epoch=0)
+    finally:
+        optimizer.step = step
+    return {"ops_per_step": counter.count, "optimizer_ops": optimizer_ops.count}
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -119,6 +160,7 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
 
     for fn in (train, batches_only, virtual, score):  # warm-up: kernels, allocator, compilation
         fn()
+    ops = {} if args.compile else dispatched_ops(model, optimizer, data, clean, config)
     train_s = min(_timed(train, device) for _ in range(args.repeats))
     data_s = min(_timed(batches_only, device) for _ in range(args.repeats))
     virtual_s = min(_timed(virtual, device) for _ in range(args.repeats))
@@ -133,6 +175,7 @@ def bench_size(preset: str, size: int, args, device: torch.device) -> dict:
         "virtual_step_s": virtual_s / config.virtual.min_steps,
         "virtual_batch": config.virtual.batch_size,
         "data_wait_share": data_s / train_s,
+        **ops,
     }
 
 
@@ -175,8 +218,6 @@ def main() -> None:
     if args.smoke:
         args.steps, args.repeats = 2, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     results = {}
     for preset, size in (("cifar10", 32), ("imagenet30", 224)):
         results[f"{size}px"] = bench_size(preset, size, args, device)

@@ -25,6 +25,7 @@ def test_bench_gpu_smoke_runs_on_cpu_and_reports_every_figure() -> None:
         assert figures["train_img_s"] > 0 and figures["score_img_s"] > 0 and figures["virtual_step_s"] > 0
         assert 0 < figures["data_wait_share"] < 1
         assert figures["projection_s"] > 0
+        assert figures["ops_per_step"] > 100 and figures["optimizer_ops"] > 0  # ResNet-18 and Adam
     assert "| 32px |" in done.stderr and "| 224px |" in done.stderr
 
 
