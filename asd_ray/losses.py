@@ -9,11 +9,8 @@ C classes.
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from asd_ray.compute import to_device
 
 _PROB_FLOOR = 1e-7  # SCE clamps predicted probabilities to [1e-7, 1] ...
 _ONEHOT_FLOOR = 1e-4  # ... and the one-hot label to [1e-4, 1], so log(0) never occurs
@@ -67,7 +64,7 @@ def mixmatch_loss(
     targets_x: Tensor,
     logits_u: Tensor,
     targets_u: Tensor,
-    lambda_u: float,
+    lambda_u: float | Tensor,
     *,
     labeled_total: int | None = None,
     unlabeled_total: int | None = None,
@@ -120,7 +117,10 @@ def rampup_weight(progress: float, *, max_weight: float = 15.0, length: float) -
 
 def mixup_draw(rng: np.random.Generator, batch: int, alpha: float = 0.75) -> tuple[float, np.ndarray]:
     """MixMatch's MixUp draw for a batch: lam ~ Beta(alpha, alpha), lam = max(lam, 1 - lam),
-    and a random partner for every row (a permutation of the whole batch).
+    and a random partner for every row (a permutation of the whole batch). Each row is
+    then mixed as lam * itself + (1 - lam) * its partner, inputs and targets alike:
+    lam >= 0.5 keeps a mixed row closer to its own input, so it keeps its labeled or
+    unlabeled role.
 
     Both come from ``rng`` only, so a seed fixes them on any device and on every
     worker (torch has no generator-aware Beta sampler, and a CUDA generator would
@@ -133,31 +133,3 @@ def mixup_draw(rng: np.random.Generator, batch: int, alpha: float = 0.75) -> tup
         raise ValueError(f"mixup alpha {alpha} must be > 0 (MixMatch uses 0.75)")
     lam = float(rng.beta(alpha, alpha))
     return max(lam, 1.0 - lam), rng.permutation(batch)
-
-
-def mixup(
-    inputs: Tensor, targets: Tensor, *, rng: np.random.Generator, alpha: float = 0.75
-) -> tuple[Tensor, Tensor, float]:
-    """MixUp each row with a random partner from the whole batch, MixMatch style.
-
-    lam = max(lam, 1 - lam) keeps every mixed row closer to its own input, so rows
-    keep their labeled/unlabeled role. See :func:`mixup_draw`.
-
-    Args:
-        inputs: (B, ...) float, e.g. labeled rows then both unlabeled views.
-        targets: (B, C) soft targets of the same rows.
-        rng: the only source of randomness.
-        alpha: Beta concentration (> 0).
-
-    Returns:
-        (mixed inputs (B, ...), mixed targets (B, C), lam in [0.5, 1]).
-    """
-    if targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be (B, ...) and (B, C)"
-        )
-    lam, partner = mixup_draw(rng, inputs.shape[0], alpha)
-    partner = to_device(torch.from_numpy(partner), inputs.device)  # (B,)
-    mixed_inputs = lam * inputs + (1.0 - lam) * inputs[partner]  # (B, ...)
-    mixed_targets = lam * targets + (1.0 - lam) * targets[partner]  # (B, C)
-    return mixed_inputs, mixed_targets, lam

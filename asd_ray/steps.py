@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,189 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from asd_ray import compute, distributed
+from asd_ray.batches import (
+    StepPlan,
+    WorkerData,
+    batch_scale,
+    cross_entropy_plans,
+    lr_factor,
+    mixmatch_plans,
+)
 from asd_ray.config import RunConfig
-from asd_ray.data.augment import augment
-from asd_ray.errors import DataError
-from asd_ray.losses import mixmatch_loss, mixup, mixup_draw, rampup_weight, sharpen
-
-
-@dataclasses.dataclass
-class WorkerData:
-    """This worker's share of the training set: samples ``rank, rank + world, ...``, in memory."""
-
-    images: torch.Tensor  # (n, H, W, C) uint8, on the device (or a host memmap over budget)
-    labels: torch.Tensor  # (n,) int64, on the compute device
-    sample_ids: np.ndarray  # (n,) int64, ascending
-    total: int = 0  # N, samples in the whole training set (0: this share is all of it)
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def device(self) -> torch.device:
-        """Where batches are computed (the images may stay in a host or disk cache)."""
-        return self.labels.device
-
-    def __post_init__(self) -> None:
-        self.total = self.total or len(self.sample_ids)
-        if not np.array_equal(self.sample_ids, np.arange(self.rank, self.total, self.world)):
-            raise ValueError(
-                f"worker {self.rank} of {self.world} must hold sample ids {self.rank}, +{self.world}, ..."
-            )
-
-    def pixels(self, local: torch.Tensor) -> torch.Tensor:
-        """(m, H, W, C) uint8 images at share indices ``local`` (CPU), on the compute device."""
-        if self.images.device == self.device:
-            return self.images[compute.to_device(local, self.device)]
-        return compute.to_device(self.images[local], self.device)  # gathered on the host, one copy
-
-    def serve(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which rows of a global batch of sample ``ids`` this worker holds.
-
-        Returns:
-            (rows, local): positions in ``ids`` and the matching indices into this
-            share, both (m,) int64 on the CPU.
-        """
-        rows = torch.nonzero(ids % self.world == self.rank).flatten()
-        return rows, ids[rows] // self.world
-
-
-def generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integer keys (seed, epoch, rank, purpose)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
-class Cycler:
-    """Endless batches of indices: a fresh permutation each time the pool is exhausted."""
-
-    def __init__(self, indices: np.ndarray, gen: torch.Generator):
-        self.indices, self.gen = torch.as_tensor(indices), gen
-        self.order, self.pos = self._shuffle(), 0
-
-    def _shuffle(self) -> torch.Tensor:
-        return self.indices[torch.randperm(len(self.indices), generator=self.gen)]
-
-    def next(self, size: int) -> torch.Tensor:
-        """The next ``size`` indices (int64, on the CPU)."""
-        out = []
-        while size:
-            if self.pos == len(self.order):
-                self.order, self.pos = self._shuffle(), 0
-            take = min(size, len(self.order) - self.pos)
-            out.append(self.order[self.pos : self.pos + take])
-            self.pos, size = self.pos + take, size - take
-        return torch.cat(out)
-
-
-def batch_scale(config: RunConfig, world: int) -> int:
-    """How many times the configured batch one global step takes: W under ``scaled``, else 1."""
-    return world if config.mixmatch.batch_rule == "scaled" else 1
-
-
-def lr_factor(config: RunConfig, world: int, progress: float | None = None) -> float:
-    """Learning-rate multiplier of the ``scaled`` rule at ``progress`` epochs (None: no warm-up).
-
-    Adam's update is normalised by the gradient's scale, so a W times larger batch
-    (W times less gradient noise) takes about sqrt(W) times the step size, not W
-    (the square-root rule for adaptive optimisers, Malladi et al., NeurIPS 2022);
-    a linear warm-up over ``warmup_epochs`` keeps the first large steps from
-    overshooting while Adam's moment estimates settle.
-    """
-    mm, scale = config.mixmatch, batch_scale(config, world)
-    factor = {"sqrt": scale**0.5, "linear": float(scale), "none": 1.0}[mm.scaled_lr] if scale > 1 else 1.0
-    if progress is None or scale == 1 or mm.warmup_epochs <= 0:
-        return factor
-    return 1.0 + (factor - 1.0) * min(progress / mm.warmup_epochs, 1.0)
-
-
-def use_sync_batch_norm(config: RunConfig, world: int) -> bool:
-    """Batch norm over the global batch: the switch, or by default W > 1 under ``global``."""
-    if config.cluster.sync_batch_norm is not None:
-        return config.cluster.sync_batch_norm and world > 1
-    return world > 1 and config.mixmatch.batch_rule == "global"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepBatch:
-    """This worker's rows of one global MixMatch batch, augmented, plus where they sit in it."""
-
-    x: torch.Tensor  # (bl, C, H, W) labeled views
-    y: torch.Tensor  # (bl,) int64 labels
-    u1: torch.Tensor  # (bu, C, H, W) first view of the unlabeled rows
-    u2: torch.Tensor  # (bu, C, H, W) second view
-    labeled_ids: torch.Tensor  # (Bl,) sample ids of the whole global labeled batch (CPU)
-    unlabeled_ids: torch.Tensor  # (Bu,) sample ids of the whole global unlabeled batch (CPU)
-
-
-def mixmatch_batches(
-    data: WorkerData, clean: np.ndarray, config: RunConfig, *, epoch: int, phase: int = 0
-) -> Iterator[StepBatch]:
-    """Endless MixMatch batches: every worker draws the same global batch (seeded by
-    seed, epoch and phase alone) and augments the rows it holds.
-
-    So every sample of a pool is equally likely to be drawn whatever the worker
-    count and however the pools fall across shares, and the augmentation of a
-    row does not depend on which worker holds it.
-
-    Args:
-        clean: (N,) bool pool mask over the whole training set (True: labeled).
-        phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
-    """
-    labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
-    if len(labeled) == 0 or len(unlabeled) == 0:
-        raise DataError(
-            f"epoch {epoch}: the split has {len(labeled)} clean and {len(unlabeled)} polluted samples; "
-            "MixMatch needs both"
-        )
-    mm, scale = config.mixmatch, batch_scale(config, data.world)
-    bl, bu = mm.batch_labeled * scale, mm.batch_unlabeled * scale
-    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, 1))
-    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, 2))
-    aug_gen = generator(config.seed, epoch, phase, 3)
-    while True:
-        lids, uids = labeled_batches.next(bl), unlabeled_batches.next(bu)
-        lrows, li = data.serve(lids)
-        urows, ui = data.serve(uids)
-        unlabeled = data.pixels(ui)
-        yield StepBatch(
-            x=_augment(data.pixels(li), config, aug_gen, lrows, bl),
-            y=data.labels[compute.to_device(li, data.device)],
-            u1=_augment(unlabeled, config, aug_gen, urows, bu),
-            u2=_augment(unlabeled, config, aug_gen, urows, bu),
-            labeled_ids=lids,
-            unlabeled_ids=uids,
-        )
-
-
-def _global_mixup(
-    inputs: torch.Tensor, targets: torch.Tensor, batch: StepBatch, data: WorkerData, rng, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MixUp of this worker's rows with partners drawn over the whole global batch.
-
-    The global batch is [labeled, unlabeled view 1, unlabeled view 2]; lambda and
-    the permutation come from ``rng`` (the same on every worker), and the partner
-    rows are gathered from the workers that hold them (no gradient flows through
-    a partner: inputs are data and guesses are computed without gradient).
-    """
-    bl, bu = len(batch.labeled_ids), len(batch.unlabeled_ids)
-    if data.world == 1:
-        return mixup(inputs, targets, rng=rng, alpha=alpha)[:2]
-    lam, partner = mixup_draw(rng, bl + 2 * bu, alpha)
-    lrank, urank = batch.labeled_ids % data.world, batch.unlabeled_ids % data.world
-    positions = [  # every worker's rows, in its own order, as positions in the global batch
-        torch.cat([torch.nonzero(lrank == r).flatten(), bl + torch.nonzero(urank == r).flatten()])
-        for r in range(data.world)
-    ]
-    positions = [torch.cat([p, p[p >= bl] + bu]) for p in positions]  # + the second unlabeled view
-    counts = [len(p) for p in positions]
-    order = torch.cat(positions)  # global position of each gathered row
-    where = torch.empty_like(order)
-    where[order] = torch.arange(len(order))  # global position -> gathered row
-    rows = where[torch.from_numpy(partner)[positions[data.rank]]]
-    rows = compute.to_device(rows, inputs.device)
-    with torch.no_grad():
-        all_inputs = torch.cat(distributed.gather_rows(inputs.detach(), counts))
-        all_targets = torch.cat(distributed.gather_rows(targets.detach(), counts))
-    return lam * inputs + (1 - lam) * all_inputs[rows], lam * targets + (1 - lam) * all_targets[rows]
+from asd_ray.data import augment
+from asd_ray.data.augment import normalize, resample
+from asd_ray.losses import mixmatch_loss, sharpen
 
 
 def mixmatch_epoch(
@@ -240,50 +71,143 @@ def mixmatch_epoch(
 
     Args:
         clean: (N,) bool pool mask over the whole training set.
-        phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_batches`).
+        phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_plans`).
 
     Returns:
         the epoch's mean loss, labeled and unlabeled terms, over the global batches.
     """
-    batches = mixmatch_batches(data, clean, config, epoch=epoch, phase=phase)
-    mix_rng = np.random.default_rng([config.seed, epoch, phase, 4])
-    mm = config.mixmatch
-    iterations = math.ceil(mm.iterations / batch_scale(config, data.world))
-    ramp = mm.rampup_epochs or config.epochs
-    device = data.device
+    iterations = math.ceil(config.mixmatch.iterations / batch_scale(config, data.world))
+    plans = mixmatch_plans(data, clean, config, epoch=epoch, iterations=iterations, phase=phase)
+    totals = torch.zeros(3, device=data.device)  # summed on the device: no host sync inside the loop
     model.train()
-    totals = torch.zeros(3, device=device)  # summed on the device: no host sync inside the loop
-    for step in range(iterations):
-        batch = next(batches)
-        progress = epoch + step / iterations
-        for group in optimizer.param_groups:
-            group["lr"] = mm.lr * lr_factor(config, data.world, progress)
-        with torch.no_grad(), compute.autocast(config.compute, device):
-            guess = (model(batch.u1).float().softmax(1) + model(batch.u2).float().softmax(1)) / 2  # (bu, K)
-            guess = sharpen(guess, mm.temperature)
-        targets_x = F.one_hot(batch.y, guess.shape[1]).float()  # (bl, K)
-        inputs = torch.cat([batch.x, batch.u1, batch.u2])  # (bl + 2 bu, C, H, W)
-        targets = torch.cat([targets_x, guess, guess])
-        mixed_inputs, mixed_targets = _global_mixup(inputs, targets, batch, data, mix_rng, mm.mixup_alpha)
-        with compute.autocast(config.compute, device):
-            logits = model(mixed_inputs).float()  # one pass: BN statistics mix labeled and unlabeled
-        weight = rampup_weight(progress, max_weight=mm.lambda_u, length=ramp)
-        bl = len(batch.y)
-        loss, lx, lu = mixmatch_loss(
-            logits[:bl],
-            mixed_targets[:bl],
-            logits[bl:],
-            mixed_targets[bl:],
-            weight,
-            labeled_total=len(batch.labeled_ids),
-            unlabeled_total=2 * len(batch.unlabeled_ids),
-        )
-        optimizer.zero_grad(set_to_none=True)
-        (loss * data.world).backward()  # DDP's average of W such gradients is the global one
-        optimizer.step()
-        totals += torch.stack([loss.detach(), lx.detach(), lu.detach()])
+
+    def step(plan: StepPlan, buffer: torch.Tensor) -> None:
+        totals.add_(_mixmatch_step(model, optimizer, data, config, plan, buffer))
+
+    _run_steps(plans, iterations, step, optimizer, data, config)
     loss, lx, lu = (_sum_over_workers(totals, data.world) / iterations).tolist()
     return {"train_loss": loss, "loss_x": lx, "loss_u": lu}
+
+
+def _mixmatch_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: WorkerData,
+    config: RunConfig,
+    plan: StepPlan,
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """One MixMatch step on the device, every changing value read from ``buffer``;
+    returns (loss, Lx, Lu), this worker's shares, without reading them on the host."""
+    values = compute.unpack(buffer, plan.layout)
+    views = step_inputs(data, config, plan, values)  # (bl + 2 bu, C, H, W): labeled, u1, u2
+    bl, mm, device = plan.labeled, config.mixmatch, data.device
+    bu = (views.shape[0] - bl) // 2
+    # One autocast region for the guess and the training pass: the weights' bf16 copies
+    # are cast once per step (the weights change only at the optimizer's step; under
+    # CUDA graphs autocast's cache is off, see compute.autocast).
+    with compute.autocast(config.compute, device):
+        with torch.no_grad():
+            u1, u2 = views[bl : bl + bu], views[bl + bu :]
+            guess = (model(u1).float().softmax(1) + model(u2).float().softmax(1)) / 2  # (bu, K)
+            guess = sharpen(guess, mm.temperature)
+        labels = data.labels[values["index"][:bl]]
+        targets_x = torch.zeros(bl, guess.shape[1], device=device).scatter_(1, labels[:, None], 1.0)
+        targets = torch.cat([targets_x, guess, guess])  # (bl + 2 bu, K)
+        partner = values["partner"]
+        if data.world == 1:
+            partner_inputs, partner_targets = views[partner], targets[partner]
+        else:  # partners come from the whole global batch: gather every worker's rows (no gradient)
+            partner_inputs = torch.cat(distributed.gather_rows(views, list(plan.counts)))[partner]
+            partner_targets = torch.cat(distributed.gather_rows(targets, list(plan.counts)))[partner]
+        lam = values["lam"]
+        mixed_inputs = torch.lerp(partner_inputs, views, lam)  # lam * own + (1 - lam) * partner, in fp32
+        mixed_targets = torch.lerp(partner_targets, targets, lam)
+        logits = model(mixed_inputs).float()  # one pass: BN statistics mix labeled and unlabeled
+    loss, lx, lu = mixmatch_loss(
+        logits[:bl],
+        mixed_targets[:bl],
+        logits[bl:],
+        mixed_targets[bl:],
+        values["weight"],
+        labeled_total=len(plan.labeled_ids),
+        unlabeled_total=2 * len(plan.unlabeled_ids),
+    )
+    compute.set_lr(optimizer, plan.lr, values["lr"])
+    (loss * data.world).backward()  # DDP's average of W such gradients is the global one
+    optimizer.step()
+    return torch.stack([loss.detach(), lx.detach(), lu.detach()])
+
+
+def step_inputs(
+    data: WorkerData, config: RunConfig, plan: StepPlan, values: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The augmented, normalised rows of a step, (b, C, H, W) in the model's memory format:
+    one gather of the uint8 pixels (crop and flip included), one normalisation."""
+    if data.images.device == data.device:
+        source, index = data.images, values["index"]
+    else:  # a host or disk cache: whole images cross once, the crop is cut on the device
+        source = compute.to_device(data.images[plan.values()["index"]], data.device)
+        index = torch.arange(len(source), device=data.device)
+    if "rows" in values:  # crop and flip: every output pixel's source coordinates, one gather
+        pixels = augment.gather(source, index, values["rows"], values["cols"])
+    else:
+        pixels = source[index]
+    x = normalize(pixels, config.data)
+    if "theta" in values:
+        x = resample(x, values["theta"])
+    return x.contiguous(memory_format=compute.memory_format(config.compute))
+
+
+def _run_steps(
+    plans: Iterator[StepPlan],
+    steps: int,
+    step: Callable[[StepPlan, torch.Tensor], None],
+    optimizer: torch.optim.Optimizer,
+    data: WorkerData,
+    config: RunConfig,
+) -> None:
+    """Run ``steps`` steps: each plan's buffer is copied to the device once and ``step``
+    runs on it, eagerly, or replayed as a CUDA graph under ``compute.cuda_graphs``."""
+    graphed = (
+        config.compute.cuda_graphs
+        and data.device.type == "cuda"
+        and data.world == 1
+        and data.images.device == data.device
+    )
+    if not graphed:
+        for plan in itertools.islice(plans, steps):
+            optimizer.zero_grad(set_to_none=True)
+            step(plan, compute.to_device(plan.buffer, data.device))
+        return
+    compute.make_capturable(optimizer, data.device)
+    first = next(plans)
+    replay = compute.GraphedStep(
+        functools.partial(step, first), lambda: optimizer.zero_grad(set_to_none=True)
+    )
+    for plan in itertools.chain([first], itertools.islice(plans, steps - 1)):
+        if plan.layout != first.layout:
+            raise RuntimeError("a graphed step's layout changed between steps")  # shapes are fixed at W = 1
+        replay(plan.buffer, data.device)
+
+
+def _cross_entropy_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: WorkerData,
+    config: RunConfig,
+    plan: StepPlan,
+    buffer: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
+    """One cross-entropy step on the device; returns this worker's share of the batch's mean loss."""
+    values = compute.unpack(buffer, plan.layout)
+    with compute.autocast(config.compute, data.device):
+        logits = model(step_inputs(data, config, plan, values)).float()
+    loss = F.cross_entropy(logits, data.labels[values["index"]], reduction="sum") / batch  # share of the mean
+    (loss * data.world).backward()  # DDP's average of W such gradients is the global one
+    optimizer.step()
+    return loss.detach()
 
 
 def _sum_over_workers(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -291,18 +215,6 @@ def _sum_over_workers(values: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         torch.distributed.all_reduce(values)
     return values
-
-
-def _augment(
-    images: torch.Tensor,
-    config: RunConfig,
-    generator: torch.Generator,
-    rows: torch.Tensor,
-    total: int,
-) -> torch.Tensor:
-    """Training augmentation of rows ``rows`` of a global batch of ``total``, in the model's memory format."""
-    x = augment(images, config.data, generator, rows=rows, total=total)
-    return x.contiguous(memory_format=compute.memory_format(config.compute))
 
 
 def cross_entropy_steps(
@@ -324,9 +236,6 @@ def cross_entropy_steps(
     worker). ``frozen_norm``: batch-norm layers whose parameters are frozen keep
     their running statistics too (a frozen backbone stays exactly as it was).
     """
-    batches = Cycler(np.arange(data.total), generator(*seeds, 1))
-    aug_gen = generator(*seeds, 2)
-    device = data.device
     model.train()
     if frozen_norm:
         for module in model.modules():
@@ -335,17 +244,13 @@ def cross_entropy_steps(
                 p.requires_grad for p in params
             ):
                 module.train(False)
-    total = torch.zeros((), device=device)  # summed on the device: no host sync inside the loop
-    for _ in range(steps):
-        rows, local = data.serve(batches.next(batch))
-        with compute.autocast(config.compute, device):
-            logits = model(_augment(data.pixels(local), config, aug_gen, rows, batch)).float()
-        labels = data.labels[compute.to_device(local, device)]
-        loss = F.cross_entropy(logits, labels, reduction="sum") / batch  # share of the mean
-        optimizer.zero_grad(set_to_none=True)
-        (loss * data.world).backward()  # DDP's average of W such gradients is the global one
-        optimizer.step()
-        total += loss.detach()
+    total = torch.zeros((), device=data.device)  # summed on the device: no host sync inside the loop
+
+    def step(plan: StepPlan, buffer: torch.Tensor) -> None:
+        total.add_(_cross_entropy_step(model, optimizer, data, config, plan, buffer, batch))
+
+    plans = cross_entropy_plans(data, config, batch=batch, seeds=seeds)
+    _run_steps(plans, steps, step, optimizer, data, config)
     return _sum_over_workers(total, data.world).item() / max(steps, 1)
 
 
@@ -359,8 +264,7 @@ def supervised_epoch(
 ) -> dict[str, float]:
     """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
     batch = config.baseline_batch_size * batch_scale(config, data.world)
-    for group in optimizer.param_groups:
-        group["lr"] = config.mixmatch.lr * lr_factor(config, data.world, epoch)
+    compute.set_lr(optimizer, config.mixmatch.lr * lr_factor(config, data.world, epoch))
     loss = cross_entropy_steps(
         model,
         optimizer,
@@ -395,7 +299,7 @@ def virtual_epoch(
     """
     virtual, wrapped = _partial_copy(model, "meta_parameters", data, global_norm=data.world > 1)
     steps, batch, lr = virtual_schedule(config, data.total)
-    optimizer = compute.adam([p for p in virtual.parameters() if p.requires_grad], lr, data.device)
+    optimizer = compute.adam([p for p in virtual.parameters() if p.requires_grad], lr)
     cross_entropy_steps(
         wrapped, optimizer, data, config, steps=steps, batch=batch, seeds=(config.seed, epoch, 0, 7)
     )
@@ -459,9 +363,7 @@ def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> 
         model: the bare model (not wrapped in DDP or compiled).
     """
     probe, wrapped = _partial_copy(model, "head_parameters", data)
-    optimizer = compute.adam(
-        [p for p in probe.parameters() if p.requires_grad], config.mixmatch.lr, data.device
-    )
+    optimizer = compute.adam([p for p in probe.parameters() if p.requires_grad], config.mixmatch.lr)
     batch = config.baseline_batch_size * batch_scale(config, data.world)
     cross_entropy_steps(
         wrapped,

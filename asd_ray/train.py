@@ -27,6 +27,7 @@ import ray.train.torch
 import torch
 
 from asd_ray import compute, distributed
+from asd_ray.batches import WorkerData, use_sync_batch_norm
 from asd_ray.config import from_dict
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import append_rows, load_share, remove_caches
@@ -34,15 +35,7 @@ from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
-from asd_ray.steps import (
-    WorkerData,
-    clean_mask,
-    mixmatch_epoch,
-    supervised_epoch,
-    transfer_pretraining,
-    use_sync_batch_norm,
-    virtual_epoch,
-)
+from asd_ray.steps import clean_mask, mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
@@ -133,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     base = model.module if hasattr(model, "module") else model
     model = compute.maybe_compile(model, config.compute)
-    optimizer = compute.adam(base.parameters(), config.mixmatch.lr, device)
+    optimizer = compute.adam(base.parameters(), config.mixmatch.lr)
 
     # 3. Resume from the last checkpoint, if any (epoch -1: transfer pre-training's model).
     done_epoch, done_metrics, resumed_from, pretrained = -1, {}, None, False
@@ -145,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if latest:
         state, resumed_from = newest_intact_state(latest, device)
         base.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        compute.load_adam_state(optimizer, state["optimizer"])
         done_epoch = int(state["epoch"])
         done_metrics = state.get("metrics", {})
         pretrained = True  # any checkpoint comes after the pre-training, if the run has one
@@ -180,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             labeled = np.zeros(data.total, bool)
             labeled[task["labeled"]] = True
             outcome = transfer_pretraining(model, base, optimizer, data, labeled, config)
-            optimizer = torch.optim.Adam(base.parameters(), lr=config.mixmatch.lr)  # ASD starts afresh
+            optimizer = compute.adam(base.parameters(), config.mixmatch.lr)  # ASD starts afresh
             _report(base, optimizer, -1, None, config.seed, outcome, outcome, rank)  # a restart keeps it
             if rank == 0:
                 result = {

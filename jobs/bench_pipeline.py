@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asd_ray.batches import WorkerData
 from asd_ray.config import RunConfig, load_config
 from asd_ray.models import ModelSpec
-from asd_ray.steps import WorkerData, mixmatch_epoch, virtual_epoch
+from asd_ray.steps import mixmatch_epoch, virtual_epoch
 
 SECTIONS = ("mixmatch", "virtual", "scoring", "ray_overhead", "fixed_cost")
 THREADS = 2

@@ -94,12 +94,13 @@ def bench_memory(args, root: Path) -> dict:
     import torch
 
     from asd_ray import compute
+    from asd_ray.batches import WorkerData
     from asd_ray.config import load_config
     from asd_ray.data.shards import ShardSet, write_shards
     from asd_ray.data.share import load_share
     from asd_ray.data.sources import from_arrays
     from asd_ray.models import ModelSpec
-    from asd_ray.steps import WorkerData, mixmatch_epoch
+    from asd_ray.steps import mixmatch_epoch
 
     torch.set_num_threads(2)
     n = args.memory_images

@@ -37,10 +37,11 @@ import torch
 
 import asd_ray
 from asd_ray import run_folder, split
+from asd_ray.batches import WorkerData
 from asd_ray.config import ScoringConfig, load_config
 from asd_ray.data.shards import ShardSet
 from asd_ray.scoring import score_images
-from asd_ray.steps import WorkerData, virtual_epoch
+from asd_ray.steps import virtual_epoch
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

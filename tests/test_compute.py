@@ -1,5 +1,6 @@
 """The fast path: precision resolution, autocast, memory format."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,9 +28,21 @@ def test_tf32_is_fp32_on_a_cpu_and_configure_resolves_once() -> None:
     assert resolved.precision == "fp32" and resolved.channels_last
 
 
-def test_adam_is_fused_only_on_a_gpu() -> None:
-    optimizer = compute.adam([torch.nn.Parameter(torch.zeros(2))], 0.1, CPU)
-    assert optimizer.defaults["fused"] is False and optimizer.defaults["lr"] == 0.1
+def test_adam_is_fused_and_can_be_made_capturable_with_its_rate_on_the_device() -> None:
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = compute.adam([param], 0.1)
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["lr"] == 0.1
+    compute.make_capturable(optimizer, CPU)
+    group = optimizer.param_groups[0]
+    assert group["capturable"] and isinstance(group["lr"], torch.Tensor)
+    assert group["lr"].item() == pytest.approx(0.1)
+    compute.set_lr(optimizer, 0.5, torch.tensor(0.25))  # inside a graph: from the device value
+    assert group["lr"].item() == 0.25
+    compute.set_lr(optimizer, 0.5)
+    assert group["lr"].item() == 0.5
+    param.grad = torch.ones(2)
+    optimizer.step()  # a fused, capturable step with a tensor rate runs
+    assert torch.allclose(param.detach(), torch.full((2,), -0.5))
 
 
 def test_autocast_computes_in_the_resolved_precision() -> None:
@@ -71,3 +84,28 @@ def test_scoring_precision_is_checked_and_applied() -> None:
             assert (a @ a.T).dtype == torch.float32
     with pytest.raises(ValueError, match="scoring.precision 'half'"):
         ScoringConfig(precision="half")
+
+
+def test_cuda_graphs_need_one_worker_and_no_compilation() -> None:
+    from asd_ray.config import load_config
+    from asd_ray.errors import ConfigError
+
+    assert load_config(
+        "mnist-quick", overrides=["compute.cuda_graphs=true", "cluster.workers=1"]
+    ).compute.cuda_graphs
+    with pytest.raises(ConfigError, match="set cluster.workers=1"):
+        load_config("mnist-quick", overrides=["compute.cuda_graphs=true", "cluster.workers=2"])
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(
+            "mnist-quick", overrides=["compute.cuda_graphs=true", "compute.compile=true", "cluster.workers=1"]
+        )
+
+
+def test_a_pack_reaches_the_device_in_one_buffer_and_unpacks_by_name() -> None:
+    pack = compute.Pack().add("index", np.array([3, 1, 2])).add("rows", np.arange(6).reshape(2, 3))
+    buffer, layout = pack.add("lam", 0.75).add("theta", np.full((2, 2), 1e-3)).build()
+    assert buffer.dtype == torch.int64 and buffer.shape == (3 + 6 + 1 + 4,)
+    values = compute.unpack(buffer, layout)
+    assert values["index"].tolist() == [3, 1, 2] and values["rows"].shape == (2, 3)
+    assert values["lam"].dtype == torch.float32 and values["lam"].item() == 0.75 and values["lam"].dim() == 0
+    assert torch.allclose(values["theta"], torch.full((2, 2), 1e-3))

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from asd_ray import compute, distributed
+from asd_ray.batches import WorkerData
 from asd_ray.config import load_config
 from asd_ray.models import ModelSpec
 from asd_ray.scoring import score_images
-from asd_ray.steps import WorkerData, mixmatch_epoch, virtual_epoch
+from asd_ray.steps import mixmatch_epoch, virtual_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -97,6 +98,32 @@ def test_mixmatch_epoch_on_the_gpu_matches_the_cpu(mode: str) -> None:
     for key in ("train_loss", "loss_x", "loss_u"):
         assert np.isfinite(losses["gpu"][key])
         assert losses["gpu"][key] == pytest.approx(losses["cpu"][key], rel=rel, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["plain", "fast"])
+def test_graphed_steps_match_the_eager_ones(mode: str) -> None:
+    """compute.cuda_graphs: warm-up steps, one capture, replays; every step runs once, with
+    the values of its own plan (batches, draws, lambda, ramp-up weight, learning rate)."""
+    clean = np.arange(128) % 2 == 0
+    results = {}
+    for graphs in (False, True):
+        precision = PLAIN if mode == "plain" else FAST
+        config = _config(
+            *precision, "mixmatch.iterations=8", "cluster.workers=1", f"compute.cuda_graphs={graphs}"
+        )
+        model = _model(config, CUDA)
+        optimizer = compute.adam(model.parameters(), config.mixmatch.lr)
+        losses = [mixmatch_epoch(model, optimizer, _share(CUDA), clean, config, epoch=e) for e in (3, 4)]
+        virtual = virtual_epoch(model, _share(CUDA), config, epoch=4)
+        results[graphs] = losses, model.state_dict(), virtual.state_dict()
+    rel = 1e-3 if mode == "plain" else 0.05
+    for eager, graphed in zip(results[False][0], results[True][0]):
+        for key in ("train_loss", "loss_x", "loss_u"):
+            assert graphed[key] == pytest.approx(eager[key], rel=rel, abs=1e-4), key
+    for part in (1, 2):
+        for key, value in results[False][part].items():
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(results[True][part][key], value, rtol=rel, atol=1e-3)
 
 
 def test_virtual_epoch_on_the_gpu_updates_only_meta_parameters() -> None:

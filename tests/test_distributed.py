@@ -11,17 +11,10 @@ import torch.multiprocessing as mp
 from scipy import stats
 
 from asd_ray import compute, distributed
+from asd_ray.batches import WorkerData, batch_scale, lr_factor, mixmatch_plans, use_sync_batch_norm
 from asd_ray.config import load_config
 from asd_ray.models import ModelSpec
-from asd_ray.steps import (
-    WorkerData,
-    batch_scale,
-    lr_factor,
-    mixmatch_batches,
-    mixmatch_epoch,
-    use_sync_batch_norm,
-    virtual_schedule,
-)
+from asd_ray.steps import mixmatch_epoch, virtual_schedule
 
 N, SIZE, CLASSES = 96, 12, 4
 
@@ -60,15 +53,16 @@ def _uneven_clean() -> np.ndarray:
 def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
     config, clean, steps = _config(), _uneven_clean(), 300
     single = np.zeros(N, int)
-    for batch in _take(mixmatch_batches(_share(0, 1), clean, config, epoch=5), steps):
-        np.add.at(single, batch.labeled_ids.numpy(), 1)
+    for plan in _take(_plans(_share(0, 1), clean, config, 5), steps):
+        np.add.at(single, plan.labeled_ids, 1)
     served = np.zeros(N, int)
     for rank in range(4):
         data = _share(rank, 4)
-        for batch in _take(mixmatch_batches(data, clean, config, epoch=5), steps):
-            rows, local = data.serve(batch.labeled_ids)
-            assert len(batch.y) == len(rows)
-            np.add.at(served, data.sample_ids[local.numpy()], 1)
+        for plan in _take(_plans(data, clean, config, 5), steps):
+            rows, local = data.serve(plan.labeled_ids)
+            assert plan.labeled == len(rows)
+            assert np.array_equal(plan.values()["index"][: plan.labeled].numpy(), local)
+            np.add.at(served, data.sample_ids[local], 1)
     assert np.array_equal(served, single)  # every row of every global batch served exactly once
     pool = np.flatnonzero(clean)
     assert served[~clean].sum() == 0 and served.sum() == steps * 16
@@ -76,6 +70,10 @@ def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
     assert p > 1e-3
     by_share = [served[pool[pool % 4 == r]].mean() for r in range(4)]
     assert max(by_share) / min(by_share) < 1.3
+
+
+def _plans(data, clean, config, epoch: int):
+    return mixmatch_plans(data, clean, config, epoch=epoch, iterations=config.mixmatch.iterations)
 
 
 def _take(iterator, n):
@@ -124,8 +122,8 @@ def test_empty_ranks_take_the_single_process_step(tmp_path, precision, steps, to
     overrides = ("mixmatch.batch_labeled=2", "mixmatch.batch_unlabeled=2", f"mixmatch.iterations={steps}")
     overrides += (f"compute.precision={precision}",)
     config = _config("mixmatch.lr=1.0", *overrides)
-    batches = list(_take(mixmatch_batches(_share(0, 1), _uneven_clean(), config, epoch=40), steps))
-    holders = [set((torch.cat([b.labeled_ids, b.unlabeled_ids]) % 4).tolist()) for b in batches]
+    plans = list(_take(_plans(_share(0, 1), _uneven_clean(), config, 40), steps))
+    holders = [set((np.concatenate([p.labeled_ids, p.unlabeled_ids]) % 4).tolist()) for p in plans]
     assert any(len(h) < 4 for h in holders), holders  # some rank holds none of a whole step's rows
     _step(0, 1, str(tmp_path), overrides)
     mp.spawn(_step, args=(4, str(tmp_path), overrides), nprocs=4, join=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asd_ray.losses import mixmatch_loss, mixup, rampup_weight, sce_loss, sharpen
+from asd_ray.losses import mixmatch_loss, mixup_draw, rampup_weight, sce_loss, sharpen
 
 # Rows: uncertain, confident-right (label 0), confident-wrong (label 2, predicted 0), tiny probabilities.
 LOGITS = np.array([[0.2, -0.1, 0.4], [6.0, 0.0, -1.0], [8.0, 1.0, -3.0], [30.0, 0.0, -20.0]])
@@ -98,32 +98,12 @@ def test_rampup_weight() -> None:
         rampup_weight(1.0, length=0)
 
 
-def test_mixup() -> None:
-    inputs = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    targets = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
-    mixed, mixed_targets, lam = mixup(inputs, targets, rng=np.random.default_rng(3))
-    assert 0.5 <= lam <= 1.0
-    assert mixed.shape == inputs.shape and mixed_targets.shape == targets.shape
-    torch.testing.assert_close(mixed_targets.sum(dim=1), torch.ones(6))
-    # Each row is lam * itself + (1 - lam) * one partner row, and the partners form a permutation.
-    partners = []
-    for i in range(6):
-        rest = (mixed[i] - lam * inputs[i]) / (1 - lam)
-        matches = [j for j in range(6) if torch.allclose(rest, inputs[j], atol=1e-5)]
-        assert len(matches) == 1
-        partners.append(matches[0])
-        torch.testing.assert_close(mixed_targets[i], lam * targets[i] + (1 - lam) * targets[matches[0]])
-    assert sorted(partners) == list(range(6))
-
-
-def test_mixup_deterministic_and_lambda_at_least_half() -> None:
-    inputs, targets = torch.randn(8, 3), torch.softmax(torch.randn(8, 5), dim=1)
-    first = mixup(inputs, targets, rng=np.random.default_rng(11))
-    second = mixup(inputs, targets, rng=np.random.default_rng(11))
-    torch.testing.assert_close(first[0], second[0])
-    torch.testing.assert_close(first[1], second[1])
-    assert first[2] == second[2]
+def test_mixup_draw_is_seeded_keeps_lambda_at_least_half_and_permutes_the_batch() -> None:
+    lam, partner = mixup_draw(np.random.default_rng(11), 8)
+    again = mixup_draw(np.random.default_rng(11), 8)
+    assert lam == again[0] and np.array_equal(partner, again[1])
+    assert sorted(partner.tolist()) == list(range(8))
     rng = np.random.default_rng(0)
-    assert all(mixup(inputs, targets, rng=rng)[2] >= 0.5 for _ in range(50))
+    assert all(mixup_draw(rng, 8)[0] >= 0.5 for _ in range(50))
     with pytest.raises(ValueError, match="alpha 0"):
-        mixup(inputs, targets, rng=rng, alpha=0.0)
+        mixup_draw(rng, 8, alpha=0.0)

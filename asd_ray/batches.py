@@ -1,0 +1,240 @@
+"""The host side of every training step: which rows it takes, how they are augmented and mixed.
+
+A step's randomness is drawn here, on the CPU, from streams keyed by (seed,
+epoch, purpose), the same on every worker: the global batch (every worker
+draws it and serves the rows it holds), the augmentation of each row, MixUp's
+lambda and partners, and the step's scalars (learning rate, ramp-up weight).
+The draws of one step are packed into one buffer (:class:`StepPlan`): one
+host->device copy per step, and a captured CUDA graph reads its changing values
+from there. :mod:`asd_ray.steps` runs the device side.
+
+Two ways of dividing the data meet here: a training worker holds every W-th
+sample (``WorkerData``: ids ``rank, rank + W, ...``), so any global batch falls
+evenly across workers; the scoring actors take contiguous slices instead
+(:meth:`asd_ray.data.shards.ShardSet.worker_slices`), since a pass reads every sample once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from asd_ray import compute
+from asd_ray.config import RunConfig
+from asd_ray.data import augment
+from asd_ray.errors import DataError
+from asd_ray.losses import mixup_draw, rampup_weight
+
+
+@dataclasses.dataclass
+class WorkerData:
+    """This worker's share of the training set: samples ``rank, rank + world, ...``, in memory."""
+
+    images: torch.Tensor  # (n, H, W, C) uint8, on the device (or a host memmap over budget)
+    labels: torch.Tensor  # (n,) int64, on the compute device
+    sample_ids: np.ndarray  # (n,) int64, ascending
+    total: int = 0  # N, samples in the whole training set (0: this share is all of it)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches are computed (the images may stay in a host or disk cache)."""
+        return self.labels.device
+
+    def __post_init__(self) -> None:
+        self.total = self.total or len(self.sample_ids)
+        if not np.array_equal(self.sample_ids, np.arange(self.rank, self.total, self.world)):
+            raise ValueError(
+                f"worker {self.rank} of {self.world} must hold sample ids {self.rank}, +{self.world}, ..."
+            )
+
+    def serve(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows of a global batch of sample ``ids`` this worker holds.
+
+        Returns:
+            (rows, local): positions in ``ids`` and the matching indices into this share.
+        """
+        rows = np.flatnonzero(ids % self.world == self.rank)
+        return rows, ids[rows] // self.world
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (seed, epoch, phase, purpose)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+class Cycler:
+    """Endless batches of indices: a fresh permutation each time the pool is exhausted."""
+
+    def __init__(self, indices: np.ndarray, gen: torch.Generator):
+        self.indices, self.gen = torch.as_tensor(indices), gen
+        self.order, self.pos = self._shuffle(), 0
+
+    def _shuffle(self) -> torch.Tensor:
+        return self.indices[torch.randperm(len(self.indices), generator=self.gen)]
+
+    def next(self, size: int) -> np.ndarray:
+        """The next ``size`` indices (int64)."""
+        out = []
+        while size:
+            if self.pos == len(self.order):
+                self.order, self.pos = self._shuffle(), 0
+            take = min(size, len(self.order) - self.pos)
+            out.append(self.order[self.pos : self.pos + take])
+            self.pos, size = self.pos + take, size - take
+        return torch.cat(out).numpy()
+
+
+def batch_scale(config: RunConfig, world: int) -> int:
+    """How many times the configured batch one global step takes: W under ``scaled``, else 1."""
+    return world if config.mixmatch.batch_rule == "scaled" else 1
+
+
+def lr_factor(config: RunConfig, world: int, progress: float | None = None) -> float:
+    """Learning-rate multiplier of the ``scaled`` rule at ``progress`` epochs (None: no warm-up).
+
+    Adam's update is normalised by the gradient's scale, so a W times larger batch
+    (W times less gradient noise) takes about sqrt(W) times the step size, not W
+    (the square-root rule for adaptive optimisers, Malladi et al., NeurIPS 2022);
+    a linear warm-up over ``warmup_epochs`` keeps the first large steps from
+    overshooting while Adam's moment estimates settle.
+    """
+    mm, scale = config.mixmatch, batch_scale(config, world)
+    factor = {"sqrt": scale**0.5, "linear": float(scale), "none": 1.0}[mm.scaled_lr] if scale > 1 else 1.0
+    if progress is None or scale == 1 or mm.warmup_epochs <= 0:
+        return factor
+    return 1.0 + (factor - 1.0) * min(progress / mm.warmup_epochs, 1.0)
+
+
+def use_sync_batch_norm(config: RunConfig, world: int) -> bool:
+    """Batch norm over the global batch: the switch, or by default W > 1 under ``global``."""
+    if config.cluster.sync_batch_norm is not None:
+        return config.cluster.sync_batch_norm and world > 1
+    return world > 1 and config.mixmatch.batch_rule == "global"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The host side of one step, packed for one host->device copy (:class:`compute.Pack`).
+
+    ``buffer`` holds, by name: ``index`` (b,) share indices of this worker's rows of
+    every view, in order; ``rows`` (b, H) and ``cols`` (b, W) their source pixel
+    coordinates where rows are cropped or flipped; ``theta`` (b, 2, 3) for resized crops; MixMatch adds
+    ``partner`` (b,) MixUp partners (rows of the gathered global batch) and the scalars
+    ``lam``, ``weight`` (λ_u ramped up) and ``lr``.
+    """
+
+    buffer: torch.Tensor  # (L,) int64, host
+    layout: compute.PackLayout
+    lr: float | None  # the step's learning rate (MixMatch); None: the caller sets it per epoch
+    labeled: int  # this worker's labeled rows: the first ``labeled`` of ``index`` (all rows of a CE step)
+    counts: tuple[int, ...]  # every worker's rows of the step, in rank order (MixMatch's partner gather)
+    labeled_ids: np.ndarray  # (Bl,) sample ids of the whole global labeled batch (a CE step's batch)
+    unlabeled_ids: np.ndarray  # (Bu,) of the global unlabeled batch (empty for a CE step)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The packed values on the host (for the host-side gather, and tests)."""
+        return compute.unpack(self.buffer, self.layout)
+
+
+def _add_views(
+    pack: compute.Pack,
+    data: WorkerData,
+    config: RunConfig,
+    gen: torch.Generator,
+    views: list[tuple[np.ndarray, np.ndarray, int]],
+) -> None:
+    """Pack the rows of augmented views: for each ``(rows, local, total)`` (this worker's
+    positions in a global batch of ``total``, and their share indices), in order, the
+    share indices and the augmentation draws of those rows."""
+    _, height, width, _ = data.images.shape
+    draws = [augment.draw(config.data, gen, height, width, total, rows) for rows, _, total in views]
+    pack.add("index", np.concatenate([local for _, local, _ in views]))
+    for key in draws[0]:
+        pack.add(key, np.concatenate([d[key] for d in draws]))
+
+
+def mixmatch_plans(
+    data: WorkerData,
+    clean: np.ndarray,
+    config: RunConfig,
+    *,
+    epoch: int,
+    iterations: int,
+    phase: int = 0,
+) -> Iterator[StepPlan]:
+    """Endless MixMatch steps: every worker draws the same global batch (seeded by seed,
+    epoch and phase alone) and plans the rows it holds: labeled, then both unlabeled views.
+
+    So every sample of a pool is equally likely to be drawn whatever the worker count
+    and however the pools fall across shares, and the augmentation of a row does not
+    depend on which worker holds it. MixUp's partners are drawn over the whole global
+    batch [labeled, unlabeled view 1, unlabeled view 2].
+
+    Args:
+        clean: (N,) bool pool mask over the whole training set (True: labeled).
+        iterations: steps per epoch (the ramp-up and learning-rate schedules' unit).
+        phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
+    """
+    labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
+    if len(labeled) == 0 or len(unlabeled) == 0:
+        raise DataError(
+            f"epoch {epoch}: the split has {len(labeled)} clean and {len(unlabeled)} polluted samples; "
+            "MixMatch needs both"
+        )
+    mm, scale = config.mixmatch, batch_scale(config, data.world)
+    bl, bu = mm.batch_labeled * scale, mm.batch_unlabeled * scale
+    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, 1))
+    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, 2))
+    aug_gen = generator(config.seed, epoch, phase, 3)
+    mix_rng = np.random.default_rng([config.seed, epoch, phase, 4])
+    ramp = mm.rampup_epochs or config.epochs
+    step = 0
+    while True:
+        lids, uids = labeled_batches.next(bl), unlabeled_batches.next(bu)
+        (lrows, li), (urows, ui) = data.serve(lids), data.serve(uids)
+        pack = compute.Pack()
+        _add_views(pack, data, config, aug_gen, [(lrows, li, bl), (urows, ui, bu), (urows, ui, bu)])
+        lam, partner = mixup_draw(mix_rng, bl + 2 * bu, mm.mixup_alpha)
+        positions = _positions_by_worker(lids, uids, data.world)
+        order = np.concatenate(positions)  # global position of each row of the gathered batch
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))  # global position -> gathered row
+        progress = epoch + step / iterations
+        lr = mm.lr * lr_factor(config, data.world, progress)
+        pack.add("partner", where[partner[positions[data.rank]]])
+        pack.add("lam", lam).add("weight", rampup_weight(progress, max_weight=mm.lambda_u, length=ramp))
+        buffer, layout = pack.add("lr", lr).build()
+        yield StepPlan(buffer, layout, lr, len(li), tuple(map(len, positions)), lids, uids)
+        step += 1
+
+
+def _positions_by_worker(lids: np.ndarray, uids: np.ndarray, world: int) -> list[np.ndarray]:
+    """Every worker's rows of a MixMatch step, in its own order (labeled, unlabeled view 1,
+    view 2), as positions in the global batch [labeled, view 1, view 2]."""
+    bl, bu = len(lids), len(uids)
+    positions = []
+    for rank in range(world):
+        unlabeled = bl + np.flatnonzero(uids % world == rank)
+        positions.append(np.concatenate([np.flatnonzero(lids % world == rank), unlabeled, unlabeled + bu]))
+    return positions
+
+
+def cross_entropy_plans(
+    data: WorkerData, config: RunConfig, *, batch: int, seeds: tuple[int, ...]
+) -> Iterator[StepPlan]:
+    """Endless plain, augmented steps on global batches of ``batch`` over the whole training
+    set; ``seeds`` keys the batch order and the augmentation (the same on every worker)."""
+    batches = Cycler(np.arange(data.total), generator(*seeds, 1))
+    aug_gen = generator(*seeds, 2)
+    while True:
+        ids = batches.next(batch)
+        rows, local = data.serve(ids)
+        pack = compute.Pack()
+        _add_views(pack, data, config, aug_gen, [(rows, local, batch)])
+        buffer, layout = pack.build()
+        yield StepPlan(buffer, layout, None, len(local), (), ids, np.zeros(0, np.int64))
