@@ -1,23 +1,26 @@
-"""The step loops of one worker: MixMatch, supervised and virtual-model epochs.
+"""The step loops of one worker, device side: MixMatch, supervised and virtual-model epochs.
 
 Pure torch (plus ``torch.distributed`` when W > 1): :mod:`asd_ray.train` runs
-them inside Ray Train, and the benchmarks call them directly. They run on the
-fast path of :mod:`asd_ray.compute` (bf16 autocast and channels_last where the
-hardware supports them; losses summed on the device so the step loop never
-waits for the host).
+them inside Ray Train, and the benchmarks call them directly. Each step's
+draws come from :mod:`asd_ray.batches` in one packed buffer, copied to the
+device once; the step reads every changing value from it and never reads a
+device value on the host (losses are summed on the device, read once per
+epoch), so it can be replayed as a CUDA graph (``compute.cuda_graphs``). They
+run on the fast path of :mod:`asd_ray.compute` (bf16 autocast and channels_last
+where the hardware supports them, fused Adam).
 
 Batch rules. ``global`` (default) is the single-process step of the paper on
 any W: every worker draws the same global batch and serves the rows it holds,
 losses are each worker's share of the global means (times W, for DDP's
 average), batch norm spans the global batch and MixUp partners come from all
 of it (see :func:`mixmatch_epoch`). ``scaled`` takes W times the batch, W
-times fewer iterations and a larger learning rate (:func:`lr_factor`) in the
+times fewer iterations and a larger learning rate (:func:`asd_ray.batches.lr_factor`) in the
 MixMatch and baseline epochs; the stage-3 virtual model keeps the paper's
 global batch, step count and learning rate under both rules
 (:func:`virtual_epoch`). Every worker runs every step, so DDP never waits on a
 rank that ran out of data.
 
-Randomness is derived from (seed, epoch, purpose), the same on every worker,
+Randomness is derived from (seed, epoch, phase, purpose), the same on every worker,
 so a resumed run draws the same batches as an uninterrupted one and W does
 not change them.
 """

@@ -109,3 +109,18 @@ def test_a_pack_reaches_the_device_in_one_buffer_and_unpacks_by_name() -> None:
     assert values["index"].tolist() == [3, 1, 2] and values["rows"].shape == (2, 3)
     assert values["lam"].dtype == torch.float32 and values["lam"].item() == 0.75 and values["lam"].dim() == 0
     assert torch.allclose(values["theta"], torch.full((2, 2), 1e-3))
+
+
+def test_an_unfused_checkpoint_loads_into_a_fused_adam_that_stays_fused() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.Adam([param], lr=0.1)  # as an older asd-ray saved its checkpoints
+    param.grad = torch.ones(3)
+    old.step()
+    fresh = torch.nn.Parameter(param.detach().clone())
+    optimizer = compute.adam([fresh], 0.1)
+    compute.load_adam_state(optimizer, old.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True and optimizer.param_groups[0]["foreach"] is None
+    assert optimizer.state[fresh]["step"].dtype == torch.float32
+    fresh.grad = torch.ones(3)
+    optimizer.step()  # the fused kernel runs on the loaded state
+    assert optimizer.state[fresh]["step"].item() == 2.0
