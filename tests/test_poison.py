@@ -54,10 +54,10 @@ def test_all2all_and_clean_label_plans():
 def test_wanet_noise_samples_keep_their_labels():
     labels = np.arange(10_000) % 10
     plan = plan_poison(labels, 10, AttackConfig("wanet", rate=0.1, target=0))
-    assert not (plan.is_noise & plan.is_poison).any()
+    assert not (plan.is_cover & plan.is_poison).any()
     lo, hi = _binomial_interval(int((~plan.is_poison).sum()), 0.2)
-    assert lo <= plan.is_noise.sum() <= hi
-    np.testing.assert_array_equal(plan.label_after[plan.is_noise], labels[plan.is_noise])
+    assert lo <= plan.is_cover.sum() <= hi
+    np.testing.assert_array_equal(plan.label_after[plan.is_cover], labels[plan.is_cover])
 
 
 def test_target_outside_the_classes_is_a_clear_error():

@@ -38,6 +38,7 @@ from asd_ray.data.shards import (
 from asd_ray.errors import DataError
 
 ImageTransform = Callable[[np.ndarray], np.ndarray]  # (n, H, W, C) uint8 -> same
+Modify = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample ids, their images) -> modified images
 _CHUNK = 256  # records decoded and transformed together
 
 
@@ -46,12 +47,14 @@ class PoisonPlan:
     """Which samples an attack modifies, and their labels afterwards (all shape (N,))."""
 
     is_poison: np.ndarray  # bool: carries the backdoor trigger
-    is_noise: np.ndarray  # bool: WaNet noise-mode sample (warped with noise, label kept)
+    # bool: a cover sample, modified but keeping its label and teaching no backdoor (WaNet's
+    # noise mode); the ground truth marks it modified, not poisoned
+    is_cover: np.ndarray
     label_after: np.ndarray  # int64
 
     @property
     def is_modified(self) -> np.ndarray:
-        return self.is_poison | self.is_noise
+        return self.is_poison | self.is_cover
 
 
 def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> PoisonPlan:
@@ -70,7 +73,7 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
     rng = np.random.default_rng(config.seed)
     n = len(labels)
     label_after = labels.copy()
-    is_noise = np.zeros(n, bool)
+    is_cover = np.zeros(n, bool)
     if config.attack == "clean-label":
         candidates = np.flatnonzero(labels == config.target)
         chosen = rng.choice(candidates, size=round(config.rate * len(candidates)), replace=False)
@@ -83,8 +86,8 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
         is_poison = (labels != config.target) & (rng.random(n) < config.rate)
         label_after[is_poison] = config.target
         if config.attack == "wanet" and config.wanet_noise:
-            is_noise = ~is_poison & (rng.random(n) < config.cross_ratio * config.rate)
-    return PoisonPlan(is_poison, is_noise, label_after)
+            is_cover = ~is_poison & (rng.random(n) < config.cross_ratio * config.rate)
+    return PoisonPlan(is_poison, is_cover, label_after)
 
 
 def _check_target(config: AttackConfig, num_classes: int) -> None:
@@ -155,35 +158,7 @@ def poison_shards(
     clean = clean if isinstance(clean, ShardSet) else ShardSet(clean)
     shape = clean.require_uniform_size(f"the {config.attack} attack")
     plan = plan_poison(clean.labels, clean.info.num_classes, config)
-    trigger = build_trigger(config, shape)
-    noise_rng = np.random.default_rng([config.seed, 1])
-    if plan.is_noise.any():
-        noise_grid = wanet_grid(shape[0], k=config.wanet_k, s=config.wanet_s, seed=config.seed)
-
-    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
-        noise = plan.is_noise[ids]
-        out_images = images.copy()
-        if noise.any():
-            out_images[noise] = apply_wanet(images[noise], noise_grid, noise_rng=noise_rng)
-        poison = ~noise
-        if poison.any():
-            batch = images[poison]
-            if config.attack == "clean-label" and surrogate is not None:
-                mean, std = normalize or (None, None)
-                batch = pgd_perturb(
-                    surrogate,
-                    batch,
-                    plan.label_after[ids[poison]],
-                    eps=config.pgd_eps,
-                    step=config.pgd_step,
-                    steps=config.pgd_steps,
-                    mean=mean,
-                    std=std,
-                    seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
-                )
-            out_images[poison] = trigger(batch)
-        return out_images
-
+    modify = _stamp(config, shape, plan, surrogate, normalize)
     params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
@@ -212,11 +187,52 @@ def poison_shards(
         "out": str(Path(out).absolute()),
         "samples": len(clean),
         "poisoned": int(plan.is_poison.sum()),
-        "noise": int(plan.is_noise.sum()),
+        "cover": int(plan.is_cover.sum()),
         "rate_observed": float(plan.is_poison.mean()),
         "target": config.target,
         "ground_truth": str(Path(out).absolute() / GROUND_TRUTH_FILE),
     }
+
+
+def _stamp(
+    config: AttackConfig,
+    shape: tuple[int, int, int],
+    plan: PoisonPlan,
+    surrogate: torch.nn.Module | None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> Modify:
+    """The trigger on poisoned samples (clean-label: after PGD, given a surrogate); WaNet's
+    cover samples get the warp with per-image noise instead."""
+    trigger = build_trigger(config, shape)
+    noise_rng = np.random.default_rng([config.seed, 1])
+    if plan.is_cover.any():
+        noise_grid = wanet_grid(shape[0], k=config.wanet_k, s=config.wanet_s, seed=config.seed)
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        noise = plan.is_cover[ids]
+        out_images = images.copy()
+        if noise.any():
+            out_images[noise] = apply_wanet(images[noise], noise_grid, noise_rng=noise_rng)
+        poison = ~noise
+        if poison.any():
+            batch = images[poison]
+            if config.attack == "clean-label" and surrogate is not None:
+                mean, std = normalize or (None, None)
+                batch = pgd_perturb(
+                    surrogate,
+                    batch,
+                    plan.label_after[ids[poison]],
+                    eps=config.pgd_eps,
+                    step=config.pgd_step,
+                    steps=config.pgd_steps,
+                    mean=mean,
+                    std=std,
+                    seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
+                )
+            out_images[poison] = trigger(batch)
+        return out_images
+
+    return modify
 
 
 def poison_test_shards(
