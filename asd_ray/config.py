@@ -20,7 +20,7 @@ import yaml
 
 from asd_ray.errors import ConfigError
 
-ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label")
+ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig")
 TRIGGERS = ("badnets", "blend", "checkerboard")
 
 
@@ -30,7 +30,7 @@ class AttackConfig:
 
     ``rate`` is a per-sample probability over the non-target classes for
     poison-label attacks (badnets, blend, wanet; all classes for all2all) and the
-    fraction of the target class for clean-label.
+    fraction of the target class for clean-label and sig.
     """
 
     attack: str
@@ -49,6 +49,8 @@ class AttackConfig:
     pgd_eps: float = 16 / 255  # clean-label PGD budget (L-inf, on [0, 1] images)
     pgd_step: float = 1.5 / 255
     pgd_steps: int = 30
+    sig_delta: float = 20.0  # SIG amplitude on 0-255
+    sig_frequency: float = 6.0  # SIG periods across the image width
 
     def __post_init__(self) -> None:
         _check_ranges(self, _ATTACK_RANGES, lambda key: "--" + key.replace("_", "-"))
@@ -67,11 +69,9 @@ class AttackConfig:
     @property
     def trigger_kind(self) -> str:
         """The image trigger this attack applies."""
-        if self.attack in ("badnets", "blend"):
-            return self.attack
-        if self.attack == "wanet":
-            return "wanet"
-        return self.trigger or "badnets"
+        if self.attack in ("all2all", "clean-label"):
+            return self.trigger or "badnets"
+        return self.attack
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able parameters (recorded in every ground-truth row)."""
@@ -398,6 +398,8 @@ _ATTACK_RANGES: dict[str, tuple[Any, str]] = {
     "pgd_eps": _finite(0, strict=True, high=1),
     "pgd_step": _finite(0, strict=True, high=1),
     "pgd_steps": _whole(1, 10_000),
+    "sig_delta": _finite(0, strict=True, high=255),
+    "sig_frequency": _finite(0, strict=True),  # it must also stay below half the width (checked when built)
 }
 
 

@@ -1,4 +1,4 @@
-"""Pure image functions of the attacks: pixel-exact triggers, WaNet warps and PGD."""
+"""Pure image functions of the attacks: pixel-exact triggers, WaNet warps, PGD and SIG."""
 
 import math
 
@@ -10,6 +10,7 @@ from PIL import Image
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH, badnets_trigger, white_square_pattern
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
+from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern, to_channels
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 
@@ -258,3 +259,37 @@ def test_pgd_validates_arguments():
         pgd_perturb(model, images, np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="mean and std"):
         pgd_perturb(model, images, np.zeros(2, np.int64), mean=(0.5, 0.5, 0.5))
+
+
+# ---- SIG -------------------------------------------------------------------------------
+
+
+def test_sig_signal_values_by_hand():
+    # 12 px wide, 2 periods: 20 sin(60 j degrees) = 0, 17.32, 17.32, 0, -17.32, -17.32, ...
+    signal = sig_signal(3, 12, 2, delta=20, frequency=2)
+    assert signal.shape == (3, 12, 2) and signal.dtype == np.float32
+    assert np.allclose(signal[1, :3, 1], [0, 17.3205, 17.3205], atol=1e-3)
+    assert (signal == signal[:1, :, :1]).all()  # constant down each column and across channels
+    zero = add_signal(np.zeros((1, 3, 12, 2), np.uint8), signal)
+    grey = add_signal(np.full((1, 3, 12, 2), 128, np.uint8), signal)
+    white = add_signal(np.full((1, 3, 12, 2), 255, np.uint8), signal)
+    assert (zero[0, :, :, 0] == [0, 17, 17, 0, 0, 0, 0, 17, 17, 0, 0, 0]).all()  # negatives clip at 0
+    assert (grey[0, :, :, 1] == [128, 145, 145, 128, 111, 111, 128, 145, 145, 128, 111, 111]).all()
+    assert (white[0, :, :, 0] == [255, 255, 255, 255, 238, 238, 255, 255, 255, 255, 238, 238]).all()
+
+
+def test_sig_defaults_are_delta_20_and_6_periods():
+    signal = sig_signal(28, 28, 1)
+    j = np.arange(28)
+    assert np.allclose(signal[5, :, 0], 20 * np.sin(2 * np.pi * 6 * j / 28), atol=1e-4)
+
+
+@pytest.mark.parametrize("frequency", [6.0, 7.5, 0.0])
+def test_sig_frequency_must_stay_below_half_the_width(frequency):
+    with pytest.raises(ValueError, match=r"--sig-frequency .* must be in \(0, 6\)"):
+        sig_signal(12, 12, 3, frequency=frequency)
+
+
+def test_add_signal_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="height, width, channels"):
+        add_signal(_images(1, 16), sig_signal(16, 16, 1))

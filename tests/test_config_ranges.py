@@ -45,6 +45,13 @@ def test_every_preset_is_in_range() -> None:
         (["--attack", "badnets", "--rate", "nan"], "--rate = nan is out of range"),
         (["--attack", "blend", "--alpha=-0.5"], "--alpha = -0.5 is out of range"),
         (["--attack", "badnets", "--seed=-3"], "--seed = -3 is out of range"),
+        (["--attack", "sig", "--sig-delta", "0"], "--sig-delta = 0.0 is out of range"),
+        (["--attack", "sig", "--sig-delta", "256"], "--sig-delta = 256.0 is out of range"),
+        (["--attack", "sig", "--sig-frequency", "nan"], "--sig-frequency = nan is out of range"),
+        (
+            ["--attack", "sig", "--sig-frequency", "4"],
+            "--sig-frequency 4.0 must be in (0, 4) on images 8 px wide",
+        ),
     ],
 )
 def test_every_attack_parameter_has_a_range_named_by_its_flag(tmp_path, capsys, flags, message) -> None:

@@ -8,6 +8,7 @@ from conftest import make_shards
 from asd_ray import tables
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH
 from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shards
+from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, iter_records
 from asd_ray.errors import DataError
@@ -95,7 +96,7 @@ def test_poisoning_is_reproducible(tmp_path, train_set):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.parametrize("attack", ["badnets", "blend", "wanet", "clean-label"])
+@pytest.mark.parametrize("attack", ["badnets", "blend", "wanet", "clean-label", "sig"])
 def test_asr_test_set_excludes_the_target_class(tmp_path, test_set, attack):
     config = AttackConfig(attack, rate=0.1, target=2)
     summary = poison_test_shards(test_set, tmp_path / "asr", config)
@@ -132,3 +133,43 @@ def test_large_images_get_a_32px_patch_upper_left(tmp_path):
     # JPEG is lossy: the patch region differs strongly, the far corner hardly
     assert np.abs(images[:, :32, :32].astype(int) - clean[:, :32, :32]).mean() > 20
     assert np.abs(images[:, 64:, 64:].astype(int) - clean[:, 64:, 64:]).mean() < 8
+
+
+# ---- SIG -------------------------------------------------------------------------------
+
+
+def _truth(folder) -> dict:
+    return tables.read_parquet(folder / GROUND_TRUTH_FILE, "poison").to_pydict()
+
+
+def test_sig_plan_poisons_exactly_rate_of_the_target_class_and_keeps_labels():
+    labels = np.arange(1000) % 10
+    plan = plan_poison(labels, 10, AttackConfig("sig", rate=0.33, target=4))
+    assert plan.is_poison.sum() == 33 and (labels[plan.is_poison] == 4).all()  # round(0.33 * 100)
+    assert not plan.is_cover.any()
+    np.testing.assert_array_equal(plan.label_after, labels)
+
+
+def test_sig_shards_add_the_signal_to_the_chosen_target_images_only(tmp_path, train_set):
+    config = AttackConfig("sig", rate=0.3, target=1, seed=2)
+    summary = poison_shards(train_set, tmp_path / "sig", config)
+    truth = _truth(tmp_path / "sig")
+    is_poison = np.array(truth["is_poison"])
+    clean_images, clean_labels = train_set.load_arrays()
+    images, labels = ShardSet(tmp_path / "sig").load_arrays()
+    assert summary["poisoned"] == is_poison.sum() == 15 and summary["cover"] == 0  # round(0.3 * 50)
+    assert (clean_labels[is_poison] == 1).all() and np.array_equal(labels, clean_labels)
+    assert truth["is_modified"] == truth["is_poison"]
+    expected = add_signal(clean_images[is_poison], sig_signal(32, 32, 3, delta=20, frequency=6))
+    np.testing.assert_array_equal(images[is_poison], expected)
+    np.testing.assert_array_equal(images[~is_poison], clean_images[~is_poison])
+
+
+def test_sig_test_set_carries_the_signal_on_non_target_images(tmp_path, test_set):
+    config = AttackConfig("sig", rate=0.1, target=2, sig_delta=30, sig_frequency=4)
+    poison_test_shards(test_set, tmp_path / "asr", config)
+    images, labels = ShardSet(tmp_path / "asr").load_arrays()
+    clean_images, _ = test_set.load_arrays()
+    expected = add_signal(clean_images[test_set.labels != 2], sig_signal(32, 32, 3, delta=30, frequency=4))
+    np.testing.assert_array_equal(images, expected)
+    assert (labels == 2).all()

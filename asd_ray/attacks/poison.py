@@ -22,6 +22,7 @@ from asd_ray import progress, tables
 from asd_ray.attacks.badnets import badnets_trigger, check_patch_size
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
+from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import apply_trigger, load_pattern
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 from asd_ray.config import AttackConfig
@@ -61,8 +62,8 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
     """Draw the poisoned samples of an attack (seeded by ``config.seed``).
 
     Poison-label attacks poison each non-target sample (every sample for
-    all2all) independently with probability ``rate``; clean-label poisons
-    exactly ``round(rate * n_target)`` target-class samples and keeps labels.
+    all2all) independently with probability ``rate``; clean-label and sig poison
+    exactly ``round(rate * n_target)`` target-class samples and keep labels.
 
     Args:
         labels: (N,) int clean labels.
@@ -74,7 +75,7 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
     n = len(labels)
     label_after = labels.copy()
     is_cover = np.zeros(n, bool)
-    if config.attack == "clean-label":
+    if config.attack in ("clean-label", "sig"):
         candidates = np.flatnonzero(labels == config.target)
         chosen = rng.choice(candidates, size=round(config.rate * len(candidates)), replace=False)
         is_poison = np.zeros(n, bool)
@@ -102,6 +103,9 @@ def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTra
     """The attack's trigger as a batch transform for images of ``shape`` (H, W, C)."""
     height, width, channels = shape
     kind = config.trigger_kind
+    if kind == "sig":
+        signal = sig_signal(height, width, channels, delta=config.sig_delta, frequency=config.sig_frequency)
+        return lambda images: add_signal(images, signal)
     if kind == "wanet":
         if height != width:
             raise DataError(

@@ -96,7 +96,7 @@ def add_commands(commands) -> None:
         type=float,
         required=True,
         help="poison-label: per-sample probability over non-target samples (all samples "
-        "for all2all); clean-label: fraction of the target class",
+        "for all2all); clean-label and sig: fraction of the target class",
     )
     poison.add_argument("--target", type=int, default=0, help="target class y_t (default 0)")
     poison.add_argument("--in", dest="input", required=True, help="clean training shard folder")
@@ -127,6 +127,15 @@ def add_commands(commands) -> None:
         type=float,
         default=2.0,
         help="wanet: noise-mode samples per poisoned sample (default 2)",
+    )
+    poison.add_argument(
+        "--sig-delta", type=float, default=20.0, help="sig: signal amplitude on 0-255 (default 20)"
+    )
+    poison.add_argument(
+        "--sig-frequency",
+        type=float,
+        default=6.0,
+        help="sig: periods of the sine across the image width (default 6)",
     )
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
     add_quiet(poison)
@@ -269,6 +278,8 @@ def _poison(args: argparse.Namespace) -> dict:
         wanet_s=args.wanet_s,
         wanet_noise=not args.no_wanet_noise,
         cross_ratio=args.cross_ratio,
+        sig_delta=args.sig_delta,
+        sig_frequency=args.sig_frequency,
     )
     summary = poison_shards(args.input, args.out, config, overwrite=args.overwrite)
     if args.test_in:
