@@ -20,7 +20,7 @@ import yaml
 
 from asd_ray.errors import ConfigError
 
-ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig")
+ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
 TRIGGERS = ("badnets", "blend", "checkerboard")
 
 
@@ -29,8 +29,8 @@ class AttackConfig:
     """One backdoor attack: who is poisoned, how, and with which trigger.
 
     ``rate`` is a per-sample probability over the non-target classes for
-    poison-label attacks (badnets, blend, wanet; all classes for all2all) and the
-    fraction of the target class for clean-label and sig.
+    poison-label attacks (badnets, blend, wanet, adaptive-blend; all classes for
+    all2all) and the fraction of the target class for clean-label and sig.
     """
 
     attack: str
@@ -51,6 +51,11 @@ class AttackConfig:
     pgd_steps: int = 30
     sig_delta: float = 20.0  # SIG amplitude on 0-255
     sig_frequency: float = 6.0  # SIG periods across the image width
+    adaptive_grid: int = 4  # adaptive blend: the pattern is cut into grid x grid pieces
+    adaptive_pieces: int = 8  # adaptive blend: pieces each training image gets, drawn per sample
+    adaptive_train_alpha: float = 0.15  # adaptive blend: blend weight of the pieces at training
+    adaptive_test_alpha: float = 0.2  # adaptive blend: blend weight of the full pattern at test
+    conservatism_ratio: float = 1.0  # adaptive blend: cover samples (label kept) per poisoned one
 
     def __post_init__(self) -> None:
         _check_ranges(self, _ATTACK_RANGES, lambda key: "--" + key.replace("_", "-"))
@@ -65,6 +70,18 @@ class AttackConfig:
                 f"--rate {self.rate} with --cross-ratio {self.cross_ratio} would modify more than "
                 "every sample; lower one of them"
             )
+        if self.attack == "adaptive-blend":
+            if self.adaptive_pieces > self.adaptive_grid**2:
+                raise ConfigError(
+                    f"--adaptive-pieces {self.adaptive_pieces} is more than the {self.adaptive_grid**2} "
+                    f"pieces of a {self.adaptive_grid}x{self.adaptive_grid} --adaptive-grid; lower it "
+                    "or raise --adaptive-grid"
+                )
+            if self.rate * (1 + self.conservatism_ratio) > 1:
+                raise ConfigError(
+                    f"--rate {self.rate} with --conservatism-ratio {self.conservatism_ratio} would "
+                    "modify more than every sample; lower one of them"
+                )
 
     @property
     def trigger_kind(self) -> str:
@@ -400,6 +417,11 @@ _ATTACK_RANGES: dict[str, tuple[Any, str]] = {
     "pgd_steps": _whole(1, 10_000),
     "sig_delta": _finite(0, strict=True, high=255),
     "sig_frequency": _finite(0, strict=True),  # it must also stay below half the width (checked when built)
+    "adaptive_grid": _whole(2, 64),  # it must also fit the image (checked when built)
+    "adaptive_pieces": _whole(1, 64 * 64),  # at most adaptive_grid**2 (checked in __post_init__)
+    "adaptive_train_alpha": _finite(0, strict=True, high=1),
+    "adaptive_test_alpha": _finite(0, strict=True, high=1),
+    "conservatism_ratio": _finite(0, strict=False),
 }
 
 

@@ -1,4 +1,5 @@
-"""Pure image functions of the attacks: pixel-exact triggers, WaNet warps, PGD and SIG."""
+"""Pure image functions of the attacks: pixel-exact triggers, WaNet warps, PGD, SIG and
+adaptive blend's pieces."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH, badnets_trigger, white_square_pattern
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
@@ -293,3 +295,48 @@ def test_sig_frequency_must_stay_below_half_the_width(frequency):
 def test_add_signal_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="height, width, channels"):
         add_signal(_images(1, 16), sig_signal(16, 16, 1))
+
+
+# ---- Adaptive blend --------------------------------------------------------------------
+
+
+def test_draw_pieces_keeps_exactly_the_configured_count_uniformly():
+    kept = draw_pieces(np.random.default_rng(0), 4000, grid=4, pieces=5)
+    assert kept.shape == (4000, 16) and kept.dtype == bool and (kept.sum(axis=1) == 5).all()
+    share = kept.mean(axis=0)  # 5/16 = 0.3125 per piece; 4 standard deviations: 0.029
+    assert (np.abs(share - 5 / 16) < 0.03).all()
+    assert len({row.tobytes() for row in kept[:50]}) > 45  # a draw per image, not one mask
+    again = draw_pieces(np.random.default_rng(0), 4000, grid=4, pieces=5)
+    assert np.array_equal(kept, again)
+    assert (draw_pieces(np.random.default_rng(1), 3, grid=3, pieces=9)).all()
+    with pytest.raises(ValueError, match="--adaptive-pieces 17 must be in 1..16"):
+        draw_pieces(np.random.default_rng(0), 1, grid=4, pieces=17)
+
+
+def test_piece_index_tiles_the_image():
+    cells = piece_index(28, 28, 4)  # 7x7 px pieces
+    assert (cells[:7, :7] == 0).all() and (cells[:7, 7:14] == 1).all() and (cells[7:14, :7] == 4).all()
+    assert (cells[21:, 21:] == 15).all() and (np.bincount(cells.ravel()) == 49).all()
+    odd = piece_index(10, 6, 4)  # rows 3, 2, 3, 2 (y * 4 // 10); columns 2, 1, 2, 1
+    assert np.array_equal(np.bincount(odd.ravel()).reshape(4, 4), np.outer([3, 2, 3, 2], [2, 1, 2, 1]))
+    with pytest.raises(ValueError, match="--adaptive-grid 5 is larger than these 4x8 images"):
+        piece_index(4, 8, 5)
+
+
+def test_apply_pieces_blends_only_the_kept_pieces_at_the_trigger_alpha():
+    images = _images(2, 16, seed=4)
+    trigger = blend_trigger(16, 16, 3, alpha=0.15, seed=2)
+    full = apply_trigger(images, trigger)  # the whole pattern at alpha 0.15
+    kept = np.zeros((2, 4), bool)  # 2x2 grid of 8x8 pieces
+    kept[0, [0, 3]] = True  # upper-left and lower-right
+    kept[1, 1] = True  # upper-right only
+    out = apply_pieces(images, trigger, kept, piece_index(16, 16, 2))
+    inside = np.zeros((2, 16, 16), bool)
+    inside[0, :8, :8] = inside[0, 8:, 8:] = inside[1, :8, 8:] = True
+    assert np.array_equal(out[inside], full[inside]) and np.array_equal(out[~inside], images[~inside])
+    changed = (out != images).any(axis=3)
+    assert changed[inside].mean() > 0.9  # 0.15 |p - x| rounds to a change on almost every pixel
+    p, x = trigger.pattern[0, 0, 0], int(images[0, 0, 0, 0])
+    assert abs(int(out[0, 0, 0, 0]) - (0.85 * x + 0.15 * p)) <= 0.5 + 1e-4
+    with pytest.raises(ValueError, match="one row per image"):
+        apply_pieces(images, trigger, kept[:1], piece_index(16, 16, 2))

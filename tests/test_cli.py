@@ -173,21 +173,32 @@ def test_resume_reads_the_run_config_and_refuses_algorithm_changes(tmp_path, cap
     assert code == 2 and "no config.yaml there" in err
 
 
-def test_poison_runs_sig_with_its_flags(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("attack", "flags"),
+    [
+        ("sig", ["--rate", "0.5", "--sig-delta", "30", "--sig-frequency", "2"]),
+        ("adaptive-blend", ["--rate", "0.3", "--adaptive-pieces", "3", "--adaptive-grid", "2"]),
+    ],
+)
+def test_poison_runs_the_new_attacks_with_their_flags(tmp_path, capsys, attack, flags):
     from conftest import make_shards
 
     from asd_ray import tables
 
     make_shards(tmp_path / "clean", n=40, size=8, classes=4, per_shard=20)
     make_shards(tmp_path / "clean-test", n=12, size=8, classes=4, seed=1, name="test")
-    argv = ["poison", "--attack", "sig", "--target", "1", "--in", str(tmp_path / "clean")]
+    argv = ["poison", "--attack", attack, "--target", "1", "--in", str(tmp_path / "clean")]
     argv += ["--out", str(tmp_path / "p"), "--test-in", str(tmp_path / "clean-test")]
-    argv += ["--test-out", str(tmp_path / "pt"), "--rate", "0.5", "--sig-delta", "30", "--sig-frequency", "2"]
-    code, out, err = run([*argv, "--quiet"], capsys)
+    code, out, err = run([*argv, "--test-out", str(tmp_path / "pt"), *flags, "--quiet"], capsys)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     truth = tables.read_parquet(tmp_path / "p" / "poison.parquet", "poison").to_pydict()
     params = json.loads(truth["params"][0])
-    assert summary["attack"] == "sig" == truth["attack"][0] and summary["test_samples"] == 9
-    assert summary["poisoned"] == 5 and summary["cover"] == 0  # half of the 10 target samples
-    assert (params["sig_delta"], params["sig_frequency"]) == (30.0, 2.0)
+    assert summary["attack"] == attack == truth["attack"][0] and summary["test_samples"] == 9
+    if attack == "sig":
+        assert summary["poisoned"] == 5 and summary["cover"] == 0  # half of the 10 target samples
+        assert (params["sig_delta"], params["sig_frequency"]) == (30.0, 2.0)
+    else:
+        assert summary["poisoned"] > 0 and summary["cover"] == summary["poisoned"]
+        assert sum(truth["is_modified"]) == 2 * sum(truth["is_poison"])
+        assert (params["adaptive_pieces"], params["adaptive_grid"]) == (3, 2)

@@ -52,6 +52,32 @@ def test_every_preset_is_in_range() -> None:
             ["--attack", "sig", "--sig-frequency", "4"],
             "--sig-frequency 4.0 must be in (0, 4) on images 8 px wide",
         ),
+        (["--attack", "adaptive-blend", "--adaptive-grid", "1"], "--adaptive-grid = 1 is out of range"),
+        (
+            ["--attack", "adaptive-blend", "--adaptive-grid", "9"],
+            "--adaptive-grid 9 is larger than these 8x8",
+        ),
+        (["--attack", "adaptive-blend", "--adaptive-pieces", "0"], "--adaptive-pieces = 0 is out of range"),
+        (
+            ["--attack", "adaptive-blend", "--adaptive-pieces", "17"],
+            "--adaptive-pieces 17 is more than the 16 pieces of a 4x4 --adaptive-grid",
+        ),
+        (
+            ["--attack", "adaptive-blend", "--adaptive-train-alpha", "1.5"],
+            "--adaptive-train-alpha = 1.5 is out of range",
+        ),
+        (
+            ["--attack", "adaptive-blend", "--adaptive-test-alpha", "0"],
+            "--adaptive-test-alpha = 0.0 is out of range",
+        ),
+        (
+            ["--attack", "adaptive-blend", "--conservatism-ratio=-1"],
+            "--conservatism-ratio = -1.0 is out of range",
+        ),
+        (
+            ["--attack", "adaptive-blend", "--rate", "0.6", "--conservatism-ratio", "1"],
+            "--rate 0.6 with --conservatism-ratio 1.0 would modify more than every sample",
+        ),
     ],
 )
 def test_every_attack_parameter_has_a_range_named_by_its_flag(tmp_path, capsys, flags, message) -> None:

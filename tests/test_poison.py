@@ -6,9 +6,12 @@ import pytest
 from conftest import make_shards
 
 from asd_ray import tables
+from asd_ray.attacks.adaptive_blend import piece_index
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH
+from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shards
 from asd_ray.attacks.sig import add_signal, sig_signal
+from asd_ray.attacks.trigger import apply_trigger
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, iter_records
 from asd_ray.errors import DataError
@@ -96,7 +99,7 @@ def test_poisoning_is_reproducible(tmp_path, train_set):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.parametrize("attack", ["badnets", "blend", "wanet", "clean-label", "sig"])
+@pytest.mark.parametrize("attack", ["badnets", "blend", "wanet", "clean-label", "sig", "adaptive-blend"])
 def test_asr_test_set_excludes_the_target_class(tmp_path, test_set, attack):
     config = AttackConfig(attack, rate=0.1, target=2)
     summary = poison_test_shards(test_set, tmp_path / "asr", config)
@@ -135,7 +138,7 @@ def test_large_images_get_a_32px_patch_upper_left(tmp_path):
     assert np.abs(images[:, 64:, 64:].astype(int) - clean[:, 64:, 64:]).mean() < 8
 
 
-# ---- SIG -------------------------------------------------------------------------------
+# ---- SIG and adaptive blend ------------------------------------------------------------
 
 
 def _truth(folder) -> dict:
@@ -171,5 +174,66 @@ def test_sig_test_set_carries_the_signal_on_non_target_images(tmp_path, test_set
     images, labels = ShardSet(tmp_path / "asr").load_arrays()
     clean_images, _ = test_set.load_arrays()
     expected = add_signal(clean_images[test_set.labels != 2], sig_signal(32, 32, 3, delta=30, frequency=4))
+    np.testing.assert_array_equal(images, expected)
+    assert (labels == 2).all()
+
+
+def test_adaptive_blend_plan_draws_poison_and_as_many_covers_that_keep_their_labels():
+    labels = np.arange(10_000) % 10
+    plan = plan_poison(labels, 10, AttackConfig("adaptive-blend", rate=0.05, target=3, seed=4))
+    lo, hi = _binomial_interval(9000, 0.05)
+    assert lo <= plan.is_poison.sum() <= hi and (plan.label_after[plan.is_poison] == 3).all()
+    assert plan.is_cover.sum() == plan.is_poison.sum() and not (plan.is_cover & plan.is_poison).any()
+    assert not plan.is_cover[labels == 3].any()
+    np.testing.assert_array_equal(plan.label_after[~plan.is_poison], labels[~plan.is_poison])
+    half = plan_poison(
+        labels, 10, AttackConfig("adaptive-blend", rate=0.05, target=3, conservatism_ratio=0.5)
+    )
+    assert half.is_cover.sum() == round(0.5 * half.is_poison.sum())
+    none = plan_poison(labels, 10, AttackConfig("adaptive-blend", rate=0.05, target=3, conservatism_ratio=0))
+    assert not none.is_cover.any()
+
+
+def test_adaptive_blend_without_enough_samples_for_its_covers_is_a_clear_error():
+    # 8 samples, 6 outside target 0, seed 2 poisons 4 of them: 4 covers, 2 candidates left
+    with pytest.raises(DataError, match="--conservatism-ratio 1.0 asks for 4 cover samples but only 2"):
+        plan_poison(np.arange(8) % 4, 4, AttackConfig("adaptive-blend", rate=0.5, seed=2))
+
+
+def test_adaptive_blend_shards_carry_the_configured_pieces_at_the_training_alpha(tmp_path, train_set):
+    config = AttackConfig("adaptive-blend", rate=0.2, target=0, seed=1, adaptive_pieces=5)
+    summary = poison_shards(train_set, tmp_path / "ab", config)
+    truth = _truth(tmp_path / "ab")
+    is_poison, is_modified = np.array(truth["is_poison"]), np.array(truth["is_modified"])
+    is_cover = is_modified & ~is_poison
+    clean_images, clean_labels = train_set.load_arrays()
+    images, labels = ShardSet(tmp_path / "ab").load_arrays()
+    assert (
+        summary["poisoned"] == is_poison.sum() > 0 and summary["cover"] == is_cover.sum() == is_poison.sum()
+    )
+    assert (labels[is_poison] == 0).all() and (clean_labels[is_poison | is_cover] != 0).all()
+    np.testing.assert_array_equal(labels[~is_poison], clean_labels[~is_poison])  # covers keep theirs
+    np.testing.assert_array_equal(np.array(truth["label_after"]), labels)
+    np.testing.assert_array_equal(images[~is_modified], clean_images[~is_modified])
+    # Each modified image, poisoned or cover, is the full pattern at alpha 0.15 on exactly 5
+    # of its 16 8x8 pieces and the clean image on the others.
+    blended = apply_trigger(clean_images, blend_trigger(32, 32, 3, alpha=0.15, seed=1))
+    cells = piece_index(32, 32, 4)
+    pieces_of = []
+    for i in np.flatnonzero(is_modified):
+        kept = [c for c in range(16) if (images[i][cells == c] != clean_images[i][cells == c]).any()]
+        inside = np.isin(cells, kept)
+        np.testing.assert_array_equal(images[i][inside], blended[i][inside])
+        pieces_of.append(tuple(kept))
+        assert len(kept) == 5, (i, kept)
+    assert len(set(pieces_of)) > len(pieces_of) // 2  # drawn per image
+
+
+def test_adaptive_blend_test_set_is_the_full_pattern_at_the_test_alpha(tmp_path, test_set):
+    config = AttackConfig("adaptive-blend", rate=0.1, target=2, seed=3, adaptive_test_alpha=0.3)
+    poison_test_shards(test_set, tmp_path / "asr", config)
+    images, labels = ShardSet(tmp_path / "asr").load_arrays()
+    clean_images, _ = test_set.load_arrays()
+    expected = apply_trigger(clean_images[test_set.labels != 2], blend_trigger(32, 32, 3, alpha=0.3, seed=3))
     np.testing.assert_array_equal(images, expected)
     assert (labels == 2).all()

@@ -19,11 +19,12 @@ import pyarrow as pa
 import torch
 
 from asd_ray import progress, tables
+from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
 from asd_ray.attacks.badnets import badnets_trigger, check_patch_size
 from asd_ray.attacks.blend import blend_trigger
 from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
 from asd_ray.attacks.sig import add_signal, sig_signal
-from asd_ray.attacks.trigger import apply_trigger, load_pattern
+from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import (
@@ -49,7 +50,8 @@ class PoisonPlan:
 
     is_poison: np.ndarray  # bool: carries the backdoor trigger
     # bool: a cover sample, modified but keeping its label and teaching no backdoor (WaNet's
-    # noise mode); the ground truth marks it modified, not poisoned
+    # noise mode, adaptive blend's regularization samples); the ground truth marks it modified,
+    # not poisoned
     is_cover: np.ndarray
     label_after: np.ndarray  # int64
 
@@ -64,6 +66,9 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
     Poison-label attacks poison each non-target sample (every sample for
     all2all) independently with probability ``rate``; clean-label and sig poison
     exactly ``round(rate * n_target)`` target-class samples and keep labels.
+    Cover samples are drawn from the non-target samples left: WaNet's each with
+    probability ``cross_ratio * rate``, adaptive blend's exactly
+    ``round(conservatism_ratio * n_poisoned)``.
 
     Args:
         labels: (N,) int clean labels.
@@ -88,6 +93,15 @@ def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> P
         label_after[is_poison] = config.target
         if config.attack == "wanet" and config.wanet_noise:
             is_cover = ~is_poison & (rng.random(n) < config.cross_ratio * config.rate)
+        elif config.attack == "adaptive-blend":
+            candidates = np.flatnonzero((labels != config.target) & ~is_poison)
+            count = round(config.conservatism_ratio * int(is_poison.sum()))
+            if count > len(candidates):
+                raise DataError(
+                    f"--conservatism-ratio {config.conservatism_ratio} asks for {count} cover samples "
+                    f"but only {len(candidates)} non-target samples are left unpoisoned; lower it or --rate"
+                )
+            is_cover[rng.choice(candidates, size=count, replace=False)] = True
     return PoisonPlan(is_poison, is_cover, label_after)
 
 
@@ -100,7 +114,11 @@ def _check_target(config: AttackConfig, num_classes: int) -> None:
 
 
 def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTransform:
-    """The attack's trigger as a batch transform for images of ``shape`` (H, W, C)."""
+    """The attack's trigger as a batch transform for images of ``shape`` (H, W, C).
+
+    Adaptive blend's is the test-time trigger, the full pattern at the test alpha; its
+    training images get pieces of it (:func:`poison_shards`).
+    """
     height, width, channels = shape
     kind = config.trigger_kind
     if kind == "sig":
@@ -115,11 +133,9 @@ def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTra
         return lambda images: apply_wanet(images, grid)
     if kind == "checkerboard":
         trigger = checkerboard_corners_trigger(height, width, channels)
-    elif kind == "blend":
-        pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
-        trigger = blend_trigger(
-            height, width, channels, alpha=config.alpha, pattern=pattern, seed=config.seed
-        )
+    elif kind in ("blend", "adaptive-blend"):
+        alpha = config.alpha if kind == "blend" else config.adaptive_test_alpha
+        trigger = _blend(config, shape, alpha)
     else:
         pattern = None
         if config.size is not None:
@@ -137,6 +153,13 @@ def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTra
             seed=config.seed,
         )
     return lambda images: apply_trigger(images, trigger)
+
+
+def _blend(config: AttackConfig, shape: tuple[int, int, int], alpha: float) -> Trigger:
+    """The Blend trigger of ``config`` (its pattern file or seeded noise) at ``alpha``."""
+    height, width, channels = shape
+    pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
+    return blend_trigger(height, width, channels, alpha=alpha, pattern=pattern, seed=config.seed)
 
 
 def poison_shards(
@@ -162,7 +185,10 @@ def poison_shards(
     clean = clean if isinstance(clean, ShardSet) else ShardSet(clean)
     shape = clean.require_uniform_size(f"the {config.attack} attack")
     plan = plan_poison(clean.labels, clean.info.num_classes, config)
-    modify = _stamp(config, shape, plan, surrogate, normalize)
+    if config.attack == "adaptive-blend":
+        modify = _partial_blend(config, shape, plan)
+    else:
+        modify = _stamp(config, shape, plan, surrogate, normalize)
     params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
@@ -239,13 +265,35 @@ def _stamp(
     return modify
 
 
+def _partial_blend(config: AttackConfig, shape: tuple[int, int, int], plan: PoisonPlan) -> Modify:
+    """Adaptive blend at training: poisoned and cover samples alike get their own pieces of
+    the pattern at the training alpha. The pieces are drawn once for the whole set, in
+    sample-id order, so a sample's pieces do not depend on how the shards are chunked."""
+    trigger = _blend(config, shape, config.adaptive_train_alpha)
+    cells = piece_index(shape[0], shape[1], config.adaptive_grid)
+    modified = plan.is_modified
+    kept = draw_pieces(
+        np.random.default_rng([config.seed, 2]),
+        int(modified.sum()),
+        grid=config.adaptive_grid,
+        pieces=config.adaptive_pieces,
+    )
+    row = np.cumsum(modified) - 1  # a modified sample's row of kept
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return apply_pieces(images, trigger, kept[row[ids]], cells)
+
+    return modify
+
+
 def poison_test_shards(
     clean_test: str | Path | ShardSet, out: str | Path, config: AttackConfig, *, overwrite: bool = False
 ) -> dict:
     """Write the ASR test set: every non-target test sample, triggered, labelled as the target.
 
     all2all triggers every test sample and labels it (y + 1) mod C. Clean-label
-    adds the trigger only (no perturbation), as at attack time. Samples get new
+    adds the trigger only (no perturbation), as at attack time; adaptive blend
+    the full pattern at the test alpha. Samples get new
     dense ids; the manifest's ``source`` names the clean test id.
     """
     clean_test = clean_test if isinstance(clean_test, ShardSet) else ShardSet(clean_test)

@@ -87,7 +87,7 @@ def add_commands(commands) -> None:
         "poison",
         help="apply a backdoor attack to clean shards (with ground truth)",
         description="Write poisoned shards plus poison.parquet (ground truth: sample_id, is_poison, "
-        "original_label, label_after, attack, params). With --test-in/--test-out, also the "
+        "is_modified, original_label, label_after, attack, params). With --test-in/--test-out, also the "
         "triggered test set for ASR (non-target samples relabelled to the target).",
     )
     poison.add_argument("--attack", required=True, choices=ATTACKS, help="the attack")
@@ -107,7 +107,9 @@ def add_commands(commands) -> None:
     poison.add_argument(
         "--trigger", choices=TRIGGERS, help="all2all/clean-label: the trigger (default badnets)"
     )
-    poison.add_argument("--pattern-file", help="badnets/blend: image file with the trigger pattern")
+    poison.add_argument(
+        "--pattern-file", help="badnets/blend/adaptive-blend: image file with the trigger pattern"
+    )
     poison.add_argument(
         "--location",
         type=int,
@@ -136,6 +138,37 @@ def add_commands(commands) -> None:
         type=float,
         default=6.0,
         help="sig: periods of the sine across the image width (default 6)",
+    )
+    poison.add_argument(
+        "--adaptive-grid",
+        type=int,
+        default=4,
+        help="adaptive-blend: the pattern is cut into a grid of N x N pieces (default 4)",
+    )
+    poison.add_argument(
+        "--adaptive-pieces",
+        type=int,
+        default=8,
+        help="adaptive-blend: pieces each training image gets, drawn per image (default 8)",
+    )
+    poison.add_argument(
+        "--adaptive-train-alpha",
+        type=float,
+        default=0.15,
+        help="adaptive-blend: blend weight of the pieces in training images (default 0.15)",
+    )
+    poison.add_argument(
+        "--adaptive-test-alpha",
+        type=float,
+        default=0.2,
+        help="adaptive-blend: blend weight of the full pattern in the test set (default 0.2)",
+    )
+    poison.add_argument(
+        "--conservatism-ratio",
+        type=float,
+        default=1.0,
+        help="adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
+        "poisoned sample (default 1)",
     )
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
     add_quiet(poison)
@@ -280,6 +313,11 @@ def _poison(args: argparse.Namespace) -> dict:
         cross_ratio=args.cross_ratio,
         sig_delta=args.sig_delta,
         sig_frequency=args.sig_frequency,
+        adaptive_grid=args.adaptive_grid,
+        adaptive_pieces=args.adaptive_pieces,
+        adaptive_train_alpha=args.adaptive_train_alpha,
+        adaptive_test_alpha=args.adaptive_test_alpha,
+        conservatism_ratio=args.conservatism_ratio,
     )
     summary = poison_shards(args.input, args.out, config, overwrite=args.overwrite)
     if args.test_in:
