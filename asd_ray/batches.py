@@ -166,6 +166,7 @@ def mixmatch_plans(
     epoch: int,
     iterations: int,
     phase: int = 0,
+    unlabeled: np.ndarray | None = None,
 ) -> Iterator[StepPlan]:
     """Endless MixMatch steps: every worker draws the same global batch (seeded by seed,
     epoch and phase alone) and plans the rows it holds: labeled, then both unlabeled views.
@@ -179,8 +180,10 @@ def mixmatch_plans(
         clean: (N,) bool pool mask over the whole training set (True: labeled).
         iterations: steps per epoch (the ramp-up and learning-rate schedules' unit).
         phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
+        unlabeled: (N,) bool, the samples drawn as unlabeled (default: every one not in ``clean``).
     """
-    labeled, unlabeled = np.flatnonzero(clean), np.flatnonzero(~clean)
+    labeled = np.flatnonzero(clean)
+    unlabeled = np.flatnonzero(~clean if unlabeled is None else unlabeled & ~clean)
     if len(labeled) == 0 or len(unlabeled) == 0:
         raise DataError(
             f"epoch {epoch}: the split has {len(labeled)} clean and {len(unlabeled)} polluted samples; "

@@ -114,6 +114,9 @@ class SplitConfig:
     stage3_epoch: int = 90  # T2: first epoch of stage 3
     clean_ratio: float = 0.5  # alpha: stage-2 fraction of samples in the clean pool
     meta_clean_ratio: float = 0.5  # gamma: stage-3 fraction of samples in the clean pool
+    # Not in the paper: this fraction of all samples, the polluted pool's highest-loss ones, is
+    # left out of MixMatch's unlabeled set (0: the paper's algorithm; see split.unlabeled_pool)
+    holdout_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.stage2_epoch <= self.stage3_epoch:
@@ -378,6 +381,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "scoring.sce_alpha": _finite(0, strict=False),
     "scoring.sce_beta": _finite(0, strict=False),
     "scoring.batch_size": _AT_LEAST_ONE,
+    "split.holdout_ratio": (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "mixmatch.temperature": _finite(0, strict=True),
     "mixmatch.mixup_alpha": _finite(0, strict=True),
     "mixmatch.lambda_u": _finite(0, strict=False),

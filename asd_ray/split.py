@@ -28,6 +28,36 @@ _GROUND_TRUTH_COLUMNS = ("sample_id", "is_poison", "original_label")
 DETECTION_KEYS = ("flag_precision", "flag_recall", "flag_f1", "flag_auroc")
 
 
+def unlabeled_pool(split: pa.Table, holdout_ratio: float) -> np.ndarray:
+    """(N,) bool by sample id: the polluted pool that MixMatch trains on as unlabeled data,
+    without its ``floor(holdout_ratio * N)`` highest-loss samples (ties by sample id).
+
+    A sample whose given label the current model finds least believable is the most
+    suspicious, and its guessed label can still carry a trigger: blended images share
+    one pattern, form one tight cluster in the unlabeled pool, and MixMatch's sharpened
+    guesses settle on one class for the whole cluster, so the trigger keeps deciding the
+    prediction although the backdoor to the target is gone. Held-out samples stay in the
+    polluted pool (they are flagged); they only take no part in training.
+    """
+    split = tables.by_sample_id(split, where="split table", fix="pass one epoch's split table")
+    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    n = len(polluted)
+    held = int(holdout_ratio * n)
+    if held == 0:
+        return polluted
+    losses = split.column("loss").to_numpy()
+    candidates = np.flatnonzero(polluted)
+    order = candidates[np.lexsort((candidates, -losses[candidates]))]  # highest loss first
+    if held >= len(order):
+        raise DataError(
+            f"split.holdout_ratio {holdout_ratio} holds out {held} samples, and the polluted pool has "
+            f"only {len(order)}: MixMatch would have no unlabeled data; lower split.holdout_ratio"
+        )
+    unlabeled = polluted.copy()
+    unlabeled[order[:held]] = False
+    return unlabeled
+
+
 def stage_of(epoch: int, config: SplitConfig) -> int:
     """ASD stage (1, 2 or 3) of ``epoch``, counted from 0."""
     if epoch < 0:

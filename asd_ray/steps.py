@@ -35,12 +35,12 @@ import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asd_ray import compute, distributed
+from asd_ray import compute, distributed, tables
 from asd_ray.batches import (
     StepPlan,
     WorkerData,
@@ -53,6 +53,7 @@ from asd_ray.config import RunConfig
 from asd_ray.data import augment
 from asd_ray.data.augment import normalize, resample
 from asd_ray.losses import mixmatch_loss, sharpen
+from asd_ray.split import unlabeled_pool
 
 
 def mixmatch_epoch(
@@ -64,6 +65,7 @@ def mixmatch_epoch(
     *,
     epoch: int,
     phase: int = 0,
+    unlabeled: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One MixMatch epoch; every worker takes part in every step of the same global batch.
 
@@ -73,14 +75,17 @@ def mixmatch_epoch(
     batch (``cluster.sync_batch_norm``) the forward passes are too.
 
     Args:
-        clean: (N,) bool pool mask over the whole training set.
+        clean: (N,) bool pool mask over the whole training set (True: labeled).
         phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_plans`).
+        unlabeled: (N,) bool, the samples trained on unlabeled (default: every one not in ``clean``).
 
     Returns:
         the epoch's mean loss, labeled and unlabeled terms, over the global batches.
     """
     iterations = math.ceil(config.mixmatch.iterations / batch_scale(config, data.world))
-    plans = mixmatch_plans(data, clean, config, epoch=epoch, iterations=iterations, phase=phase)
+    plans = mixmatch_plans(
+        data, clean, config, epoch=epoch, iterations=iterations, phase=phase, unlabeled=unlabeled
+    )
     totals = torch.zeros(3, device=data.device)  # summed on the device: no host sync inside the loop
     model.train()
 
@@ -412,10 +417,10 @@ def _partial_copy(
     return part, wrapped
 
 
-def clean_mask(split_path: str, total: int) -> np.ndarray:
-    """(N,) bool: which samples the split table puts in the clean pool."""
-    table = pq.read_table(split_path, columns=["sample_id", "pool"])
-    clean = np.zeros(total, bool)
-    ids = table.column("sample_id").to_numpy()
-    clean[ids] = np.asarray(table.column("pool").to_pylist()) == "clean"
-    return clean
+def pool_masks(split_path: str, total: int, holdout_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, unlabeled), each (N,) bool by sample id: the split table's clean pool, and
+    the polluted pool MixMatch trains on (:func:`asd_ray.split.unlabeled_pool`)."""
+    table = tables.read_parquet(split_path, "splits", rows=total)
+    table = tables.by_sample_id(table, where=split_path, fix="re-create the run's split table", n=total)
+    clean = pc.equal(table.column("pool"), "clean").to_numpy(zero_copy_only=False)
+    return clean, unlabeled_pool(table, holdout_ratio)

@@ -35,7 +35,7 @@ from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
-from asd_ray.steps import clean_mask, mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
+from asd_ray.steps import mixmatch_epoch, pool_masks, supervised_epoch, transfer_pretraining, virtual_epoch
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
@@ -165,9 +165,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if task["kind"] == "stop":
             remove_caches()
             return
-        clean = None
+        clean = unlabeled = None
         if task["kind"] == "train" and task["split"] is not None:  # read before the clock starts
-            clean = clean_mask(task["split"], data.total)
+            clean, unlabeled = pool_masks(task["split"], data.total, config.split.holdout_ratio)
         start = time.perf_counter()
         if task["kind"] == "pretrain":
             labeled = np.zeros(data.total, bool)
@@ -198,7 +198,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elif task["split"] is None:
             metrics = supervised_epoch(model, optimizer, data, config, epoch=epoch)
         else:
-            metrics = mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch)
+            metrics = mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch, unlabeled=unlabeled)
         compute_s = time.perf_counter() - start
         if epoch > done_epoch:  # the driver's figures of the epoch before ride along, for the dashboard
             reported = {**metrics, **task.get("evaluation", {})}

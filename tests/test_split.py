@@ -19,6 +19,7 @@ from asd_ray.split import (
     split_summary,
     stage_of,
     suspicion,
+    unlabeled_pool,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "split_golden.json"
@@ -368,3 +369,19 @@ def test_trusted_copies_stay_clean_and_tampered_samples_polluted_in_every_stage(
             assert sorted(ranked) == list(range(31))
         score = suspicion(tables.from_pydict({k: [r[k] for r in split] for k in split[0]}, "splits"))
         assert score[3] == score[4] == 1.0 and (score[33:] == 0).all()
+
+
+# --- the unlabeled pool (not in the paper: split.holdout_ratio) -------------------------------
+
+
+def test_the_highest_loss_polluted_samples_are_held_out_of_the_unlabeled_pool():
+    # stage 2 at 0.5 of 8: clean = the 4 lowest losses {1, 3, 6, 7}; polluted {0, 2, 4, 5}
+    losses = np.array([0.3, 0.1, 0.9, 0.05, 0.9, 2.0, 0.2, 0.25], np.float32)
+    order = np.array([5, 2, 7, 0, 4, 1, 3, 6])  # row order must not matter: rows are matched by id
+    split = _split(scores_table(np.zeros(8, int)[order], losses[order], ids=order), epoch=12)
+    assert sorted(clean_ids(split)) == [1, 3, 6, 7]
+    assert ids_of(unlabeled_pool(split, 0.0)) == [0, 2, 4, 5]  # the paper: the whole polluted pool
+    assert ids_of(unlabeled_pool(split, 0.125)) == [0, 2, 4]  # floor(1.0): 5 (loss 2.0) held out
+    assert ids_of(unlabeled_pool(split, 0.25)) == [0, 4]  # then the 0.9 tie: 2 before 4 by id
+    with pytest.raises(DataError, match="lower split.holdout_ratio"):
+        unlabeled_pool(split, 0.5)  # all 4 polluted samples held out: nothing left unlabeled
