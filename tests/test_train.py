@@ -245,3 +245,17 @@ def test_a_mixmatch_step_launches_at_most_440_kernels(monkeypatch, precision: st
     mixmatch_epoch(model, optimizer, data, clean, config, epoch=0)
     assert device_side.kernels <= 440, (device_side.total, device_side.kernels)
     assert in_optimizer.total <= 8, in_optimizer.total
+
+
+def test_samples_held_out_of_the_unlabeled_set_are_never_drawn() -> None:
+    """split.holdout_ratio: MixMatch draws its unlabeled rows from the given set alone."""
+    ids = np.arange(64)
+    clean, unlabeled = ids % 4 == 0, (ids % 4 != 0) & (ids < 40)
+    plans = mixmatch_plans(_share(), clean, _config(*PLAIN), epoch=0, iterations=8, unlabeled=unlabeled)
+    drawn_unlabeled, drawn_labeled = set(), set()
+    for _ in range(8):
+        plan = next(plans)
+        drawn_unlabeled.update(plan.unlabeled_ids.tolist())
+        drawn_labeled.update(plan.labeled_ids.tolist())
+    assert drawn_unlabeled == set(np.flatnonzero(unlabeled).tolist())  # all of them, and nothing else
+    assert drawn_labeled <= set(np.flatnonzero(clean).tolist())
