@@ -113,3 +113,25 @@ def test_gpu_run_check_smoke_runs_two_epochs_and_reports_each(tmp_path) -> None:
     epochs = [line for line in lines if line["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [0, 1] and all(e["epoch_s"] > e["train_s"] > 0 for e in epochs)
     assert lines[-1]["epochs"] == 2 and lines[-1]["projected_epoch_s"] is None  # no bench file given
+
+
+def test_bench_defense_table_names_the_worst_seeds_robust_accuracy() -> None:
+    """A backdoor that steers one seed's model is not gone: the mean hides it, the minimum does not."""
+    import importlib.util
+
+    import pyarrow as pa
+
+    spec = importlib.util.spec_from_file_location("bench_defense", REPO / "jobs" / "bench_defense.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cell = {"acc": 0.98, "asr_last": 0.0, "asr_worst_after_stage1": 0.0, "max_poison_fraction_clean": 0.0}
+    rows = [
+        {"attack": "blend", "defense": "asd", "seed": seed, "robust_acc": robust, "wall_s": 100.0, **cell}
+        for seed, robust in ((0, 0.977), (1, 0.111), (2, 0.95))
+    ]
+    table = bench.markdown(pa.Table.from_pylist(rows))
+    assert "robust acc, worst seed" in table.splitlines()[0]
+    assert (
+        "| blend | asd | 3 | 98.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 67.9 ± 40.2 | 11.1 (seed 1) | 0.0 ± 0.0 | 100 |"
+        in table
+    )
