@@ -307,7 +307,7 @@ def flops(bench: Bench, config: RunConfig) -> dict:
         bench.epoch(model, optimizer, config, 1)
     step = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        base.eval()(bench.data.images[:1].permute(0, 3, 1, 2).float())
+        base.train(False)(bench.data.images[:1].permute(0, 3, 1, 2).float())
     return {"step_flops": step, "image_flops": counter.get_total_flops()}
 
 
@@ -315,7 +315,7 @@ def score_rate(bench: Bench, precision: str) -> float:
     """Scoring images/s in ``scoring.precision`` from pinned host memory, as the scoring actors run."""
     config = bench.config(scoring__precision=precision)
     _, base = bench.model(config)
-    base.eval()
+    base.train(False)
     labels = bench.data.labels.cpu()
 
     def score() -> None:
