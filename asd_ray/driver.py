@@ -63,8 +63,8 @@ from asd_ray.run_folder import (
     write_metrics,
     write_text,
 )
-from asd_ray.scorers import PassResult, ScoringPool
-from asd_ray.scoring import PASS_SCHEMA, scores_table
+from asd_ray.scores import PASS_SCHEMA, scores_table
+from asd_ray.scoring_pool import PassResult, ScoringPool
 from asd_ray.seeds import SeedPlan, plan_seeds
 from asd_ray.split import DETECTION_KEYS, make_split, split_summary, stage_of
 

@@ -100,7 +100,7 @@ def evaluate_model(
     its ground truth), for a model from :func:`asd_ray.models.saved.load_model`."""
     from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
-    from asd_ray.scoring import PASS_SCHEMA, score_images
+    from asd_ray.scores import PASS_SCHEMA, score_images
 
     card = model.card["input"]
     data = DataConfig(mean=tuple(card["mean"]), std=tuple(card["std"]))

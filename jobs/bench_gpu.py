@@ -64,7 +64,7 @@ from asd_ray.batches import WorkerData, mixmatch_plans
 from asd_ray.config import RunConfig, load_config
 from asd_ray.models import ModelSpec
 from asd_ray.reference import plain_mixmatch_epoch
-from asd_ray.scoring import score_images
+from asd_ray.scores import score_images
 from asd_ray.split import stage_of
 from asd_ray.steps import mixmatch_epoch, virtual_epoch, virtual_schedule
 

@@ -136,7 +136,7 @@ def bench_scoring(args) -> dict:
     from asd_ray.data.shards import ShardSet, write_shards
     from asd_ray.data.sources import from_arrays
     from asd_ray.models import to_numpy_weights
-    from asd_ray.scorers import ScoringPool
+    from asd_ray.scoring_pool import ScoringPool
 
     n = args.scoring_images
     rng = np.random.default_rng(0)

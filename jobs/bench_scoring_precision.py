@@ -40,7 +40,7 @@ from asd_ray import run_folder, split
 from asd_ray.batches import WorkerData
 from asd_ray.config import ScoringConfig, load_config
 from asd_ray.data.shards import ShardSet
-from asd_ray.scoring import score_images
+from asd_ray.scores import score_images
 from asd_ray.steps import virtual_epoch
 
 

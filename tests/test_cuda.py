@@ -15,7 +15,7 @@ from asd_ray import compute, distributed
 from asd_ray.batches import WorkerData
 from asd_ray.config import load_config
 from asd_ray.models import ModelSpec
-from asd_ray.scoring import score_images
+from asd_ray.scores import score_images
 from asd_ray.steps import mixmatch_epoch, virtual_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

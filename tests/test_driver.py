@@ -151,7 +151,7 @@ def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, pois
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
     from asd_ray.data.shards import ShardSet
     from asd_ray.models import ModelSpec, to_numpy_weights
-    from asd_ray.scorers import ScoringPool
+    from asd_ray.scoring_pool import ScoringPool
 
     datasets = {"train": ShardSet(poisoned_data.train), "test": ShardSet(poisoned_data.test)}
     spec = ModelSpec("small_cnn", 4, 1, 16)

@@ -1,6 +1,6 @@
 """Per-sample scores: the SCE loss and prediction of every image under given weights.
 
-Pure torch, no Ray: :mod:`asd_ray.scorers` runs this in a pool of actors, and
+Pure torch, no Ray: :mod:`asd_ray.scoring_pool` runs this in a pool of actors, and
 :mod:`asd_ray.split` / :mod:`asd_ray.evaluate` read the tables it yields. Scores
 are computed in full fp32 by default (channels_last where configured): the split
 ranks samples by small loss differences. ``scoring.precision`` picks tf32 or bf16

@@ -1,4 +1,4 @@
-"""A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scoring`).
+"""A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scores`).
 
 Each actor decodes its own slices of the shard sets once (the data layer's
 worker assignment, so every sample is scored exactly once) and keeps them in
@@ -33,7 +33,7 @@ from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
 from asd_ray.errors import DataError, user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
-from asd_ray.scoring import PASS_SCHEMA, score_images
+from asd_ray.scores import PASS_SCHEMA, score_images
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
