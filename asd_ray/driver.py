@@ -1,13 +1,15 @@
 """The epoch loop: score, split, write the split table, train, evaluate, record.
 
 The driver alone owns ``ray.init``, the actors and the run folder (its layout:
-:mod:`asd_ray.run_folder`). One ``TorchTrainer.fit()`` runs the whole schedule
-in a background thread; the driver talks to its workers through the run's
+:mod:`asd_ray.run_folder`; what it reads: :mod:`asd_ray.inputs`). One
+``TorchTrainer.fit()`` runs the whole schedule in a background thread; the driver
+sends its workers the tasks of :mod:`asd_ray.messages` through the run's
 :class:`~asd_ray.mailbox.Mailbox`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +29,16 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from asd_ray import __version__, tables
+from asd_ray import messages, tables
 from asd_ray import progress as progress_bars
-from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
-from asd_ray.config import RunConfig, config_yaml, load_config
-from asd_ray.data.shards import ShardSet, write_shards
-from asd_ray.data.share import load_share
-from asd_ray.data.sources import from_arrays
-from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
+from asd_ray.config import RunConfig, config_yaml
+from asd_ray.errors import DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
+from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.models import ModelSpec
 from asd_ray.models.saved import MODEL_DIR, save_model, write_card
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
-    BEST_RULE,
     CONFIG_FILE,
     INPUTS_FILE,
     LOCK_FILE,
@@ -50,12 +47,12 @@ from asd_ray.run_folder import (
     RUN_LOG,
     SUMMARY_FILE,
     TRAIN_DIR,
-    TRUSTED_SEEDS_DIR,
+    EpochTimes,
     RunLog,
     best_row,
+    metrics_row,
     open_to_append,
     progress_line,
-    read_inputs,
     read_metric_rows,
     run_summary,
     split_path,
@@ -65,28 +62,11 @@ from asd_ray.run_folder import (
 )
 from asd_ray.scores import PASS_SCHEMA, scores_table
 from asd_ray.scoring_pool import PassResult, ScoringPool
-from asd_ray.seeds import SeedPlan, plan_seeds
-from asd_ray.split import DETECTION_KEYS, make_split, split_summary, stage_of
+from asd_ray.split import make_split, split_summary, stage_of
 
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
 _RESULT_POLL_S = 5.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInputs:
-    """Paths of what a run reads (recorded in RUN/inputs.json)."""
-
-    train: str  # poisoned (untrusted) training shard folder
-    test: str  # clean test shard folder (ACC)
-    poison_test: str | None = None  # triggered test shard folder (ASR)
-    seeds: str | None = None  # seeds table (required for defense asd)
-    ground_truth: str | None = None  # poison.parquet of the training set: reporting only
-
-    def absolute(self) -> RunInputs:
-        return RunInputs(
-            **{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()}
-        )
 
 
 def run(
@@ -103,8 +83,9 @@ def run(
     """Run (or resume) ASD, or the no-defense baseline, and return the summary.
 
     Args:
-        config: the run's config; on resume only its ``cluster`` section is used
-            (the rest is read back from RUN/config.yaml).
+        config: the run's config; on resume only its ``cluster`` section, ``epochs``
+            and ``preset`` are used (the rest is read back from RUN/config.yaml, and a
+            change to it is refused).
         inputs: the data; on resume read back from RUN/inputs.json.
         out: the run folder.
         resume: continue from the last complete epoch of ``out``.
@@ -114,13 +95,14 @@ def run(
         tensorboard: also write each row to RUN/tensorboard (tensorboardX event files).
 
     Returns:
-        The summary (:func:`_summary`: defense, last ACC / ASR / robust accuracy,
-        worst ASR, the model files, timings), also written to RUN/summary.json.
+        The summary (:func:`asd_ray.run_folder.run_summary`: defense, last ACC / ASR /
+        robust accuracy, worst ASR, the model files, timings), also written to
+        RUN/summary.json.
     """
     start = time.perf_counter()
     out = Path(out).absolute()
-    config, inputs = _resolve(config, inputs, out, resume)
-    data = _open_inputs(config, inputs)  # every input is checked before anything is written
+    config, inputs = resolve_run(config, inputs, out, resume)
+    data = open_inputs(config, inputs)  # every input is checked before anything is written
     connected = _init_ray(config)
     reaper = Reaper.watch() if connected == "local" else None  # started right away: a kill may come soon
     session = lock = None
@@ -135,7 +117,7 @@ def run(
             write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         progress = RunLog(out / RUN_LOG, progress)
         callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
-        data = _add_trusted_seeds(data, out)
+        data = add_trusted_seeds(data, out)
         session = _Session(config, inputs, data, out)
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
@@ -157,33 +139,6 @@ def run(
         if reaper is not None:
             reaper.close()
     return summary
-
-
-def _resolve(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
-    """The config and inputs of a new run, or those recorded in ``out`` for a resumed one."""
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
-    if resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise DataError(f"--resume {out}: no {CONFIG_FILE} there; start a new run with --out")
-        saved = load_config(None, out / CONFIG_FILE)
-        refused = [key for key in _changed_keys(saved.to_dict(), config.to_dict()) if not _resumable(key)]
-        if refused:
-            raise DataError(
-                f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
-                "a resumed run keeps its algorithm and data settings (only cluster.* and epochs may "
-                "change): drop the flag, or start a new run with --out"
-            )
-        inputs = RunInputs(**read_inputs(out))
-        return config, inputs
-    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise DataError(
-            f"run folder {out} is not empty; pass --resume to continue it or choose another --out"
-        )
-    if config.defense == "asd" and not inputs.seeds:
-        raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
-    return config, inputs.absolute()
 
 
 def _lock_run_folder(out: Path):
@@ -209,136 +164,6 @@ def _lock_run_folder(out: Path):
     handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
     handle.flush()
     return handle
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    keys = []
-    for key in old.keys() | new.keys():
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(prefix + key)
-    return sorted(keys)
-
-
-def _resumable(key: str) -> bool:
-    """Settings a resumed run may change: where it runs, and how long (the lambda_u ramp
-    and stage boundaries stay as configured, and are checked against the new length)."""
-    return key.startswith("cluster.") or key in ("epochs", "preset")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prefetched:
-    """Scores of the next epoch, computed in this epoch's fused evaluation pass."""
-
-    table: pa.Table  # the training set's pass table (sample_id, label, loss, prediction)
-    wall_s: float  # its share of the pass's wall time
-    compute_s: float  # its model arithmetic on the slowest actor
-
-
-@dataclasses.dataclass
-class _Data:
-    train: ShardSet
-    test: ShardSet
-    poison_test: ShardSet | None
-    seeds: SeedPlan | None  # None without a defense
-    ground_truth: pa.Table | None  # over the training ids, then the trusted copies
-    spec: ModelSpec
-    original_labels: np.ndarray | None  # the triggered test set's clean labels (robust accuracy)
-    trusted: ShardSet | None = None  # RUN/trusted-seeds: seeds' trusted copies, ids N.. N+E-1
-
-    @property
-    def total(self) -> int:
-        """Training samples including the trusted copies."""
-        return len(self.train) + (len(self.trusted) if self.trusted is not None else 0)
-
-    @property
-    def trusted_ids(self) -> np.ndarray:
-        return np.arange(len(self.train), self.total)
-
-    @property
-    def seed_ids(self) -> np.ndarray:
-        return (
-            np.concatenate([self.seeds.in_place, self.trusted_ids]) if self.seeds else np.empty(0, np.int64)
-        )
-
-    @property
-    def tampered_ids(self) -> np.ndarray:
-        return self.seeds.tampered if self.seeds else np.empty(0, np.int64)
-
-
-def _open_inputs(config: RunConfig, inputs: RunInputs) -> _Data:
-    """Open and cross-check every input before any Ray work starts."""
-    train, test = ShardSet(inputs.train), ShardSet(inputs.test)
-    poison_test = ShardSet(inputs.poison_test) if inputs.poison_test else None
-    height, width, channels = train.require_uniform_size("training")
-    for name, other in (("test", test), ("poison-test", poison_test)):
-        if other is None:
-            continue
-        if other.info.num_classes != train.info.num_classes:
-            raise DataError(
-                f"class-count mismatch: {other.folder} ({name}) has {other.info.num_classes} classes, "
-                f"{train.folder} (train) has {train.info.num_classes}; make both from the same dataset"
-            )
-        if other.require_uniform_size(name) != (height, width, channels):
-            raise DataError(
-                f"{other.folder} ({name}) images are {other.require_uniform_size(name)}, training images "
-                f"are {(height, width, channels)}; make both with the same --image-size"
-            )
-    if channels != len(config.data.mean):
-        raise DataError(
-            f"{train.folder} images have {channels} channel(s) but data.mean has {len(config.data.mean)} "
-            "entries; pick the preset of this dataset or set data.mean/data.std"
-        )
-    seeds = None
-    if config.defense == "asd":
-        table = tables.read_parquet(inputs.seeds, "seeds")
-        seeds = plan_seeds(train, table, config.split.seeds_per_class, where=inputs.seeds)
-    truth = read_ground_truth(inputs.ground_truth, train) if inputs.ground_truth else None
-    m = config.model
-    spec = ModelSpec(m.name, train.info.num_classes, channels, max(height, width), m.factory, m.meta_layers)
-    original = None
-    if poison_test is not None and (poison_test.folder / GROUND_TRUTH_FILE).is_file():
-        test_truth = read_ground_truth(poison_test.folder / GROUND_TRUTH_FILE, poison_test)
-        original = test_truth.column("original_label").to_numpy()
-    return _Data(train, test, poison_test, seeds, truth, spec, original)
-
-
-def _add_trusted_seeds(data: _Data, out: Path) -> _Data:
-    """Write the seeds' trusted copies as RUN/trusted-seeds (once; a resume reads them back)
-    and extend the ground truth over them (never poisoned)."""
-    if data.seeds is None or not data.seeds.num_extras:
-        return data
-    folder = out / TRUSTED_SEEDS_DIR
-    if not (folder / "dataset.json").is_file():
-        images, labels = [], []
-        for source, ids, trusted_labels in data.seeds.extras:
-            keep = np.zeros(len(ShardSet(source)), bool)
-            keep[ids] = True
-            pixels, _, _ = load_share(ShardSet(source), keep=keep)
-            images.append(pixels)
-            labels.append(trusted_labels)
-        records = from_arrays(
-            np.concatenate(images), np.concatenate(labels), class_names=data.train.info.class_names
-        )
-        write_shards(records, folder, name="trusted", samples_per_shard=10_000, overwrite=False)
-    trusted = ShardSet(folder)
-    truth = data.ground_truth
-    if truth is not None:
-        n, labels = len(data.train), trusted.labels.astype(np.int32)
-        extra = {
-            "sample_id": np.arange(n, n + len(trusted)),
-            "is_poison": np.zeros(len(trusted), bool),
-            "is_modified": np.zeros(len(trusted), bool),
-            "original_label": labels,
-            "label_after": labels,
-            "attack": ["trusted-seed"] * len(trusted),
-            "params": ["{}"] * len(trusted),
-        }
-        truth = pa.concat_tables([truth, tables.from_pydict(extra, "poison")])
-    return dataclasses.replace(data, trusted=trusted, ground_truth=truth)
 
 
 RAY_TRAIN_ENV = {
@@ -416,33 +241,81 @@ def _check_resources(cluster) -> None:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prefetched:
+    """Scores of the next epoch, computed in this epoch's fused evaluation pass."""
+
+    table: pa.Table  # the training set's pass table (sample_id, label, loss, prediction)
+    wall_s: float  # its share of the pass's wall time
+    compute_s: float  # its model arithmetic on the slowest actor
+
+
+@dataclasses.dataclass
+class _EpochClock:
+    """Wall seconds of one epoch's phases and the model arithmetic inside them.
+
+    Scoring for epoch e+1 runs in epoch e's evaluation pass (one weight broadcast):
+    its share of that pass moves out of e's ``eval_s`` and ``epoch_s`` and into
+    e+1's ``score_s`` and ``epoch_s``, so each epoch is charged for its own work.
+    """
+
+    carried_in_s: float = 0.0  # this epoch's scoring, done in the previous evaluation pass
+    carried_out_s: float = 0.0  # the next epoch's scoring, done in this evaluation pass
+    compute_s: float = 0.0  # model arithmetic of every phase (the slowest actor's, per pass)
+    wall: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(EpochTimes.PHASES, 0.0))
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wall[name] += time.perf_counter() - start
+
+    def times(self) -> EpochTimes:
+        epoch_s = time.perf_counter() - self.started + self.carried_in_s - self.carried_out_s
+        return EpochTimes(
+            score_s=self.wall["score_s"] + self.carried_in_s,
+            virtual_s=self.wall["virtual_s"],
+            split_s=self.wall["split_s"],
+            train_s=self.wall["train_s"],
+            eval_s=self.wall["eval_s"] - self.carried_out_s,
+            epoch_s=epoch_s,
+            fixed_s=max(epoch_s - self.compute_s, 0.0),
+        )
+
+
 class _Session:
     """The Ray side of one run: scoring pool, mailbox and the training thread."""
 
-    def __init__(self, config: RunConfig, inputs: RunInputs, data: _Data, out: Path):
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
-        from ray.train import RunConfig as TrainRunConfig
-        from ray.train.torch import TorchTrainer
-
-        from asd_ray.train import train_loop_per_worker
-
+    def __init__(self, config: RunConfig, inputs: RunInputs, data: RunData, out: Path):
         self.config, self.data, self.out = config, data, out
-        self.card = _model_card(config, data)
-        self.last_evaluation: dict[str, Any] = {}  # the last epoch's figures, for Ray Train's report
+        self.card = model_card(config, data)
+        self.last_evaluation: dict[str, float] = {}  # the last epoch's figures, for Ray Train's report
         self.training_sets = ["train", *([TRUSTED] if data.trusted is not None else [])]
-        c = config.cluster
         run_id = uuid.uuid4().hex[:12]
-        mailbox_name = f"mailbox-{run_id}"
         # Disk caches of shares over the memory budget: one folder per run (restarted workers
         # reuse it, concurrent runs never share it), removed by the processes and by close().
-        self.cache_dir = Path(c.cache_dir or tempfile.gettempdir()) / f"asd-ray-cache-{run_id}"
+        self.cache_dir = Path(config.cluster.cache_dir or tempfile.gettempdir()) / f"asd-ray-cache-{run_id}"
+        mailbox_name = f"mailbox-{run_id}"
         self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
+        self.pool = self._scoring_pool()
+        trainer = self._trainer(inputs, mailbox_name)
+        self.fit_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), name="asd-ray-fit", daemon=True)
+        self.fit_started = time.perf_counter()
+        self.thread.start()
+
+    def _scoring_pool(self) -> ScoringPool:
+        """Actors over every dataset the run scores: the training set (ASD only), the test sets."""
+        config, data, c = self.config, self.data, self.config.cluster
         datasets = {"test": data.test}
         if config.defense == "asd":
             datasets = {"train": data.train, **({TRUSTED: data.trusted} if data.trusted else {}), **datasets}
         if data.poison_test is not None:
             datasets["poison_test"] = data.poison_test
-        self.pool = ScoringPool(
+        return ScoringPool(
             datasets,
             data.spec,
             config.data,
@@ -454,16 +327,26 @@ class _Session:
             threads=c.threads_per_process,
             memory=(c.memory_budget_bytes, str(self.cache_dir)),
         )
-        trainer = TorchTrainer(
+
+    def _trainer(self, inputs: RunInputs, mailbox_name: str):
+        """The TorchTrainer whose one ``fit()`` serves every epoch (:mod:`asd_ray.train`)."""
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        from asd_ray.train import train_loop_per_worker
+
+        c = self.config.cluster
+        return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "config": config.to_dict(),
+                "config": self.config.to_dict(),
                 "train": inputs.train,
-                "model": dataclasses.asdict(data.spec),
+                "model": dataclasses.asdict(self.data.spec),
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
-                "checkpoints": str(out / TRAIN_DIR),
-                "trusted": str(data.trusted.folder) if data.trusted is not None else None,
+                "checkpoints": str(self.out / TRAIN_DIR),
+                "trusted": str(self.data.trusted.folder) if self.data.trusted is not None else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,
@@ -475,16 +358,12 @@ class _Session:
             ),
             run_config=TrainRunConfig(
                 name=TRAIN_DIR,
-                storage_path=str(out),
+                storage_path=str(self.out),
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        self.fit_error: BaseException | None = None
-        self.thread = threading.Thread(target=self._fit, args=(trainer,), name="asd-ray-fit", daemon=True)
-        self.fit_started = time.perf_counter()
-        self.thread.start()
 
     def _fit(self, trainer) -> None:
         try:
@@ -492,7 +371,7 @@ class _Session:
         except BaseException as err:  # reported by _await in the driver thread
             self.fit_error = err
 
-    def _await(self, seq: int, what: str) -> dict[str, Any]:
+    def _await(self, seq: int, what: str) -> messages.Result:
         while True:
             result = ray.get(self.mailbox.wait_result.remote(seq, _RESULT_POLL_S))
             if result is not None:
@@ -503,36 +382,30 @@ class _Session:
                     raise users_error from None  # the workers stopped on bad input: its one line
                 raise RuntimeError(f"Ray Train stopped during {what}: {self.fit_error!r}") from self.fit_error
 
+    def _ask(self, task: messages.Task, what: str) -> Any:
+        """Post ``task`` to the workers and wait for rank 0's answer."""
+        seq = ray.get(self.mailbox.post_task.remote(task))
+        result = self._await(seq, what)
+        assert isinstance(result, messages.result_of(task)), (task, type(result))
+        return result
+
     def loop(
         self,
         stop_after_epoch: int | None,
         progress: Callable[[str], None],
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        config, data, out = self.config, self.data, self.out
-        hello = self._await(0, "start-up")
-        startup_s = time.perf_counter() - self.fit_started
-        weights, done = hello["weights"], hello["epoch"]
+        """Every epoch after the last finished one, up to ``stop_after_epoch``; the summary."""
+        config, out = self.config, self.out
+        hello, startup_s = self._start(progress)
+        weights, done = hello.weights, hello.epoch
         rows = read_metric_rows(out, done)
-        progress(
-            f"asd-ray: {config.defense} on {len(data.train)} samples, {data.train.info.num_classes} classes, "
-            f"{config.model.name} ({hello['precision']}), {config.cluster.workers} workers + "
-            f"{config.cluster.scorers} scorers; "
-            f"Ray Train up in {startup_s:.1f}s; {'resuming after epoch ' + str(done) if done >= 0 else 'epoch 0'}"
-        )
-        if hello.get("resumed_from"):
-            progress(f"asd-ray: {hello['resumed_from']}")
-        if data.seeds is not None and (data.seeds.tampered.size or data.trusted is not None):
-            progress(
-                f"asd-ray: {data.seeds.tampered.size} seed(s) differ from their training copy (pinned to the "
-                f"polluted pool as tampered); {data.total - len(data.train)} trusted seed copies join the training set"
-            )
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
             write_metrics(out, rows)
             self._keep_model(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
-        if config.transfer.semi_epochs and done < 0 and not hello["pretrained"]:
+        if config.transfer.semi_epochs and done < 0 and not hello.pretrained:
             weights = self._pretrain(progress)
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
         prefetched = None
@@ -548,25 +421,44 @@ class _Session:
             if on_epoch is not None:
                 on_epoch(dict(row))
         bar.close()
-        summary = run_summary(config, rows, hello["precision"], startup_s, out)
-        summary["seeds_tampered"] = int(data.tampered_ids.size)
-        summary["seeds_added"] = data.total - len(data.train)
+        summary = run_summary(config, rows, hello.precision, startup_s, out)
+        summary["seeds_tampered"] = int(self.data.tampered_ids.size)
+        summary["seeds_added"] = self.data.total - len(self.data.train)
         return summary
 
-    def _pretrain(self, progress: Callable[[str], None]) -> Any:
+    def _start(self, progress: Callable[[str], None]) -> tuple[messages.Hello, float]:
+        """Wait for the workers' hello and say what the run is and where it resumes."""
+        config, data = self.config, self.data
+        hello = self._await(0, "start-up")
+        startup_s = time.perf_counter() - self.fit_started
+        where = f"resuming after epoch {hello.epoch}" if hello.epoch >= 0 else "epoch 0"
+        progress(
+            f"asd-ray: {config.defense} on {len(data.train)} samples, {data.train.info.num_classes} classes, "
+            f"{config.model.name} ({hello.precision}), {config.cluster.workers} workers + "
+            f"{config.cluster.scorers} scorers; Ray Train up in {startup_s:.1f}s; {where}"
+        )
+        if hello.resumed_from:
+            progress(f"asd-ray: {hello.resumed_from}")
+        if data.seeds is not None and (data.seeds.tampered.size or data.trusted is not None):
+            progress(
+                f"asd-ray: {data.seeds.tampered.size} seed(s) differ from their training copy (pinned to the "
+                f"polluted pool as tampered); {data.total - len(data.train)} trusted seed copies join the training set"
+            )
+        return hello, startup_s
+
+    def _pretrain(self, progress: Callable[[str], None]) -> messages.Weights:
         """Transfer pre-training on the workers (see :func:`asd_ray.steps.transfer_pretraining`);
         its model's figures go to RUN/pretrain.json. Returns the weights epoch 0 starts from."""
         t = self.config.transfer
         start = time.perf_counter()
-        seq = ray.get(self.mailbox.post_task.remote("pretrain", labeled=self.data.seed_ids.tolist()))
-        result = self._await(seq, "transfer pre-training")
-        figures, _ = self._evaluate(result["weights"])
+        result = self._ask(messages.Pretrain(self.data.seed_ids.tolist()), "transfer pre-training")
+        figures, _ = self._evaluate(result.weights)
         record = {
             **figures,
             "semi_epochs": t.semi_epochs,
-            "head_steps": int(result["head_steps"]),
+            "head_steps": result.head_steps,
             "labeled": int(self.data.seed_ids.size),
-            "train_loss": float(result["train_loss"]),
+            "train_loss": result.train_loss,
             "wall_s": round(time.perf_counter() - start, 1),
         }
         write_text(self.out / PRETRAIN_FILE, json.dumps(record) + "\n")
@@ -576,9 +468,9 @@ class _Session:
             f"seeds labeled, then {record['head_steps']} steps of the head alone): ACC {100 * figures['acc']:.1f}%{asr}; "
             f"{record['wall_s']:.0f}s"
         )
-        return result["weights"]
+        return result.weights
 
-    def _keep_model(self, weights, rows: list[dict[str, Any]]) -> None:
+    def _keep_model(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""
         folder = self.out / MODEL_DIR
         row, best = rows[-1], best_row(rows)
@@ -588,6 +480,86 @@ class _Session:
             save_model(folder, "best", weights, {**self.card, "kind": "best", **figures})
         best_figures = {k: best[k] for k in MODEL_FIGURES}
         write_card(folder, {**self.card, "last": figures, "best": best_figures})
+
+    def _epoch(
+        self, epoch: int, weights: messages.Weights, prefetched: _Prefetched | None, *, score_next: bool
+    ) -> tuple[dict[str, Any], messages.Weights, _Prefetched | None]:
+        """Score, split, write, train, evaluate one epoch; returns its metrics row, the new
+        weights and the next epoch's scores (``score_next``: computed in this epoch's
+        evaluation pass, same weights, one broadcast)."""
+        clock = _EpochClock()
+        if self.config.defense == "asd":
+            stage = stage_of(epoch, self.config.split)
+            scores, meta = self._score(epoch, weights, prefetched, stage, clock)
+            path, pools = self._split(epoch, scores, meta, clock)
+        else:
+            stage, path, pools = 0, None, self._baseline_pools()
+        with clock.phase("train_s"):
+            trained = self._ask(messages.Train(epoch, path, self.last_evaluation), f"epoch {epoch} training")
+        clock.compute_s += trained.compute_s
+        figures, prefetched = self._evaluate_and_prefetch(epoch, trained.weights, score_next, clock)
+        row = metrics_row(
+            {"epoch": epoch, "stage": stage, "defense": self.config.defense},
+            figures,
+            pools,
+            {"train_loss": float(trained.metrics["train_loss"])},
+            dataclasses.asdict(clock.times()),
+        )
+        return row, trained.weights, prefetched
+
+    def _score(
+        self,
+        epoch: int,
+        weights: messages.Weights,
+        prefetched: _Prefetched | None,
+        stage: int,
+        clock: _EpochClock,
+    ) -> tuple[pa.Table, pa.Table | None]:
+        """The epoch's scores table and, in stage 3, the virtual model's (the meta-split's)."""
+        if prefetched is None:
+            with clock.phase("score_s"):
+                table, compute_s = self._score_training_sets(epoch, weights)
+                prefetched = _Prefetched(table, wall_s=0.0, compute_s=compute_s)
+        clock.carried_in_s = prefetched.wall_s
+        clock.compute_s += prefetched.compute_s
+        meta = None
+        if stage == 3:
+            with clock.phase("virtual_s"):
+                virtual = self._ask(messages.Virtual(epoch), f"epoch {epoch} virtual model")
+            clock.compute_s += virtual.compute_s
+            with clock.phase("score_s"):
+                meta_pass, meta_compute_s = self._score_training_sets(epoch, virtual.weights)
+                meta = scores_table(meta_pass)
+            clock.compute_s += meta_compute_s
+        return scores_table(prefetched.table), meta
+
+    def _split(
+        self, epoch: int, scores: pa.Table, meta: pa.Table | None, clock: _EpochClock
+    ) -> tuple[str, dict[str, Any]]:
+        """Make and write the epoch's split table; its path and its summary."""
+        data = self.data
+        with clock.phase("split_s"):
+            split = make_split(
+                epoch,
+                scores,
+                config=self.config.split,
+                num_classes=data.train.info.num_classes,
+                seed_ids=data.seed_ids,
+                meta_scores=meta,
+                ground_truth=data.ground_truth,
+                trusted_ids=data.trusted_ids,
+                tampered_ids=data.tampered_ids,
+            )
+            path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
+            summary = split_summary(split)
+        return str(path), summary
+
+    def _score_training_sets(self, epoch: int, weights: messages.Weights) -> tuple[pa.Table, float]:
+        """One scoring pass over the training set (and the trusted copies); its table and arithmetic."""
+        result = self.pool.run_many(
+            self.training_sets, ray.put(weights), augment_seeds=self._augment_seeds(epoch)
+        )
+        return self._training_pass(result)
 
     def _training_pass(self, result: PassResult) -> tuple[pa.Table, float]:
         """The training set's pass table (its ids, then the trusted copies' as N..) and its
@@ -606,103 +578,24 @@ class _Session:
             return None
         return {name: self.config.seed * 100_003 + epoch + i for i, name in enumerate(self.training_sets)}
 
-    def _epoch(
-        self, epoch: int, weights, prefetched: _Prefetched | None, *, score_next: bool
-    ) -> tuple[dict[str, Any], Any, _Prefetched | None]:
-        """Score, split, write, train, evaluate one epoch.
-
-        The evaluation of the trained weights is fused with the next epoch's scoring
-        pass (same weights: one broadcast, one round trip); ``prefetched`` carries
-        those scores, their share of the pass's wall time and their arithmetic.
-        """
-        config, data = self.config, self.data
-        t0 = time.perf_counter()
-        score_s = virtual_s = virtual_compute_s = carried_in_s = 0.0
-        scoring_compute_s = 0.0  # model arithmetic on the scoring actors (slowest actor)
-        path, stage = None, 0
-        if config.defense == "asd":
-            stage = stage_of(epoch, config.split)
-            if prefetched is None:
-                result = self.pool.run_many(
-                    self.training_sets, ray.put(weights), augment_seeds=self._augment_seeds(epoch)
-                )
-                table, scored_s = self._training_pass(result)
-                prefetched = _Prefetched(table, 0.0, scored_s)
-                score_s = time.perf_counter() - t0
-            scores = scores_table(prefetched.table)
-            carried_in_s = prefetched.wall_s  # spent in the previous epoch's evaluation pass
-            score_s += carried_in_s
-            scoring_compute_s = prefetched.compute_s
-            meta = None
-            if stage == 3:
-                t1 = time.perf_counter()
-                seq = ray.get(self.mailbox.post_task.remote("virtual", epoch=epoch))
-                virtual = self._await(seq, f"epoch {epoch} virtual model")
-                virtual_s = time.perf_counter() - t1
-                virtual_compute_s = virtual["compute_s"]
-                t2 = time.perf_counter()
-                result = self.pool.run_many(
-                    self.training_sets, ray.put(virtual["weights"]), augment_seeds=self._augment_seeds(epoch)
-                )
-                meta_pass, meta_compute_s = self._training_pass(result)
-                meta = scores_table(meta_pass)
-                score_s += time.perf_counter() - t2
-                scoring_compute_s += meta_compute_s
-            t3 = time.perf_counter()
-            split = make_split(
-                epoch,
-                scores,
-                config=config.split,
-                num_classes=data.train.info.num_classes,
-                seed_ids=data.seed_ids,
-                meta_scores=meta,
-                ground_truth=data.ground_truth,
-                trusted_ids=data.trusted_ids,
-                tampered_ids=data.tampered_ids,
-            )
-            path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
-            summary = split_summary(split)
-            split_s = time.perf_counter() - t3
-        else:
-            split_s, summary = 0.0, self._baseline_pools()
-        t4 = time.perf_counter()
-        seq = ray.get(
-            self.mailbox.post_task.remote(
-                "train", epoch=epoch, split=str(path) if path else None, evaluation=self.last_evaluation
-            )
-        )
-        result = self._await(seq, f"epoch {epoch} training")
-        train_s, train_compute_s = time.perf_counter() - t4, result["compute_s"]
-        weights = result["weights"]
-        t5 = time.perf_counter()
-        next_names = self.training_sets if score_next and config.defense == "asd" else []
-        figures, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
-        eval_s = time.perf_counter() - t5
-        prefetched = None
-        if next_names:  # the next epoch's share of the fused pass, by arithmetic
-            compute_s = evaluation.compute_s
-            table, next_compute_s = self._training_pass(evaluation)
-            share = next_compute_s / max(sum(compute_s.values()), 1e-9)
-            prefetched = _Prefetched(table, eval_s * share, next_compute_s)
-            eval_s -= prefetched.wall_s
-        eval_compute_s = sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
-        epoch_s = time.perf_counter() - t0 + carried_in_s - (prefetched.wall_s if prefetched else 0.0)
-        model_s = train_compute_s + virtual_compute_s + scoring_compute_s + eval_compute_s
-        measured = {
-            "train_loss": float(result["train_loss"]),
-            "score_s": score_s,
-            "virtual_s": virtual_s,
-            "split_s": split_s,
-            "train_s": train_s,
-            "eval_s": eval_s,
-            "epoch_s": epoch_s,
-            "fixed_s": max(epoch_s - model_s, 0.0),
-        }
-        row = self._metrics_row(epoch, stage, figures, summary, measured)
-        return row, weights, prefetched
+    def _evaluate_and_prefetch(
+        self, epoch: int, weights: messages.Weights, score_next: bool, clock: _EpochClock
+    ) -> tuple[dict[str, float | None], _Prefetched | None]:
+        """Evaluate the trained weights and, in the same pass, score the next epoch (ASD)."""
+        next_names = self.training_sets if score_next and self.config.defense == "asd" else []
+        with clock.phase("eval_s"):
+            figures, evaluation = self._evaluate(weights, next_names, self._augment_seeds(epoch + 1))
+        clock.compute_s += sum(s for name, s in evaluation.compute_s.items() if name not in next_names)
+        if not next_names:
+            return figures, None
+        table, next_compute_s = self._training_pass(evaluation)  # the next epoch's share, by arithmetic
+        share = next_compute_s / max(sum(evaluation.compute_s.values()), 1e-9)
+        prefetched = _Prefetched(table, clock.wall["eval_s"] * share, next_compute_s)
+        clock.carried_out_s = prefetched.wall_s
+        return figures, prefetched
 
     def _evaluate(
-        self, weights, extra: list[str] = (), augment_seeds: dict[str, int] | None = None
+        self, weights: messages.Weights, extra: list[str] = (), augment_seeds: dict[str, int] | None = None
     ) -> tuple[dict[str, float | None], PassResult]:
         """ACC on the clean test set and, when given, ASR and robust accuracy on the
         triggered one, in one pass that also scores the datasets in ``extra``."""
@@ -730,42 +623,27 @@ class _Session:
             "poison_fraction_clean": None if poisoned is None else poisoned / n,
         }
 
-    def _recover_row(self, epoch: int, weights) -> dict[str, Any]:
+    def _recover_row(self, epoch: int, weights: messages.Weights) -> dict[str, Any]:
         """The metrics row of an epoch that was checkpointed but not recorded (the driver
         stopped in between): evaluated again from the checkpoint; its loss and timings are NaN."""
         if self.config.defense == "asd":
             stage = stage_of(epoch, self.config.split)
-            summary = split_summary(tables.read_parquet(split_path(self.out, epoch), "splits"))
+            pools = split_summary(tables.read_parquet(split_path(self.out, epoch), "splits"))
         else:
-            stage, summary = 0, self._baseline_pools()
+            stage, pools = 0, self._baseline_pools()
         figures, _ = self._evaluate(weights)
-        unknown = dict.fromkeys(
-            ("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s", "fixed_s"),
-            float("nan"),
+        return metrics_row(
+            {"epoch": epoch, "stage": stage, "defense": self.config.defense},
+            figures,
+            pools,
+            {"train_loss": float("nan")},
+            dataclasses.asdict(EpochTimes.unknown()),
         )
-        return self._metrics_row(epoch, stage, figures, summary, unknown)
-
-    def _metrics_row(
-        self, epoch: int, stage: int, figures: dict[str, Any], pools: dict[str, Any], measured: dict
-    ) -> dict[str, Any]:
-        """One row of schemas/metrics.json: evaluation, pools and detection, loss and timings."""
-        return {
-            "epoch": epoch,
-            "stage": stage,
-            "defense": self.config.defense,
-            **figures,
-            "clean_pool": pools["clean_pool"],
-            "polluted_pool": pools["polluted_pool"],
-            "poison_in_clean": pools.get("poison_in_clean"),
-            "poison_fraction_clean": pools.get("poison_fraction_clean"),
-            **{k: pools.get(k) for k in DETECTION_KEYS},
-            **measured,
-        }
 
     def close(self) -> None:
         try:
             if self.thread.is_alive():
-                ray.get(self.mailbox.post_task.remote("stop"))
+                ray.get(self.mailbox.post_task.remote(messages.Stop()))
                 self.thread.join(timeout=120)
         finally:
             self.pool.shutdown()
@@ -773,31 +651,3 @@ class _Session:
             shutil.rmtree(
                 self.cache_dir, ignore_errors=True
             )  # this node's; other nodes' go with their processes
-
-
-def _model_card(config: RunConfig, data: _Data) -> dict[str, Any]:
-    """What a model file says about itself besides its epoch and figures."""
-    height, width, channels = data.train.require_uniform_size("training")
-    datasets = {"train": data.train, "test": data.test, "poison_test": data.poison_test}
-    return {
-        "asd_ray_version": __version__,
-        "architecture": dataclasses.asdict(data.spec),
-        "classes": list(data.train.info.class_names),
-        "input": {
-            "height": height,
-            "width": width,
-            "channels": channels,
-            "mean": list(config.data.mean),
-            "std": list(config.data.std),
-            "normalise": "x = (pixels / 255 - mean) / std per channel, as (B, C, H, W) float32",
-        },
-        "preset": config.preset,
-        "defense": config.defense,
-        "epochs": config.epochs,
-        "data": {
-            name: {"folder": str(shards.folder), "identity_sha256": shards.identity()}
-            for name, shards in datasets.items()
-            if shards is not None
-        },
-        "selection": BEST_RULE,
-    }

@@ -98,7 +98,7 @@ def evaluate_model(
 ) -> dict[str, float | None]:
     """ACC on ``test`` and, with ``poison_test``, ASR and robust accuracy (when that set has
     its ground truth), for a model from :func:`asd_ray.models.saved.load_model`."""
-    from asd_ray.attacks.poison import GROUND_TRUTH_FILE, read_ground_truth
+    from asd_ray.attacks.poison import original_labels
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
     from asd_ray.scores import PASS_SCHEMA, score_images
 
@@ -133,8 +133,7 @@ def evaluate_model(
     if poison_test is not None:
         triggered = predictions(poison_test)
         figures["asr"] = attack_success_rate(triggered)
-        truth_path = poison_test.folder / GROUND_TRUTH_FILE
-        if truth_path.is_file():
-            original = read_ground_truth(truth_path, poison_test).column("original_label").to_numpy()
+        original = original_labels(poison_test)
+        if original is not None:
             figures["robust_acc"] = robust_accuracy(triggered, original)
     return figures

@@ -17,6 +17,7 @@ The driver writes them; :mod:`asd_ray.audit` only reads them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -154,6 +155,18 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def recorded_config(run: str | Path) -> Path:
+    """RUN/config.yaml, which marks a folder that ``--resume`` can continue.
+
+    Raises:
+        DataError: the folder has none (no run was started there).
+    """
+    path = Path(run) / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"--resume {run}: no {CONFIG_FILE} there; start a new run with --out")
+    return path
+
+
 INPUT_FIELDS = ("train", "test", "poison_test", "seeds", "ground_truth")  # RUN/inputs.json
 
 
@@ -212,14 +225,56 @@ def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochTimes:
+    """An epoch's wall seconds by phase: the metrics table's ``*_s`` columns.
+
+    ``epoch_s`` is the whole epoch, ``fixed_s`` what of it is not model arithmetic
+    (messages, weight transfers, checkpoints, waiting).
+    """
+
+    score_s: float
+    virtual_s: float
+    split_s: float
+    train_s: float
+    eval_s: float
+    epoch_s: float
+    fixed_s: float
+
+    PHASES = ("score_s", "virtual_s", "split_s", "train_s", "eval_s")  # they add up to about epoch_s
+
+    @classmethod
+    def unknown(cls) -> EpochTimes:
+        """NaN everywhere: an epoch re-evaluated after the driver stopped before recording it."""
+        return cls(*[float("nan")] * len(dataclasses.fields(cls)))
+
+
+def metrics_row(*parts: dict[str, Any]) -> dict[str, Any]:
+    """One row of schemas/metrics.json, its columns taken by name from ``parts`` (the epoch
+    and stage, evaluation figures, a split summary, the loss, :class:`EpochTimes` as a dict);
+    keys the schema does not have are left out, nullable columns may be missing.
+
+    Raises:
+        ValueError: a column the schema requires is in no part (a bug, not bad data).
+    """
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged |= part
+    schema = tables.schema("metrics")
+    missing = [f.name for f in schema if not f.nullable and f.name not in merged]
+    if missing:
+        raise ValueError(f"metrics row without {missing}")
+    return {name: merged.get(name) for name in schema.names}
+
+
 def time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean seconds per epoch by phase; ``overhead`` is what no phase accounts for, ``fixed``
     everything that is not model arithmetic."""
     if not rows:
         return {}
-    phases = ("score_s", "virtual_s", "split_s", "train_s", "eval_s", "epoch_s")
-    means = {p: float(np.nanmean([r[p] for r in rows])) for p in (*phases, "fixed_s")}  # NaN: recovered
-    means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in phases[:-1])
+    names = [f.name for f in dataclasses.fields(EpochTimes)]
+    means = {p: float(np.nanmean([r[p] for r in rows])) for p in names}  # NaN: recovered epochs
+    means["overhead_s"] = means["epoch_s"] - sum(means[p] for p in EpochTimes.PHASES)
     return {k.removesuffix("_s"): round(v, 3) for k, v in means.items()}
 
 

@@ -489,3 +489,15 @@ def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.n
         ground_truth.column("is_poison").to_numpy()[order],
         ground_truth.column("original_label").to_numpy()[order],
     )
+
+
+def pool_masks(split: pa.Table, total: int, holdout_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, unlabeled), each (N,) bool by sample id: a split table's clean pool, and the
+    polluted pool MixMatch trains on (:func:`unlabeled_pool`).
+
+    Raises:
+        DataError: the table does not cover ids 0..total-1 once each.
+    """
+    split = tables.by_sample_id(split, where="split", fix="re-create the run's split table", n=total)
+    clean = pc.equal(split.column("pool"), "clean").to_numpy(zero_copy_only=False)
+    return clean, unlabeled_pool(split, holdout_ratio)

@@ -35,12 +35,11 @@ import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asd_ray import compute, distributed, tables
+from asd_ray import compute, distributed
 from asd_ray.batches import (
     StepPlan,
     WorkerData,
@@ -53,7 +52,6 @@ from asd_ray.config import RunConfig
 from asd_ray.data import augment
 from asd_ray.data.augment import normalize, resample
 from asd_ray.losses import mixmatch_loss, sharpen
-from asd_ray.split import unlabeled_pool
 
 
 def mixmatch_epoch(
@@ -415,12 +413,3 @@ def _partial_copy(
         device_ids = [data.device] if data.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(part, device_ids=device_ids)
     return part, wrapped
-
-
-def pool_masks(split_path: str, total: int, holdout_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, unlabeled), each (N,) bool by sample id: the split table's clean pool, and
-    the polluted pool MixMatch trains on (:func:`asd_ray.split.unlabeled_pool`)."""
-    table = tables.read_parquet(split_path, "splits", rows=total)
-    table = tables.by_sample_id(table, where=split_path, fix="re-create the run's split table", n=total)
-    clean = pc.equal(table.column("pool"), "clean").to_numpy(zero_copy_only=False)
-    return clean, unlabeled_pool(table, holdout_ratio)

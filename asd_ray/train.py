@@ -17,6 +17,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from asd_ray import compute, distributed
+from asd_ray import compute, distributed, tables
 from asd_ray.batches import WorkerData, use_sync_batch_norm
-from asd_ray.config import from_dict
+from asd_ray.config import RunConfig, from_dict
 from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import append_rows, load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
+from asd_ray.messages import Hello, Pretrain, Pretrained, Stop, Train, Trained, Virtual, VirtualModel
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
-from asd_ray.steps import mixmatch_epoch, pool_masks, supervised_epoch, transfer_pretraining, virtual_epoch
+from asd_ray.split import pool_masks
+from asd_ray.steps import mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
@@ -94,7 +97,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 1. This worker's share of the training set, decoded once: every world-th sample,
     # so each share mixes all classes even when the shards are sorted by class (a
-    # contiguous share would give each rank's batch-norm statistics a few classes only).
+    # contiguous share would give each rank's batch-norm statistics a few classes only;
+    # scoring actors, which keep no statistics, read contiguous shard slices instead:
+    # asd_ray.data.shards.assign_slices).
     # The seeds' trusted copies, if any, follow as ids N.. and are shared the same way.
     shards = ShardSet(loop_config["train"])
     trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
@@ -145,68 +150,113 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
     if rank == 0:
-        hello = {
-            "epoch": done_epoch,
-            "weights": to_numpy_weights(base),
-            "precision": config.compute.precision,
-            "resumed_from": resumed_from,
-            "pretrained": pretrained,
-        }
+        hello = Hello(done_epoch, to_numpy_weights(base), config.compute.precision, resumed_from, pretrained)
         ray.get(mailbox.post_result.remote(0, hello))
 
-    # 4. Serve the driver's tasks. ``compute_s`` is the model arithmetic (and batch
-    # assembly) alone; checkpointing and messaging are the driver's fixed cost.
+    # 4. Serve the driver's tasks until told to stop.
+    worker = _Worker(config, model, base, optimizer, data, rank, done_epoch, done_metrics)
     seen = 0
     while True:
-        task = ray.get(mailbox.wait_task.remote(seen))
-        if task is None:
+        posted = ray.get(mailbox.wait_task.remote(seen))
+        if posted is None:
             continue
-        seen = task["seq"]
-        if task["kind"] == "stop":
+        seen, task = posted
+        if isinstance(task, Stop):
             remove_caches()
             return
-        clean = unlabeled = None
-        if task["kind"] == "train" and task["split"] is not None:  # read before the clock starts
-            clean, unlabeled = pool_masks(task["split"], data.total, config.split.holdout_ratio)
-        start = time.perf_counter()
-        if task["kind"] == "pretrain":
-            labeled = np.zeros(data.total, bool)
-            labeled[task["labeled"]] = True
-            outcome = transfer_pretraining(model, base, optimizer, data, labeled, config)
-            optimizer = compute.adam(base.parameters(), config.mixmatch.lr)  # ASD starts afresh
-            _report(base, optimizer, -1, None, config.seed, outcome, outcome, rank)  # a restart keeps it
-            if rank == 0:
-                result = {
-                    **outcome,
-                    "weights": to_numpy_weights(base),
-                    "compute_s": time.perf_counter() - start,
-                }
-                ray.get(mailbox.post_result.remote(seen, result))
-            continue
-        if task["kind"] == "virtual":
-            virtual = virtual_epoch(base, data, config, epoch=task["epoch"])  # bare: it wraps its copy
-            if rank == 0:
-                compute_s = time.perf_counter() - start
-                result = {"weights": to_numpy_weights(virtual), "compute_s": compute_s}
-                ray.get(mailbox.post_result.remote(seen, result))
-            del virtual  # and its DDP reducer
-            continue
-        epoch = task["epoch"]
-        if epoch <= done_epoch:  # re-sent after a restart: the checkpoint already has it
-            unknown = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
-            metrics = done_metrics if epoch == done_epoch and done_metrics else unknown
-        elif task["split"] is None:
-            metrics = supervised_epoch(model, optimizer, data, config, epoch=epoch)
-        else:
-            metrics = mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch, unlabeled=unlabeled)
-        compute_s = time.perf_counter() - start
-        if epoch > done_epoch:  # the driver's figures of the epoch before ride along, for the dashboard
-            reported = {**metrics, **task.get("evaluation", {})}
-            _report(base, optimizer, epoch, task["split"], config.seed, metrics, reported, rank)
-            done_epoch, done_metrics = epoch, metrics
+        result = HANDLERS[type(task)](worker, task)
         if rank == 0:
-            result = {**metrics, "weights": to_numpy_weights(base), "compute_s": compute_s}
             ray.get(mailbox.post_result.remote(seen, result))
+
+
+@dataclasses.dataclass
+class _Worker:
+    """One worker's state between tasks. Every rank runs each handler (DDP needs all of
+    them); only rank 0's result is posted. ``compute_s`` in a result is the model
+    arithmetic (and batch assembly) alone; checkpoints and messages are the driver's
+    fixed cost."""
+
+    config: RunConfig
+    model: torch.nn.Module  # as trained: DDP-wrapped and compiled where configured
+    base: torch.nn.Module  # the bare module: weights, checkpoints, the virtual model's copy
+    optimizer: torch.optim.Optimizer
+    data: WorkerData
+    rank: int
+    done_epoch: int  # the last epoch in a checkpoint (-1: none)
+    done_metrics: dict[str, float]  # its losses, answered again when a restart re-sends it
+
+    def pretrain(self, task: Pretrain) -> Pretrained:
+        start = time.perf_counter()
+        labeled = np.zeros(self.data.total, bool)
+        labeled[task.labeled] = True
+        outcome = transfer_pretraining(self.model, self.base, self.optimizer, self.data, labeled, self.config)
+        compute_s = time.perf_counter() - start
+        self.optimizer = compute.adam(self.base.parameters(), self.config.mixmatch.lr)  # ASD starts afresh
+        self._report(-1, None, outcome, outcome)  # a restart keeps it
+        return Pretrained(
+            to_numpy_weights(self.base), compute_s, float(outcome["train_loss"]), int(outcome["head_steps"])
+        )
+
+    def virtual(self, task: Virtual) -> VirtualModel:
+        start = time.perf_counter()
+        virtual = virtual_epoch(
+            self.base, self.data, self.config, epoch=task.epoch
+        )  # bare: it wraps its copy
+        return VirtualModel(to_numpy_weights(virtual), time.perf_counter() - start)
+
+    def train(self, task: Train) -> Trained:
+        if task.epoch <= self.done_epoch:  # re-sent after a restart: the checkpoint already has it
+            unknown = dict.fromkeys(("train_loss", "loss_x", "loss_u"), float("nan"))
+            metrics = self.done_metrics if task.epoch == self.done_epoch and self.done_metrics else unknown
+            return Trained(to_numpy_weights(self.base), 0.0, metrics)
+        if task.split is None:
+            start = time.perf_counter()
+            metrics = supervised_epoch(self.model, self.optimizer, self.data, self.config, epoch=task.epoch)
+        else:
+            split = tables.read_parquet(task.split, "splits", rows=self.data.total)  # before the clock
+            clean, unlabeled = pool_masks(split, self.data.total, self.config.split.holdout_ratio)
+            start = time.perf_counter()
+            metrics = mixmatch_epoch(
+                self.model,
+                self.optimizer,
+                self.data,
+                clean,
+                self.config,
+                epoch=task.epoch,
+                unlabeled=unlabeled,
+            )
+        compute_s = time.perf_counter() - start
+        # The driver's figures of the epoch before ride along, for Ray Train's dashboard.
+        self._report(task.epoch, task.split, metrics, {**metrics, **task.evaluation})
+        self.done_epoch, self.done_metrics = task.epoch, metrics
+        return Trained(to_numpy_weights(self.base), compute_s, metrics)
+
+    def _report(self, epoch: int, split: str | None, metrics: dict, reported: dict) -> None:
+        """Every rank reports ``reported`` (a barrier); rank 0 attaches the checkpoint, which
+        keeps the epoch's ``metrics`` for a task re-sent after a restart."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                state = {
+                    "model": self.base.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "epoch": epoch,
+                    "seed": self.config.seed,
+                    "split": split,
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                }
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                digest = hashlib.sha256((Path(folder) / CHECKPOINT_FILE).read_bytes()).hexdigest()
+                (Path(folder) / CHECKPOINT_DIGEST).write_text(digest + "\n")
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"epoch": epoch, **reported}, checkpoint=checkpoint)
+
+
+HANDLERS: dict[type, Callable[[_Worker, Any], Any]] = {
+    Pretrain: _Worker.pretrain,
+    Virtual: _Worker.virtual,
+    Train: _Worker.train,
+}
 
 
 def _quiet_ray_train_logs() -> None:
@@ -214,26 +264,3 @@ def _quiet_ray_train_logs() -> None:
     from ray.train.v2._internal.execution import context
 
     context.logger.setLevel(logging.WARNING)
-
-
-def _report(
-    model, optimizer, epoch: int, split: str | None, seed: int, metrics: dict, reported: dict, rank: int
-) -> None:
-    """Every rank reports ``reported`` (a barrier); rank 0 attaches the checkpoint, which keeps
-    the epoch's ``metrics`` for a task re-sent after a restart."""
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "seed": seed,
-                "split": split,
-                "metrics": {k: float(v) for k, v in metrics.items()},
-            }
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            digest = hashlib.sha256((Path(folder) / CHECKPOINT_FILE).read_bytes()).hexdigest()
-            (Path(folder) / CHECKPOINT_DIGEST).write_text(digest + "\n")
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"epoch": epoch, **reported}, checkpoint=checkpoint)

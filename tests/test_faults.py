@@ -143,7 +143,8 @@ def test_a_training_worker_killed_mid_epoch_restarts_from_the_checkpoint(
 _DRIVER = """
 import json, sys
 from asd_ray.config import load_config
-from asd_ray.driver import RunInputs, run
+from asd_ray.driver import run
+from asd_ray.inputs import RunInputs
 inputs, overrides, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 run(load_config("mnist-quick", overrides=overrides), RunInputs(**inputs), out)
 """

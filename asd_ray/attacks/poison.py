@@ -364,6 +364,16 @@ def read_ground_truth(path: str | Path, shards: ShardSet) -> pa.Table:
     )
 
 
+def original_labels(poison_test: ShardSet) -> np.ndarray | None:
+    """The clean labels of a triggered test set, by sample id, from the ``poison.parquet``
+    :func:`poison_test_shards` writes beside it; None when there is none (robust accuracy
+    then cannot be computed)."""
+    path = poison_test.folder / GROUND_TRUTH_FILE
+    if not path.is_file():
+        return None
+    return read_ground_truth(path, poison_test).column("original_label").to_numpy()
+
+
 def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[Sample, dict[str, bytes]]]]]:
     """Yield (sample ids, [(sample, members as stored)]) in sample-id order, _CHUNK at a time,
     through the verified reader: a set `shards inspect` refuses is never poisoned."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from asd_ray.cli.common import add_quiet, format_table, say
 from asd_ray.config import PRESETS
@@ -100,8 +99,9 @@ def add_commands(commands) -> None:
 
 def _run(args: argparse.Namespace) -> dict:
     from asd_ray.config import load_config
-    from asd_ray.driver import RunInputs, run
-    from asd_ray.run_folder import CONFIG_FILE
+    from asd_ray.driver import run
+    from asd_ray.inputs import RunInputs
+    from asd_ray.run_folder import recorded_config
 
     overrides = list(args.set)
     for flag, key in (
@@ -116,9 +116,7 @@ def _run(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
-        saved = Path(args.out) / CONFIG_FILE
-        if not saved.is_file():
-            raise DataError(f"--resume {args.out}: no {CONFIG_FILE} there; start a new run with --out")
+        saved = recorded_config(args.out)
         recorded = load_config(None, saved).model.factory
         restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides)
         if recorded is not None and not restated:

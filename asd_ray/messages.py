@@ -1,0 +1,87 @@
+"""What the driver and the Ray Train workers say to each other through the mailbox.
+
+The driver posts one task at a time; rank 0 answers it with the matching result.
+Adding a task means a dataclass here, a handler in :data:`asd_ray.train.HANDLERS`
+and a call in the driver. Weights travel as ``{name: numpy array}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+    """Transfer pre-training: MixMatch epochs with only ``labeled`` (the seeds) labeled,
+    then the head alone (:func:`asd_ray.steps.transfer_pretraining`)."""
+
+    labeled: list[int]  # training ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Virtual:
+    """Stage 3's virtual model: one epoch of a copy, updating the meta layers only."""
+
+    epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """One training epoch: MixMatch on the split table's pools, or supervised without one."""
+
+    epoch: int
+    split: str | None  # the epoch's split table (Parquet); None: the no-defense baseline
+    evaluation: dict[str, float]  # the previous epoch's figures, reported to Ray Train beside the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Leave the worker loop (the run is over or stopped)."""
+
+
+Task = Pretrain | Virtual | Train | Stop
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """Rank 0's first message (sequence 0): where the workers stand after start-up or a restart."""
+
+    epoch: int  # the last finished epoch in the checkpoint; -1: none
+    weights: Weights
+    precision: str  # as resolved for the workers' device
+    resumed_from: str | None  # which checkpoint was used, and which skipped
+    pretrained: bool  # the transfer pre-training is done (any checkpoint comes after it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    weights: Weights
+    compute_s: float
+    train_loss: float
+    head_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualModel:
+    weights: Weights
+    compute_s: float  # model arithmetic alone (what the driver's fixed cost leaves out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    weights: Weights
+    compute_s: float
+    metrics: dict[str, float]  # train_loss, loss_x, loss_u (NaN when a restart re-sent a done epoch)
+
+
+Result = Hello | Pretrained | VirtualModel | Trained
+
+
+def result_of(task: Task) -> type[Any]:
+    """The result type that answers ``task`` (what the driver waits for)."""
+    return {Pretrain: Pretrained, Virtual: VirtualModel, Train: Trained}[type(task)]
