@@ -192,12 +192,6 @@ def make_split(
 ) -> pa.Table:
     """The split table of ``epoch``: one row per sample, sorted by sample_id.
 
-    Two kinds of samples are pinned to a pool in every stage and left out of the
-    ranking (``rank`` -1, ``pinned`` names why): ``trusted_ids``, the seeds'
-    trusted copies added to the training set (clean: they are the evidence), and
-    ``tampered_ids``, training samples whose trusted copy shows they were altered
-    (polluted).
-
     Args:
         epoch: epoch counted from 0; picks the stage and stage 1's choice_num.
         scores: scores table (schemas/scores.json) of the current model, holding
@@ -209,10 +203,13 @@ def make_split(
         meta_scores: the virtual model's scores (same ids and labels); required in
             stage 3, refused before.
         ground_truth: a table with at least sample_id, is_poison, original_label
-            (schemas/poison.json) over the same ids; joined for reporting only,
-            it never changes the pools.
-        trusted_ids: sample ids always in the clean pool (also seeds in stage 1).
-        tampered_ids: sample ids always in the polluted pool.
+            (schemas/poison.json) over the same ids; for reporting only, it never
+            changes the pools.
+        trusted_ids: the seeds' trusted copies added to the training set: always
+            clean (they are the evidence) and seeds in stage 1.
+        tampered_ids: training samples whose trusted copy shows they were altered:
+            always polluted. Both kinds are left out of the ranking (``rank`` -1,
+            ``pinned`` names why).
 
     Returns:
         The validated splits table (schemas/splits.json).
@@ -223,60 +220,37 @@ def make_split(
             0..C-1, a seed id outside 0..N-1, or an empty stage-1 pool.
     """
     stage = stage_of(epoch, config)
-    if stage == 3 and meta_scores is None:
-        raise ValueError(
-            f"epoch {epoch} is in stage 3 (epoch >= stage3_epoch {config.stage3_epoch}); "
-            "pass meta_scores, the virtual model's scores"
-        )
-    if stage != 3 and meta_scores is not None:
-        raise ValueError(
-            f"meta_scores given at epoch {epoch} (stage {stage}); they are only used from "
-            f"stage3_epoch {config.stage3_epoch} on; pass meta_scores=None"
-        )
+    _check_meta_scores_given(epoch, stage, config, meta_scores is not None)
     ids, labels, losses = _read_scores(scores, "scores")
     n = ids.size
     _check_labels(labels, num_classes, "scores")
     is_seed = _seed_mask(seed_ids, n)
-    trusted = _seed_mask(np.empty(0, np.int64) if trusted_ids is None else trusted_ids, n)
-    tampered = _seed_mask(np.empty(0, np.int64) if tampered_ids is None else tampered_ids, n)
-    if (trusted & tampered).any():
-        raise ValueError("a sample id is both trusted and tampered")
+    trusted, tampered = _pinned_masks(trusted_ids, tampered_ids, n)
     free = ~(trusted | tampered)  # ranked as the stage says; the others are pinned
 
-    meta_losses = reduction = None
+    meta_losses = _meta_losses(meta_scores, labels) if stage == 3 else None
+    reduction = None if meta_losses is None else losses - meta_losses
+    clean, rank = trusted.copy(), np.full(n, -1, np.int64)
     if stage == 1:
-        choice = choice_num(epoch, config)
-        clean_free, rank_free = clean_mask_stage1(
-            labels[free], losses[free], is_seed[free], num_classes, choice, pinned_clean=int(trusted.sum())
+        choice, pinned = choice_num(epoch, config), int(trusted.sum())
+        clean[free], rank[free] = clean_mask_stage1(
+            labels[free], losses[free], is_seed[free], num_classes, choice, pinned_clean=pinned
         )
     elif stage == 2:
-        clean_free, rank_free = clean_mask_stage2(losses[free], config.clean_ratio)
+        clean[free], rank[free] = clean_mask_stage2(losses[free], config.clean_ratio)
     else:
-        _, meta_labels, meta_losses = _read_scores(meta_scores, "meta_scores", n)
-        mismatch = np.flatnonzero(meta_labels != labels)
-        if mismatch.size:
-            i = mismatch[0]
-            raise DataError(
-                f"meta_scores: sample id {i} has label {meta_labels[i]}, scores has {labels[i]}; "
-                "score both passes on the same training set"
-            )
-        clean_free, rank_free = clean_mask_stage3(losses[free], meta_losses[free], config.meta_clean_ratio)
-        reduction = losses - meta_losses
-    clean, rank = trusted.copy(), np.full(n, -1, np.int64)
-    clean[free], rank[free] = clean_free, rank_free
+        clean[free], rank[free] = clean_mask_stage3(losses[free], meta_losses[free], config.meta_clean_ratio)
 
-    if ground_truth is None:
-        is_poison, original_label = pa.nulls(n, pa.bool_()), pa.nulls(n, pa.int32())
-    else:
-        is_poison, original_label = _read_ground_truth(ground_truth, n)
+    is_poison, original_label = _read_ground_truth(ground_truth, n)
+    nulls = pa.nulls(n, pa.float32())
     return tables.from_pydict(
         {
             "sample_id": ids,
             "label": labels,
             "stage": np.full(n, stage, np.int32),
             "loss": losses,
-            "meta_loss": pa.nulls(n, pa.float32()) if meta_losses is None else meta_losses,
-            "loss_reduction": pa.nulls(n, pa.float32()) if reduction is None else reduction,
+            "meta_loss": nulls if meta_losses is None else meta_losses,
+            "loss_reduction": nulls if reduction is None else reduction,
             "rank": rank,
             "pool": np.where(clean, "clean", "polluted"),
             "is_seed": is_seed | trusted,
@@ -288,6 +262,45 @@ def make_split(
         },
         "splits",
     )
+
+
+def _pinned_masks(
+    trusted_ids: np.ndarray | None, tampered_ids: np.ndarray | None, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(trusted, tampered), each (n,) bool; an id cannot be both."""
+    none = np.empty(0, np.int64)
+    trusted = _seed_mask(none if trusted_ids is None else trusted_ids, n)
+    tampered = _seed_mask(none if tampered_ids is None else tampered_ids, n)
+    if (trusted & tampered).any():
+        raise ValueError("a sample id is both trusted and tampered")
+    return trusted, tampered
+
+
+def _check_meta_scores_given(epoch: int, stage: int, config: SplitConfig, given: bool) -> None:
+    """Stage 3 needs the virtual model's scores; earlier stages must not get them."""
+    if stage == 3 and not given:
+        raise ValueError(
+            f"epoch {epoch} is in stage 3 (epoch >= stage3_epoch {config.stage3_epoch}); "
+            "pass meta_scores, the virtual model's scores"
+        )
+    if stage != 3 and given:
+        raise ValueError(
+            f"meta_scores given at epoch {epoch} (stage {stage}); they are only used from "
+            f"stage3_epoch {config.stage3_epoch} on; pass meta_scores=None"
+        )
+
+
+def _meta_losses(meta_scores: pa.Table, labels: np.ndarray) -> np.ndarray:
+    """(N,) the virtual model's losses by sample id, its labels checked against the scores'."""
+    _, meta_labels, meta_losses = _read_scores(meta_scores, "meta_scores", labels.size)
+    mismatch = np.flatnonzero(meta_labels != labels)
+    if mismatch.size:
+        i = mismatch[0]
+        raise DataError(
+            f"meta_scores: sample id {i} has label {meta_labels[i]}, scores has {labels[i]}; "
+            "score both passes on the same training set"
+        )
+    return meta_losses
 
 
 def suspicion(split: pa.Table) -> np.ndarray:
@@ -466,8 +479,11 @@ def _seed_mask(seed_ids: np.ndarray, n: int) -> np.ndarray:
     return is_seed
 
 
-def _read_ground_truth(ground_truth: pa.Table, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(is_poison, original_label), each (n,), of a ground-truth table, in sample_id order."""
+def _read_ground_truth(ground_truth: pa.Table | None, n: int) -> tuple[Any, Any]:
+    """(is_poison, original_label), each (n,), of a ground-truth table, in sample_id order;
+    null columns without one."""
+    if ground_truth is None:
+        return pa.nulls(n, pa.bool_()), pa.nulls(n, pa.int32())
     missing = [c for c in _GROUND_TRUTH_COLUMNS if c not in ground_truth.column_names]
     if missing:
         raise DataError(

