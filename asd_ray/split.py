@@ -24,8 +24,6 @@ from asd_ray.errors import DataError
 from asd_ray.evaluate import detection
 
 _GROUND_TRUTH_COLUMNS = ("sample_id", "is_poison", "original_label")
-# How well the polluted pool (the flags) finds the poison, with ground truth only.
-DETECTION_KEYS = ("flag_precision", "flag_recall", "flag_f1", "flag_auroc")
 
 
 def unlabeled_pool(split: pa.Table, holdout_ratio: float) -> np.ndarray:
@@ -363,7 +361,7 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
         ``clean_per_class`` (list indexed by label, up to the largest label present)
         and, when the table carries ground truth, ``poison_in_clean``,
         ``poison_fraction_clean`` (poison_in_clean / clean_pool) and the polluted
-        pool's detection figures (:data:`DETECTION_KEYS`, :func:`asd_ray.evaluate.detection`).
+        pool's detection figures ``flag_<name>`` of :func:`asd_ray.evaluate.detection`.
 
     Raises:
         DataError: if the table is empty, mixes stages, holds an unknown pool

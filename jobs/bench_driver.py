@@ -16,6 +16,7 @@ Prints one line of JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import tempfile
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 from asd_ray import tables
 from asd_ray.audit.history import flag_history
 from asd_ray.config import SplitConfig
-from asd_ray.run_folder import split_path, write_metrics
+from asd_ray.run_folder import EpochTimes, metrics_row, split_path, write_metrics
 from asd_ray.split import make_split
 
 
@@ -57,22 +58,14 @@ def ground_truth(n: int, classes: int, rng: np.random.Generator) -> pa.Table:
     )
 
 
-def metrics_row(epoch: int, stage: int, split: pa.Table) -> dict:
-    """The metrics row a run records beside each split table (the audit checks the pools)."""
+def epoch_row(epoch: int, stage: int, split: pa.Table) -> dict:
+    """The metrics row a run records beside each split table (the audit checks the pools);
+    figures and timings are zero here."""
     clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py()
-    timings = dict.fromkeys(("train_loss", "score_s", "virtual_s", "split_s", "train_s", "eval_s"), 0.0)
-    return {
-        **dict.fromkeys(tables.schema("metrics").names),
-        **timings,
-        "epoch_s": 0.0,
-        "fixed_s": 0.0,
-        "epoch": epoch,
-        "stage": stage,
-        "defense": "asd",
-        "acc": 0.0,
-        "clean_pool": clean,
-        "polluted_pool": split.num_rows - clean,
-    }
+    pools = {"clean_pool": clean, "polluted_pool": split.num_rows - clean}
+    zero_times = EpochTimes(*[0.0] * len(dataclasses.fields(EpochTimes)))
+    head = {"epoch": epoch, "stage": stage, "defense": "asd", "acc": 0.0, "train_loss": 0.0}
+    return metrics_row(head, pools, dataclasses.asdict(zero_times))
 
 
 def main() -> None:
@@ -105,7 +98,7 @@ def main() -> None:
             start = time.perf_counter()
             tables.write_parquet(split, split_path(run, epoch), "splits")
             result["write_s"][f"stage{stage}"] = round(time.perf_counter() - start, 3)
-            rows.append(metrics_row(epoch, stage, split))
+            rows.append(epoch_row(epoch, stage, split))
             del split, current, meta
         write_metrics(run, rows)
         start = time.perf_counter()

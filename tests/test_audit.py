@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -7,8 +9,8 @@ from asd_ray.audit import history
 from asd_ray.audit.report import report
 from asd_ray.config import SplitConfig
 from asd_ray.errors import DataError
-from asd_ray.run_folder import METRICS_FILE, split_path
-from asd_ray.split import DETECTION_KEYS, make_split, split_summary, suspicion
+from asd_ray.run_folder import METRICS_FILE, EpochTimes, metrics_row, split_path
+from asd_ray.split import make_split, split_summary, suspicion
 
 
 def _fake_run(folder, *, with_truth: bool):
@@ -55,29 +57,11 @@ def _fake_run(folder, *, with_truth: bool):
         )
         tables.write_parquet(split, split_path(folder, epoch), "splits")
         pools = split_summary(split)  # the audit checks each split table against its metrics row
-        rows.append(
-            {
-                "epoch": epoch,
-                "stage": pools["stage"],
-                "defense": "asd",
-                "acc": 0.5 + 0.1 * epoch,
-                "asr": 0.1,
-                "robust_acc": 0.8,
-                "clean_pool": pools["clean_pool"],
-                "polluted_pool": pools["polluted_pool"],
-                "poison_in_clean": 0 if with_truth else None,
-                "poison_fraction_clean": 0.0 if with_truth else None,
-                **{k: (0.5 if with_truth else None) for k in DETECTION_KEYS},
-                "train_loss": 1.0,
-                "score_s": 0.1,
-                "virtual_s": 0.0,
-                "split_s": 0.0,
-                "train_s": 1.0,
-                "eval_s": 0.1,
-                "epoch_s": 1.2,
-                "fixed_s": 0.01,
-            }
+        figures = {"epoch": epoch, "defense": "asd", "acc": 0.5 + 0.1 * epoch, "asr": 0.1, "robust_acc": 0.8}
+        times = EpochTimes(
+            score_s=0.1, virtual_s=0.0, split_s=0.0, train_s=1.0, eval_s=0.1, epoch_s=1.2, fixed_s=0.01
         )
+        rows.append(metrics_row(figures, pools, {"train_loss": 1.0}, dataclasses.asdict(times)))
     metrics = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
     tables.write_parquet(metrics, folder / METRICS_FILE, "metrics")
 
