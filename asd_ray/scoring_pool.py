@@ -31,7 +31,7 @@ from asd_ray import compute
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
-from asd_ray.errors import DataError, user_error_of
+from asd_ray.errors import user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
 from asd_ray.scores import PASS_SCHEMA, score_images
 
@@ -139,7 +139,7 @@ class ScoringPool:
         threads: int = 1,
         memory: tuple[int | None, str | None] = (None, None),
     ):
-        self.sizes = {name: len(shards) for name, shards in datasets.items()}
+        self.datasets = dict(datasets)
         slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
@@ -158,7 +158,7 @@ class ScoringPool:
         except ray.exceptions.RayError as err:
             self.shutdown()
             raise user_error_of(err) or err from None
-        assert sum(sizes) == next(iter(self.sizes.values()))
+        assert sum(sizes) == len(next(iter(datasets.values())))
 
     def run(
         self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
@@ -190,15 +190,14 @@ class ScoringPool:
 
     def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
-        ids = table.column("sample_id").to_numpy()
-        expected = self.sizes[name]
-        if len(ids) != expected or not np.array_equal(ids, np.arange(expected)):
-            missing = np.setdiff1d(np.arange(expected), ids)
-            raise DataError(
-                f"scoring {name}: got {len(ids)} rows for {expected} samples (first missing id: "
-                f"{missing[:1].tolist()}, duplicates: {len(ids) - len(np.unique(ids))}); the shards "
-                "changed during the run or an actor misread them"
-            )
+        shards = self.datasets[name]
+        shards.check_read(
+            table.column("sample_id").to_numpy(),
+            shards.share_ids(),
+            where=f"scoring {name}",
+            cause="the shards changed during the run (an actor restarted and read them again) or an "
+            "actor misread them: keep a shard set unchanged while a run reads it",
+        )
         return table
 
     def shutdown(self) -> None:

@@ -43,6 +43,7 @@ GROUND_TRUTH_FILE = "poison.parquet"
 FORMAT_VERSION = 1
 JPEG_MAX_SIDE = 65_535  # the JPEG format's largest side
 _DECODE_CHUNK = 64  # records parsed before they are decoded
+_CHANGED = "a shard was truncated or changed after it was made: re-make the shard set"
 _MIN_RECORD_BYTES = 4 * 512  # a tar record: two members, each a 512-byte header and >= one data block
 
 
@@ -573,11 +574,13 @@ class ShardSet:
                     yield from self._decode(chunk, piece.path.name)
                     chunk = []
             yield from self._decode(chunk, piece.path.name)
-            if read != piece.count:
-                raise DataError(
-                    f"{piece.path.name}: holds {piece.start + read} records where dataset.json lists "
-                    f"{count}; the shard was truncated or changed after it was made: re-make the shard set"
-                )
+            first = base + piece.start
+            whole = piece.count == count
+            self.check_read(
+                np.arange(first, first + read),
+                np.arange(first, base + piece.stop),
+                where=piece.path.name if whole else f"{piece.path.name} #{piece.start}..#{piece.stop - 1}",
+            )
 
     def _decode(
         self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
@@ -612,6 +615,54 @@ class ShardSet:
         for name in (MANIFEST_FILE, DATASET_FILE):
             digest.update((self.folder / name).read_bytes())
         return digest.hexdigest()
+
+    def share_ids(
+        self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The sample ids a share holds, in reading order: the records of ``slices`` (default:
+        all), of those only the ones where ``keep`` ((N,) bool) is true."""
+        if slices is None:
+            return np.flatnonzero(keep) if keep is not None else np.arange(len(self))
+        offsets = self._shard_offsets()
+        ids = [np.arange(offsets[s.path.name] + s.start, offsets[s.path.name] + s.stop) for s in slices]
+        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        return ids if keep is None else ids[keep[ids]]
+
+    def check_read(self, ids: np.ndarray, expected: np.ndarray, *, where: str, cause: str = _CHANGED) -> None:
+        """The one count check of a read: the sample ``ids`` read (by one reader of a shard,
+        one process's share, or gathered from every scoring actor) must be ``expected``
+        (:meth:`share_ids`), each once; order aside.
+
+        Raises:
+            DataError: naming ``where``, both counts, the first sample missing, read twice or
+                not expected (its shard, place in it and key) and ``cause`` with the fix.
+        """
+        ids, expected = np.asarray(ids), np.asarray(expected)
+        if ids.size == expected.size and np.array_equal(ids, expected):
+            return
+        unique, times = np.unique(ids, return_counts=True)
+        wrong = [
+            (np.setdiff1d(expected, unique), "missing"),
+            (unique[times > 1], "read more than once"),
+            (np.setdiff1d(unique, expected), "not expected here"),
+        ]
+        found = [
+            f"{bad.size} {what}, the first sample {self._place(int(bad[0]))}"
+            for bad, what in wrong
+            if bad.size
+        ]
+        if found:
+            raise DataError(
+                f"{where}: read {ids.size} records where the manifest lists {expected.size}: "
+                f"{'; '.join(found)}; {cause}"
+            )
+
+    def _place(self, sample_id: int) -> str:
+        """Sample ``sample_id`` and where its record is (shard, place, key), for a message."""
+        if not 0 <= sample_id < len(self):
+            return f"id {sample_id} (outside the set's 0..{len(self) - 1})"
+        row = self.manifest.slice(sample_id, 1).to_pylist()[0]
+        return f"{sample_id} (record #{row['index_in_shard']} of {row['shard']}, key {row['key']!r})"
 
     def _shard_offsets(self) -> dict[str, int]:
         offsets, total = {}, 0
