@@ -1,8 +1,9 @@
 """A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scores`).
 
-Each actor decodes its own slices of the shard sets once (the data layer's
-worker assignment, so every sample is scored exactly once) and keeps them in
-memory as uint8. Once per pass the driver ``ray.put``s the model weights and
+Each actor decodes its own contiguous run of each shard set once
+(:func:`asd_ray.data.shards.assign_slices`, so every sample is scored exactly
+once; Ray Train workers take every W-th sample instead, see :mod:`asd_ray.train`)
+and keeps it in memory as uint8. Once per pass the driver ``ray.put``s the model weights and
 every actor receives the same object reference: weights cross the object store
 once per pass, never per batch. Actors restart on failure (up to 3 times)
 and retry the call (their data is re-read in ``__init__``, the weights come

@@ -520,8 +520,9 @@ class ShardSet:
     def worker_slices(self, num_workers: int) -> list[list[ShardSlice]]:
         """Split the set into ``num_workers`` contiguous runs of equal sample count (+-1).
 
-        Every sample is read by exactly one worker; a shard may be shared by two
-        neighbours, each reading its own record range.
+        Every sample is read by exactly one worker; a shard may be shared by neighbours
+        (by more than two when it holds more than a share), each reading its own record
+        range. Why contiguous runs: :func:`assign_slices`.
         """
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -673,7 +674,14 @@ class ShardSet:
 
 
 def assign_slices(paths: Sequence[Path], counts: Sequence[int], num_workers: int) -> list[list[ShardSlice]]:
-    """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs."""
+    """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs.
+
+    The scoring actors (:mod:`asd_ray.scoring_pool`) share a set this way: nothing in a
+    scoring pass depends on which classes an actor holds (eval mode: batch norm uses its
+    running statistics), so each actor opens only the shards its run covers. Ray Train
+    workers instead take every W-th sample (see :mod:`asd_ray.train`), so that every
+    worker's batches mix all classes even when the shards are sorted by class.
+    """
     total = sum(counts)
     bounds = [total * w // num_workers for w in range(num_workers + 1)]
     result: list[list[ShardSlice]] = []
