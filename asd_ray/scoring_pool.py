@@ -1,8 +1,9 @@
 """A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scores`).
 
-Each actor decodes its own slices of the shard sets once (the data layer's
-worker assignment, so every sample is scored exactly once) and keeps them in
-memory as uint8. Once per pass the driver ``ray.put``s the model weights and
+Each actor decodes its own contiguous run of each shard set once
+(:func:`asd_ray.data.shards.assign_slices`, so every sample is scored exactly
+once; Ray Train workers take every W-th sample instead, see :mod:`asd_ray.train`)
+and keeps it in memory as uint8. Once per pass the driver ``ray.put``s the model weights and
 every actor receives the same object reference: weights cross the object store
 once per pass, never per batch. Actors restart on failure (up to 3 times)
 and retry the call (their data is re-read in ``__init__``, the weights come
@@ -31,7 +32,7 @@ from asd_ray import compute
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
-from asd_ray.errors import DataError, user_error_of
+from asd_ray.errors import user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
 from asd_ray.scores import PASS_SCHEMA, score_images
 
@@ -139,7 +140,7 @@ class ScoringPool:
         threads: int = 1,
         memory: tuple[int | None, str | None] = (None, None),
     ):
-        self.sizes = {name: len(shards) for name, shards in datasets.items()}
+        self.datasets = dict(datasets)
         slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
@@ -158,7 +159,7 @@ class ScoringPool:
         except ray.exceptions.RayError as err:
             self.shutdown()
             raise user_error_of(err) or err from None
-        assert sum(sizes) == next(iter(self.sizes.values()))
+        assert sum(sizes) == len(next(iter(datasets.values())))
 
     def run(
         self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
@@ -190,15 +191,14 @@ class ScoringPool:
 
     def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
-        ids = table.column("sample_id").to_numpy()
-        expected = self.sizes[name]
-        if len(ids) != expected or not np.array_equal(ids, np.arange(expected)):
-            missing = np.setdiff1d(np.arange(expected), ids)
-            raise DataError(
-                f"scoring {name}: got {len(ids)} rows for {expected} samples (first missing id: "
-                f"{missing[:1].tolist()}, duplicates: {len(ids) - len(np.unique(ids))}); the shards "
-                "changed during the run or an actor misread them"
-            )
+        shards = self.datasets[name]
+        shards.check_read(
+            table.column("sample_id").to_numpy(),
+            shards.share_ids(),
+            where=f"scoring {name}",
+            cause="the shards changed during the run (an actor restarted and read them again) or an "
+            "actor misread them: keep a shard set unchanged while a run reads it",
+        )
         return table
 
     def shutdown(self) -> None:

@@ -1,9 +1,10 @@
 """ASD's adaptive split of the poisoned training set into a clean and a polluted pool.
 
-Guo et al., "Backdoor Defense via Adaptively Splitting Poisoned Dataset", CVPR 2023,
-with the details the paper leaves open taken from the authors' code. Everything
-here is a pure function of scores, epoch and config: the driver scores, calls
-:func:`make_split` and writes the table; training only reads its ``pool`` column.
+Gao, Bai, Gu, Yang and Xia, "Backdoor Defense via Adaptively Splitting Poisoned
+Dataset", CVPR 2023, with the details the paper leaves open taken from the authors'
+code. Everything here is a pure function of scores, epoch and config: the driver
+scores, calls :func:`make_split` and writes the table; training only reads its
+``pool`` column.
 
 Position ``i`` of every array is sample id ``i``. Every ordering sorts by
 ``(value, sample_id)``, so a split never depends on row order or on how many

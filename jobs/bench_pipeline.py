@@ -4,10 +4,10 @@ Every figure times asd-ray's own functions on synthetic data (ResNet-18), side
 by side in one run, interleaved repeat by repeat so both sides see the same
 machine; each timing is the best of ``--repeats``:
 
-1. ``mixmatch``: s per MixMatch iteration (``train.mixmatch_epoch``; 64 + 64,
+1. ``mixmatch``: s per MixMatch iteration (``steps.mixmatch_epoch``; 64 + 64,
    K = 2 at 32 px, ``--batch-224`` + ``--batch-224`` at 224 px), plain fp32 vs
    the fast path (bf16 autocast + channels_last), and their ratio;
-2. ``virtual``: s per virtual-model step (``train.virtual_epoch``; batch 128 at
+2. ``virtual``: s per virtual-model step (``steps.virtual_epoch``; batch 128 at
    32 px, ``--virtual-batch-224`` at 224 px), likewise;
 3. ``scoring``: images/s of the scoring actors (``ScoringPool``; batch 128,
    32 px, 1 CPU and 1 torch thread per actor) with 1 and 2 actors, and the ratio;

@@ -7,7 +7,7 @@ torch thread per worker, 2 scoring actors, for each of ``--seeds`` seeds
 (``config.seed``: model initialisation, batch draws, augmentation). Targets:
 at every W, mean last-epoch ASR <= 2% and mean ACC within 1 point of W = 1.
 
-``memory``: MixMatch s/iteration (``train.mixmatch_epoch``, ResNet-18 at 32 px,
+``memory``: MixMatch s/iteration (``steps.mixmatch_epoch``, ResNet-18 at 32 px,
 64 + 64, fast path, 2 threads) on a share held in memory against the same share
 served from the local-disk cache that ``cluster.memory_budget_gb`` switches to
 (budget one tenth of the share). Target: the cached rate >= 0.8x in memory.

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from asd_ray.data.shards import IMAGE_EXTS, ShardSet, decode_image, iter_records, write_shards
+from asd_ray.data.records import IMAGE_EXTS, decode_image, iter_records
+from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.sources import Source, SourceRecord, from_arrays
 
 

@@ -2,9 +2,12 @@
 
 1. Shards of the 5,000-digit MNIST subset (fixed stratified 80/20 split).
 2. BadNets poisoning (5%, target 3) and the triggered test set for ASR.
-3. 10 seeds per class. Benchmark assumption, stated: they are drawn from the
-   samples the ground truth marks clean (an oracle; in production seeds come
-   from a source you trust).
+3. 10 seeds per class, drawn from the clean parent set (``clean-train``), as a
+   defender with a trusted copy of part of the data would draw them: a seed the
+   attack altered in the poisoned set is detected as tampered (its training copy
+   is pinned to the polluted pool and its trusted copy trains; see the README's
+   *Seeds*). The draw uses no ground truth (``asd_ray.demo``'s ``seeds="oracle"``
+   is the benchmarks' variant that draws only samples the ground truth marks clean).
 4. ASD with the ``mnist-quick`` preset, then the no-defense baseline with the
    same schedule, both on local Ray; a small table and one line of JSON.
 

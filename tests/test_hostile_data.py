@@ -188,7 +188,7 @@ def test_shard_patterns_are_sized_before_they_are_expanded(tmp_path, capsys, pat
 def test_pattern_count_follows_braceexpand():
     import braceexpand
 
-    from asd_ray.data.shards import _expansion_count
+    from asd_ray.data.records import _expansion_count
 
     for pattern in [
         "a",

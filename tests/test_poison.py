@@ -13,7 +13,8 @@ from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shard
 from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import apply_trigger
 from asd_ray.config import AttackConfig
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, iter_records
+from asd_ray.data.records import iter_records
+from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet
 from asd_ray.errors import DataError
 
 

@@ -5,12 +5,11 @@ import pytest
 from conftest import make_shards, synthetic_arrays, write_tar
 from PIL import Image
 
+from asd_ray.data.records import expand_shard_paths, iter_records
 from asd_ray.data.shards import (
     ShardSet,
     assign_slices,
-    expand_shard_paths,
     inspect_shard_set,
-    iter_records,
     sample_key,
     write_shards,
 )

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from asd_ray.cli import main
-from asd_ray.data.shards import ShardSet, iter_records
+from asd_ray.data.records import iter_records
+from asd_ray.data.shards import ShardSet
 
 
 def test_the_webdataset_library_reads_asd_ray_shards_with_safe_decoders(train_set):

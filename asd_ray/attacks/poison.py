@@ -27,9 +27,9 @@ from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 from asd_ray.config import AttackConfig
+from asd_ray.data.records import IMAGE_EXTS
 from asd_ray.data.shards import (
     GROUND_TRUTH_FILE,
-    IMAGE_EXTS,
     Sample,
     ShardSet,
     ShardWriter,

@@ -7,10 +7,10 @@ A shard set is a folder::
     DIR/NAME-000000.tar     WebDataset records: KEY.png|KEY.jpg + KEY.cls
     DIR/poison.parquet      ground truth, only in sets made by ``asd-ray poison``
 
-The data is untrusted, so the reader parses tar headers itself and decodes only
-image members (PIL), ``cls`` (ASCII integer) and ``json``; any other member, such
-as a pickle, is refused before its bytes are looked at. This module knows
-nothing about losses or training.
+The data is untrusted: records are read by :mod:`asd_ray.data.records` (which
+refuses any member but images, ``cls`` and ``json`` before its bytes are looked
+at), and :class:`ShardSet` checks each one against the manifest. This module
+knows nothing about losses or training.
 """
 
 from __future__ import annotations
@@ -25,35 +25,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import braceexpand
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
 from asd_ray import progress, tables
-from asd_ray.data.sources import Source
-from asd_ray.data.sources.base import check_class_names
-from asd_ray.data.tar import tar_members
+from asd_ray.data.records import MAX_PIXELS, decode_members, iter_records
+from asd_ray.data.sources.base import Source, check_class_names
 from asd_ray.errors import DataError
 
-_LAYOUT = tables.schema_document("shard_record")
-IMAGE_EXTS = tuple(_LAYOUT["image_members"])
-SAFE_EXTS = tuple(_LAYOUT["readable_members"])
 PNG_MAX_SIZE = 64
 JPEG_QUALITY = 95
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 GROUND_TRUTH_FILE = "poison.parquet"
 FORMAT_VERSION = 1
-MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs), and when written
 JPEG_MAX_SIDE = 65_535  # the JPEG format's largest side
 _DECODE_CHUNK = 64  # records parsed before they are decoded
-_PIL_FORMATS = ("PNG", "JPEG", "PPM", "WEBP")  # PIL never probes other decoders
-MAX_SHARD_PATHS = 100_000
-"""Most shard files one brace pattern (or list of them) may name, counted before expanding:
-``{000000..999999}{000..999}`` would otherwise build 10^9 names."""
-MAX_BRACE_DEPTH = 4  # brace groups nested deeper than this are refused before parsing
+_CHANGED = "a shard was truncated or changed after it was made: re-make the shard set"
 _MIN_RECORD_BYTES = 4 * 512  # a tar record: two members, each a 512-byte header and >= one data block
 
 
@@ -84,37 +74,6 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise DataError(f"image must be (H, W, 1|3) uint8, got {image.shape} {image.dtype}; convert it first")
     return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-
-
-def decode_image(data: bytes, *, shard: str, key: str) -> np.ndarray:
-    """Decode image bytes to (H, W, C) uint8 with C = 1 (grey) or 3 (RGB).
-
-    Raises:
-        DataError: naming shard and key when the bytes are not a readable image.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as pil:
-            if pil.width * pil.height > MAX_PIXELS:  # read from the header, before decoding
-                raise DataError(
-                    f"{shard}: record {key!r} claims {pil.width}x{pil.height} pixels, over the "
-                    f"{MAX_PIXELS} limit; resize the source images (--image-size)"
-                )
-            if pil.mode != "L":
-                pil = pil.convert("RGB")
-            array = np.asarray(pil)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(
-            f"{shard}: record {key!r} is not a readable image ({_without_repr(err)}); remove the record or "
-            "re-make the shard from its source"
-        ) from None
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def _without_repr(err: Exception) -> str:
-    """PIL's message without the object reprs it embeds (``<_io.BytesIO object at 0x...>``)."""
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err)).strip()
 
 
 # --------------------------------------------------------------------------- writing
@@ -401,94 +360,6 @@ def _encoded_shape(data: bytes, *, source: str) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- reading
 
 
-def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Local shard paths from a folder, a file, a brace pattern or a list of those.
-
-    ``pipe:`` and ``scheme://`` URLs are refused: shard URLs must never run
-    commands or reach out of the local (or mounted shared) file system.
-    """
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    paths: list[Path] = []
-    for item in specs:
-        text = str(item)
-        if text.startswith("pipe:") or "://" in text:
-            raise DataError(f"shard path {text!r}: only local paths are read; mount the data")
-        if Path(text).is_dir():
-            paths.extend(sorted(Path(text).glob("*.tar")))
-            continue
-        if _brace_depth(text) > MAX_BRACE_DEPTH:
-            raise DataError(
-                f"shard pattern {text!r} nests braces deeper than {MAX_BRACE_DEPTH} levels; "
-                "list the shards with one {a..b} range per number"
-            )
-        count = len(paths) + _expansion_count(text)
-        if count > MAX_SHARD_PATHS:
-            raise DataError(
-                f"shard pattern {text!r} names {count} files, over the limit of {MAX_SHARD_PATHS}; "
-                "check the {a..b} ranges"
-            )
-        try:
-            paths.extend(Path(p) for p in braceexpand.braceexpand(text))
-        except braceexpand.UnbalancedBracesError:
-            raise DataError(f"shard pattern {text!r} has unbalanced braces; fix the pattern") from None
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the path")
-    if not paths:
-        raise DataError(f"no shards (*.tar) found in {specs}; run `asd-ray shards make` first")
-    return paths
-
-
-def _brace_depth(pattern: str) -> int:
-    depth = deepest = 0
-    for char in re.sub(r"\\.", "", pattern):  # escaped characters are literals
-        depth += (char == "{") - (char == "}")
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _expansion_count(pattern: str) -> int:
-    """How many names ``braceexpand(pattern)`` yields, without expanding: it follows
-    braceexpand's grammar (a product of literals and brace groups; a group is an integer
-    or letter range, a comma list whose counts add up, or literal braces around a pattern)."""
-    count, start, depth, pos = 1, 0, 0, 0
-    while pos < len(pattern):
-        if pattern[pos] == "\\":
-            pos += 2
-            continue
-        if pattern[pos] == "{":
-            start = pos if depth == 0 else start
-            depth += 1
-        elif pattern[pos] == "}":
-            depth -= 1
-            if depth == 0:
-                count *= _group_count(pattern[start + 1 : pos])
-        pos += 1
-    return count
-
-
-def _group_count(expr: str) -> int:
-    if match := braceexpand.int_range_re.match(expr):
-        first, last, step = match.groups()
-        step = int(step or 1) or 1
-        return abs(int(last) - int(first)) // step + 1
-    if match := braceexpand.char_range_re.match(expr):
-        return len(braceexpand.make_char_range(*match.groups()))
-    items, start, depth, pos = [], 0, 0, 0
-    while pos < len(expr):
-        if expr[pos] == "\\":
-            pos += 2
-            continue
-        depth += (expr[pos] == "{") - (expr[pos] == "}")
-        if expr[pos] == "," and depth == 0:
-            items.append(expr[start:pos])
-            start = pos + 1
-        pos += 1
-    if depth != 0 or not items:  # not a list: literal braces around a pattern
-        return _expansion_count(expr)
-    return sum(_expansion_count(item) for item in [*items, expr[start:]])
-
-
 class Sample(NamedTuple):
     """One decoded record (a NamedTuple: cheap to build once per image)."""
 
@@ -510,99 +381,6 @@ class ShardSlice:
     @property
     def count(self) -> int:
         return self.stop - self.start
-
-
-def iter_records(
-    path: Path, *, start: int = 0, stop: int | None = None
-) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Yield ``(index_in_shard, key, members)`` of one shard, members only of safe types.
-
-    Raises:
-        DataError: on a refused member type (pickle, ...), a duplicate key or a
-            record without an image or ``cls``, naming shard and key.
-    """
-    current_key, members, index, seen = None, {}, -1, set()
-    for name, data in tar_members(path):  # sees what tarfile sees, or refuses
-        slash = name.rfind("/") + 1
-        key, dot, ext = name[slash:].partition(".")
-        if not dot:
-            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
-        if not key:
-            raise DataError(f"{path.name}: member {name!r} has an empty record key; name it KEY.EXT")
-        key, ext = name[:slash] + key, ext.lower()
-        if "." in ext and ext.rsplit(".", 1)[1] in SAFE_EXTS:
-            raise DataError(
-                f"{path.name}: member {name!r} would be record {key!r} with a {ext!r} member: WebDataset "
-                "splits a name at its first dot, so record keys may not contain dots; rename the record"
-            )
-        if ext not in SAFE_EXTS:
-            raise DataError(
-                f"{path.name}: record {key!r} has a {ext!r} member; asd-ray reads only "
-                f"{', '.join(SAFE_EXTS)} because the data is untrusted (pickle, torch and numpy "
-                "members can run code): re-make the shard with images and cls only"
-            )
-        if key != current_key:
-            if index >= start:
-                _check_members(path, current_key, members)
-                yield index, current_key, members
-            if key in seen:
-                raise DataError(
-                    f"{path.name}: duplicate key {key!r}; every record needs its own key: re-make the shard"
-                )
-            seen.add(key)
-            index += 1
-            if stop is not None and index >= stop:
-                return
-            current_key, members = key, {}
-        if ext in members:
-            raise DataError(f"{path.name}: record {key!r} has two {ext!r} members; re-make the shard")
-        if index >= start:
-            members[ext] = data
-    if current_key is not None and index >= start:
-        _check_members(path, current_key, members)
-        yield index, current_key, members
-
-
-def _check_members(path: Path, key: str, members: dict[str, bytes]) -> None:
-    if "cls" in members and len(members) - ("json" in members) == 2:
-        return  # fast path: members are safe types, so the other one is the image
-    images = [e for e in members if e in IMAGE_EXTS]
-    if "cls" not in members:
-        raise DataError(
-            f"{path.name}: record {key!r} has no 'cls' member (label); every record needs "
-            "KEY.cls with the label as a decimal integer"
-        )
-    if len(images) != 1:
-        raise DataError(
-            f"{path.name}: record {key!r} has {len(images)} image members ({images}); "
-            "every record needs exactly one"
-        )
-
-
-def parse_label(data: bytes, num_classes: int, *, shard: str, key: str) -> int:
-    """Parse a ``cls`` member and check it is a class index in ``0..num_classes-1``."""
-    try:
-        label = int(data)  # int() takes ASCII digits as bytes, with optional sign and spaces
-    except ValueError:
-        raise DataError(
-            f"{shard}: record {key!r} has cls {data[:20]!r}, not an integer label; fix the label or "
-            "re-make the shard from its source"
-        ) from None
-    if not 0 <= label < num_classes:
-        raise DataError(
-            f"{shard}: record {key!r} has label {label}, outside 0..{num_classes - 1} for "
-            f"{num_classes} classes; fix the label or the dataset's class list"
-        )
-    return label
-
-
-def decode_members(
-    members: dict[str, bytes], num_classes: int, *, shard: str, key: str
-) -> tuple[int, np.ndarray]:
-    """(label, image) of one record's safe members."""
-    label = parse_label(members["cls"], num_classes, shard=shard, key=key)
-    ext = "png" if "png" in members else next(e for e in members if e in IMAGE_EXTS)
-    return label, decode_image(members[ext], shard=shard, key=key)
 
 
 class ShardSet:
@@ -742,8 +520,9 @@ class ShardSet:
     def worker_slices(self, num_workers: int) -> list[list[ShardSlice]]:
         """Split the set into ``num_workers`` contiguous runs of equal sample count (+-1).
 
-        Every sample is read by exactly one worker; a shard may be shared by two
-        neighbours, each reading its own record range.
+        Every sample is read by exactly one worker; a shard may be shared by neighbours
+        (by more than two when it holds more than a share), each reading its own record
+        range. Why contiguous runs: :func:`assign_slices`.
         """
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -796,11 +575,13 @@ class ShardSet:
                     yield from self._decode(chunk, piece.path.name)
                     chunk = []
             yield from self._decode(chunk, piece.path.name)
-            if read != piece.count:
-                raise DataError(
-                    f"{piece.path.name}: holds {piece.start + read} records where dataset.json lists "
-                    f"{count}; the shard was truncated or changed after it was made: re-make the shard set"
-                )
+            first = base + piece.start
+            whole = piece.count == count
+            self.check_read(
+                np.arange(first, first + read),
+                np.arange(first, base + piece.stop),
+                where=piece.path.name if whole else f"{piece.path.name} #{piece.start}..#{piece.stop - 1}",
+            )
 
     def _decode(
         self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
@@ -836,6 +617,54 @@ class ShardSet:
             digest.update((self.folder / name).read_bytes())
         return digest.hexdigest()
 
+    def share_ids(
+        self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The sample ids a share holds, in reading order: the records of ``slices`` (default:
+        all), of those only the ones where ``keep`` ((N,) bool) is true."""
+        if slices is None:
+            return np.flatnonzero(keep) if keep is not None else np.arange(len(self))
+        offsets = self._shard_offsets()
+        ids = [np.arange(offsets[s.path.name] + s.start, offsets[s.path.name] + s.stop) for s in slices]
+        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        return ids if keep is None else ids[keep[ids]]
+
+    def check_read(self, ids: np.ndarray, expected: np.ndarray, *, where: str, cause: str = _CHANGED) -> None:
+        """The one count check of a read: the sample ``ids`` read (by one reader of a shard,
+        one process's share, or gathered from every scoring actor) must be ``expected``
+        (:meth:`share_ids`), each once; order aside.
+
+        Raises:
+            DataError: naming ``where``, both counts, the first sample missing, read twice or
+                not expected (its shard, place in it and key) and ``cause`` with the fix.
+        """
+        ids, expected = np.asarray(ids), np.asarray(expected)
+        if ids.size == expected.size and np.array_equal(ids, expected):
+            return
+        unique, times = np.unique(ids, return_counts=True)
+        wrong = [
+            (np.setdiff1d(expected, unique), "missing"),
+            (unique[times > 1], "read more than once"),
+            (np.setdiff1d(unique, expected), "not expected here"),
+        ]
+        found = [
+            f"{bad.size} {what}, the first sample {self._place(int(bad[0]))}"
+            for bad, what in wrong
+            if bad.size
+        ]
+        if found:
+            raise DataError(
+                f"{where}: read {ids.size} records where the manifest lists {expected.size}: "
+                f"{'; '.join(found)}; {cause}"
+            )
+
+    def _place(self, sample_id: int) -> str:
+        """Sample ``sample_id`` and where its record is (shard, place, key), for a message."""
+        if not 0 <= sample_id < len(self):
+            return f"id {sample_id} (outside the set's 0..{len(self) - 1})"
+        row = self.manifest.slice(sample_id, 1).to_pylist()[0]
+        return f"{sample_id} (record #{row['index_in_shard']} of {row['shard']}, key {row['key']!r})"
+
     def _shard_offsets(self) -> dict[str, int]:
         offsets, total = {}, 0
         for shard in self.info.shards:
@@ -845,7 +674,14 @@ class ShardSet:
 
 
 def assign_slices(paths: Sequence[Path], counts: Sequence[int], num_workers: int) -> list[list[ShardSlice]]:
-    """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs."""
+    """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs.
+
+    The scoring actors (:mod:`asd_ray.scoring_pool`) share a set this way: nothing in a
+    scoring pass depends on which classes an actor holds (eval mode: batch norm uses its
+    running statistics), so each actor opens only the shards its run covers. Ray Train
+    workers instead take every W-th sample (see :mod:`asd_ray.train`), so that every
+    worker's batches mix all classes even when the shards are sorted by class.
+    """
     total = sum(counts)
     bounds = [total * w // num_workers for w in range(num_workers + 1)]
     result: list[list[ShardSlice]] = []

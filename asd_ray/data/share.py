@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from asd_ray.data.shards import ShardSet, ShardSlice
-from asd_ray.errors import DataError
 
 _CACHE_PREFIX = "asd-ray-share-"
 _OWNED: set[Path] = set()  # cache files this process created or reused
@@ -70,10 +69,7 @@ def load_share(
     if slices is not None and keep is not None:
         raise ValueError("load_share takes slices or keep, not both")
     h, w, c = shards.require_uniform_size("training and scoring")
-    if keep is not None:
-        count = int(np.count_nonzero(keep))
-    else:
-        count = len(shards) if slices is None else sum(s.count for s in slices)
+    count = len(shards.share_ids(slices, keep=keep))
     shape = (count, h, w, c)
     if budget_bytes is None or count * h * w * c <= budget_bytes:
         images = np.empty(shape, np.uint8)
@@ -88,11 +84,7 @@ def _decode_into(images: np.ndarray, shards: ShardSet, slices, keep) -> tuple[np
     read = 0
     for read, sample in enumerate(shards.iter_samples(slices, keep=keep), start=1):
         images[read - 1], ids[read - 1], labels[read - 1] = sample.image, sample.sample_id, sample.label
-    if read != count:
-        raise DataError(
-            f"{shards.folder}: read {read} records where the manifest promises {count}; a shard was "
-            "truncated or changed after it was made: re-make the shard set"
-        )
+    shards.check_read(ids[:read], shards.share_ids(slices, keep=keep), where=str(shards.folder))
     return ids, labels
 
 

@@ -6,7 +6,12 @@ for GNU tar, Python's ``tarfile`` or webdataset), and no archive may make it
 loop. It follows POSIX ustar/pax where it reads:
 
 - every header's checksum is verified (unsigned or signed byte sum, as
-  ``tarfile`` accepts) before any of its fields is used;
+  ``tarfile`` accepts) before any member is yielded, but after the walk: to
+  find the next header, the walk first reads each header's magic, size and
+  type (and an extension header's data, which no checksum covers). That order
+  changes only which error a corrupt header gets (a size past the end of the
+  file, say, rather than its checksum), not whether it is refused: every
+  header the walk reads is on the list whose checksums are then verified;
 - sizes are plain octal; negative, base-256 and non-octal sizes are refused,
   so every step advances by at least one 512-byte block;
 - a pax extended header (``x``) is parsed record by record (``LEN key=value``,
@@ -20,8 +25,9 @@ loop. It follows POSIX ustar/pax where it reads:
 - the walk ends at the first all-zero block or at the end of the file on a
   block boundary; anything else is a truncated or corrupt archive.
 
-Headers are parsed in one pass and their checksums verified together
-(numpy), before any member is yielded.
+Headers are parsed in one pass and their checksums then verified together
+(numpy), before any member is yielded: no name or data reaches a caller from
+an archive with a failed checksum.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from asd_ray import tables
-from asd_ray.data.shards import JPEG_MAX_SIDE, MAX_PIXELS
+from asd_ray.data.records import MAX_PIXELS
+from asd_ray.data.shards import JPEG_MAX_SIDE
 from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights

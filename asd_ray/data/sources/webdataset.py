@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+from asd_ray.data.records import IMAGE_EXTS, decode_members, expand_shard_paths, iter_records, parse_label
 from asd_ray.data.sources.base import Source, SourceRecord, _Records, inferred_class_names
 from asd_ray.errors import DataError
 
@@ -25,8 +26,6 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
         class_names: index = label; default ``"0".."C-1"`` with C = largest label + 1
             (every label 0..C-1 present).
     """
-    from asd_ray.data.shards import expand_shard_paths, iter_records, parse_label
-
     paths = expand_shard_paths(spec)
     labels = [
         parse_label(members["cls"], _NO_LIMIT, shard=path.name, key=key)
@@ -47,8 +46,6 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
 
 
 def _iter_webdataset(paths: list[Path], num_classes: int) -> Iterator[SourceRecord]:
-    from asd_ray.data.shards import IMAGE_EXTS, decode_members, iter_records
-
     for path in paths:
         for _, key, members in iter_records(path):
             label, image = decode_members(members, num_classes, shard=path.name, key=key)
