@@ -3,9 +3,8 @@
 Used by the quick-start job and the benchmarks, so every figure in the README
 and jobs/BENCHMARKS.md comes from the same data: shards of the 5,000-digit
 subset (fixed stratified 80/20 split), BadNets at 5% with target 3, the
-triggered test set for ASR, and
-10 seeds per class drawn from the clean parent, as a defender with a trusted
-copy of part of the data would: a seed the attack altered is then evidence
+triggered test set for ASR, and 10 seeds per class drawn from the clean
+parent, as a defender with a trusted copy of part of the data would: a seed the attack altered is then evidence
 (its training copy is pinned to the polluted pool, its trusted copy trains).
 ``seeds="oracle"`` draws only samples the ground truth marks clean instead
 (benchmarks of the paper's setting).
