@@ -18,11 +18,19 @@ from asd_ray.run_folder import METRICS_FILE, split_path
 pytestmark = pytest.mark.ray
 
 
-def test_three_stages_write_valid_tables_metrics_and_checkpoints(ray_cluster, poisoned_data, tmp_path):
-    config = load_config("mnist-quick", overrides=TINY_RUN)
+@pytest.fixture(scope="module")
+def tiny_run(ray_cluster, poisoned_data, tmp_path_factory):
+    """One undisturbed three-stage run (shares in memory), for the tests that check or compare with it."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, f"cluster.cache_dir={root / 'cache'}"])
     lines = []
-    summary = run(config, poisoned_data, tmp_path / "run", progress=lines.append)
-    out = tmp_path / "run"
+    summary = run(config, poisoned_data, root / "run", progress=lines.append)
+    return root, summary, lines
+
+
+def test_three_stages_write_valid_tables_metrics_and_checkpoints(tiny_run):
+    root, summary, lines = tiny_run
+    out = root / "run"
     assert summary["epochs"] == 3 and summary["defense"] == "asd"
     assert 0 <= summary["acc"] <= 1 and 0 <= summary["asr"] <= 1
     for epoch, stage in enumerate([1, 2, 3]):
@@ -179,18 +187,19 @@ def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, pois
     assert np.allclose(passes[0].column("loss").to_numpy(), passes[1].column("loss").to_numpy(), atol=1e-5)
 
 
-def test_memory_budget_serves_shares_from_disk_with_identical_results(ray_cluster, poisoned_data, tmp_path):
-    tables_by_budget = {}
-    for name, budget in (("memory", []), ("disk", ["cluster.memory_budget_gb=0.000001"])):
-        cache = tmp_path / f"cache-{name}"
-        config = load_config("mnist-quick", overrides=[*TINY_RUN, *budget, f"cluster.cache_dir={cache}"])
-        run(config, poisoned_data, tmp_path / name, stop_after_epoch=1, progress=lambda _: None)
-        tables_by_budget[name] = tables.read_parquet(split_path(tmp_path / name, 1), "splits")
-        if budget:  # the workers and scorers used a disk cache of the run, removed at its end
-            assert cache.is_dir() and not list(cache.iterdir())
-        else:
-            assert not cache.exists() or not list(cache.iterdir())
-    assert tables_by_budget["disk"].equals(tables_by_budget["memory"])
+def test_memory_budget_serves_shares_from_disk_with_identical_results(tiny_run, poisoned_data, tmp_path):
+    root, _, _ = tiny_run
+    assert not (root / "cache").exists() or not list((root / "cache").iterdir())  # in memory: no cache
+    cache = tmp_path / "cache"
+    budget = ["cluster.memory_budget_gb=0.000001", f"cluster.cache_dir={cache}"]
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, *budget])
+    run(config, poisoned_data, tmp_path / "disk", stop_after_epoch=1, progress=lambda _: None)
+    assert cache.is_dir() and not list(
+        cache.iterdir()
+    )  # the workers' and scorers' caches, removed at the end
+    for epoch in (0, 1):  # epoch 1's pools come from the model trained on disk-served batches
+        on_disk = tables.read_parquet(split_path(tmp_path / "disk", epoch), "splits")
+        assert on_disk.equals(tables.read_parquet(split_path(root / "run", epoch), "splits"))
 
 
 def test_repeated_seed_ids_are_refused(poisoned_data, tmp_path):
