@@ -400,7 +400,9 @@ def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_p
     _rewrite(run / METRICS_FILE, lambda t: t.slice(0, 2))
     with pytest.raises(DataError, match=f"{run / METRICS_FILE}: no row for epoch 2"):
         history.flag_history(run, epochs=[0, 1, 2])
-    assert history.flag_history(run)  # the complete epochs: 0 and 1
+    flags = history.flag_history(run)  # the complete epochs: 0 and 1, for every sample
+    assert flags.num_rows == N and set(flags.column("epochs_seen").to_pylist()) == {2}
+    assert set(flags.column("last_epoch").to_pylist()) == {1}
 
 
 @pytest.mark.parametrize(
