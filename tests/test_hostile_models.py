@@ -361,13 +361,3 @@ def test_a_run_whose_out_is_under_a_file_is_one_line(tmp_path, capsys):
     argv = ["run", "--train", "t", "--test", "t", "--out", str(tmp_path / "afile" / "run"), "--quiet"]
     assert main(argv) == 2
     assert "afile is a file; name a folder for the run" in capsys.readouterr().err
-
-
-def test_run_records_are_never_written_through_a_link(tmp_path):
-    from asd_ray.run_folder import open_to_append
-
-    target = tmp_path / "elsewhere.txt"
-    (tmp_path / "run.log").symlink_to(target)
-    with pytest.raises(DataError, match="is a symbolic link"):
-        open_to_append(tmp_path / "run.log")
-    assert not target.exists()
