@@ -3,6 +3,7 @@ best-model rule, the run log, inputs.json (hand-made rows, no Ray)."""
 
 import dataclasses
 import json
+import math
 import re
 import sys
 import types
@@ -182,6 +183,24 @@ def test_a_row_the_schema_refuses_is_not_written(tmp_path):
     with pytest.raises(DataError, match="acc"):
         write_metrics(tmp_path, [_row(0, acc=None)])  # ACC is always measured
     assert not (tmp_path / METRICS_FILE).exists() and not (tmp_path / METRICS_JSONL).exists()
+
+
+def test_a_recovered_rows_unknown_timings_are_null_in_the_json_lines(tmp_path):
+    """A row re-evaluated from a checkpoint has NaN loss and timings: the Parquet keeps NaN,
+    metrics.jsonl must stay JSON (NaN is not), so it writes null."""
+    recovered = _row(0, train_loss=float("nan"), **dict.fromkeys(TIMINGS, float("nan")))
+    write_metrics(tmp_path, [recovered, _row(1)])
+    assert all(math.isnan(read_metric_rows(tmp_path, 1)[0][k]) for k in ("train_loss", *TIMINGS))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    first, second = [
+        json.loads(line, parse_constant=refuse)
+        for line in (tmp_path / METRICS_JSONL).read_text().splitlines()
+    ]
+    assert first == {**recovered, "train_loss": None, **dict.fromkeys(TIMINGS)}
+    assert second == _row(1)
 
 
 # --- inputs.json -------------------------------------------------------------------------------
