@@ -144,41 +144,6 @@ def test_seeds_from_the_clean_parent_are_evidence_against_their_tampered_copies(
     assert all(flagged[i]["suspicion"] == 1.0 for i in altered.tolist())  # proven: the top score
 
 
-def test_fused_pass_equals_separate_passes_for_any_actor_count(ray_cluster, poisoned_data):
-    import numpy as np
-    import ray
-
-    from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
-    from asd_ray.data.shards import ShardSet
-    from asd_ray.models import ModelSpec, to_numpy_weights
-    from asd_ray.scoring_pool import ScoringPool
-
-    datasets = {"train": ShardSet(poisoned_data.train), "test": ShardSet(poisoned_data.test)}
-    spec = ModelSpec("small_cnn", 4, 1, 16)
-    torch.manual_seed(0)
-    weights = ray.put(to_numpy_weights(spec.build()))
-    passes = []
-    for actors in (1, 2):
-        pool = ScoringPool(
-            datasets,
-            spec,
-            DataConfig(mean=(0.5,), std=(0.25,)),
-            ScoringConfig(),
-            ComputeConfig(),
-            num_actors=actors,
-        )
-        try:
-            fused = pool.run_many(["train", "test"], weights)
-            assert set(fused.compute_s) == {"train", "test"} and min(fused.compute_s.values()) > 0
-            for name in ("train", "test"):
-                alone = pool.run(name, weights)
-                assert fused.tables[name].equals(alone)
-            passes.append(fused.tables["train"])
-        finally:
-            pool.shutdown()
-    assert np.allclose(passes[0].column("loss").to_numpy(), passes[1].column("loss").to_numpy(), atol=1e-5)
-
-
 def test_memory_budget_serves_shares_from_disk_with_identical_results(ray_cluster, poisoned_data, tmp_path):
     tables_by_budget = {}
     for name, budget in (("memory", []), ("disk", ["cluster.memory_budget_gb=0.000001"])):
