@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import auroc_by_pairs
 
 from asd_ray.attacks.poison import poison_test_shards
 from asd_ray.config import AttackConfig
@@ -64,13 +65,6 @@ def test_robust_accuracy_counts_the_original_labels_kept_under_the_trigger():
         robust_accuracy(_pass([], []), np.array([], np.int64))
 
 
-def _auroc_by_pairs(scores: np.ndarray, positives: np.ndarray) -> float:
-    """The definition: the chance a positive outscores a negative, ties counting half."""
-    pos, neg = scores[positives], scores[~positives]
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return wins / (len(pos) * len(neg))
-
-
 def test_auroc_by_hand_and_against_every_pair():
     positives = np.array([False, False, True, True])
     assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), positives) == 0.75  # 0.35 loses to 0.4 only
@@ -84,7 +78,7 @@ def test_auroc_by_hand_and_against_every_pair():
     for _ in range(20):  # many ties: scores on a coarse grid
         scores = rng.integers(0, 6, 40) / 5
         positives = rng.random(40) < 0.3
-        assert auroc(scores, positives) == pytest.approx(_auroc_by_pairs(scores, positives), abs=1e-12)
+        assert auroc(scores, positives) == pytest.approx(auroc_by_pairs(scores, positives), abs=1e-12)
 
 
 def test_detection_by_hand():
