@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -219,10 +220,16 @@ def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
 
 
 def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    """RUN/metrics.parquet and RUN/metrics.jsonl; a number JSON cannot hold (a recovered row's
+    NaN loss and timings) is null in the JSON lines, the Parquet keeps it."""
     table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
     tables.write_parquet(table, out / METRICS_FILE, "metrics")
     with tables.atomic_file(out / METRICS_JSONL) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(_json_row(r), allow_nan=False) + "\n" for r in rows))
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 @dataclasses.dataclass(frozen=True)

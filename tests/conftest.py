@@ -1,4 +1,5 @@
-"""Tiny synthetic shard sets shared by the tests (built in tmp folders, never committed)."""
+"""Tiny synthetic shard sets shared by the tests (built in tmp folders, never committed), and
+the independent computations that tests check the code's figures against."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_arrays
 
 
@@ -126,3 +127,38 @@ TINY_RUN = [
     "virtual.min_steps=4",
     "data.crop_padding=2",
 ]
+
+
+def figures_of(model, inputs) -> dict:
+    """ACC, ASR and robust accuracy of ``model`` (trained under mnist-quick's normalisation),
+    from its logits computed here (no scoring actors, no evaluate module): the count behind
+    each figure over its own denominator."""
+    import torch
+
+    from asd_ray import tables
+
+    mean, std = 0.1307, 0.3081
+
+    def predict(folder: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = ShardSet(folder).load_arrays()
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        with torch.no_grad():
+            return model.train(False)(x).argmax(1).numpy(), labels
+
+    predicted, labels = predict(inputs.test)
+    triggered, attackers = predict(inputs.poison_test)
+    truth = tables.read_parquet(Path(inputs.poison_test) / GROUND_TRUTH_FILE, "poison")
+    original = truth.column("original_label").to_numpy()
+    assert len(labels) == 60 and len(attackers) == 45  # poisoned_data's ASR set: the non-target images
+    return {
+        "acc": (predicted == labels).sum() / 60,
+        "asr": (triggered == attackers).sum() / 45,
+        "robust_acc": (triggered == original).sum() / 45,
+    }
+
+
+def auroc_by_pairs(scores: np.ndarray, positives: np.ndarray) -> float:
+    """The definition: the chance a positive outscores a negative, ties counting half."""
+    pos, neg = scores[positives], scores[~positives]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))

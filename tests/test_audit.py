@@ -72,11 +72,15 @@ def test_suspicion_is_the_place_in_the_splitting_order(tmp_path):
         split = tables.read_parquet(split_path(tmp_path, epoch), "splits")
         score = suspicion(split)
         polluted = np.array(split.column("pool").to_pylist()) == "polluted"
-        assert score.min() >= 0 and score.max() == 1.0
-        if epoch == 0:  # stage 1 forces the seeds in, unranked
+        labels = split.column("label").to_numpy()
+        if epoch == 0:  # stage 1 forces the seeds in, unranked; each class's other 19 ranked apart
             assert (score[split.column("is_seed").to_numpy()] == 0).all()
+            for c in range(3):
+                np.testing.assert_allclose(np.sort(score[labels == c]), [0, *(np.arange(19) / 18)])
+        else:  # stages 2 and 3 rank all 60 samples together: 0, 1/59, ..., 1, each once
+            np.testing.assert_allclose(np.sort(score), np.arange(60) / 59)
         # every flagged sample is more suspicious than every kept one of its ranking group
-        groups = split.column("label").to_numpy() if epoch == 0 else np.zeros(split.num_rows, int)
+        groups = labels if epoch == 0 else np.zeros(split.num_rows, int)
         kept = ~polluted & (split.column("rank").to_numpy() >= 0)
         for g in np.unique(groups):
             mine = groups == g

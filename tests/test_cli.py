@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from asd_ray.cli import build_parser, main
+from asd_ray.data.shards import ShardSet
 
 
 def run(argv, capsys):
@@ -86,7 +87,15 @@ def test_make_poison_seeds_inspect_end_to_end(tmp_path, capsys):
         assert code == 0, err
         summaries.append(json.loads(out.strip().splitlines()[-1]))
     assert summaries[0]["samples"] == 120 and summaries[0]["shards"] == 3
-    assert summaries[2]["test_samples"] == 20 and summaries[2]["poisoned"] > 0
+    # what the poisoned shards hold, against the clean ones: each poisoned sample is relabelled
+    # to the target and its image changed, nothing else (the seeded draw takes 14 of the 80
+    # non-target samples at rate 0.1)
+    clean_images, clean_labels = ShardSet(a).load_arrays()
+    images, labels = ShardSet(b).load_arrays()
+    relabelled = labels != clean_labels
+    assert summaries[2]["test_samples"] == 20 and summaries[2]["poisoned"] == relabelled.sum() == 14
+    assert (labels[relabelled] == 1).all() and (clean_labels[relabelled] != 1).all()
+    assert np.array_equal((images != clean_images).any(axis=(1, 2, 3)), relabelled)
     assert summaries[3]["seeds"] == 15
     assert summaries[4]["ground_truth_poisoned"] == summaries[2]["poisoned"]
 
@@ -198,7 +207,11 @@ def test_poison_runs_the_new_attacks_with_their_flags(tmp_path, capsys, attack, 
     if attack == "sig":
         assert summary["poisoned"] == 5 and summary["cover"] == 0  # half of the 10 target samples
         assert (params["sig_delta"], params["sig_frequency"]) == (30.0, 2.0)
-    else:
-        assert summary["poisoned"] > 0 and summary["cover"] == summary["poisoned"]
+    else:  # 7 relabelled to the target (seeded draw, rate 0.3 of 30), as many covers that keep theirs
+        clean_images, clean_labels = ShardSet(tmp_path / "clean").load_arrays()
+        images, labels = ShardSet(tmp_path / "p").load_arrays()
+        relabelled, changed = labels != clean_labels, (images != clean_images).any(axis=(1, 2, 3))
+        assert summary["poisoned"] == relabelled.sum() == 7 and (labels[relabelled] == 1).all()
+        assert summary["cover"] == (changed & ~relabelled).sum() == 7 and changed[relabelled].all()
         assert sum(truth["is_modified"]) == 2 * sum(truth["is_poison"])
         assert (params["adaptive_pieces"], params["adaptive_grid"]) == (3, 2)

@@ -278,6 +278,7 @@ def test_manifest_shapes_and_labels_must_agree_with_dataset_json(tmp_path):
 def test_trusted_seeds_are_compared_by_identity_not_by_path_spelling(tmp_path):
     import pyarrow as pa
 
+    from asd_ray import tables
     from asd_ray.attacks.poison import poison_shards
     from asd_ray.config import AttackConfig
     from asd_ray.seeds import pick_seeds, plan_seeds
@@ -293,7 +294,11 @@ def test_trusted_seeds_are_compared_by_identity_not_by_path_spelling(tmp_path):
 
     trusted = pick_seeds(clean, 5, seed=1)
     expected = plan_seeds(train, trusted, 5, where="seeds")
-    assert expected.tampered.size  # badnets at 50% touches some seeds
+    # the seeds the attack modified, by its ground truth: badnets at 50% touches 4 of the 15
+    truth = tables.read_parquet(tmp_path / "train" / "poison.parquet", "poison")
+    modified = truth.column("is_modified").to_numpy(zero_copy_only=False)
+    ids = trusted.column("sample_id").to_numpy()
+    assert expected.tampered.tolist() == sorted(ids[modified[ids]]) == [2, 13, 43, 44]
     for spelling in (f"{tmp_path}/link-to-clean", f"{tmp_path}/train/../clean", f"{tmp_path}/clean/"):
         plan = plan_seeds(train, respelled(trusted, spelling), 5, where="seeds")
         assert plan.tampered.tolist() == expected.tampered.tolist(), spelling

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN
+from conftest import TINY_RUN, auroc_by_pairs, figures_of
 from PIL import Image
 
 import asd_ray
 from asd_ray import tables
 from asd_ray.cli import main
 from asd_ray.data.shards import ShardSet
-from asd_ray.run_folder import METRICS_FILE
+from asd_ray.models import ModelSpec
+from asd_ray.run_folder import METRICS_FILE, split_path
+from asd_ray.split import suspicion
 
 pytestmark = pytest.mark.ray
 
@@ -47,9 +49,26 @@ def test_the_run_hands_over_a_model_a_card_a_log_and_full_metrics(finished_run, 
     out, summary, rows = finished_run
     assert [r["epoch"] for r in rows] == [0, 1, 2]  # on_epoch saw every epoch
     metrics = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
-    for row in metrics:
-        assert row["robust_acc"] is not None and 0 <= row["robust_acc"] <= 1
-        assert all(row[k] is not None for k in ("flag_precision", "flag_recall", "flag_f1", "flag_auroc"))
+    for row in metrics:  # how well each epoch's polluted pool finds the poison, counted here
+        split = tables.read_parquet(split_path(out, row["epoch"]), "splits")
+        flagged = np.array(split.column("pool").to_pylist()) == "polluted"
+        poisoned = split.column("is_poison").to_numpy(zero_copy_only=False)
+        precision = (flagged & poisoned).sum() / flagged.sum()
+        recall = (flagged & poisoned).sum() / poisoned.sum()
+        assert (row["flag_precision"], row["flag_recall"]) == pytest.approx((precision, recall), abs=1e-12)
+        assert row["flag_f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-12)
+        assert row["flag_auroc"] == pytest.approx(auroc_by_pairs(suspicion(split), poisoned), abs=1e-12)
+    # each epoch's ACC, ASR and robust accuracy are its model's, for the epochs whose model is
+    # kept: the last two checkpoints (epochs 1 and 2)
+    kept = {}
+    for checkpoint in (c for c in (out / "train").glob("checkpoint_*") if c.is_dir()):
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        model = ModelSpec("small_cnn", 4, 1, 16).build()
+        model.load_state_dict(state["model"])
+        kept[state["epoch"]] = figures_of(model, poisoned_data)
+    assert sorted(kept) == [1, 2]
+    for epoch, figures in kept.items():
+        assert {k: metrics[epoch][k] for k in figures} == pytest.approx(figures, abs=1e-12), epoch
     assert summary["robust_acc"] == metrics[-1]["robust_acc"]
     assert summary["asr_worst"] == max(r["asr"] for r in metrics)
     card = json.loads((out / "model" / "card.json").read_text())
