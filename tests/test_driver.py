@@ -30,7 +30,7 @@ def tiny_run(ray_cluster, poisoned_data, tmp_path_factory):
     return root, summary, lines
 
 
-def test_three_stages_write_valid_tables_metrics_and_checkpoints(tiny_run):
+def test_three_stages_write_valid_tables_metrics_and_checkpoints(tiny_run, poisoned_data):
     root, summary, lines = tiny_run
     out = root / "run"
     assert summary["epochs"] == 3 and summary["defense"] == "asd"
