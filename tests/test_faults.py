@@ -110,9 +110,12 @@ def _this_ray() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def test_a_scoring_actor_killed_mid_pass_is_restarted_and_changes_nothing(
+def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_nothing(
     ray_cluster, poisoned_data, tmp_path, reference
 ):
+    """One run, two faults: a scoring actor killed mid-pass (its call is retried on a
+    restarted actor), then a training worker killed mid-epoch (a new worker group resumes
+    from the checkpoint); the run ends with the undisturbed run's tables."""
     out = tmp_path / "run"
     background = _Background(_config(), poisoned_data, out)
     background.wait_for(split_path(out, 0))  # the scorers are up and idle while epoch 0 trains
@@ -130,22 +133,13 @@ def test_a_scoring_actor_killed_mid_pass_is_restarted_and_changes_nothing(
     finally:
         for pid in pids[1:]:
             os.kill(pid, signal.SIGCONT)
-    background.join()
-    retried = [t for t in _score_tasks() if t.task_id not in finished and t.attempt_number > 0]
-    assert retried, "the killed actor's call was not retried"
-    _assert_same_outcome(out, reference)
-
-
-def test_a_training_worker_killed_mid_epoch_restarts_from_the_checkpoint(
-    ray_cluster, poisoned_data, tmp_path, reference
-):
-    out = tmp_path / "run"
-    background = _Background(_config(), poisoned_data, out)
     background.wait_for(split_path(out, 1))  # epoch 1's pools are written: its training starts
     workers = _alive_pids("RayTrainWorker")
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     background.join()
+    retried = [t for t in _score_tasks() if t.task_id not in finished and t.attempt_number > 0]
+    assert retried, "the killed actor's call was not retried"
     assert not set(workers) & set(_alive_pids("RayTrainWorker"))  # a new worker group finished it
     _assert_same_outcome(out, reference)
 
@@ -192,27 +186,6 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
     _assert_same_outcome(out, reference)
 
 
-def test_a_torn_index_and_a_truncated_checkpoint_resume_from_the_newest_intact_one(
-    ray_cluster, poisoned_data, tmp_path, reference
-):
-    """A crash mid-write can tear Ray Train's checkpoint index and our newest state.pt at
-    once: the index is set aside, epoch 1's checkpoint skipped, and epoch 1 re-run from
-    epoch 0's to the undisturbed run's tables."""
-    out = tmp_path / "run"
-    run(_config(), poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
-    index = out / TRAIN_DIR / "checkpoint_manager_snapshot.json"
-    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])  # a write cut short
-    latest = max(c for c in (out / TRAIN_DIR).glob("checkpoint_*") if c.is_dir())
-    state = latest / "state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    lines = []
-    summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
-    assert any("was unreadable" in line for line in lines)
-    assert any(f"skipped unreadable {latest.name}" in line and "(epoch 0)" in line for line in lines)
-    assert summary["epochs"] == 3
-    _assert_same_outcome(out, reference)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs (needs root and mount permission, else the test is skipped)."""
@@ -229,11 +202,15 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_a_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_freed(
+def test_a_full_disk_is_one_clear_error_and_a_torn_resume_restarts_from_the_newest_intact_checkpoint(
     ray_cluster, poisoned_data, small_disk, reference
 ):
+    """The disk fills during epoch 2: one clear error, nothing half-written. A crash mid-write
+    can also tear Ray Train's checkpoint index and our newest state.pt: once space is freed,
+    the resume sets the index aside, skips epoch 1's checkpoint and re-runs epoch 1 from
+    epoch 0's, to the undisturbed run's tables."""
     out = small_disk / "run"
-    run(_config(), poisoned_data, out, stop_after_epoch=0, progress=lambda _: None)
+    run(_config(), poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
     ballast = small_disk / "ballast"
     with open(ballast, "wb") as f:
         try:
@@ -245,9 +222,18 @@ def test_a_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_freed(
     with pytest.raises(StorageError, match="no space left on device.*asd-ray run --resume") as failure:
         run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
     assert len(str(failure.value).splitlines()) == 1
-    assert tables.read_parquet(split_path(out, 0), "splits").num_rows == 240  # epoch 0 intact
-    assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0]
+    assert tables.read_parquet(split_path(out, 1), "splits").num_rows == 240  # epoch 1 intact
+    assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0, 1]
     assert not list(out.rglob("*.tmp"))  # nothing half-written
     ballast.unlink()
-    run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
+    index = out / TRAIN_DIR / "checkpoint_manager_snapshot.json"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])  # a write cut short
+    latest = max(c for c in (out / TRAIN_DIR).glob("checkpoint_*") if c.is_dir())
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    lines = []
+    summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
+    assert any("was unreadable" in line for line in lines)
+    assert any(f"skipped unreadable {latest.name}" in line and "(epoch 0)" in line for line in lines)
+    assert summary["epochs"] == 3
     _assert_same_outcome(out, reference)
