@@ -62,33 +62,61 @@ def test_set(tmp_path) -> ShardSet:
     return make_shards(tmp_path / "test", n=80, seed=1, name="test")
 
 
+_SHARED_RAY: dict[str, str] = {}  # the temp dir of the session's local Ray while it runs
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray per test module (start-up ~5 s); module scope lets the job-submit
-    test start its own head afterwards without two clusters competing for ports."""
+    """The session's one local Ray, started on first use (start-up ~5 s on 2 cores) and
+    kept for every later module; a test that needs a Ray of its own takes ``own_ray``."""
     import logging
     import os
-    import shutil
     import tempfile
 
     import ray
 
     from asd_ray.driver import RAY_TRAIN_ENV
 
-    for key, value in RAY_TRAIN_ENV.items():  # the raylet, and so Ray Train's controller, inherit them
-        os.environ.setdefault(key, value)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(
-        num_cpus=4,
-        object_store_memory=200 * 1024**2,
-        dashboard_host="127.0.0.1",
-        dashboard_port=8266,
-        _temp_dir=temp_dir,
-        logging_level=logging.WARNING,
-    )
+    if not _SHARED_RAY:
+        for key, value in RAY_TRAIN_ENV.items():  # the raylet, and so Ray Train's controller, inherit them
+            os.environ.setdefault(key, value)
+        temp_dir = tempfile.mkdtemp(
+            prefix="ray-", dir="/tmp"
+        )  # short: Ray's socket paths have a length limit
+        ray.init(
+            num_cpus=4,
+            object_store_memory=200 * 1024**2,
+            dashboard_host="127.0.0.1",
+            dashboard_port=8266,
+            _temp_dir=temp_dir,
+            logging_level=logging.WARNING,
+        )
+        _SHARED_RAY["temp_dir"] = temp_dir
     yield ray
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_shared_ray() -> None:
+    import shutil
+
+    import ray
+
+    if _SHARED_RAY:
+        ray.shutdown()
+        shutil.rmtree(_SHARED_RAY.pop("temp_dir"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_stops_at_the_end():
+    yield
+    _stop_shared_ray()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts its own Ray (a ``ray start`` head, a two-node cluster): the
+    shared one stops first, so no two clusters compete for ports or auto-discovery; the
+    next module that takes ``ray_cluster`` starts it again."""
+    _stop_shared_ray()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def _kill_cluster(temp_dir: str) -> None:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(own_ray):
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     subprocess.run(

@@ -22,7 +22,7 @@ def _run(inputs, out):
     return run(config, inputs, out, progress=lambda _: None)
 
 
-def test_two_nodes_give_the_single_node_split_tables(poisoned_data, tmp_path) -> None:
+def test_two_nodes_give_the_single_node_split_tables(own_ray, poisoned_data, tmp_path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
