@@ -115,13 +115,14 @@ def test_one_actor_scores_under_augmentation_as_score_images_does_with_its_seed(
     assert two.equals(pools[2].run("train", weights, augment_seed=7))
 
 
-def test_a_pass_that_misses_samples_is_one_data_error(pools):
+def test_a_pass_that_misses_samples_is_one_data_error(pools, monkeypatch):
     pool = pools[2]
-    pool.sizes["test"] += 1  # as if the shard set had grown under the running pool
-    try:
-        with pytest.raises(
-            DataError, match=r"scoring test: got 30 rows for 31 samples \(first missing id: \[30\]"
-        ):
-            pool.run("test", _weights(0))
-    finally:
-        pool.sizes["test"] -= 1
+    shards = pool.datasets["test"]
+    grown = np.arange(len(shards) + 1)  # as if the shard set had grown under the running pool
+    monkeypatch.setattr(shards, "share_ids", lambda *args, **kwargs: grown)
+    with pytest.raises(DataError) as caught:
+        pool.run("test", _weights(0))
+    message = str(caught.value)
+    assert message.startswith("scoring test: read 30 records where the manifest lists 31: 1 missing")
+    assert "id 30 (outside the set's 0..29)" in message and "keep a shard set unchanged" in message
+    assert len(message.splitlines()) == 1
