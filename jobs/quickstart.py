@@ -6,8 +6,9 @@
    defender with a trusted copy of part of the data would draw them: a seed the
    attack altered in the poisoned set is detected as tampered (its training copy
    is pinned to the polluted pool and its trusted copy trains; see the README's
-   *Seeds*). The draw uses no ground truth (``asd_ray.demo``'s ``seeds="oracle"``
-   is the benchmarks' variant that draws only samples the ground truth marks clean).
+   *Seeds*). The draw uses no ground truth (``asd_ray.demo``'s ``seeds="oracle"``,
+   ``bench_defense.py --seed-source oracle``, draws only samples the ground truth
+   marks clean).
 4. ASD with the ``mnist-quick`` preset, then the no-defense baseline with the
    same schedule, both on local Ray; a small table and one line of JSON.
 
