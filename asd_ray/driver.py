@@ -261,7 +261,8 @@ class _EpochClock:
 
     carried_in_s: float = 0.0  # this epoch's scoring, done in the previous evaluation pass
     carried_out_s: float = 0.0  # the next epoch's scoring, done in this evaluation pass
-    compute_s: float = 0.0  # model arithmetic of every phase (the slowest actor's, per pass)
+    # Model arithmetic of every phase: rank 0's in training, the slowest actor's per scoring pass.
+    compute_s: float = 0.0
     wall: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(EpochTimes.PHASES, 0.0))
     started: float = dataclasses.field(default_factory=time.perf_counter)
 

@@ -97,8 +97,8 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
         if refused:
             raise DataError(
                 f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
-                "a resumed run keeps its algorithm and data settings (only cluster.* and epochs may "
-                "change): drop the flag, or start a new run with --out"
+                "a resumed run keeps its algorithm and data settings (only cluster.*, epochs and "
+                "preset may change): drop the flag, or start a new run with --out"
             )
         return config, RunInputs(**read_inputs(out))
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):

@@ -35,10 +35,10 @@ class Mailbox:
     async def post_task(self, task: Task) -> int:
         async with self._changed:
             self._seq += 1
-            self._task = task
+            seq, self._task = self._seq, task
             self._results.clear()  # the driver has read every result it waits for
             self._changed.notify_all()
-        return self._seq
+        return seq
 
     async def wait_task(self, after: int, timeout: float = 30.0) -> tuple[int, Task] | None:
         """(seq, task) once the current task's seq exceeds ``after``; None after ``timeout`` s

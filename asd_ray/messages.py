@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+Weights = dict[str, np.ndarray]  # as models.to_numpy_weights gives; named here so the mailbox needs no torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +61,8 @@ class Hello:
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
     weights: Weights
-    compute_s: float
     train_loss: float
-    head_steps: int
+    head_steps: int  # steps of the head alone after the MixMatch epochs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ class VirtualModel:
 class Trained:
     weights: Weights
     compute_s: float
-    metrics: dict[str, float]  # train_loss, loss_x, loss_u (NaN when a restart re-sent a done epoch)
+    metrics: dict[str, float]  # train_loss, loss_x, loss_u (a re-sent epoch: the checkpoint's, or NaN)
 
 
 Result = Hello | Pretrained | VirtualModel | Trained

@@ -262,10 +262,14 @@ def metrics_row(*parts: dict[str, Any]) -> dict[str, Any]:
     keys the schema does not have are left out, nullable columns may be missing.
 
     Raises:
-        ValueError: a column the schema requires is in no part (a bug, not bad data).
+        ValueError: a column the schema requires is in no part, or two parts give a key
+            different values (a bug, not bad data).
     """
     merged: dict[str, Any] = {}
     for part in parts:
+        clash = [k for k in part.keys() & merged.keys() if part[k] != merged[k]]
+        if clash:
+            raise ValueError(f"metrics row parts disagree on {clash}")
         merged |= part
     schema = tables.schema("metrics")
     missing = [f.name for f in schema if not f.nullable and f.name not in merged]

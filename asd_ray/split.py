@@ -506,13 +506,15 @@ def _read_ground_truth(ground_truth: pa.Table | None, n: int) -> tuple[Any, Any]
     )
 
 
-def pool_masks(split: pa.Table, total: int, holdout_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+def pool_masks(
+    split: pa.Table, total: int, holdout_ratio: float, *, where: str = "split"
+) -> tuple[np.ndarray, np.ndarray]:
     """(clean, unlabeled), each (N,) bool by sample id: a split table's clean pool, and the
     polluted pool MixMatch trains on (:func:`unlabeled_pool`).
 
     Raises:
-        DataError: the table does not cover ids 0..total-1 once each.
+        DataError: the table (``where``: its file) does not cover ids 0..total-1 once each.
     """
-    split = tables.by_sample_id(split, where="split", fix="re-create the run's split table", n=total)
+    split = tables.by_sample_id(split, where=where, fix="re-create the run's split table", n=total)
     clean = pc.equal(split.column("pool"), "clean").to_numpy(zero_copy_only=False)
     return clean, unlabeled_pool(split, holdout_ratio)

@@ -34,7 +34,19 @@ from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import append_rows, load_share, remove_caches
 from asd_ray.errors import DataError
 from asd_ray.mailbox import NAMESPACE
-from asd_ray.messages import Hello, Pretrain, Pretrained, Stop, Train, Trained, Virtual, VirtualModel
+from asd_ray.messages import (
+    Hello,
+    Pretrain,
+    Pretrained,
+    Result,
+    Stop,
+    Task,
+    Train,
+    Trained,
+    Virtual,
+    VirtualModel,
+    Weights,
+)
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
 from asd_ray.split import pool_masks
@@ -130,7 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.get(mailbox.post_result.remote(0, hello))
 
     # 4. Serve the driver's tasks until told to stop.
-    worker = _Worker(config, model, base, optimizer, data, rank, done_epoch, done_metrics)
+    worker = _Worker(config, model, base, optimizer, data, rank, done_epoch, done_metrics, pretrained)
     seen = 0
     while True:
         posted = ray.get(mailbox.wait_task.remote(seen))
@@ -173,12 +185,12 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
     return WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False, eq=False)
 class _Worker:
     """One worker's state between tasks. Every rank runs each handler (DDP needs all of
-    them); only rank 0's result is posted. ``compute_s`` in a result is the model
-    arithmetic (and batch assembly) alone; checkpoints and messages are the driver's
-    fixed cost."""
+    them); only rank 0's result is posted, so only rank 0 copies weights to the host.
+    ``compute_s`` in a result is the model arithmetic (and batch assembly) alone;
+    checkpoints, weight copies and messages are the driver's fixed cost."""
 
     config: RunConfig
     model: torch.nn.Module  # as trained: DDP-wrapped and compiled where configured
@@ -186,39 +198,46 @@ class _Worker:
     optimizer: torch.optim.Optimizer
     data: WorkerData
     rank: int
-    done_epoch: int  # the last epoch in a checkpoint (-1: none)
+    done_epoch: int  # the last epoch in a checkpoint (-1: none, or the pre-training's)
     done_metrics: dict[str, float]  # its losses, answered again when a restart re-sends it
+    pretrained: bool  # the transfer pre-training is in a checkpoint
 
     def pretrain(self, task: Pretrain) -> Pretrained:
-        start = time.perf_counter()
+        if self.pretrained:  # re-sent after a restart: the checkpoint already has it
+            return Pretrained(
+                self._weights(self.base),
+                float(self.done_metrics.get("train_loss", float("nan"))),
+                int(self.done_metrics.get("head_steps", 0)),
+            )
         labeled = np.zeros(self.data.total, bool)
         labeled[task.labeled] = True
         outcome = transfer_pretraining(self.model, self.base, self.optimizer, self.data, labeled, self.config)
-        compute_s = time.perf_counter() - start
         self.optimizer = compute.adam(self.base.parameters(), self.config.mixmatch.lr)  # ASD starts afresh
         self._report(-1, None, outcome, outcome)  # a restart keeps it
-        return Pretrained(
-            to_numpy_weights(self.base), compute_s, float(outcome["train_loss"]), int(outcome["head_steps"])
-        )
+        self.pretrained, self.done_metrics = True, {k: float(v) for k, v in outcome.items()}
+        return Pretrained(self._weights(self.base), float(outcome["train_loss"]), int(outcome["head_steps"]))
 
     def virtual(self, task: Virtual) -> VirtualModel:
         start = time.perf_counter()
         virtual = virtual_epoch(
             self.base, self.data, self.config, epoch=task.epoch
         )  # bare: it wraps its copy
-        return VirtualModel(to_numpy_weights(virtual), time.perf_counter() - start)
+        compute_s = time.perf_counter() - start
+        return VirtualModel(self._weights(virtual), compute_s)
 
     def train(self, task: Train) -> Trained:
         if task.epoch <= self.done_epoch:  # re-sent after a restart: the checkpoint already has it
             unknown = dict.fromkeys(("train_loss", "loss_x", "loss_u"), float("nan"))
             metrics = self.done_metrics if task.epoch == self.done_epoch and self.done_metrics else unknown
-            return Trained(to_numpy_weights(self.base), 0.0, metrics)
+            return Trained(self._weights(self.base), 0.0, metrics)
         if task.split is None:
             start = time.perf_counter()
             metrics = supervised_epoch(self.model, self.optimizer, self.data, self.config, epoch=task.epoch)
         else:
             split = tables.read_parquet(task.split, "splits", rows=self.data.total)  # before the clock
-            clean, unlabeled = pool_masks(split, self.data.total, self.config.split.holdout_ratio)
+            clean, unlabeled = pool_masks(
+                split, self.data.total, self.config.split.holdout_ratio, where=task.split
+            )
             start = time.perf_counter()
             metrics = mixmatch_epoch(
                 self.model,
@@ -233,7 +252,11 @@ class _Worker:
         # The driver's figures of the epoch before ride along, for Ray Train's dashboard.
         self._report(task.epoch, task.split, metrics, {**metrics, **task.evaluation})
         self.done_epoch, self.done_metrics = task.epoch, metrics
-        return Trained(to_numpy_weights(self.base), compute_s, metrics)
+        return Trained(self._weights(self.base), compute_s, metrics)
+
+    def _weights(self, module: torch.nn.Module) -> Weights:
+        """The weights for the driver: rank 0's only (the others' results are not posted)."""
+        return to_numpy_weights(module) if self.rank == 0 else {}
 
     def _report(self, epoch: int, split: str | None, metrics: dict, reported: dict) -> None:
         """Every rank reports ``reported`` (a barrier); rank 0 attaches the checkpoint, which
@@ -256,7 +279,7 @@ class _Worker:
             ray.train.report({"epoch": epoch, **reported}, checkpoint=checkpoint)
 
 
-HANDLERS: dict[type, Callable[[_Worker, Any], Any]] = {
+HANDLERS: dict[type[Task], Callable[[_Worker, Any], Result]] = {
     Pretrain: _Worker.pretrain,
     Virtual: _Worker.virtual,
     Train: _Worker.train,

@@ -17,3 +17,23 @@ def test_every_task_but_stop_has_a_worker_handler_and_a_result_type():
         messages.Train: messages.Trained,
     }
     assert set(answers.values()) | {messages.Hello} == set(typing.get_args(messages.Result))
+
+
+def test_a_pretraining_re_sent_after_a_restart_is_answered_from_the_checkpoint():
+    """A worker group restarted after the pre-training's checkpoint must not pre-train
+    again on top of the pre-trained weights: it answers with what the checkpoint holds."""
+    import torch
+
+    from asd_ray.train import _Worker
+
+    base = torch.nn.Linear(2, 3)
+    state = {"train_loss": 0.5, "loss_x": 0.4, "loss_u": 0.1, "head_steps": 7.0}  # as checkpointed
+    for rank in (0, 1):
+        worker = _Worker(None, base, base, None, None, rank, -1, state, pretrained=True)
+        answer = worker.pretrain(messages.Pretrain(labeled=[0, 1]))  # no data: training would fail
+        assert (answer.train_loss, answer.head_steps) == (0.5, 7)
+        if rank == 0:
+            assert set(answer.weights) == {"weight", "bias"}
+            assert (answer.weights["weight"] == base.weight.detach().numpy()).all()
+        else:
+            assert answer.weights == {}  # only rank 0's answer is posted, so only it copies weights

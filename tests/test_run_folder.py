@@ -10,17 +10,20 @@ import types
 
 import pytest
 
+from asd_ray import tables
 from asd_ray.audit import history
 from asd_ray.config import load_config
-from asd_ray.driver import RunInputs
 from asd_ray.errors import DataError
+from asd_ray.inputs import RunInputs
 from asd_ray.run_folder import (
     INPUTS_FILE,
     METRICS_FILE,
     METRICS_JSONL,
     PRETRAIN_FILE,
+    EpochTimes,
     RunLog,
     best_row,
+    metrics_row,
     open_to_append,
     progress_line,
     read_inputs,
@@ -317,3 +320,17 @@ def test_tensorboard_without_its_package_is_one_clear_error(tmp_path, monkeypatc
     with pytest.raises(DataError, match="pip install tensorboardX"):
         tensorboard_writer(tmp_path)
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_a_metrics_row_takes_the_schemas_columns_from_its_parts():
+    times = EpochTimes(0.1, 0.0, 0.01, 1.0, 0.2, 1.4, 0.05)
+    head = {"epoch": 2, "stage": 3, "defense": "asd", "acc": 0.9, "train_loss": 0.7}
+    pools = {"stage": 3, "clean_pool": 6, "polluted_pool": 4, "seeds": 2, "clean_per_class": [3, 3]}
+    row = metrics_row(head, pools, dataclasses.asdict(times))
+    assert list(row) == tables.schema("metrics").names  # the schema's columns, in its order
+    assert row["polluted_pool"] == 4 and row["fixed_s"] == 0.05 and row["asr"] is None  # nullable: absent
+    assert "seeds" not in row  # a split summary's extra counts stay out
+    with pytest.raises(ValueError, match="disagree on \\['stage'\\]"):
+        metrics_row(head, {**pools, "stage": 2}, dataclasses.asdict(times))
+    with pytest.raises(ValueError, match="without \\['train_loss'\\]"):
+        metrics_row({k: v for k, v in head.items() if k != "train_loss"}, pools, dataclasses.asdict(times))
