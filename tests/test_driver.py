@@ -67,21 +67,32 @@ def test_three_stages_write_valid_tables_metrics_and_checkpoints(tiny_run, poiso
     assert len([line for line in lines if line.startswith("epoch")]) == 3
 
 
-def test_stop_and_resume_continue_from_the_last_epoch(ray_cluster, poisoned_data, tmp_path):
+def test_stop_and_resume_from_the_cli_continue_from_the_last_epoch(
+    ray_cluster, poisoned_data, tmp_path, capsys
+):
+    """Stopped after epoch 0, then resumed by `asd-ray run --resume` with one more epoch than
+    planned: the epoch checkpointed but not recorded is re-evaluated, not redone, and the
+    command prints its human lines on stderr and only the JSON summary on stdout."""
+    from asd_ray.cli import main
+
     config = load_config("mnist-quick", overrides=TINY_RUN)
     out = tmp_path / "run"
     first = run(config, poisoned_data, out, stop_after_epoch=0, progress=lambda _: None)
     assert first["epochs"] == 1
     epoch0 = split_path(out, 0).read_bytes()
     (out / METRICS_FILE).unlink()  # as if the driver died after the checkpoint, before the metrics row
-    lines = []
-    second = run(config, poisoned_data, out, resume=True, progress=lines.append)
-    assert second["epochs"] == 3
+    capsys.readouterr()
+    code = main(["run", "--resume", "--out", str(out), "--epochs", "4"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0 and len(stdout.splitlines()) == 1 and json.loads(stdout)["epochs"] == 4
+    lines = [line for line in stderr.splitlines() if line.startswith("asd-ray:")]
     assert "resuming after epoch 0" in lines[0] and "resumed from checkpoint_" in lines[1]
     assert "epoch 0 was checkpointed but not recorded" in lines[2]
+    assert "epoch   4/4" in stderr
     assert split_path(out, 0).read_bytes() == epoch0  # epoch 0 was not redone
     metrics = tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist()
-    assert metrics == [0, 1, 2]
+    assert metrics == [0, 1, 2, 3]
+    assert json.loads((out / "model" / "card.json").read_text())["last"]["epoch"] == 3
 
 
 def test_no_defense_baseline_trains_on_everything(ray_cluster, poisoned_data, tmp_path):

@@ -147,16 +147,6 @@ def test_config_show_prints_yaml_that_loads_back(capsys):
     assert code == 0 and loaded["epochs"] == 30 and loaded["preset"] == "mnist-quick"
 
 
-def test_resume_from_the_cli_prints_only_json_on_stdout(finished_run, capsys, tmp_path):
-    out, _, _ = finished_run
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
-    code, stdout, stderr = _cli(["run", "--resume", "--out", str(copy), "--epochs", "4"], capsys)
-    assert code == 0 and len(stdout.splitlines()) == 1 and json.loads(stdout)["epochs"] == 4
-    assert "epoch   4/4" in stderr  # human lines go to stderr
-    assert json.loads((copy / "model" / "card.json").read_text())["last"]["epoch"] == 3
-
-
 @pytest.fixture(scope="module")
 def chromium():
     path = shutil.which("chromium") or shutil.which("chromium-browser")
