@@ -523,6 +523,7 @@ class _Session:
                 prefetched = _Prefetched(table, wall_s=0.0, compute_s=compute_s)
         clock.carried_in_s = prefetched.wall_s
         clock.compute_s += prefetched.compute_s
+        scores = scores_table(prefetched.table)  # checked before stage 3 spends a virtual epoch
         meta = None
         if stage == 3:
             with clock.phase("virtual_s"):
@@ -532,7 +533,7 @@ class _Session:
                 meta_pass, meta_compute_s = self._score_training_sets(epoch, virtual.weights)
                 meta = scores_table(meta_pass)
             clock.compute_s += meta_compute_s
-        return scores_table(prefetched.table), meta
+        return scores, meta
 
     def _split(
         self, epoch: int, scores: pa.Table, meta: pa.Table | None, clock: _EpochClock
