@@ -69,26 +69,28 @@ def load_share(
     if slices is not None and keep is not None:
         raise ValueError("load_share takes slices or keep, not both")
     h, w, c = shards.require_uniform_size("training and scoring")
-    count = len(shards.share_ids(slices, keep=keep))
-    shape = (count, h, w, c)
-    if budget_bytes is None or count * h * w * c <= budget_bytes:
+    expected = shards.share_ids(slices, keep=keep)  # the ids the manifest promises, checked after reading
+    shape = (len(expected), h, w, c)
+    if budget_bytes is None or len(expected) * h * w * c <= budget_bytes:
         images = np.empty(shape, np.uint8)
-        ids, labels = _decode_into(images, shards, slices, keep)
+        ids, labels = _decode_into(images, shards, slices, keep, expected)
         return images, ids, labels
-    return _cached(shards, slices, keep, shape, Path(cache_dir or tempfile.gettempdir()))
+    return _cached(shards, slices, keep, expected, shape, Path(cache_dir or tempfile.gettempdir()))
 
 
-def _decode_into(images: np.ndarray, shards: ShardSet, slices, keep) -> tuple[np.ndarray, np.ndarray]:
+def _decode_into(
+    images: np.ndarray, shards: ShardSet, slices, keep, expected: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     count = len(images)
     ids, labels = np.empty(count, np.int64), np.empty(count, np.int64)
     read = 0
     for read, sample in enumerate(shards.iter_samples(slices, keep=keep), start=1):
         images[read - 1], ids[read - 1], labels[read - 1] = sample.image, sample.sample_id, sample.label
-    shards.check_read(ids[:read], shards.share_ids(slices, keep=keep), where=str(shards.folder))
+    shards.check_read(ids[:read], expected, where=str(shards.folder))
     return ids, labels
 
 
-def _cached(shards: ShardSet, slices, keep, shape: tuple[int, ...], cache_dir: Path):
+def _cached(shards: ShardSet, slices, keep, expected: np.ndarray, shape: tuple[int, ...], cache_dir: Path):
     """Decode into memmap files named by the shard set's fingerprint and the share.
 
     A process restarted on the same share (a Ray worker-group restart) finds the
@@ -104,7 +106,7 @@ def _cached(shards: ShardSet, slices, keep, shape: tuple[int, ...], cache_dir: P
         partial = [p.with_name(f".{p.name}.{os.getpid()}.partial.npy") for p in paths]
         try:
             images = np.lib.format.open_memmap(partial[2], mode="w+", dtype=np.uint8, shape=shape)
-            ids, labels = _decode_into(images, shards, slices, keep)
+            ids, labels = _decode_into(images, shards, slices, keep, expected)
             images.flush()
             del images
             np.save(partial[0], ids)
