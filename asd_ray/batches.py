@@ -124,8 +124,9 @@ class StepPlan:
     ``buffer`` holds, by name: ``index`` (b,) share indices of this worker's rows of
     every view, in order; ``rows`` (b, H) and ``cols`` (b, W) their source pixel
     coordinates where rows are cropped or flipped; ``theta`` (b, 2, 3) for resized crops; MixMatch adds
-    ``partner`` (b,) MixUp partners (rows of the gathered global batch) and the scalars
-    ``lam``, ``weight`` (λ_u ramped up) and ``lr``.
+    ``partner`` (b,) MixUp partners (rows of the gathered global batch), the scalars
+    ``lam``, ``weight`` (λ_u ramped up) and ``lr``, and with a noise overlay
+    ``overlay_key`` and ``overlay_weight`` (b,).
     """
 
     buffer: torch.Tensor  # (L,) int64, host
@@ -147,12 +148,21 @@ def _add_views(
     config: RunConfig,
     gen: torch.Generator,
     views: list[tuple[np.ndarray, np.ndarray, int]],
+    overlay: float = 0.0,
 ) -> None:
     """Pack the rows of augmented views: for each ``(rows, local, total)`` (this worker's
     positions in a global batch of ``total``, and their share indices), in order, the
-    share indices and the augmentation draws of those rows."""
+    share indices and the augmentation draws of those rows; with ``overlay`` > 0 also
+    each row's noise key and weight, uniform in [0, overlay) (:func:`augment.noise_overlay`)."""
     _, height, width, _ = data.images.shape
-    draws = [augment.draw(config.data, gen, height, width, total, rows) for rows, _, total in views]
+    draws = []
+    for rows, _, total in views:
+        row_draws = augment.draw(config.data, gen, height, width, total, rows)
+        if overlay > 0:
+            keys = torch.randint(0, 2**31, (total,), generator=gen).numpy()
+            weights = (torch.rand(total, generator=gen, dtype=torch.float64) * overlay).numpy()
+            row_draws |= {"overlay_key": keys[rows], "overlay_weight": weights[rows]}
+        draws.append(row_draws)
     pack.add("index", np.concatenate([local for _, local, _ in views]))
     for key in draws[0]:
         pack.add(key, np.concatenate([d[key] for d in draws]))
@@ -201,7 +211,8 @@ def mixmatch_plans(
         lids, uids = labeled_batches.next(bl), unlabeled_batches.next(bu)
         (lrows, li), (urows, ui) = data.serve(lids), data.serve(uids)
         pack = compute.Pack()
-        _add_views(pack, data, config, aug_gen, [(lrows, li, bl), (urows, ui, bu), (urows, ui, bu)])
+        views = [(lrows, li, bl), (urows, ui, bu), (urows, ui, bu)]
+        _add_views(pack, data, config, aug_gen, views, mm.noise_overlay)
         lam, partner = mixup_draw(mix_rng, bl + 2 * bu, mm.mixup_alpha)
         positions = _positions_by_worker(lids, uids, data.world)
         order = np.concatenate(positions)  # global position of each row of the gathered batch

@@ -203,6 +203,10 @@ class MixMatchConfig:
     # (the baseline too; the stage-3 virtual model keeps the paper's batch under both rules)
     batch_rule: str = "global"
     temperature: float = 0.5  # sharpening of guessed labels
+    # every view of a MixMatch step gets a fresh uniform-noise picture blended in at a weight
+    # drawn uniformly from [0, noise_overlay): the model learns that a faint overlay does not
+    # decide the class, so a blended trigger cannot steer it (0: the paper's MixMatch)
+    noise_overlay: float = 0.2
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
     lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
     rampup_epochs: float | None = None  # ramp length; None = the whole run
@@ -373,6 +377,7 @@ def _whole(low: int, high: int) -> tuple[Any, str]:
 
 _AT_LEAST_ONE = ((lambda v: v >= 1), "an integer >= 1")
 _NOT_NEGATIVE = ((lambda v: v >= 0), "an integer >= 0")
+_FRACTION = ((lambda v: math.isfinite(v) and 0 <= v < 1), "a number in [0, 1)")
 # Every numeric setting's range, checked where the config is built, named by its key.
 _RANGES: dict[str, tuple[Any, str]] = {
     "seed": _NOT_NEGATIVE,
@@ -381,8 +386,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "scoring.sce_alpha": _finite(0, strict=False),
     "scoring.sce_beta": _finite(0, strict=False),
     "scoring.batch_size": _AT_LEAST_ONE,
-    "split.holdout_ratio": (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "split.holdout_ratio": _FRACTION,
     "mixmatch.temperature": _finite(0, strict=True),
+    "mixmatch.noise_overlay": _FRACTION,
     "mixmatch.mixup_alpha": _finite(0, strict=True),
     "mixmatch.lambda_u": _finite(0, strict=False),
     "mixmatch.rampup_epochs": _finite(0, strict=True),
@@ -492,6 +498,25 @@ def load_config(
             node[leaf] = value
         config = from_dict(nested, config)
     return config
+
+
+# Settings added after run folders were first recorded, each with the value a record that
+# lacks it ran with, so that resuming such a folder keeps its algorithm.
+_ADDED_LATER: dict[str, Any] = {"mixmatch.noise_overlay": 0.0}
+
+
+def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run folder's recorded config (RUN/config.yaml), then ``overrides``; a setting the
+    record predates takes the value the run ran with, not today's default."""
+    values = _yaml(path, str(path))
+    predates = []
+    for key, value in _ADDED_LATER.items():
+        node = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            predates.append(f"{key}={value}")
+    return load_config(None, path, [*predates, *(overrides or [])])
 
 
 def with_overrides(obj: Any, overrides: list[str]) -> Any:

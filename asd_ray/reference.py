@@ -62,8 +62,16 @@ def plain_mixmatch_epoch(
         images: (N, H, W, C) uint8, the whole training set on the model's device.
         labels: (N,) int64 on the same device.
         clean: (N,) bool pool mask (True: labeled).
+
+    Raises:
+        ValueError: ``mixmatch.noise_overlay`` is set; the plain step is the paper's, without it.
     """
     mm, device = config.mixmatch, images.device
+    if mm.noise_overlay:
+        raise ValueError(
+            f"mixmatch.noise_overlay={mm.noise_overlay}: the plain reference step is the paper's "
+            "MixMatch; set mixmatch.noise_overlay=0 to compare with it"
+        )
     labeled = Cycler(np.flatnonzero(clean), generator(config.seed, epoch, 0, 1))
     unlabeled = Cycler(np.flatnonzero(~clean), generator(config.seed, epoch, 0, 2))
     aug = generator(config.seed, epoch, 0, 3)

@@ -162,6 +162,8 @@ def step_inputs(
     x = normalize(pixels, config.data)
     if "theta" in values:
         x = resample(x, values["theta"])
+    if "overlay_key" in values:
+        x = augment.noise_overlay(x, values["overlay_key"], values["overlay_weight"], config.data)
     return x.contiguous(memory_format=compute.memory_format(config.compute))
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from asd_ray.config import DataConfig
-from asd_ray.data.augment import augment, draw, gather, normalize
+from asd_ray.data.augment import augment, draw, gather, noise_overlay, normalize
 
 CONFIGS = [
     DataConfig(mean=(0.5,), std=(0.25,), crop_padding=2, flip=True),
@@ -80,3 +80,23 @@ def test_a_crop_padding_as_wide_as_the_image_is_a_config_error() -> None:
     config = DataConfig(mean=(0.5,), std=(0.25,), crop_padding=8)
     with pytest.raises(ConfigError, match="data.crop_padding 8 must be smaller than the images' side"):
         draw(config, torch.Generator().manual_seed(0), 8, 8, 4)
+
+
+def test_the_noise_overlay_is_a_pixel_space_blend_of_uniform_noise_keyed_by_the_row() -> None:
+    """MixMatch's noise overlay: (1 - w) pixel + w noise with noise uniform over [0, 255],
+    the same for the same key wherever it is computed, different for another key."""
+    config = DataConfig(mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
+    x = normalize(_images(4, 16, 3), config)
+    keys = torch.tensor([7, 7, 8, 2**31 - 1])
+    whole = noise_overlay(x, keys, torch.ones(4, dtype=torch.float64), config)
+    pixels = whole * torch.tensor(config.std).view(1, 3, 1, 1) + torch.tensor(config.mean).view(1, 3, 1, 1)
+    pixels = pixels * 255
+    assert torch.equal(whole[0], whole[1]) and not torch.allclose(whole[0], whole[2])
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    assert abs(pixels.mean().item() - 127.5) < 8 and abs(pixels.std().item() - 255 / 12**0.5) < 5
+    assert abs(np.corrcoef(pixels[0].flatten(), pixels[2].flatten())[0, 1]) < 0.1  # keys draw apart
+    weights = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    blended = noise_overlay(x, keys, weights, config)
+    assert torch.equal(blended[0], x[0])
+    torch.testing.assert_close(blended[1], 0.75 * x[1] + 0.25 * whole[1])
+    torch.testing.assert_close(noise_overlay(x[2:], keys[2:], weights[2:], config), blended[2:])

@@ -11,10 +11,17 @@ import torch.multiprocessing as mp
 from scipy import stats
 
 from asd_ray import compute, distributed
-from asd_ray.batches import WorkerData, batch_scale, lr_factor, mixmatch_plans, use_sync_batch_norm
+from asd_ray.batches import (
+    WorkerData,
+    _positions_by_worker,
+    batch_scale,
+    lr_factor,
+    mixmatch_plans,
+    use_sync_batch_norm,
+)
 from asd_ray.config import load_config
 from asd_ray.models import ModelSpec
-from asd_ray.steps import mixmatch_epoch, virtual_schedule
+from asd_ray.steps import mixmatch_epoch, step_inputs, virtual_schedule
 
 N, SIZE, CLASSES = 96, 12, 4
 
@@ -72,6 +79,24 @@ def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
     assert max(by_share) / min(by_share) < 1.3
 
 
+def test_a_row_is_augmented_alike_whichever_worker_serves_it() -> None:
+    """Crop and noise overlay (the default, 0.2) of every row of a MixMatch step: the same
+    input, to the bit, on one worker and on the one of four that serves the row."""
+    config, clean = _config("mixmatch.batch_labeled=4", "mixmatch.batch_unlabeled=4"), _uneven_clean()
+    assert config.mixmatch.noise_overlay > 0
+    whole = next(_plans(_share(0, 1), clean, config, 40))
+    rows = step_inputs(_share(0, 1), config, whole, whole.values())
+    served = 0
+    for rank in range(4):
+        data = _share(rank, 4)
+        plan = next(_plans(data, clean, config, 40))
+        mine = step_inputs(data, config, plan, plan.values())
+        positions = _positions_by_worker(plan.labeled_ids, plan.unlabeled_ids, 4)[rank]
+        assert torch.equal(mine, rows[positions])
+        served += len(positions)
+    assert served == len(rows) == 12
+
+
 def _plans(data, clean, config, epoch: int):
     return mixmatch_plans(data, clean, config, epoch=epoch, iterations=config.mixmatch.iterations)
 
@@ -107,12 +132,16 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    ("precision", "steps", "tolerance"),
+    ("precision", "steps", "tolerance", "overlay"),
     # bf16 rounds each rank's partial sums differently, and SGD at lr 1 amplifies that
-    # from step to step: one bf16 step, three fp32 ones
-    [("bf16", 1, 5e-2), ("fp32", 3, 2e-3)],
+    # from step to step: one bf16 step, three fp32 ones. The noise overlay's inputs make
+    # the fp32 rounding differences larger (measured: 6e-5 after one step, against 4e-6
+    # without), and three steps at lr 1 grow them to 5e-2, so the three fp32 steps take
+    # the paper's inputs; test_a_row_is_augmented_alike_whichever_worker_serves_it checks
+    # the overlay's rows exactly
+    [("bf16", 1, 5e-2, "0.2"), ("fp32", 3, 2e-3, "0")],
 )
-def test_empty_ranks_take_the_single_process_step(tmp_path, precision, steps, tolerance) -> None:
+def test_empty_ranks_take_the_single_process_step(tmp_path, precision, steps, tolerance, overlay) -> None:
     """W = 4 with 2 + 2 rows per global batch: in every step at least two ranks hold no
     labeled row and two no unlabeled row (the guess pass), and some hold no row at all,
     so they run batch norm on nothing. They must still send float32 statistics of the
@@ -120,7 +149,7 @@ def test_empty_ranks_take_the_single_process_step(tmp_path, precision, steps, to
     single-process one. (PyTorch's SyncBatchNorm sends an empty rank's statistics in
     the input's dtype: on gloo that aborts with a size mismatch, on NCCL it hangs.)"""
     overrides = ("mixmatch.batch_labeled=2", "mixmatch.batch_unlabeled=2", f"mixmatch.iterations={steps}")
-    overrides += (f"compute.precision={precision}",)
+    overrides += (f"compute.precision={precision}", f"mixmatch.noise_overlay={overlay}")
     config = _config("mixmatch.lr=1.0", *overrides)
     plans = list(_take(_plans(_share(0, 1), _uneven_clean(), config, 40), steps))
     holders = [set((np.concatenate([p.labeled_ids, p.unlabeled_ids]) % 4).tolist()) for p in plans]

@@ -8,7 +8,8 @@ source column (:func:`draw`). The device then gathers the uint8 pixels of every
 view of a step with one indexing op (:func:`gather`) and
 standardises them with one fused multiply-add, channels_last out
 (:func:`normalize`). The 224-px RandomResizedCrop is one affine grid per row,
-resampled by one ``grid_sample`` (:func:`resample`).
+resampled by one ``grid_sample`` (:func:`resample`). MixMatch's optional noise
+overlay (:func:`noise_overlay`) is computed on the device from per-row keys.
 """
 
 from __future__ import annotations
@@ -126,6 +127,37 @@ def resample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return x
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+
+
+_MASK31 = 0x7FFFFFFF  # 31-bit arithmetic: products of two such values stay inside int64
+
+
+def _hash31(values: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer mixing function (multiply-xorshift rounds), elementwise on int64."""
+    for multiplier in (0x45D9F3B, 0x2C1B3C6D, 0x297A2D39):
+        values = ((values ^ (values >> 15)) * multiplier) & _MASK31
+    return values ^ (values >> 15)
+
+
+def noise_overlay(
+    x: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, config: DataConfig
+) -> torch.Tensor:
+    """Blend a fresh uniform-noise picture into each normalised (B, C, H, W) view:
+    ``(1 - w) pixel + w noise`` in pixel space, noise uniform over [0, 255].
+
+    Row i's noise is a hash of ``keys[i]`` and the pixel position, computed where ``x``
+    lives: it depends on the row's draw alone, not on the device or on which worker
+    serves the row, and a captured CUDA graph recomputes it from the step's buffer.
+
+    Args:
+        keys: (B,) int64 in [0, 2^31); weights: (B,) float, the overlay's weight per row.
+    """
+    b, c, h, w = x.shape
+    pixels = torch.arange(c * h * w, device=x.device).view(1, c, h, w)
+    noise = _hash31((keys.view(b, 1, 1, 1) * 0x3C6EF35F + pixels) & _MASK31)  # (B, C, H, W)
+    scale, shift = _affine_constants(tuple(config.mean), tuple(config.std), x.device)
+    noise = torch.addcmul(shift, noise.to(x.dtype), scale * (255.0 / _MASK31))  # standardised like x
+    return torch.lerp(x, noise, weights.to(x.dtype).view(b, 1, 1, 1))
 
 
 def gather(images: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
