@@ -206,7 +206,7 @@ class MixMatchConfig:
     # every view of a MixMatch step gets a fresh uniform-noise picture blended in at a weight
     # drawn uniformly from [0, noise_overlay): the model learns that a faint overlay does not
     # decide the class, so a blended trigger cannot steer it (0: the paper's MixMatch)
-    noise_overlay: float = 0.2
+    noise_overlay: float = 0.0
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
     lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
     rampup_epochs: float | None = None  # ramp length; None = the whole run
@@ -498,25 +498,6 @@ def load_config(
             node[leaf] = value
         config = from_dict(nested, config)
     return config
-
-
-# Settings added after run folders were first recorded, each with the value a record that
-# lacks it ran with, so that resuming such a folder keeps its algorithm.
-_ADDED_LATER: dict[str, Any] = {"mixmatch.noise_overlay": 0.0}
-
-
-def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run folder's recorded config (RUN/config.yaml), then ``overrides``; a setting the
-    record predates takes the value the run ran with, not today's default."""
-    values = _yaml(path, str(path))
-    predates = []
-    for key, value in _ADDED_LATER.items():
-        node = values
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            predates.append(f"{key}={value}")
-    return load_config(None, path, [*predates, *(overrides or [])])
 
 
 def with_overrides(obj: Any, overrides: list[str]) -> Any:

@@ -16,9 +16,9 @@ target class; the test images get the same signal); adaptive-blend (Qi et al.,
 ICLR 2023, made against loss- and latent-separation defenses: ``--rate``
 poisoned with 8 of the Blend pattern's 4x4 pieces at alpha 0.15, as many cover
 samples with pieces and their true labels, the full pattern at alpha 0.2 at
-test time). Defenses (``--defenses``): ``none``; ``asd`` (the default: the
-paper's algorithm plus a noise overlay on MixMatch's views); ``asd-paper``
-(the paper's algorithm: ``mixmatch.noise_overlay=0``);
+test time). Defenses (``--defenses``): ``none``; ``asd`` (the paper's
+algorithm, the default); ``asd-overlay`` (a fresh noise picture blended into
+every MixMatch view at a weight below 0.2: ``mixmatch.noise_overlay=0.2``);
 ``asd-no-stage2`` (stage 2 skipped: stage 3 starts where stage 2 would);
 ``asd-no-meta`` (stage 3 skipped: stage 2 runs to the end); ``asd-augment``
 (scoring under training augmentation, the authors' variant, against asd's
@@ -62,7 +62,7 @@ from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
-DEFENSES = ("none", "asd", "asd-paper", "asd-no-stage2", "asd-no-meta", "asd-augment", "asd-holdout")
+DEFENSES = ("none", "asd", "asd-overlay", "asd-no-stage2", "asd-no-meta", "asd-augment", "asd-holdout")
 SMOKE = [
     "epochs=3",
     "split.stage2_epoch=1",
@@ -78,7 +78,7 @@ def defense_overrides(defense: str, base) -> list[str]:
     return {
         "none": ["defense=none"],
         "asd": [],
-        "asd-paper": ["mixmatch.noise_overlay=0"],  # MixMatch's own augmentation only
+        "asd-overlay": ["mixmatch.noise_overlay=0.2"],  # a faint noise picture on every MixMatch view
         "asd-no-stage2": [f"split.stage2_epoch={s.stage3_epoch}"],  # stage 3 starts where stage 2 would have
         "asd-no-meta": [f"split.stage3_epoch={base.epochs}"],  # stage 2 runs to the end
         "asd-augment": ["scoring.augment=true"],

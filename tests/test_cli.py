@@ -182,24 +182,6 @@ def test_resume_reads_the_run_config_and_refuses_algorithm_changes(tmp_path, cap
     assert code == 2 and "no config.yaml there" in err
 
 
-def test_a_record_older_than_a_setting_resumes_with_what_it_ran(tmp_path):
-    """A run folder recorded before mixmatch.noise_overlay existed ran the paper's MixMatch:
-    its resume keeps that (0), not today's default, and an explicit value still wins."""
-    import yaml
-
-    from asd_ray.config import config_yaml, load_config, load_recorded_config
-
-    values = yaml.safe_load(config_yaml(load_config("mnist-quick")))
-    assert values["mixmatch"].pop("noise_overlay") == 0.2
-    old = tmp_path / "config.yaml"
-    old.write_text(yaml.safe_dump(values))
-    assert load_recorded_config(old).mixmatch.noise_overlay == 0.0
-    assert load_recorded_config(old, ["mixmatch.noise_overlay=0.1"]).mixmatch.noise_overlay == 0.1
-    new = tmp_path / "new.yaml"
-    new.write_text(config_yaml(load_config("mnist-quick", overrides=["mixmatch.noise_overlay=0.15"])))
-    assert load_recorded_config(new).mixmatch.noise_overlay == 0.15
-
-
 @pytest.mark.parametrize(
     ("attack", "flags"),
     [

@@ -80,10 +80,10 @@ def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
 
 
 def test_a_row_is_augmented_alike_whichever_worker_serves_it() -> None:
-    """Crop and noise overlay (the default, 0.2) of every row of a MixMatch step: the same
-    input, to the bit, on one worker and on the one of four that serves the row."""
-    config, clean = _config("mixmatch.batch_labeled=4", "mixmatch.batch_unlabeled=4"), _uneven_clean()
-    assert config.mixmatch.noise_overlay > 0
+    """Crop and noise overlay of every row of a MixMatch step: the same input, to the bit,
+    on one worker and on the one of four that serves the row."""
+    config = _config("mixmatch.batch_labeled=4", "mixmatch.batch_unlabeled=4", "mixmatch.noise_overlay=0.2")
+    clean = _uneven_clean()
     whole = next(_plans(_share(0, 1), clean, config, 40))
     rows = step_inputs(_share(0, 1), config, whole, whole.values())
     served = 0

@@ -98,7 +98,7 @@ def add_commands(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from asd_ray.config import load_config, load_recorded_config
+    from asd_ray.config import load_config
     from asd_ray.driver import run
     from asd_ray.inputs import RunInputs
     from asd_ray.run_folder import recorded_config
@@ -117,14 +117,14 @@ def _run(args: argparse.Namespace) -> dict:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
         saved = recorded_config(args.out)
-        recorded = load_recorded_config(saved).model.factory
+        recorded = load_config(None, saved).model.factory
         restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides)
         if recorded is not None and not restated:
             raise DataError(
                 f"{saved}: the run's model is built by the factory {recorded!r}, and a run folder never "
                 f"chooses code to run: if you trust that code, resume with --set model.factory={recorded}"
             )
-        config = load_recorded_config(saved, overrides)
+        config = load_config(None, saved, overrides)
     else:
         config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
