@@ -114,6 +114,10 @@ class SplitConfig:
     stage3_epoch: int = 90  # T2: first epoch of stage 3
     clean_ratio: float = 0.5  # alpha: stage-2 fraction of samples in the clean pool
     meta_clean_ratio: float = 0.5  # gamma: stage-3 fraction of samples in the clean pool
+    # Not in the paper: in stage 3 this fraction of all samples, the highest-loss ones, stays in
+    # the polluted pool whatever its loss reduction (0: the paper's meta-split; see
+    # split.clean_mask_stage3)
+    meta_loss_guard: float = 0.0
     # Not in the paper: this fraction of all samples, the polluted pool's highest-loss ones, is
     # left out of MixMatch's unlabeled set (0: the paper's algorithm; see split.unlabeled_pool)
     holdout_ratio: float = 0.0
@@ -127,6 +131,11 @@ class SplitConfig:
         for name in ("clean_ratio", "meta_clean_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} {getattr(self, name)} must be in (0, 1)")
+        if self.meta_clean_ratio + self.meta_loss_guard > 1.0:
+            raise ConfigError(
+                f"meta_clean_ratio {self.meta_clean_ratio} + meta_loss_guard {self.meta_loss_guard} "
+                "is over 1: stage 3 could not fill its clean pool; lower one of them"
+            )
         if self.grow_every < 1 or self.grow_by < 0 or self.seeds_per_class < 1:
             raise ConfigError("grow_every and seeds_per_class must be >= 1 and grow_by >= 0")
 
@@ -388,6 +397,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "scoring.sce_beta": _finite(0, strict=False),
     "scoring.batch_size": _AT_LEAST_ONE,
     "split.holdout_ratio": _FRACTION,
+    "split.meta_loss_guard": _FRACTION,
     "mixmatch.temperature": _finite(0, strict=True),
     "mixmatch.noise_overlay": _FRACTION,
     "mixmatch.mixup_alpha": _finite(0, strict=True),

@@ -150,13 +150,17 @@ def clean_mask_stage2(losses: np.ndarray, ratio: float) -> tuple[np.ndarray, np.
 
 
 def clean_mask_stage3(
-    losses: np.ndarray, meta_losses: np.ndarray, ratio: float
+    losses: np.ndarray, meta_losses: np.ndarray, ratio: float, guard: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 3: the floor(ratio * N) samples with the lowest loss - meta_loss.
+    """Stage 3: the floor(ratio * N) samples with the lowest loss - meta_loss, leaving out
+    the floor(guard * N) highest-loss samples (ties by sample id).
 
     The virtual model's epoch on the whole set learns the backdoor fast, so a
     poisoned sample's loss drops a lot while a clean hard sample's drops little:
-    the lowest reductions are clean.
+    the lowest reductions are clean. A poisoned sample whose trigger the virtual model
+    cannot pick up in one epoch drops little too, yet the current model still finds its
+    label among the least believable of the set: the guard keeps such samples polluted
+    (0: the paper's meta-split).
     The reduction is computed in the inputs' dtype, so ranking float32 losses
     reproduces the float32 ``loss_reduction`` column of the split table exactly.
 
@@ -164,17 +168,29 @@ def clean_mask_stage3(
         losses: (N,) float, SCE loss of the current model.
         meta_losses: (N,) float, SCE loss of the virtual model.
         ratio: gamma, fraction of samples in the clean pool, in (0, 1).
+        guard: fraction of samples, the highest-loss ones, kept out of the clean pool;
+            ``ratio + guard`` at most 1.
 
     Returns:
         clean: (N,) bool, the clean pool D_C.
-        rank: (N,) int64, 0-based global position in (reduction, sample_id) order.
+        rank: (N,) int64, 0-based global position in (guarded, reduction, sample_id)
+            order: the guarded samples rank last.
 
     Raises:
         DataError: on a non-finite loss, or if floor(ratio * N) is 0 (empty pool).
     """
     n = _check_losses(losses, "losses").size
     _check_losses(meta_losses, "meta_losses", n)
-    return _lowest(losses - meta_losses, ratio)
+    reduction = losses - meta_losses
+    guarded = int(guard * n)
+    if guarded == 0:
+        return _lowest(reduction, ratio)
+    if int(ratio * n) + guarded > n:
+        raise ValueError(f"ratio {ratio} + guard {guard} leaves too few samples to fill the clean pool")
+    positions = np.arange(n)
+    is_guarded = np.zeros(n, bool)
+    is_guarded[np.lexsort((positions, losses))[n - guarded :]] = True  # highest (loss, sample_id)
+    return _lowest_ranked(np.lexsort((positions, reduction, is_guarded)), ratio)
 
 
 def make_split(
@@ -238,7 +254,9 @@ def make_split(
     elif stage == 2:
         clean[free], rank[free] = clean_mask_stage2(losses[free], config.clean_ratio)
     else:
-        clean[free], rank[free] = clean_mask_stage3(losses[free], meta_losses[free], config.meta_clean_ratio)
+        clean[free], rank[free] = clean_mask_stage3(
+            losses[free], meta_losses[free], config.meta_clean_ratio, config.meta_loss_guard
+        )
 
     is_poison, original_label = _read_ground_truth(ground_truth, n)
     nulls = pa.nulls(n, pa.float32())
@@ -395,9 +413,14 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
 
 def _lowest(values: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """Mask of the floor(ratio * N) lowest (value, position) pairs and every position's rank."""
+    return _lowest_ranked(np.argsort(values, kind="stable"), ratio)  # stable: ties by sample_id
+
+
+def _lowest_ranked(order: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of the first floor(ratio * N) positions of ``order`` and every position's rank."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio {ratio} must be in (0, 1)")
-    n = values.size
+    n = order.size
     keep = int(ratio * n)
     if keep == 0:
         raise DataError(
@@ -405,7 +428,7 @@ def _lowest(values: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
             "split a larger training set"
         )
     rank = np.empty(n, np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(n)  # stable: ties by sample_id
+    rank[order] = np.arange(n)
     return rank < keep, rank
 
 

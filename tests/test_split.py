@@ -9,7 +9,7 @@ import pytest
 
 from asd_ray import tables
 from asd_ray.config import SplitConfig
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 from asd_ray.split import (
     choice_num,
     clean_mask_stage1,
@@ -173,6 +173,57 @@ def test_stage3_table():
     assert split["meta_loss"].to_pylist() == S3_META.tolist()
     assert split["loss_reduction"].to_pylist() == [-0.5, 0.0, 1.0, -0.25, 0.5, -0.5]
     assert split_summary(split)["clean_per_class"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "guard, ranks",
+    [
+        (0.17, [0, 2, 4, 1, 3, 5]),  # 1 guarded: 5 (loss 3.0) ranks last
+        (0.34, [0, 2, 5, 1, 3, 4]),  # 2 guarded: 5 and 2, by reduction among themselves
+    ],
+)
+def test_stage3_guard_keeps_the_highest_losses_out_of_the_clean_pool(guard, ranks):
+    """split.meta_loss_guard: sample 5 has the lowest reduction but the highest loss."""
+    clean, rank = clean_mask_stage3(S3_LOSSES, S3_META, 0.5, guard)
+    assert ids_of(clean) == [0, 1, 3]
+    assert rank.tolist() == ranks
+
+
+def test_stage3_guard_breaks_loss_ties_by_sample_id_and_keeps_the_pool_size():
+    losses = np.ones(4, np.float32)
+    clean, rank = clean_mask_stage3(losses, np.zeros(4, np.float32), 0.5, 0.25)
+    assert ids_of(clean) == [0, 1] and rank.tolist() == [0, 1, 2, 3]  # 3 is the one guarded
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        losses, meta = (np.round(rng.random(50), 1).astype(np.float32) for _ in range(2))
+        clean, _ = clean_mask_stage3(losses, meta, 0.5, 0.3)
+        highest = np.lexsort((np.arange(50), losses))[-15:]
+        assert clean.sum() == 25 and not clean[highest].any()
+
+
+def test_stage3_table_with_the_guard_counts_only_ranked_samples():
+    """The guard is a share of the ranked samples: a trusted copy is clean and never guarded."""
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    meta = S3_META.copy()
+    meta[2] = 2.5  # reduction -0.5: without the guard, 2 would join 0 in the clean pool
+    config = SplitConfig(grow_every=5, grow_by=3, stage2_epoch=10, stage3_epoch=20, meta_loss_guard=0.2)
+    split = make_split(
+        25,
+        scores_table(labels, S3_LOSSES),
+        config=config,
+        num_classes=2,
+        seed_ids=np.array([2]),
+        meta_scores=scores_table(labels, meta),
+        trusted_ids=np.array([5]),  # the highest loss of all: guarding it would guard no ranked one
+    )
+    # ranked: 0..4, one guarded (2, loss 2.0); the two lowest reductions of the rest: 0 and 3
+    assert clean_ids(split) == [0, 3, 5]
+    assert split["rank"].to_pylist() == [0, 2, 4, 1, 3, -1]
+
+
+def test_a_guard_that_leaves_too_few_samples_is_refused():
+    with pytest.raises(ConfigError, match="meta_clean_ratio 0.6 \\+ meta_loss_guard 0.5 is over 1"):
+        SplitConfig(meta_clean_ratio=0.6, meta_loss_guard=0.5)
 
 
 def test_ratio_that_keeps_nothing():
