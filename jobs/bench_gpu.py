@@ -124,6 +124,7 @@ class Bench:
             f"scoring.batch_size={4 * batch}",
             "virtual.epochs=0",
             "cluster.workers=1",
+            "mixmatch.noise_overlay=0",  # the paper's step, which the plain reference computes
             f"compute.precision={precision}",
             f"compute.cuda_graphs={str(graphs).lower()}",
             f"compute.compile={str(compiled).lower()}",

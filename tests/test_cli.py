@@ -182,6 +182,48 @@ def test_resume_reads_the_run_config_and_refuses_algorithm_changes(tmp_path, cap
     assert code == 2 and "no config.yaml there" in err
 
 
+def test_a_record_older_than_a_setting_resumes_with_what_it_ran(tmp_path):
+    """A run folder recorded before mixmatch.noise_overlay and split.meta_loss_guard existed
+    ran the paper's algorithm: its resume keeps that (0), not today's defaults, and an
+    explicit value still wins."""
+    import yaml
+
+    from asd_ray.config import config_yaml, load_config, load_recorded_config
+
+    values = yaml.safe_load(config_yaml(load_config("mnist-quick")))
+    assert values["mixmatch"].pop("noise_overlay") == 0.2
+    assert values["split"].pop("meta_loss_guard") == 0.2
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(values))
+    resumed = load_recorded_config(old)
+    assert resumed.mixmatch.noise_overlay == 0.0 and resumed.split.meta_loss_guard == 0.0
+    assert load_recorded_config(old, ["mixmatch.noise_overlay=0.1"]).mixmatch.noise_overlay == 0.1
+    new = tmp_path / "new.yaml"
+    new.write_text(config_yaml(load_config("mnist-quick", overrides=["mixmatch.noise_overlay=0.15"])))
+    assert load_recorded_config(new).mixmatch.noise_overlay == 0.15
+    assert load_recorded_config(new).split.meta_loss_guard == 0.2
+
+
+def test_paper_turns_off_every_setting_the_paper_does_not_have(capsys):
+    """--paper: the two settings on by default and the hold-out go to 0; --set still wins."""
+    import yaml
+
+    code, out, _ = run(["config", "show", "--preset", "mnist-quick"], capsys)
+    default = yaml.safe_load(out)
+    assert code == 0 and default["split"]["meta_loss_guard"] > 0 and default["mixmatch"]["noise_overlay"] > 0
+    code, out, _ = run(["config", "show", "--preset", "mnist-quick", "--paper"], capsys)
+    paper = yaml.safe_load(out)
+    assert code == 0
+    assert (paper["split"]["meta_loss_guard"], paper["split"]["holdout_ratio"]) == (0, 0)
+    assert paper["mixmatch"]["noise_overlay"] == 0
+    paper["split"]["meta_loss_guard"] = paper["mixmatch"]["noise_overlay"] = "default"
+    default["split"]["meta_loss_guard"] = default["mixmatch"]["noise_overlay"] = "default"
+    assert paper == default  # nothing else changes
+    argv = ["config", "show", "--preset", "mnist-quick", "--paper", "--set", "mixmatch.noise_overlay=0.1"]
+    code, out, _ = run(argv, capsys)
+    assert yaml.safe_load(out)["mixmatch"]["noise_overlay"] == 0.1
+
+
 @pytest.mark.parametrize(
     ("attack", "flags"),
     [

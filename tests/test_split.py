@@ -1,5 +1,6 @@
 """ASD's split on hand-worked examples, plus a golden split for a fixed seed (no Ray)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from asd_ray.split import (
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "split_golden.json"
-SMALL = SplitConfig(grow_every=5, grow_by=3, stage2_epoch=10, stage3_epoch=20)
+# the paper's split (no stage-3 guard)
+SMALL = SplitConfig(grow_every=5, grow_by=3, stage2_epoch=10, stage3_epoch=20, meta_loss_guard=0)
 
 # Stage-1 example: 2 classes, seeds 2 (class 0) and 6 (class 1, with a high loss).
 # class 0 candidates by (loss, id): 5 (.2), 9 (.3), 0 (.5), 4 (.5), 7 (.5)
@@ -206,7 +208,7 @@ def test_stage3_table_with_the_guard_counts_only_ranked_samples():
     labels = np.array([0, 1, 0, 1, 0, 1])
     meta = S3_META.copy()
     meta[2] = 2.5  # reduction -0.5: without the guard, 2 would join 0 in the clean pool
-    config = SplitConfig(grow_every=5, grow_by=3, stage2_epoch=10, stage3_epoch=20, meta_loss_guard=0.2)
+    config = dataclasses.replace(SMALL, meta_loss_guard=0.2)
     split = make_split(
         25,
         scores_table(labels, S3_LOSSES),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from asd_ray.cli.common import add_quiet, format_table, say
-from asd_ray.config import PRESETS
+from asd_ray.config import PAPER_ALGORITHM, PRESETS
 from asd_ray.errors import DataError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, preset_default: str | None = "cifar10") -> None:
-    """--preset, --config and --set: how a config is layered (preset, YAML, overrides)."""
+    """--preset, --config, --set and --paper: how a config is layered (preset, YAML, overrides)."""
     parser.add_argument(
         "--preset",
         default=preset_default,
@@ -25,6 +25,17 @@ def add_config_flags(parser: argparse.ArgumentParser, *, preset_default: str | N
         metavar="KEY=VALUE",
         help="override, e.g. --set mixmatch.iterations=256 --set data.flip=false",
     )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's algorithm: turn off the settings not in the paper (split.meta_loss_guard, "
+        "split.holdout_ratio, mixmatch.noise_overlay); --set applies after it",
+    )
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides that --paper and --set name, in that order."""
+    return [*(PAPER_ALGORITHM if args.paper else ()), *args.set]
 
 
 def add_commands(commands) -> None:
@@ -98,12 +109,12 @@ def add_commands(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from asd_ray.config import load_config
+    from asd_ray.config import load_config, load_recorded_config
     from asd_ray.driver import run
     from asd_ray.inputs import RunInputs
     from asd_ray.run_folder import recorded_config
 
-    overrides = list(args.set)
+    overrides = config_overrides(args)
     for flag, key in (
         ("defense", "defense"),
         ("workers", "cluster.workers"),
@@ -117,14 +128,14 @@ def _run(args: argparse.Namespace) -> dict:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
         saved = recorded_config(args.out)
-        recorded = load_config(None, saved).model.factory
+        recorded = load_recorded_config(saved).model.factory
         restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides)
         if recorded is not None and not restated:
             raise DataError(
                 f"{saved}: the run's model is built by the factory {recorded!r}, and a run folder never "
                 f"chooses code to run: if you trust that code, resume with --set model.factory={recorded}"
             )
-        config = load_config(None, saved, overrides)
+        config = load_recorded_config(saved, overrides)
     else:
         config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
@@ -150,7 +161,7 @@ def _run(args: argparse.Namespace) -> dict:
 def _config_show(args: argparse.Namespace) -> None:
     from asd_ray.config import config_yaml, load_config
 
-    print(config_yaml(load_config(args.preset, args.config, list(args.set))), end="")
+    print(config_yaml(load_config(args.preset, args.config, config_overrides(args))), end="")
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
