@@ -160,16 +160,22 @@ def test_stage3_hand_worked(ratio, expected):
     assert rank.tolist() == [0, 3, 5, 2, 4, 1]
 
 
-def test_stage3_table():
+def stage3_split(meta=S3_META, config=SMALL, **pinned) -> pa.Table:
+    """Epoch 25's split of the stage-3 example (labels 0, 1, 0, 1, 0, 1; seed 2)."""
     labels = np.array([0, 1, 0, 1, 0, 1])
-    split = make_split(
+    return make_split(
         25,
         scores_table(labels, S3_LOSSES),
-        config=SMALL,
+        config=config,
         num_classes=2,
         seed_ids=np.array([2]),
-        meta_scores=scores_table(labels, S3_META),
+        meta_scores=scores_table(labels, meta),
+        **pinned,
     )
+
+
+def test_stage3_table():
+    split = stage3_split()
     assert clean_ids(split) == [0, 3, 5]
     assert split["stage"].to_pylist() == [3] * 6
     assert split["meta_loss"].to_pylist() == S3_META.tolist()
@@ -205,19 +211,11 @@ def test_stage3_guard_breaks_loss_ties_by_sample_id_and_keeps_the_pool_size():
 
 def test_stage3_table_with_the_guard_counts_only_ranked_samples():
     """The guard is a share of the ranked samples: a trusted copy is clean and never guarded."""
-    labels = np.array([0, 1, 0, 1, 0, 1])
     meta = S3_META.copy()
     meta[2] = 2.5  # reduction -0.5: without the guard, 2 would join 0 in the clean pool
     config = dataclasses.replace(SMALL, meta_loss_guard=0.2)
-    split = make_split(
-        25,
-        scores_table(labels, S3_LOSSES),
-        config=config,
-        num_classes=2,
-        seed_ids=np.array([2]),
-        meta_scores=scores_table(labels, meta),
-        trusted_ids=np.array([5]),  # the highest loss of all: guarding it would guard no ranked one
-    )
+    # 5 has the highest loss of all: guarding it would guard no ranked sample
+    split = stage3_split(meta, config, trusted_ids=np.array([5]))
     # ranked: 0..4, one guarded (2, loss 2.0); the two lowest reductions of the rest: 0 and 3
     assert clean_ids(split) == [0, 3, 5]
     assert split["rank"].to_pylist() == [0, 2, 4, 1, 3, -1]
