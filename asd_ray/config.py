@@ -516,22 +516,18 @@ def load_config(
     return config
 
 
-# Settings added after run folders were first recorded, each with the value a record that
-# lacks it ran with, so that resuming such a folder keeps its algorithm.
-_ADDED_LATER: dict[str, Any] = {"mixmatch.noise_overlay": 0.0, "split.meta_loss_guard": 0.0}
-
-
 def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run folder's recorded config (RUN/config.yaml), then ``overrides``; a setting the
-    record predates takes the value the run ran with, not today's default."""
+    """A run folder's recorded config (RUN/config.yaml), then ``overrides``. A setting not in
+    the paper that the record lacks was added after the run began, which then ran the paper's
+    algorithm there: it takes its PAPER_ALGORITHM value, not today's default."""
     values = _yaml(path, str(path))
     predates = []
-    for key, value in _ADDED_LATER.items():
+    for override in PAPER_ALGORITHM:
         node = values
-        for part in key.split("."):
+        for part in override.partition("=")[0].split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is None:
-            predates.append(f"{key}={value}")
+            predates.append(override)
     return load_config(None, path, [*predates, *(overrides or [])])
 
 
