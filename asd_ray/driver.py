@@ -62,6 +62,7 @@ from asd_ray.run_folder import (
 )
 from asd_ray.scores import PASS_SCHEMA, scores_table
 from asd_ray.scoring_pool import PassResult, ScoringPool
+from asd_ray.seeds import foreign_seed_warning
 from asd_ray.split import make_split, split_summary, stage_of
 
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
@@ -116,6 +117,9 @@ def run(
             write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
             write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
         progress = RunLog(out / RUN_LOG, progress)
+        advice = foreign_seed_warning(data.seeds, config.mixmatch.noise_overlay, config.transfer.semi_epochs)
+        if advice:
+            progress(advice)
         callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
         data = add_trusted_seeds(data, out)
         session = _Session(config, inputs, data, out)

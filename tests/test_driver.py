@@ -159,6 +159,7 @@ def test_seeds_from_the_clean_parent_are_evidence_against_their_tampered_copies(
     summary = run(load_config("mnist-quick", overrides=TINY_RUN), inputs, out, progress=lines.append)
     assert summary["seeds_tampered"] == altered.size and summary["seeds_added"] == altered.size
     assert any(f"{altered.size} seed(s) differ" in line for line in lines)
+    assert not any("another dataset" in line for line in lines)  # trusted copies are not foreign seeds
     assert ShardSet(out / "trusted-seeds").labels.tolist() == [
         int(seeds.filter(pa.compute.equal(seeds.column("sample_id"), i)).column("label")[0].as_py())
         for i in altered
@@ -174,6 +175,36 @@ def test_seeds_from_the_clean_parent_are_evidence_against_their_tampered_copies(
         assert all(r["is_poison"] is False for r in trusted)  # ground truth extended over them
     flagged = {r["sample_id"]: r for r in history.flagged_samples(out, "last").to_pylist()}
     assert all(flagged[i]["suspicion"] == 1.0 for i in altered.tolist())  # proven: the top score
+
+
+def test_seeds_from_another_dataset_under_the_noise_overlay_are_warned_of_before_training(
+    ray_cluster, poisoned_data, tmp_path, monkeypatch
+):
+    """The advice is printed and logged to RUN/run.log before any worker starts."""
+    from conftest import make_shards
+
+    from asd_ray import driver
+    from asd_ray.run_folder import RUN_LOG
+    from asd_ray.seeds import pick_seeds
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args):
+        raise Stopped
+
+    monkeypatch.setattr(driver, "_Session", stop)  # nothing to train: the check ends at the start
+    other = make_shards(tmp_path / "other", n=80, size=16, channels=1, classes=4, seed=7)
+    tables.write_parquet(pick_seeds(other, 10), tmp_path / "seeds.parquet", "seeds")
+    inputs = dataclasses.replace(poisoned_data, seeds=str(tmp_path / "seeds.parquet"))
+    for overlay, warned in (("0.2", True), ("0", False)):
+        out, lines = tmp_path / f"run-{overlay}", []
+        config = load_config("mnist-quick", overrides=[*TINY_RUN, f"mixmatch.noise_overlay={overlay}"])
+        with pytest.raises(Stopped):
+            run(config, inputs, out, progress=lines.append)
+        advice = "40 seed(s) come from another dataset and mixmatch.noise_overlay is 0.2"
+        assert any(advice in line for line in lines) == warned
+        assert (advice in (out / RUN_LOG).read_text()) == warned
 
 
 def test_memory_budget_serves_shares_from_disk_with_identical_results(tiny_run, poisoned_data, tmp_path):

@@ -5,7 +5,7 @@ from conftest import make_shards
 from asd_ray import tables
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
-from asd_ray.seeds import pick_seeds, seeds_from_list
+from asd_ray.seeds import foreign_seed_warning, pick_seeds, seeds_from_list
 
 
 def test_picks_w_per_class_reproducibly(train_set):
@@ -61,6 +61,7 @@ def test_plan_seeds_tells_tampered_seeds_by_label_and_by_pixels(tmp_path):
         assert plan.tampered.tolist() == sorted(ids[modified[ids]].tolist()), attack
         assert plan.in_place.tolist() == sorted(ids[~modified[ids]].tolist())
         assert plan.num_extras == plan.tampered.size
+        assert plan.num_foreign == 0 and foreign_seed_warning(plan, 0.2, 0) is None  # trusted copies
 
 
 def test_seeds_from_another_dataset_are_all_added(tmp_path):
@@ -69,7 +70,23 @@ def test_seeds_from_another_dataset_are_all_added(tmp_path):
     train = make_shards(tmp_path / "train", n=60, size=16, channels=1, classes=3, per_shard=30)
     other = make_shards(tmp_path / "other", n=30, size=16, channels=1, classes=3, per_shard=30, seed=5)
     plan = plan_seeds(train, pick_seeds(other, 4), 4, where="seeds")
-    assert plan.in_place.size == 0 and plan.tampered.size == 0 and plan.num_extras == 12
+    assert plan.in_place.size == 0 and plan.tampered.size == 0 and plan.num_extras == plan.num_foreign == 12
     small = make_shards(tmp_path / "small", n=30, size=8, channels=1, classes=3, per_shard=30)
     with pytest.raises(DataError, match="same --image-size"):
         plan_seeds(train, pick_seeds(small, 4), 4, where="seeds")
+
+
+def test_seeds_from_another_dataset_under_the_noise_overlay_get_a_warning(tmp_path):
+    """Foreign seeds without pre-training: the run advises turning the overlay off, and only then."""
+    from asd_ray.seeds import plan_seeds
+
+    train = make_shards(tmp_path / "train", n=60, size=16, channels=1, classes=3, per_shard=30)
+    other = make_shards(tmp_path / "other", n=30, size=16, channels=1, classes=3, per_shard=30, seed=5)
+    foreign = plan_seeds(train, pick_seeds(other, 4), 4, where="seeds")
+    own = plan_seeds(train, pick_seeds(train, 4), 4, where="seeds")
+    warning = foreign_seed_warning(foreign, 0.2, 0)
+    assert "12 seed(s) come from another dataset" in warning
+    assert "--set mixmatch.noise_overlay=0" in warning
+    assert foreign_seed_warning(foreign, 0.0, 0) is None  # the overlay is off
+    assert foreign_seed_warning(foreign, 0.2, 10) is None  # transfer pre-training runs first
+    assert foreign_seed_warning(own, 0.2, 0) is None and foreign_seed_warning(None, 0.2, 0) is None
