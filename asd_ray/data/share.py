@@ -25,6 +25,7 @@ import numpy as np
 from asd_ray.data.shards import ShardSet, ShardSlice
 
 _CACHE_PREFIX = "asd-ray-share-"
+_COPY_ROWS = 4096  # rows a cached share is copied by: never the whole share in memory
 _OWNED: set[Path] = set()  # cache files this process created or reused
 
 
@@ -133,8 +134,9 @@ def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
         return np.concatenate([images, extra])
     path = Path(images.filename).with_suffix(".more")
     joined = np.memmap(path, np.uint8, mode="w+", shape=(len(images) + len(extra), *images.shape[1:]))
-    for start in range(0, len(images), 4096):  # batch by batch: never the whole share in memory
-        joined[start : start + 4096] = images[start : start + 4096]
+    for start in range(0, len(images), _COPY_ROWS):
+        stop = min(start + _COPY_ROWS, len(images))  # the last chunk ends where the extra rows begin
+        joined[start:stop] = images[start:stop]
     joined[len(images) :] = extra
     joined.flush()
     _OWNED.add(path)
