@@ -56,7 +56,7 @@ def test_trusted_copies_follow_a_cached_share_of_any_size(train_set, test_set, t
     extra, _, _ = load_share(test_set, keep=np.arange(len(test_set)) % 16 == 3)  # 5 trusted copies
     expected = np.concatenate([images, extra])
     joined = share.append_rows(cached, extra)
-    assert isinstance(joined, np.memmap)
+    assert isinstance(joined, np.memmap) and joined.flags.writeable  # as load_share's memmap
     assert np.array_equal(cached_ids, ids) and np.array_equal(cached_labels, labels)
     assert joined.shape == expected.shape and np.array_equal(joined, expected)
     assert np.array_equal(share.append_rows(images, extra), expected)

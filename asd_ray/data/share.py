@@ -64,7 +64,7 @@ def load_share(
         cache_dir: where the cache file lives (default: the system's temp folder).
 
     Returns:
-        images (n, H, W, C) uint8 (an ndarray or a read-only memmap), sample ids
+        images (n, H, W, C) uint8 (an ndarray or a copy-on-write memmap), sample ids
         (n,) int64 and labels (n,) int64.
     """
     if slices is not None and keep is not None:
@@ -127,7 +127,8 @@ def _remove(*paths: Path) -> None:
 
 
 def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
-    """``images`` followed by ``extra`` (a few rows): in memory, or a memmap that stays one."""
+    """``images`` followed by ``extra`` (a few rows): in memory, or a memmap that stays one
+    (copy-on-write like :func:`load_share`'s: torch warns on a read-only array)."""
     if not len(extra):
         return images
     if not isinstance(images, np.memmap):
@@ -140,4 +141,4 @@ def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
     joined[len(images) :] = extra
     joined.flush()
     _OWNED.add(path)
-    return np.memmap(path, np.uint8, mode="r", shape=joined.shape)
+    return np.memmap(path, np.uint8, mode="c", shape=joined.shape)  # the file never changes
