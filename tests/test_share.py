@@ -69,3 +69,17 @@ def test_trusted_copies_follow_a_cached_share_that_is_not_a_whole_number_of_chun
     extra = rows[:5] ^ 0xFF
     joined = share.append_rows(np.load(tmp_path / "share.images.npy", mmap_mode="c"), extra)
     assert np.array_equal(joined, np.concatenate([rows, extra]))
+
+
+def test_the_joined_cache_is_removed_with_the_share_even_after_a_failed_copy(train_set, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    _, (cached, _, _) = _shares(train_set, 9, cache)
+    share.append_rows(cached, np.zeros((2, *cached.shape[1:]), np.uint8))
+    assert len(list(cache.iterdir())) == 4  # ids, labels, images and the joined images
+    share.remove_caches()
+    assert not list(cache.iterdir())
+    _, (cached, _, _) = _shares(train_set, 9, cache)
+    with pytest.raises(ValueError):
+        share.append_rows(cached, np.zeros((2, 4, 4, 3), np.uint8))  # rows of another size
+    share.remove_caches()
+    assert not list(cache.iterdir())

@@ -134,11 +134,11 @@ def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
     if not isinstance(images, np.memmap):
         return np.concatenate([images, extra])
     path = Path(images.filename).with_suffix(".more")
+    _OWNED.add(path)  # before writing: remove_caches also removes a copy that failed half-way
     joined = np.memmap(path, np.uint8, mode="w+", shape=(len(images) + len(extra), *images.shape[1:]))
     for start in range(0, len(images), _COPY_ROWS):
         stop = min(start + _COPY_ROWS, len(images))  # the last chunk ends where the extra rows begin
         joined[start:stop] = images[start:stop]
     joined[len(images) :] = extra
     joined.flush()
-    _OWNED.add(path)
     return np.memmap(path, np.uint8, mode="c", shape=joined.shape)  # the file never changes
