@@ -293,7 +293,8 @@ def test_resume_applies_cluster_and_epochs_and_refuses_other_changes(poisoned_da
 @pytest.mark.slow  # transfer pre-training end to end (about 40 s), with the other transfer runs
 def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_cluster, poisoned_data, tmp_path):
     """Seeds from another shard set: pre-training runs once before epoch 0, its model is
-    checkpointed (a resume starts from it, not again), and its figures are recorded."""
+    checkpointed (a resume starts from it, not again), and its figures are recorded. The
+    shares are over a memory budget: their trusted copies join a disk-cached share."""
     from conftest import make_shards
 
     from asd_ray.models import ModelSpec
@@ -310,6 +311,8 @@ def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_clust
             "transfer.semi_epochs=2",
             "transfer.head_epochs=0.5",
             "transfer.head_min_steps=0",
+            "cluster.memory_budget_gb=0.000001",
+            f"cluster.cache_dir={tmp_path / 'cache'}",
         ],
     )
     out = tmp_path / "run"
@@ -335,3 +338,4 @@ def test_transfer_pretraining_starts_asd_from_seeds_of_another_dataset(ray_clust
     assert not any("transfer pre-training" in line for line in lines)  # the checkpoint carried it
     assert any("resumed from checkpoint_" in line and "(epoch -1)" in line for line in lines)
     assert summary["epochs"] == 3 and summary["pretrain"] == record
+    assert not list((tmp_path / "cache").iterdir())  # the runs' caches, removed at their ends

@@ -25,6 +25,7 @@ import numpy as np
 from asd_ray.data.shards import ShardSet, ShardSlice
 
 _CACHE_PREFIX = "asd-ray-share-"
+_COPY_ROWS = 4096  # rows a cached share is copied by: never the whole share in memory
 _OWNED: set[Path] = set()  # cache files this process created or reused
 
 
@@ -63,7 +64,7 @@ def load_share(
         cache_dir: where the cache file lives (default: the system's temp folder).
 
     Returns:
-        images (n, H, W, C) uint8 (an ndarray or a read-only memmap), sample ids
+        images (n, H, W, C) uint8 (an ndarray or a copy-on-write memmap), sample ids
         (n,) int64 and labels (n,) int64.
     """
     if slices is not None and keep is not None:
@@ -126,16 +127,18 @@ def _remove(*paths: Path) -> None:
 
 
 def append_rows(images: np.ndarray, extra: np.ndarray) -> np.ndarray:
-    """``images`` followed by ``extra`` (a few rows): in memory, or a memmap that stays one."""
+    """``images`` followed by ``extra`` (a few rows): in memory, or a memmap that stays one
+    (copy-on-write like :func:`load_share`'s: torch warns on a read-only array)."""
     if not len(extra):
         return images
     if not isinstance(images, np.memmap):
         return np.concatenate([images, extra])
     path = Path(images.filename).with_suffix(".more")
+    _OWNED.add(path)  # before writing: remove_caches also removes a copy that failed half-way
     joined = np.memmap(path, np.uint8, mode="w+", shape=(len(images) + len(extra), *images.shape[1:]))
-    for start in range(0, len(images), 4096):  # batch by batch: never the whole share in memory
-        joined[start : start + 4096] = images[start : start + 4096]
+    for start in range(0, len(images), _COPY_ROWS):
+        stop = min(start + _COPY_ROWS, len(images))  # the last chunk ends where the extra rows begin
+        joined[start:stop] = images[start:stop]
     joined[len(images) :] = extra
     joined.flush()
-    _OWNED.add(path)
-    return np.memmap(path, np.uint8, mode="r", shape=joined.shape)
+    return np.memmap(path, np.uint8, mode="c", shape=joined.shape)  # the file never changes
