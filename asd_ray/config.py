@@ -4,7 +4,7 @@ Defaults are the paper's settings, with the details it leaves open taken from th
 authors' code; each field's comment says what it is.
 :data:`PRESETS` hold the paper's settings per dataset; :func:`load_config`
 layers a preset, an optional YAML file and ``section.field=value`` overrides.
-The only I/O is reading that YAML.
+The only I/O is reading that YAML (through :mod:`asd_ray.files`' limits).
 """
 
 from __future__ import annotations
@@ -13,15 +13,265 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from asd_ray.errors import ConfigError
+from asd_ray.errors import ConfigError, DataError, UserError
+from asd_ray.files import decode_text, parse_yaml, read_regular_file
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
 TRIGGERS = ("badnets", "blend", "checkerboard")
+
+_CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
+
+# The settings that are not in the paper, at the values that turn them off: a run with these
+# overrides is the paper's algorithm (asd-ray run --paper).
+PAPER_ALGORITHM = ("split.meta_loss_guard=0", "split.holdout_ratio=0", "mixmatch.noise_overlay=0")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {},
+    "gtsrb": {
+        "epochs": 100,
+        "data": dict(mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669), flip=False),
+    },
+    "imagenet30": {"data": _IMAGENET},
+    "vggface2_30": {"model": {"name": "densenet121"}, "data": _IMAGENET, "virtual": {"lr": 0.02}},
+    "mnist-quick": {
+        "epochs": 12,
+        "model": {"name": "small_cnn"},
+        "data": dict(mean=(0.1307,), std=(0.3081,), flip=False, crop_padding=2),
+        "split": dict(grow_every=2, grow_by=40, stage2_epoch=6, stage3_epoch=9),
+        "mixmatch": dict(iterations=128),
+        "virtual": dict(min_steps=250),
+        # CIFAR-10's one epoch of the head is 391 steps; one epoch here is 33 (see TransferConfig)
+        "transfer": dict(head_min_steps=390),
+    },
+}
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what it must be)
+
+
+def _finite(low: float, *, strict: bool, high: float | None = None) -> Rule:
+    """A finite number above ``low`` (strictly or not), and at most ``high``."""
+    top = math.inf if high is None else high
+    above = (lambda v: v > low) if strict else (lambda v: v >= low)
+    rule = f"a finite number {'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
+    return (lambda v: _is_number(v) and math.isfinite(v) and above(v) and v <= top), rule
+
+
+def _whole(low: int, high: int) -> Rule:
+    return (lambda v: type(v) is int and low <= v <= high), f"an integer in {low}..{high}"
+
+
+def _resource(*, strict: bool, high: int) -> Rule:
+    """A Ray resource quantity: Ray counts in steps of 0.0001 and refuses finer ones (and
+    totals over 1e14, which ``high`` times the process counts stays far below)."""
+    ok, rule = _finite(0, strict=strict, high=high)
+    return (lambda v: ok(v) and round(v, 4) == v), f"{rule}, in steps of 0.0001"
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _optional(rule: Rule) -> Rule:
+    ok, text = rule
+    return (lambda v: v is None or ok(v)), f"{text} (or null)"
+
+
+def _entries(rule: Rule, most: int) -> Rule:
+    """A list of 1..``most`` values that each follow ``rule``."""
+    ok, text = rule
+    return (
+        lambda v: 1 <= len(v) <= most and all(ok(x) for x in v)
+    ), f"a list of 1..{most} entries, each {text}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_factory(value: str) -> bool:
+    module, sep, function = value.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in (*module.split("."), function))
+
+
+def _is_module_path(value: str) -> bool:
+    return all(p.isidentifier() or (p.isascii() and p.isdigit()) for p in value.split("."))
+
+
+_BOOL: Rule = ((lambda v: isinstance(v, bool)), "true or false")
+_FRACTION = ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)")
+_OPEN_FRACTION: Rule = ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)")
+_LR = _finite(0, strict=True, high=1)  # Adam diverges long before a step of 1
+_EPOCHS = 100_000
+_STEPS = 1_000_000
+_BATCH = 2**20
+# torch.manual_seed takes 64 bits, and the driver seeds each epoch's scoring with
+# seed * 100_003 + epoch + i: 32 bits keep that far inside 64
+_SEED = _whole(0, 2**32 - 1)
+_PATH_CHARACTERS = 4096  # the usual PATH_MAX
+
+# Every setting's rule, by section ("" for the top level), checked where the config is built
+# and named by its key, so no value reaches Ray or torch unchecked.
+_RANGES: dict[str, dict[str, Rule]] = {
+    "": {
+        "preset": _one_of(*PRESETS),
+        "defense": _one_of("asd", "none"),
+        "epochs": _whole(1, _EPOCHS),
+        "seed": _SEED,
+        "baseline_batch_size": _whole(2, _BATCH),  # batch norm needs two values per channel
+    },
+    "model": {
+        "name": _one_of("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn", "custom"),
+        "factory": _optional(
+            (
+                lambda v: len(v) <= _PATH_CHARACTERS and _is_factory(v),
+                "package.module:function (Python names joined by dots, a colon, a function name)",
+            )
+        ),
+        "meta_layers": (
+            lambda v: (
+                len(v) <= 10_000 and all(0 < len(x) <= _PATH_CHARACTERS and _is_module_path(x) for x in v)
+            ),
+            "a list of module paths as named_modules() gives them (names and indices joined by dots)",
+        ),
+    },
+    "data": {
+        "mean": _entries(_finite(0, strict=False, high=1), 64),  # pixels are on [0, 1]
+        # below 0.001 a normalised pixel would exceed 1000
+        "std": _entries(_finite(0.001, strict=False, high=1), 64),
+        "augment": _one_of("crop", "resized_crop", "none"),
+        "crop_padding": _whole(0, 1024),
+        "flip": _BOOL,
+    },
+    "split": {
+        "seeds_per_class": _whole(1, _STEPS),
+        "grow_every": _whole(1, _EPOCHS),
+        "grow_by": _whole(0, _STEPS),
+        "stage2_epoch": _whole(0, _EPOCHS),
+        "stage3_epoch": _whole(0, _EPOCHS),
+        "clean_ratio": _OPEN_FRACTION,
+        "meta_clean_ratio": _OPEN_FRACTION,
+        "meta_loss_guard": _FRACTION,
+        "holdout_ratio": _FRACTION,
+    },
+    "scoring": {
+        "sce_alpha": _finite(0, strict=False, high=100),
+        "sce_beta": _finite(0, strict=False, high=100),
+        "augment": _BOOL,
+        "batch_size": _whole(1, _BATCH),
+        "precision": _one_of("fp32", "tf32", "bf16"),
+    },
+    "mixmatch": {
+        "iterations": _whole(1, _STEPS),
+        "batch_labeled": _whole(1, _BATCH),
+        "batch_unlabeled": _whole(1, _BATCH),
+        "batch_rule": _one_of("global", "scaled"),
+        # sharpening raises probabilities to 1/T: below 0.1 a near-uniform row of 1,000
+        # classes underflows to zeros in float32 (and 0/0)
+        "temperature": _finite(0.1, strict=False, high=10),
+        "noise_overlay": _FRACTION,
+        "mixup_alpha": _finite(0, strict=True, high=100),
+        "lambda_u": _finite(0, strict=False, high=1000),
+        "rampup_epochs": _optional(_finite(0, strict=True, high=_EPOCHS)),
+        "lr": _LR,
+        "scaled_lr": _one_of("sqrt", "linear", "none"),
+        "warmup_epochs": _finite(0, strict=False, high=_EPOCHS),
+    },
+    "virtual": {
+        "lr": _LR,
+        "batch_size": _whole(2, _BATCH),
+        "epochs": _finite(0, strict=False, high=1000),
+        "min_steps": _whole(0, _STEPS),
+    },
+    "transfer": {
+        "semi_epochs": _whole(0, _EPOCHS),
+        "head_epochs": _finite(0, strict=False, high=_EPOCHS),
+        "head_min_steps": _whole(0, _STEPS),
+    },
+    "compute": {
+        "precision": _one_of("auto", "fp32", "tf32", "bf16"),
+        "channels_last": _BOOL,
+        "compile": _BOOL,
+        "cuda_graphs": _BOOL,
+    },
+    "cluster": {
+        "workers": _whole(1, 10_000),
+        "scorers": _whole(1, 10_000),
+        "cpus_per_worker": _resource(strict=True, high=10_000),
+        "gpus_per_worker": _resource(strict=False, high=1_000),
+        "cpus_per_scorer": _resource(strict=True, high=10_000),
+        "gpus_per_scorer": _resource(strict=False, high=1_000),
+        "threads_per_process": _whole(1, 4096),
+        "max_failures": _whole(0, 1000),
+        "sync_batch_norm": _optional(_BOOL),
+        "memory_budget_gb": _optional(_finite(0, strict=True, high=1_000_000)),
+        "cache_dir": _optional(
+            (
+                lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v,
+                f"a folder path of 1..{_PATH_CHARACTERS} characters without NUL",
+            )
+        ),
+    },
+}
+
+# Every attack parameter's range, checked where the attack is built, named by its flag.
+# A trigger must also fit the image; that is checked when the trigger is built.
+_ATTACK_RANGES: dict[str, Rule] = {
+    "rate": _finite(0, strict=True, high=1),
+    "target": _whole(0, 2**31 - 1),
+    "seed": _SEED,
+    "size": _optional(_whole(1, 4096)),  # a sanity bound; it must also fit the image (checked when built)
+    "alpha": _finite(0, strict=True, high=1),
+    "wanet_k": _whole(2, 64),
+    "wanet_s": _finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
+    "cross_ratio": _finite(0, strict=False),
+    "pgd_eps": _finite(0, strict=True, high=1),
+    "pgd_step": _finite(0, strict=True, high=1),
+    "pgd_steps": _whole(1, 10_000),
+    "sig_delta": _finite(0, strict=True, high=255),
+    "sig_frequency": _finite(0, strict=True),  # it must also stay below half the width (checked when built)
+    "adaptive_grid": _whole(2, 64),  # it must also fit the image (checked when built)
+    "adaptive_pieces": _whole(1, 64 * 64),  # at most adaptive_grid**2 (checked in __post_init__)
+    "adaptive_train_alpha": _finite(0, strict=True, high=1),
+    "adaptive_test_alpha": _finite(0, strict=True, high=1),
+    "conservatism_ratio": _finite(0, strict=False),
+}
+
+
+def _check_ranges(obj: Any, ranges: dict[str, Rule], name: Callable[[str], str]) -> None:
+    """Refuse the first field of ``obj`` outside its rule, naming it as ``name(field)`` says
+    (a config key, or a command-line flag)."""
+    for key, (ok, rule) in ranges.items():
+        value = getattr(obj, key)
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):  # a value of the wrong type, given through the Python API
+            good = False
+        if not good:
+            raise ConfigError(f"{name(key)} = {shown(value)} is out of range: it must be {rule}")
+
+
+def _check_section(obj: Any, section: str) -> None:
+    _check_ranges(obj, _RANGES[section], lambda key: f"{section}.{key}" if section else key)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quotes a 4,000-digit number or
+    a long path by its start, never whole (Python will not even print an int of 4,300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"<an integer of about {round(value.bit_length() * math.log10(2))} digits>"
+    try:
+        text = repr(value)
+    except ValueError:  # an int over Python's digit limit inside a list
+        return f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,21 +374,17 @@ class SplitConfig:
     holdout_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.stage2_epoch <= self.stage3_epoch:
+        _check_section(self, "split")
+        if self.stage2_epoch > self.stage3_epoch:
             raise ConfigError(
-                f"stage2_epoch {self.stage2_epoch} and stage3_epoch {self.stage3_epoch} must satisfy "
-                "0 <= stage2_epoch <= stage3_epoch"
+                f"split.stage2_epoch {self.stage2_epoch} is after split.stage3_epoch {self.stage3_epoch}; "
+                "stage 2 must start no later than stage 3"
             )
-        for name in ("clean_ratio", "meta_clean_ratio"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} {getattr(self, name)} must be in (0, 1)")
         if self.meta_clean_ratio + self.meta_loss_guard > 1.0:
             raise ConfigError(
-                f"meta_clean_ratio {self.meta_clean_ratio} + meta_loss_guard {self.meta_loss_guard} "
-                "is over 1: stage 3 could not fill its clean pool; lower one of them"
+                f"split.meta_clean_ratio {self.meta_clean_ratio} + split.meta_loss_guard "
+                f"{self.meta_loss_guard} is over 1: stage 3 could not fill its clean pool; lower one of them"
             )
-        if self.grow_every < 1 or self.grow_by < 0 or self.seeds_per_class < 1:
-            raise ConfigError("grow_every and seeds_per_class must be >= 1 and grow_by >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +400,13 @@ class ModelConfig:
     meta_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        names = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn", "custom")
-        if self.name not in names:
-            raise ConfigError(f"model.name {self.name!r} is unknown; choose one of {', '.join(names)}")
+        _check_section(self, "model")
         if (self.name == "custom") != (self.factory is not None):
             raise ConfigError("model.factory goes with model.name=custom (and only with it)")
-        if self.factory is not None and (self.factory.count(":") != 1 or not self.meta_layers):
+        if (self.name == "custom") != bool(self.meta_layers):
             raise ConfigError(
-                f"model.factory {self.factory!r}: give 'package.module:function' and model.meta_layers "
-                "(the module paths the stage-3 virtual model updates)"
+                "model.meta_layers goes with model.name=custom (and only with it): the module paths "
+                "the stage-3 virtual model updates"
             )
 
 
@@ -177,10 +421,11 @@ class DataConfig:
     flip: bool = True  # random horizontal flip (off for digits and traffic signs)
 
     def __post_init__(self) -> None:
-        if self.augment not in ("crop", "resized_crop", "none"):
-            raise ConfigError(f"data.augment {self.augment!r}: choose crop, resized_crop or none")
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ConfigError("data.mean and data.std need one entry per channel, std > 0")
+        _check_section(self, "data")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(
+                f"data.mean has {len(self.mean)} entries and data.std {len(self.std)}: give one per channel"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +442,9 @@ class ScoringConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "tf32", "bf16"):
-            raise ConfigError(f"scoring.precision {self.precision!r}: choose fp32, tf32 or bf16")
+        _check_section(self, "scoring")
+        if self.sce_alpha == self.sce_beta == 0:
+            raise ConfigError("scoring.sce_alpha and scoring.sce_beta are both 0: every sample would score 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,15 +474,7 @@ class MixMatchConfig:
     warmup_epochs: float = 1.0  # batch_rule scaled: linear warm-up to the scaled lr over these epochs
 
     def __post_init__(self) -> None:
-        if self.batch_rule not in ("global", "scaled"):
-            raise ConfigError(
-                f"mixmatch.batch_rule {self.batch_rule!r}: choose global (the paper's step on any "
-                "worker count) or scaled (W times the batch, W times fewer iterations)"
-            )
-        if self.scaled_lr not in ("sqrt", "linear", "none"):
-            raise ConfigError(f"mixmatch.scaled_lr {self.scaled_lr!r}: choose sqrt, linear or none")
-        if min(self.iterations, self.batch_labeled, self.batch_unlabeled) < 1:
-            raise ConfigError("mixmatch.iterations and batch sizes must be >= 1")
+        _check_section(self, "mixmatch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +486,9 @@ class VirtualConfig:
     batch_size: int = 128  # global batch
     epochs: float = 1.0  # passes over the whole poisoned set
     min_steps: int = 0  # at least this many steps (small data sets need ~250: see the README)
+
+    def __post_init__(self) -> None:
+        _check_section(self, "virtual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +511,9 @@ class TransferConfig:
     # at least this many head steps: one epoch of a small set is too short a fit (see mnist-quick)
     head_min_steps: int = 0
 
+    def __post_init__(self) -> None:
+        _check_section(self, "transfer")
+
 
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
@@ -285,8 +529,7 @@ class ComputeConfig:
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "fp32", "tf32", "bf16"):
-            raise ConfigError(f"compute.precision {self.precision!r}: choose auto, fp32, tf32 or bf16")
+        _check_section(self, "compute")
         if self.cuda_graphs and self.compile:
             raise ConfigError("compute.cuda_graphs and compute.compile exclude each other: choose one")
 
@@ -308,15 +551,16 @@ class ClusterConfig:
     # GB of decoded images one worker or scorer may hold in memory; a larger share is decoded
     # once into a local-disk cache (numpy.memmap) and read from there. None: no limit
     memory_budget_gb: float | None = None
-    cache_dir: str | None = None  # where such caches live (default: the system's temp folder)
+    # where such caches live (default: the system's temp folder); a relative path is made absolute
+    # where the config is built, so every process means the same folder
+    cache_dir: str | None = None
 
     @property
     def memory_budget_bytes(self) -> int | None:
         return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 1024**3)
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.scorers < 1:
-            raise ConfigError("cluster.workers and cluster.scorers must be >= 1")
+        _check_section(self, "cluster")
         if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
             raise ConfigError("cluster.gpus_per_worker above 1 must be a whole number")
 
@@ -341,11 +585,7 @@ class RunConfig:
     cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:
-        _check_ranges(self, _RANGES, str)
-        if self.defense not in ("asd", "none"):
-            raise ConfigError(f"defense {self.defense!r}: choose asd or none")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs {self.epochs} must be >= 1")
+        _check_section(self, "")
         if self.transfer.semi_epochs and self.defense != "asd":
             raise ConfigError("transfer.semi_epochs pre-trains on the seeds: it goes with defense asd")
         if self.compute.cuda_graphs and self.cluster.workers > 1:
@@ -363,128 +603,21 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
 
-def _check_ranges(obj: Any, ranges: dict[str, tuple[Any, str]], name: Any) -> None:
-    """Refuse the first value of ``obj`` (a dotted key into it) outside its rule, naming it
-    as ``name(key)`` says (a config key, or a command-line flag)."""
-    for key, (ok, rule) in ranges.items():
-        value = obj
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{name(key)} = {value!r} is out of range: it must be {rule}")
-
-
-def _finite(low: float, *, strict: bool, high: float | None = None) -> tuple[Any, str]:
-    """A rule for a finite number above ``low`` (strictly or not), and at most ``high``."""
-    top = math.inf if high is None else high
-    above = (lambda v: v > low) if strict else (lambda v: v >= low)
-    rule = f"a finite number {'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
-    return (lambda v: math.isfinite(v) and above(v) and v <= top), rule
-
-
-def _whole(low: int, high: int) -> tuple[Any, str]:
-    return (lambda v: low <= v <= high), f"an integer in {low}..{high}"
-
-
-_AT_LEAST_ONE = ((lambda v: v >= 1), "an integer >= 1")
-_NOT_NEGATIVE = ((lambda v: v >= 0), "an integer >= 0")
-_FRACTION = ((lambda v: math.isfinite(v) and 0 <= v < 1), "a number in [0, 1)")
-# Every numeric setting's range, checked where the config is built, named by its key.
-_RANGES: dict[str, tuple[Any, str]] = {
-    "seed": _NOT_NEGATIVE,
-    "baseline_batch_size": _whole(2, 2**20),  # batch norm needs two values per channel
-    "data.crop_padding": _NOT_NEGATIVE,
-    "scoring.sce_alpha": _finite(0, strict=False),
-    "scoring.sce_beta": _finite(0, strict=False),
-    "scoring.batch_size": _AT_LEAST_ONE,
-    "split.holdout_ratio": _FRACTION,
-    "split.meta_loss_guard": _FRACTION,
-    "mixmatch.temperature": _finite(0, strict=True),
-    "mixmatch.noise_overlay": _FRACTION,
-    "mixmatch.mixup_alpha": _finite(0, strict=True),
-    "mixmatch.lambda_u": _finite(0, strict=False),
-    "mixmatch.rampup_epochs": _finite(0, strict=True),
-    "mixmatch.lr": _finite(0, strict=True),
-    "mixmatch.warmup_epochs": _finite(0, strict=False),
-    "virtual.lr": _finite(0, strict=True),
-    "virtual.batch_size": _whole(2, 2**20),
-    "virtual.epochs": _finite(0, strict=False),
-    "virtual.min_steps": _NOT_NEGATIVE,
-    "transfer.semi_epochs": _NOT_NEGATIVE,
-    "transfer.head_epochs": _finite(0, strict=False),
-    "transfer.head_min_steps": _NOT_NEGATIVE,
-    "cluster.cpus_per_worker": _finite(0, strict=True),
-    "cluster.gpus_per_worker": _finite(0, strict=False),
-    "cluster.cpus_per_scorer": _finite(0, strict=True),
-    "cluster.gpus_per_scorer": _finite(0, strict=False),
-    "cluster.threads_per_process": _AT_LEAST_ONE,
-    "cluster.max_failures": _NOT_NEGATIVE,
-    "cluster.memory_budget_gb": _finite(0, strict=True),
-}
-
-
-# Every attack parameter's range, checked where the attack is built, named by its flag.
-# A trigger must also fit the image; that is checked when the trigger is built.
-_ATTACK_RANGES: dict[str, tuple[Any, str]] = {
-    "rate": _finite(0, strict=True, high=1),
-    "target": _NOT_NEGATIVE,
-    "seed": _NOT_NEGATIVE,
-    "size": _whole(1, 4096),  # a sanity bound; it must also fit the image (checked when built)
-    "alpha": _finite(0, strict=True, high=1),
-    "wanet_k": _whole(2, 64),
-    "wanet_s": _finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
-    "cross_ratio": _finite(0, strict=False),
-    "pgd_eps": _finite(0, strict=True, high=1),
-    "pgd_step": _finite(0, strict=True, high=1),
-    "pgd_steps": _whole(1, 10_000),
-    "sig_delta": _finite(0, strict=True, high=255),
-    "sig_frequency": _finite(0, strict=True),  # it must also stay below half the width (checked when built)
-    "adaptive_grid": _whole(2, 64),  # it must also fit the image (checked when built)
-    "adaptive_pieces": _whole(1, 64 * 64),  # at most adaptive_grid**2 (checked in __post_init__)
-    "adaptive_train_alpha": _finite(0, strict=True, high=1),
-    "adaptive_test_alpha": _finite(0, strict=True, high=1),
-    "conservatism_ratio": _finite(0, strict=False),
-}
-
-
-_CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
-_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
-
-# The settings that are not in the paper, at the values that turn them off: a run with these
-# overrides is the paper's algorithm (asd-ray run --paper).
-PAPER_ALGORITHM = ("split.meta_loss_guard=0", "split.holdout_ratio=0", "mixmatch.noise_overlay=0")
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "cifar10": {},
-    "gtsrb": {
-        "epochs": 100,
-        "data": dict(mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669), flip=False),
-    },
-    "imagenet30": {"data": _IMAGENET},
-    "vggface2_30": {"model": {"name": "densenet121"}, "data": _IMAGENET, "virtual": {"lr": 0.02}},
-    "mnist-quick": {
-        "epochs": 12,
-        "model": {"name": "small_cnn"},
-        "data": dict(mean=(0.1307,), std=(0.3081,), flip=False, crop_padding=2),
-        "split": dict(grow_every=2, grow_by=40, stage2_epoch=6, stage3_epoch=9),
-        "mixmatch": dict(iterations=128),
-        "virtual": dict(min_steps=250),
-        # CIFAR-10's one epoch of the head is 391 steps; one epoch here is 33 (see TransferConfig)
-        "transfer": dict(head_min_steps=390),
-    },
-}
-
-
 def preset(name: str) -> RunConfig:
     """The :class:`RunConfig` of a named preset."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset {shown(name)} is unknown; choose one of {', '.join(PRESETS)}")
     return from_dict({"preset": name, **PRESETS[name]})
 
 
 def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
     """A RunConfig from nested plain values layered over ``base`` (defaults if None)."""
     return _build(RunConfig, values, base or RunConfig(), "")
+
+
+CONFIG_FILE_BYTES = 1024**2  # `asd-ray config show` writes about 1.5 KB
+_CONFIG_FIX = "give a UTF-8 YAML file of config sections (asd-ray config show prints one)"
+_RECORD_FIX = "restore the run's own file"
 
 
 def load_config(
@@ -494,33 +627,34 @@ def load_config(
 ) -> RunConfig:
     """Layer a preset, a YAML file and ``section.field=value`` overrides, in that order.
 
-    Override values are parsed as YAML scalars (``mixmatch.iterations=100``,
-    ``data.flip=false``, ``data.mean=[0.5,0.5,0.5]``).
+    The file's ``preset:`` (every ``config show`` output has one) is the base preset
+    when ``preset_name`` is None, and must equal it otherwise: a preset is a set of
+    values, not a label to put on others. Override values are parsed as YAML
+    scalars (``mixmatch.iterations=100``, ``data.flip=false``, ``mixmatch.lr=1e-3``,
+    ``data.mean=[0.5,0.5,0.5]``); an override cannot name ``preset``. A relative
+    ``cluster.cache_dir`` is made absolute here, so every process means the same folder.
     """
-    config = preset(preset_name) if preset_name else RunConfig()
-    if yaml_path is not None:
-        values = _yaml(Path(yaml_path), f"--config {yaml_path}") or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of config sections")
-        config = from_dict(values, config)
-    if overrides:
-        pairs = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides)
-        nested: dict[str, Any] = {}
-        for key, value in pairs:
-            *parents, leaf = key.split(".")
-            node = nested
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        config = from_dict(nested, config)
-    return config
+    values = read_config_file(yaml_path) if yaml_path is not None else {}
+    if "preset" in values:
+        _same_preset(values["preset"], preset_name, f"--preset {preset_name}", yaml_path)
+        preset_name = values["preset"]
+    config = _from_file(values, preset(preset_name) if preset_name else RunConfig(), yaml_path)
+    return _with_overrides(config, overrides)
 
 
-def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run folder's recorded config (RUN/config.yaml), then ``overrides``. A setting not in
-    the paper that the record lacks was added after the run began, which then ran the paper's
-    algorithm there: it takes its PAPER_ALGORITHM value, not today's default."""
-    values = _yaml(path, str(path))
+def load_recorded_config(
+    path: Path, overrides: list[str] | None = None, config_file: str | Path | None = None
+) -> RunConfig:
+    """A run folder's recorded config (RUN/config.yaml), then ``config_file`` (whose
+    preset, if it names one, must be the run's) and ``overrides``. A setting not in the
+    paper that the record lacks was added after the run began, which then ran the paper's
+    algorithm there: it takes its PAPER_ALGORITHM value, not today's default.
+
+    Raises:
+        DataError: the record is unreadable or holds a setting out of range.
+        ConfigError: ``config_file`` or ``overrides`` are.
+    """
+    values = _read_mapping(path, what=str(path), fix=_RECORD_FIX, error=DataError)
     predates = []
     for override in PAPER_ALGORITHM:
         node = values
@@ -528,7 +662,53 @@ def load_recorded_config(path: Path, overrides: list[str] | None = None) -> RunC
             node = node.get(part) if isinstance(node, dict) else None
         if node is None:
             predates.append(override)
-    return load_config(None, path, [*predates, *(overrides or [])])
+    try:
+        config = _with_overrides(from_dict(values), predates)
+    except ConfigError as err:
+        raise DataError(f"{path}: {err}; {_RECORD_FIX}") from None
+    if config_file is not None:
+        changes = read_config_file(config_file)
+        if "preset" in changes:
+            _same_preset(changes["preset"], config.preset, f"the run's preset {config.preset}", config_file)
+        config = _from_file(changes, config, config_file)
+    return _with_overrides(config, overrides)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a ``--config`` YAML file (regular, UTF-8, within the size and
+    nesting limits of :mod:`asd_ray.files`), as nested plain values."""
+    return _read_mapping(path, what=f"--config {path}", fix=_CONFIG_FIX, error=ConfigError)
+
+
+def _read_mapping(path: str | Path, *, what: str, fix: str, error: type[UserError]) -> dict[str, Any]:
+    data = read_regular_file(path, what=what, fix=fix, limit=CONFIG_FILE_BYTES, error=error)
+    values = parse_yaml(decode_text(data, what=what, fix=fix, error=error), what=what, fix=fix, error=error)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise error(f"{what}: holds a {type(values).__name__}, not a mapping of config sections; {fix}")
+    return values
+
+
+def _from_file(values: dict[str, Any], base: RunConfig, path: str | Path | None) -> RunConfig:
+    """:func:`from_dict`, its refusal naming the ``--config`` file too."""
+    try:
+        return from_dict(values, base)
+    except ConfigError as err:
+        raise ConfigError(f"--config {path}: {err}") from None
+
+
+def _same_preset(named: Any, chosen: str | None, chosen_as: str, path: str | Path) -> None:
+    """Refuse a config file whose ``preset:`` is unknown or differs from the one chosen."""
+    if not isinstance(named, str) or named not in PRESETS:
+        raise ConfigError(
+            f"--config {path}: preset {shown(named)} is unknown; choose one of {', '.join(PRESETS)}"
+        )
+    if chosen is not None and named != chosen:
+        raise ConfigError(
+            f"--config {path}: preset {named} differs from {chosen_as}; a preset is a set of values, "
+            "not a label: drop --preset or the file's preset line, or use a file made from that preset"
+        )
 
 
 def with_overrides(obj: Any, overrides: list[str]) -> Any:
@@ -542,38 +722,57 @@ def config_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def _yaml(source: Path | str, what: str) -> Any:
-    """YAML (safe: no tags that build objects) from a file or a string, or a one-line error."""
-    try:
-        return yaml.safe_load(source.read_text() if isinstance(source, Path) else source)
-    except OSError as err:
-        raise ConfigError(f"{what}: cannot read the file ({err.strerror}); check the path") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: not UTF-8 text; save the file as UTF-8 YAML") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"{what}: not valid YAML{line} ({problem}); fix the file") from None
+def _with_overrides(config: RunConfig, overrides: list[str] | dict[str, Any] | None) -> RunConfig:
+    """``config`` with ``section.field=value`` overrides, its cache folder made absolute."""
+    pairs = overrides.items() if isinstance(overrides, dict) else map(_parse_override, overrides or ())
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        if key == "preset":
+            raise ConfigError(
+                "preset cannot be overridden (it would relabel another preset's settings): "
+                "choose it with --preset"
+            )
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {shown(key)}: {shown(part)} is set both as a value and as a section"
+                )
+        node[leaf] = value
+    config = from_dict(nested, config)
+    cache_dir = config.cluster.cache_dir
+    if cache_dir is not None and not Path(cache_dir).is_absolute():
+        config = dataclasses.replace(
+            config, cluster=dataclasses.replace(config.cluster, cache_dir=str(Path(cache_dir).absolute()))
+        )
+    return config
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
+    key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like section.field=value")
-    return key.strip(), _yaml(value, f"override {text!r}")
+        raise ConfigError(f"override {shown(text)} must look like section.field=value")
+    what = f"--set {shown(key)}"
+    return key, parse_yaml(
+        value, what=what, fix="give a YAML value, e.g. 0.5, true, [1, 2]", error=ConfigError
+    )
 
 
 def _build(cls: type, values: dict[str, Any], base: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, got {shown(values)}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     changes = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(
-                f"unknown config key {prefix + key!r}; known: {', '.join(prefix + f for f in fields)}"
+                f"unknown config key {shown(prefix + str(key))}; known: {', '.join(prefix + f for f in fields)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -584,6 +783,8 @@ def _build(cls: type, values: dict[str, Any], base: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the type ``hint`` wants (ints as floats, lists as tuples), or one line;
+    the ranges are checked by the dataclass itself."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -592,15 +793,19 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return _coerce(value, options[0], name)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {shown(value)}")
         inner = typing.get_args(hint)[0]
-        return tuple(_coerce(v, inner, name) for v in value)
+        return tuple(_coerce(v, inner, f"{name} entry") for v in value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if hint in (int, str, bool) and type(value) is not hint:
-        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+        if not _is_number(value):
+            raise ConfigError(f"{name} must be a number, got {shown(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name} = {shown(value)} is out of range: it is beyond any float") from None
+    kinds = {int: "an integer", str: "text", bool: "true or false"}
+    if hint in kinds and type(value) is not hint:
+        raise ConfigError(f"{name} must be {kinds[hint]}, got {shown(value)}")
     return value
 
 

@@ -123,3 +123,17 @@ def test_report_is_one_html_file_with_images_and_flags(tmp_path):
     assert tables.read_parquet(tmp_path / "audit" / "flags.parquet", "flags").num_rows == 60
     with pytest.raises(DataError, match="no such run folder"):
         report(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("label", [3, -1, 10**30])
+def test_flagged_refuses_a_class_outside_the_run(tmp_path, capsys, label):
+    """It printed an empty table and exited 0."""
+    from asd_ray.cli import main
+
+    _fake_run(tmp_path, with_truth=False)
+    code = main(["audit", "flagged", str(tmp_path), "--class", str(label)])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out, out
+    assert err.splitlines() == [
+        f"asd-ray: error: --class {label}: the run's classes are 0..2; choose one of them"
+    ]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd_ray import run_folder, tables
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_run_card
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
 from asd_ray.split import check_split, suspicion
@@ -163,6 +163,9 @@ def flagged_samples(
     epoch = resolve_epoch(run, epoch)
     epochs = [e for e in complete_epochs(run) if e <= epoch]
     split = read_split(run, epoch)
+    classes = int(pc.max(split.column("label")).as_py()) + 1  # every class has seeds in every split
+    if label is not None and not 0 <= label < classes:
+        raise ConfigError(f"--class {label}: the run's classes are 0..{classes - 1}; choose one of them")
     split = split.append_column("flagged_streak", pa.array(_streak(_flags(run, epochs))))
     keep = pc.equal(split.column("pool"), "polluted")
     if label is not None:

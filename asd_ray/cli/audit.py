@@ -55,7 +55,9 @@ def add_commands(commands) -> None:
     flagged = command("flagged", "one epoch's polluted pool, most suspicious first", _flagged)
     flagged.add_argument("--epoch", default="last", help="epoch number or 'last' (default)")
     flagged.add_argument("--top", type=int, help="only the K most suspicious")
-    flagged.add_argument("--class", dest="label", type=int, help="only samples labelled C")
+    flagged.add_argument(
+        "--class", dest="label", type=int, help="only samples labelled C (one of the run's classes)"
+    )
     flagged.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a table")
     sample = command("sample", "one sample's history: pool, rank, suspicion and losses per epoch", _sample)
     sample.add_argument("sample_id", type=int, help="sample id")

@@ -6,18 +6,21 @@ import argparse
 
 from asd_ray.cli.common import add_quiet, format_table, say
 from asd_ray.config import PAPER_ALGORITHM, PRESETS
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *, preset_default: str | None = "cifar10") -> None:
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """--preset, --config, --set and --paper: how a config is layered (preset, YAML, overrides)."""
     parser.add_argument(
         "--preset",
-        default=preset_default,
         choices=list(PRESETS),
-        help=f"paper preset (default {preset_default})",
+        help="paper preset (default: the --config file's preset, else cifar10)",
     )
-    parser.add_argument("--config", help="YAML file of config sections layered over the preset")
+    parser.add_argument(
+        "--config",
+        help="YAML file of config sections layered over the preset (its preset: line, if any, must "
+        "match --preset); with --resume, changes to the run's config as --set makes them",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -109,7 +112,7 @@ def add_commands(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from asd_ray.config import load_config, load_recorded_config
+    from asd_ray.config import load_config, load_recorded_config, read_config_file
     from asd_ray.driver import run
     from asd_ray.inputs import RunInputs
     from asd_ray.run_folder import recorded_config
@@ -128,14 +131,22 @@ def _run(args: argparse.Namespace) -> dict:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
         saved = recorded_config(args.out)
-        recorded = load_recorded_config(saved).model.factory
-        restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides)
-        if recorded is not None and not restated:
-            raise DataError(
-                f"{saved}: the run's model is built by the factory {recorded!r}, and a run folder never "
-                f"chooses code to run: if you trust that code, resume with --set model.factory={recorded}"
+        recorded = load_recorded_config(saved)
+        if args.preset is not None and args.preset != recorded.preset:
+            raise ConfigError(
+                f"--preset {args.preset}: the run in {args.out} was made with preset {recorded.preset}, "
+                "and a resumed run keeps its settings; drop --preset"
             )
-        config = load_recorded_config(saved, overrides)
+        config = load_recorded_config(saved, overrides, args.config)
+        restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides) or (
+            args.config is not None and "factory" in (read_config_file(args.config).get("model") or {})
+        )
+        if recorded.model.factory is not None and not restated:
+            raise DataError(
+                f"{saved}: the run's model is built by the factory {recorded.model.factory!r}, and a run "
+                "folder never chooses code to run: if you trust that code, resume with "
+                f"--set model.factory={recorded.model.factory}"
+            )
     else:
         config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
