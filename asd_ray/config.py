@@ -677,11 +677,15 @@ def load_recorded_config(
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings of a ``--config`` YAML file (regular, UTF-8, within the size and
     nesting limits of :mod:`asd_ray.files`), as nested plain values."""
-    return _read_mapping(path, what=f"--config {path}", fix=_CONFIG_FIX, error=ConfigError)
+    return _read_mapping(path, what=f"--config {path}", fix=_CONFIG_FIX, error=ConfigError, follow_links=True)
 
 
-def _read_mapping(path: str | Path, *, what: str, fix: str, error: type[UserError]) -> dict[str, Any]:
-    data = read_regular_file(path, what=what, fix=fix, limit=CONFIG_FILE_BYTES, error=error)
+def _read_mapping(
+    path: str | Path, *, what: str, fix: str, error: type[UserError], follow_links: bool = False
+) -> dict[str, Any]:
+    data = read_regular_file(
+        path, what=what, fix=fix, limit=CONFIG_FILE_BYTES, error=error, follow_links=follow_links
+    )
     values = parse_yaml(decode_text(data, what=what, fix=fix, error=error), what=what, fix=fix, error=error)
     if values is None:
         return {}

@@ -36,6 +36,7 @@ def read_regular_file(
     fix: str,
     limit: int = MAX_TEXT_BYTES,
     error: type[UserError] = DataError,
+    follow_links: bool = False,
 ) -> bytes:
     """The bytes of ``path``, which must be a regular file (not a link, FIFO or device) of
     at most ``limit`` bytes.
@@ -44,11 +45,14 @@ def read_regular_file(
         what: how the message names the file (``"--config x.yaml"``, or its path).
         fix: what the user should do, ending the message.
         error: the :class:`UserError` type raised (``ConfigError`` for settings files).
+        follow_links: read through a symbolic link (a file the user names on the command
+            line); the target must still be a regular file. A file inside a folder the
+            user was handed is never read through one.
 
     Raises:
         ``error``: the file is missing, unreadable, a link or special file, or too large.
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
     except OSError as err:

@@ -70,12 +70,20 @@ def test_a_config_file_that_is_no_regular_utf8_file_is_one_line(tmp_path, capsys
     latin.write_bytes("seed: 1 # \xe9t\xe9\n".encode("latin-1"))
     for path, message in (
         (fifo, "not a regular file (a FIFO)"),
-        (link, "a symbolic link"),
+        (link, "not a regular file (a character device)"),
         (latin, "not UTF-8 text"),
         (tmp_path / "missing.yaml", "unreadable"),
         (tmp_path, "not a regular file (a folder)"),
     ):
         assert message in _refused(_run(tmp_path, "--config", str(path)), capsys)
+
+
+def test_a_config_file_the_user_links_to_is_read(tmp_path):
+    """The user's own file may be a link (a dotfiles folder); its target must be a regular file."""
+    real = tmp_path / "real.yaml"
+    real.write_text("seed: 5\n")
+    (tmp_path / "link.yaml").symlink_to(real)
+    assert load_config("mnist-quick", tmp_path / "link.yaml").seed == 5
 
 
 @pytest.mark.parametrize("name", PRESETS)
