@@ -1,12 +1,16 @@
 """Untrusted tables and run folders: rows are matched by id, never by position, and a table
 that does not fit gives one DataError naming the file, never a different answer or a
 traceback. Fuzzes ground-truth, split and metrics tables; checks the run folder's card,
-inputs.json and audit folder.
+inputs.json and audit folder, and the files the audit writes.
 """
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import stat
 
 import numpy as np
 import pyarrow as pa
@@ -394,3 +398,74 @@ def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_p
     flags = history.flag_history(run)  # the complete epochs: 0 and 1, for every sample
     assert flags.num_rows == N and set(flags.column("epochs_seen").to_pylist()) == {2}
     assert set(flags.column("last_epoch").to_pylist()) == {1}
+
+
+# --- the files the audit writes: only regular ones are replaced ---
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail a test that blocks (a read of a FIFO did, forever) instead of hanging the suite."""
+
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(path) -> None:
+    os.mkfifo(path)
+
+
+def _null_device(path) -> None:
+    """A character device like /dev/null, made in the test's folder: /dev itself is never touched."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_fifo, "is a FIFO; name a file to write"),
+        (lambda p: os.symlink(p.parent / "elsewhere", p), "is a symbolic link; name a file to write"),
+        (_null_device, "is a character device; name a file to write"),
+        (lambda p: p.write_text("mine"), "already exists; choose another --out or pass --overwrite"),
+    ],
+    ids=["fifo", "link", "device", "file"],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["audit", "export", "--format", "csv"],
+        ["audit", "export"],
+        ["audit", "manifest", "--threshold", "0.5"],
+    ],
+    ids=["export csv", "export parquet", "manifest"],
+)
+def test_audit_outputs_replace_only_regular_files(
+    fake_run, two_sets, tmp_path, capsys, command, make, message
+):
+    """export and manifest replaced a FIFO, a link or a device node with a regular file."""
+    run = _copy(fake_run, tmp_path)
+    _point(run, two_sets[0], two_sets[0].folder)
+    out = tmp_path / "out"
+    make(out)
+    before = os.lstat(out)
+    with _deadline(30):
+        code = main([*command[:2], str(run), *command[2:], "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"asd-ray: error: {out} {message}") and len(err.splitlines()) == 1
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino, after.st_size) == (before.st_mode, before.st_ino, before.st_size)
+    assert not (tmp_path / "elsewhere").exists()
+    if stat.S_ISREG(before.st_mode):  # a file is replaced with --overwrite
+        assert main([*command[:2], str(run), *command[2:], "--out", str(out), "--overwrite", "-q"]) == 0
+        assert out.stat().st_size > 0 and out.read_bytes() != b"mine"

@@ -69,6 +69,7 @@ def add_commands(commands) -> None:
     manifest.add_argument("--threshold", type=float, required=True, help="suspicion threshold in [0, 1]")
     manifest.add_argument("--out", required=True, help="output CSV (sample_id, key, shard, label, ...)")
     for parser in (export, manifest):
+        parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a file")
         add_quiet(parser)
 
     report = commands.add_parser(
@@ -144,12 +145,14 @@ def _export(args: argparse.Namespace) -> dict:
     from asd_ray import tables
     from asd_ray.audit import history
 
-    flags = history.flag_history(args.run)
     out = Path(args.out)
+    # refused before the work, checked again when written
+    tables.check_output(out, overwrite=args.overwrite)
+    flags = history.flag_history(args.run)
     if args.format == "parquet":
-        tables.write_parquet(flags, out, "flags")
+        tables.write_parquet(flags, out, "flags", overwrite=args.overwrite)
     else:
-        with tables.atomic_file(out) as tmp:
+        with tables.atomic_file(out, overwrite=args.overwrite) as tmp:
             pacsv.write_csv(flags, tmp)
     say(f"wrote {flags.num_rows} rows to {out}")
     return {
@@ -168,6 +171,8 @@ def _manifest(args: argparse.Namespace) -> dict:
 
     if not 0.0 <= args.threshold <= 1.0:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
+    out = Path(args.out)
+    tables.check_output(out, overwrite=args.overwrite)
     flags = history.flag_history(args.run).to_pylist()
     chosen = [
         r for r in flags if r["suspicion"] >= args.threshold and r["pinned"] != "trusted"
@@ -182,7 +187,6 @@ def _manifest(args: argparse.Namespace) -> dict:
         )
     manifest = shards.manifest.to_pydict()
     keys, files = manifest["key"], manifest["shard"]
-    out = Path(args.out)
     columns = [
         "sample_id",
         "key",
@@ -194,7 +198,7 @@ def _manifest(args: argparse.Namespace) -> dict:
         "flagged_streak",
         "epochs_polluted",
     ]
-    with tables.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
+    with tables.atomic_file(out, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in chosen:

@@ -71,7 +71,10 @@ def _add_shards_commands(commands) -> None:
         "up to 64 px.",
     )
     import_.add_argument(
-        "--in", dest="input", required=True, help="folder of .tar shards, a file or a {a..b} pattern"
+        "--in",
+        dest="input",
+        required=True,
+        help="folder of .tar shards, a file or a {a..b} pattern",
     )
     import_.add_argument("--out", required=True, help="output shard folder (must not exist)")
     import_.add_argument("--classes", help="file with one class name per line (default: 0..C-1)")
@@ -305,6 +308,8 @@ def _seeds(args: argparse.Namespace) -> dict:
     from asd_ray.data.shards import ShardSet
     from asd_ray.seeds import pick_seeds, read_seed_list, seeds_from_list
 
+    # refused before the work, checked again when written
+    tables.check_output(Path(args.out), overwrite=args.overwrite)
     shards = ShardSet(args.input)
     if args.from_list:
         table = seeds_from_list(shards, read_seed_list(args.from_list))
@@ -316,9 +321,7 @@ def _seeds(args: argparse.Namespace) -> dict:
         )
     else:
         table = pick_seeds(shards, args.per_class, seed=args.seed)
-    if Path(args.out).exists() and not args.overwrite:
-        raise DataError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    tables.write_parquet(table, args.out, "seeds")
+    tables.write_parquet(table, args.out, "seeds", overwrite=args.overwrite)
     return {
         "command": "seeds",
         "in": str(shards.folder),
