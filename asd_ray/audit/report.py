@@ -17,15 +17,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from asd_ray import tables
+from asd_ray import files, tables
 from asd_ray.audit import history
 from asd_ray.errors import DataError
+from asd_ray.run_folder import CONFIG_FILE, INPUTS_FILE, RESTORE
 
 AUDIT_DIR = "audit"
 THUMBNAILS = 24
@@ -250,11 +252,15 @@ def _percent(value: float | None) -> str:
 
 
 def _text_section(run: Path) -> str:
+    """The run's config.yaml and inputs.json as they are, escaped: read as regular files of
+    at most :data:`~asd_ray.files.MAX_TEXT_BYTES` and never through a link, so a run folder
+    cannot copy a file from elsewhere (a private key) into a page meant to be mailed."""
     parts = []
-    for name in ("config.yaml", "inputs.json"):
+    for name in (CONFIG_FILE, INPUTS_FILE):
         path = run / name
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
+        if os.path.lexists(path):
+            data = files.read_regular_file(path, what=str(path), fix=RESTORE)
+            text = data.decode("utf-8", errors="replace")
             parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(text)}</pre>")
     return "<h2>Config and inputs</h2>\n" + "\n".join(parts)
 
