@@ -75,11 +75,12 @@ def add_commands(commands) -> None:
     report = commands.add_parser(
         "report",
         help="one self-contained HTML page about a run (RUN/audit/report.html)",
-        description="Write RUN/audit/report.html (curves with stage boundaries, per-stage loss "
+        description="Write report.html (curves with stage boundaries, per-stage loss "
         "histograms, thumbnails of the most suspicious and of the hardest kept-clean samples, "
-        "config and inputs; images embedded) and RUN/audit/flags.parquet.",
+        "config and inputs; images embedded) and flags.parquet into RUN/audit, or --out.",
     )
     report.add_argument("run", help="run folder")
+    report.add_argument("--out", help="folder to write into (default RUN/audit; for a run you may not write)")
     add_quiet(report)
     report.set_defaults(func=_report)
 
@@ -228,6 +229,6 @@ def _manifest(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace) -> dict[str, Any]:
     from asd_ray.audit.report import report
 
-    summary = report(args.run)
+    summary = report(args.run, args.out)
     say(f"wrote {summary['report']}")
     return summary
