@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from asd_ray import run_folder
-from asd_ray.cli.common import add_quiet, print_table, say
+from asd_ray.cli.common import add_quiet, local_path, print_table, say
 from asd_ray.errors import DataError
 
 SUMMARY_COLUMNS = (
@@ -46,7 +46,7 @@ def add_commands(commands) -> None:
 
     def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         parser = audit_commands.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("run", help="run folder")
+        parser.add_argument("run", type=local_path, help="run folder")
         parser.set_defaults(func=func)
         return parser
 
@@ -62,12 +62,14 @@ def add_commands(commands) -> None:
     sample.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     export = command("export", "the per-sample flag history as a Parquet or CSV file", _export)
     export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--out", type=local_path, required=True, help="output file")
     manifest = command(
         "manifest", "ids and record keys to drop or review: suspicion >= X in the last epoch", _manifest
     )
     manifest.add_argument("--threshold", type=float, required=True, help="suspicion threshold in [0, 1]")
-    manifest.add_argument("--out", required=True, help="output CSV (sample_id, key, shard, label, ...)")
+    manifest.add_argument(
+        "--out", type=local_path, required=True, help="output CSV (sample_id, key, shard, label, ...)"
+    )
     for parser in (export, manifest):
         parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a file")
         add_quiet(parser)
@@ -79,8 +81,10 @@ def add_commands(commands) -> None:
         "histograms, thumbnails of the most suspicious and of the hardest kept-clean samples, "
         "config and inputs; images embedded) and flags.parquet into RUN/audit, or --out.",
     )
-    report.add_argument("run", help="run folder")
-    report.add_argument("--out", help="folder to write into (default RUN/audit; for a run you may not write)")
+    report.add_argument("run", type=local_path, help="run folder")
+    report.add_argument(
+        "--out", type=local_path, help="folder to write into (default RUN/audit; for a run you may not write)"
+    )
     add_quiet(report)
     report.set_defaults(func=_report)
 
