@@ -48,11 +48,12 @@ def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
 
     matplotlib.use("Agg")  # files only, never a window
     run = Path(run).absolute()
-    folder = run / AUDIT_DIR if out is None else Path(out).absolute()
+    inside_run = out is None
+    folder = run / AUDIT_DIR if inside_run else Path(out).absolute()
     metrics = history.read_metrics(run).to_pylist()
     if not metrics:
         raise DataError(f"{run}: no complete epoch yet; report again after the first one")
-    _check_output_folder(folder, inside_run=out is None)
+    _check_output_folder(folder, inside_run=inside_run)
     summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": len(metrics)}
     sections = [_header(run, metrics), _figure("Metrics per epoch", _curves(metrics))]
     flags = None
@@ -62,13 +63,11 @@ def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
         sections += _thumbnail_sections(run)
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
-    _check_output_folder(
-        folder, inside_run=out is None
-    )  # again: it may have changed while the page was drawn
+    _check_output_folder(folder, inside_run=inside_run)  # again: it may have changed meanwhile
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _unwritable(folder, err.strerror, inside_run=out is None) from None
+        raise _unwritable(folder, err.strerror, inside_run=inside_run) from None
     if flags is not None:
         summary["flags"] = str(tables.write_parquet(flags, folder / "flags.parquet", "flags"))
     path = folder / "report.html"
