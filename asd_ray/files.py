@@ -61,7 +61,7 @@ def read_regular_file(
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(f"{what}: not a regular file ({_kind(mode)}); {fix}")
+            raise error(f"{what}: not a regular file ({kind_of(mode)}); {fix}")
         chunks, left = [], limit + 1
         while left and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
@@ -74,8 +74,11 @@ def read_regular_file(
     return data
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What kind of file ``mode`` is, for a message ("a FIFO", "a folder")."""
     for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),

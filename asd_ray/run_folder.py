@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from asd_ray import tables
+from asd_ray import files, tables
 from asd_ray.config import RunConfig
 from asd_ray.errors import DataError
 from asd_ray.models.saved import MODEL_DIR
@@ -93,8 +93,8 @@ def run_summary(
         "mean_epoch_s": time_split(rows),
         "run_dir": str(out),
         **(
-            {"pretrain": json.loads((out / PRETRAIN_FILE).read_text())}
-            if (out / PRETRAIN_FILE).exists()
+            {"pretrain": files.read_json(out / PRETRAIN_FILE, fix=RESTORE)}
+            if os.path.lexists(out / PRETRAIN_FILE)
             else {}
         ),
     }
@@ -175,14 +175,14 @@ def read_inputs(run: str | Path) -> dict[str, str | None]:
     """``RUN/inputs.json``: the shard folders, seeds and ground truth the run read.
 
     Raises:
-        DataError: the file is missing, not JSON, or not the record a run writes
-            (a path per known field, ``train`` and ``test`` always).
+        DataError: the file is missing, not a regular file (a link, a FIFO), too large or
+            deep, not JSON, or not the record a run writes (a path per known field,
+            ``train`` and ``test`` always).
     """
     path = Path(run) / INPUTS_FILE
-    try:
-        inputs = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{path}: missing or unreadable; is {run} a run folder?") from None
+    if not os.path.lexists(path):
+        raise DataError(f"{path}: missing or unreadable; is {run} a run folder?")
+    inputs = files.read_json(path, fix=RESTORE)  # a regular file, never through a link, capped
     ok = (
         isinstance(inputs, dict)
         and set(inputs) <= set(INPUT_FIELDS)

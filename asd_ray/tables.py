@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asd_ray.errors import ConfigError, DataError
+from asd_ray.files import kind_of
 
 TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics", "flags")
 
@@ -151,11 +153,12 @@ def by_sample_id(table: pa.Table, *, where: str, fix: str, n: int | None = None)
     return table if np.array_equal(order, np.arange(len(order))) else table.take(pa.array(order))
 
 
-def write_parquet(table: pa.Table, path: str | Path, name: str) -> Path:
-    """Validate ``table`` against schema ``name`` and write it atomically to ``path``."""
+def write_parquet(table: pa.Table, path: str | Path, name: str, *, overwrite: bool = True) -> Path:
+    """Validate ``table`` against schema ``name`` and write it atomically to ``path``
+    (:func:`atomic_file`)."""
     path = Path(path)
     table = validate(table, name, where=str(path))
-    with atomic_file(path) as tmp:
+    with atomic_file(path, overwrite=overwrite) as tmp:
         pq.write_table(table, tmp)
     return path
 
@@ -204,15 +207,44 @@ def _temporary_beside(path: Path, *, folder: bool) -> Path:
         ) from None
 
 
+def check_output(path: Path, *, folder: bool = False, overwrite: bool = True) -> None:
+    """Refuse to write the file (or ``folder``) ``path`` unless it is absent or a regular
+    file (a real folder), and, when ``overwrite`` is false, unless it is absent.
+
+    A rename replaces the name itself: a link the user named, a FIFO or ``/dev/null``
+    would become a regular file (run as root, ``--out /dev/full`` "succeeded"). So only
+    what asd-ray could have written is ever replaced, never through or over a link.
+
+    Raises:
+        ConfigError: ``path`` is a link, FIFO, device or socket, or a folder where a file
+            is written (a file where a folder is).
+        DataError: ``path`` exists and ``overwrite`` is false.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # absent, or under a path that cannot hold it (refused where it is written)
+        return
+    wanted, noun = (stat.S_ISDIR, "folder") if folder else (stat.S_ISREG, "file")
+    if not wanted(mode):
+        raise ConfigError(
+            f"{path} is {kind_of(mode)}; name a {noun} to write (a link or special file is never replaced)"
+        )
+    if not overwrite:
+        raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
+
+
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; name a file to write")
+def atomic_file(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    ``path`` is checked by :func:`check_output` before and again just before the rename.
+    """
+    check_output(path, overwrite=overwrite)
     tmp = _temporary_beside(path, folder=False)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        check_output(path, overwrite=overwrite)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -229,11 +261,11 @@ def atomic_dir(
     nothing half-written behind.
 
     Raises:
-        DataError: if ``path`` exists and ``overwrite`` is false.
+        ConfigError, DataError: ``path`` is not a folder, or exists and ``overwrite`` is
+            false (:func:`check_output`).
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
+    check_output(path, folder=True, overwrite=overwrite)
     if path.exists() and check_replaceable is not None:
         check_replaceable(path)  # raises if ``path`` is not the kind of folder overwrite may replace
     tmp = _temporary_beside(path, folder=True)

@@ -1,4 +1,7 @@
+import contextlib
 import dataclasses
+import os
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -7,8 +10,9 @@ import pytest
 from asd_ray import tables
 from asd_ray.audit import history
 from asd_ray.audit.report import report
+from asd_ray.cli import main
 from asd_ray.config import SplitConfig
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 from asd_ray.run_folder import METRICS_FILE, EpochTimes, metrics_row, split_path
 from asd_ray.split import make_split, split_summary, suspicion
 
@@ -137,3 +141,65 @@ def test_flagged_refuses_a_class_outside_the_run(tmp_path, capsys, label):
     assert err.splitlines() == [
         f"asd-ray: error: --class {label}: the run's classes are 0..2; choose one of them"
     ]
+
+
+@contextlib.contextmanager
+def _read_only(folder):
+    """``folder`` as a user without write access sees it: a read-only bind mount for root
+    (whom permission bits do not stop), the permission bits for anyone else."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in (folder, *folder.rglob("*"))}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    try:
+        subprocess.run(["mount", "--bind", folder, folder], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"a read-only bind mount is not permitted here ({err})")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+def test_a_read_only_run_is_audited_and_reported_elsewhere(tmp_path, capsys):
+    """A run the user may not write (a read-only share): report failed with an OSError traceback."""
+    run = tmp_path / "run"
+    _fake_run(run, with_truth=True)
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with _read_only(run):
+        with pytest.raises(OSError):  # the folder really is read-only
+            (run / "probe").touch()
+        for argv in (
+            ["audit", "summary", str(run)],
+            ["audit", "flagged", str(run)],
+            ["audit", "sample", str(run), "3"],
+        ):
+            assert main(argv) == 0, argv
+        export = ["audit", "export", str(run), "--out", str(tmp_path / "flags.parquet"), "-q"]
+        assert main(export) == 0
+        capsys.readouterr()
+        assert main(["report", str(run), "-q"]) == 2
+        assert capsys.readouterr().err == (
+            f"asd-ray: error: cannot write the report in {run / 'audit'} (no write access to {run}); "
+            "pass --out FOLDER to write it elsewhere\n"
+        )
+        assert main(["report", str(run), "--out", str(tmp_path / "report"), "-q"]) == 0
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
+    assert tables.read_parquet(tmp_path / "report" / "flags.parquet", "flags").num_rows == 60
+    assert "Losses per stage" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_report_out_must_be_a_folder_it_can_write(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, with_truth=False)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ConfigError, match=r"a-file is a file\); choose another --out$"):
+        report(run, tmp_path / "a-file" / "report")
+    assert (tmp_path / "a-file").read_text() == "mine" and not (run / "audit").exists()

@@ -1,12 +1,16 @@
 """Untrusted tables and run folders: rows are matched by id, never by position, and a table
 that does not fit gives one DataError naming the file, never a different answer or a
 traceback. Fuzzes ground-truth, split and metrics tables; checks the run folder's card,
-inputs.json and audit folder.
+inputs.json, config.yaml and audit folder, and the files the audit writes.
 """
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import stat
 
 import numpy as np
 import pyarrow as pa
@@ -364,7 +368,7 @@ def test_the_report_of_reordered_split_tables_is_the_same_page(fake_run, two_set
 @pytest.mark.parametrize(
     "name, content, where",
     [
-        (f"{MODEL_DIR}/{CARD_FILE}", "{oops", f"{MODEL_DIR}/{CARD_FILE}: not a readable model card"),
+        (f"{MODEL_DIR}/{CARD_FILE}", "{oops", f"{MODEL_DIR}/{CARD_FILE}: not valid JSON"),
         (f"{MODEL_DIR}/{CARD_FILE}", "[]", f"{MODEL_DIR}/{CARD_FILE}: the model card is a list"),
         (INPUTS_FILE, "[1, 2]", f"{INPUTS_FILE}: not a run's inputs"),
         (INPUTS_FILE, '{"train": 7}', f"{INPUTS_FILE}: not a run's inputs"),
@@ -394,3 +398,154 @@ def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_p
     flags = history.flag_history(run)  # the complete epochs: 0 and 1, for every sample
     assert flags.num_rows == N and set(flags.column("epochs_seen").to_pylist()) == {2}
     assert set(flags.column("last_epoch").to_pylist()) == {1}
+
+
+# --- run-folder records that are not regular files, or too deep; outputs that are not files ---
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail a test that blocks (a read of a FIFO did, forever) instead of hanging the suite."""
+
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(path) -> None:
+    os.mkfifo(path)
+
+
+def _link_to_zero(path) -> None:
+    os.symlink("/dev/zero", path)
+
+
+def _deep(path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+CARD = f"{MODEL_DIR}/{CARD_FILE}"
+COMMANDS = {
+    "summary": lambda run, tmp: ["audit", "summary", str(run)],
+    "manifest": lambda run, tmp: [
+        "audit",
+        "manifest",
+        str(run),
+        "--threshold",
+        "0.5",
+        "--out",
+        str(tmp / "m.csv"),
+    ],
+    "report": lambda run, tmp: ["report", str(run)],
+}
+READERS = {  # the commands that read each record of a run folder
+    CARD: ("summary", "manifest", "report"),
+    INPUTS_FILE: ("manifest", "report"),
+    "config.yaml": ("report",),  # shown as text: its nesting is not parsed here
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        (CARD, _fifo, "not a regular file (a FIFO)"),
+        (CARD, _link_to_zero, "a symbolic link"),
+        (CARD, _deep, "nested deeper than 32 levels"),
+        (INPUTS_FILE, _fifo, "not a regular file (a FIFO)"),
+        (INPUTS_FILE, _link_to_zero, "a symbolic link"),
+        (INPUTS_FILE, _deep, "nested deeper than 32 levels"),
+        ("config.yaml", _fifo, "not a regular file (a FIFO)"),
+        ("config.yaml", _link_to_zero, "a symbolic link"),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_run_folder_records_are_regular_files_under_limits(
+    fake_run, two_sets, tmp_path, capsys, name, make, message
+):
+    """A FIFO hung audit summary, manifest and report; a link to /dev/zero read until memory ran
+    out; deep nesting was a RecursionError traceback."""
+    run = _copy(fake_run, tmp_path)
+    _point(run, two_sets[0], two_sets[0].folder)
+    (run / "config.yaml").write_text("epochs: 3\n")
+    (run / name).unlink()
+    make(run / name)
+    for command in READERS[name]:
+        with _deadline(30):
+            code = main(COMMANDS[command](run, tmp_path))
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"asd-ray: error: {run / name}: {message}; "), (command, err)
+        assert len(err.splitlines()) == 1
+    assert not (run / "audit").exists() and not (tmp_path / "m.csv").exists()
+
+
+def test_report_never_copies_a_linked_config_into_the_page(fake_run, tmp_path, capsys):
+    """report followed a config.yaml link and copied its target (a private key) into report.html."""
+    run = _copy(fake_run, tmp_path)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN PRIVATE KEY----- not for mail")
+    (run / "config.yaml").symlink_to(secret)
+    code = main(["report", str(run), "-q"])
+    assert code == 2 and f"{run / 'config.yaml'}: a symbolic link" in capsys.readouterr().err
+    written = [
+        p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret
+    ]
+    assert not any(b"PRIVATE KEY" in data for data in written)
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").write_text("epochs: 3\n")
+    assert main(["report", str(run), "-q"]) == 0
+    assert "epochs: 3" in (run / "audit" / "report.html").read_text()  # the run's own config is shown
+
+
+def _null_device(path) -> None:
+    """A character device like /dev/null, made in the test's folder: /dev itself is never touched."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_fifo, "is a FIFO; name a file to write"),
+        (lambda p: os.symlink(p.parent / "elsewhere", p), "is a symbolic link; name a file to write"),
+        (_null_device, "is a character device; name a file to write"),
+        (lambda p: p.write_text("mine"), "already exists; choose another --out or pass --overwrite"),
+    ],
+    ids=["fifo", "link", "device", "file"],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["audit", "export", "--format", "csv"],
+        ["audit", "export"],
+        ["audit", "manifest", "--threshold", "0.5"],
+    ],
+    ids=["export csv", "export parquet", "manifest"],
+)
+def test_audit_outputs_replace_only_regular_files(
+    fake_run, two_sets, tmp_path, capsys, command, make, message
+):
+    """export and manifest replaced a FIFO, a link or a device node with a regular file."""
+    run = _copy(fake_run, tmp_path)
+    _point(run, two_sets[0], two_sets[0].folder)
+    out = tmp_path / "out"
+    make(out)
+    before = os.lstat(out)
+    with _deadline(30):
+        code = main([*command[:2], str(run), *command[2:], "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"asd-ray: error: {out} {message}") and len(err.splitlines()) == 1
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino, after.st_size) == (before.st_mode, before.st_ino, before.st_size)
+    assert not (tmp_path / "elsewhere").exists()
+    if stat.S_ISREG(before.st_mode):  # a file is replaced with --overwrite
+        assert main([*command[:2], str(run), *command[2:], "--out", str(out), "--overwrite", "-q"]) == 0
+        assert out.stat().st_size > 0 and out.read_bytes() != b"mine"

@@ -4,6 +4,7 @@ best-model rule, the run log, inputs.json (hand-made rows, no Ray)."""
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -133,6 +134,10 @@ def test_run_summary_by_hand(tmp_path):
     }
     (tmp_path / PRETRAIN_FILE).write_text(json.dumps({"acc": 0.9, "head_steps": 390}) + "\n")
     assert run_summary(config, rows, "fp32", 1.0, tmp_path)["pretrain"] == {"acc": 0.9, "head_steps": 390}
+    (tmp_path / PRETRAIN_FILE).unlink()
+    os.symlink("/dev/zero", tmp_path / PRETRAIN_FILE)  # a run folder handed over: read until memory ran out
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / PRETRAIN_FILE}: a symbolic link; restore")):
+        run_summary(config, rows, "fp32", 1.0, tmp_path)
 
 
 def test_run_summary_of_a_run_without_epochs_or_a_triggered_set(tmp_path):
@@ -233,8 +238,17 @@ def test_a_missing_inputs_json_asks_whether_the_folder_is_a_run(tmp_path):
         "[]",
         "{oops",
         '{"train": "t", "test": "t", "seeds": ',  # cut off mid-write
+        '{"train": ' * 100_000 + '"t"' + "}" * 100_000,  # a RecursionError traceback in the parser
     ],
-    ids=["an unknown field", "no test", "a path that is not text", "not a mapping", "not JSON", "truncated"],
+    ids=[
+        "an unknown field",
+        "no test",
+        "a path that is not text",
+        "not a mapping",
+        "not JSON",
+        "truncated",
+        "deeply nested",
+    ],
 )
 def test_inputs_json_that_a_run_did_not_write_is_one_data_error(tmp_path, text):
     (tmp_path / INPUTS_FILE).write_text(text)

@@ -1,11 +1,13 @@
 import json
+import os
+import stat
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from asd_ray import tables
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
 
 SEED_ROW = {"sample_id": [3], "key": ["000000003"], "label": [1], "dataset": ["/d"], "method": ["random"]}
 
@@ -58,3 +60,69 @@ def test_shard_record_layout_lists_only_safe_members():
     doc = tables.schema_document("shard_record")
     assert "pyd" not in doc["readable_members"] and "cls" in doc["readable_members"]
     json.dumps(doc)
+
+
+def _null_device(path) -> None:
+    """A character device like /dev/null (1, 3), made in the test's folder (root only)."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda p: os.mkfifo(p), "a FIFO"),
+        (lambda p: os.symlink(p.parent / "elsewhere", p), "a symbolic link"),
+        (lambda p: os.symlink("/dev/null", p), "a symbolic link"),
+        (_null_device, "a character device"),
+        (lambda p: p.mkdir(), "a folder"),
+    ],
+    ids=["fifo", "link", "link to /dev/null", "device", "folder"],
+)
+def test_only_an_absent_or_regular_file_is_written(tmp_path, make, kind):
+    """A rename replaced a FIFO, link or device node with a regular file (--out /dev/full 'succeeded')."""
+    path = tmp_path / "out"
+    make(path)
+    before = os.lstat(path)
+    with pytest.raises(ConfigError, match=f"^{path} is {kind}; name a file to write"):
+        tables.write_parquet(tables.from_pydict(SEED_ROW, "seeds"), path, "seeds")
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)  # the same node, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary file left
+    assert not (tmp_path / "elsewhere").exists()  # nothing written through the link
+
+
+def test_an_existing_file_is_replaced_only_when_allowed(tmp_path):
+    path = tmp_path / "s.parquet"
+    path.write_text("mine")
+    with pytest.raises(DataError, match=f"^{path} already exists; choose another --out or pass --overwrite"):
+        tables.write_parquet(tables.from_pydict(SEED_ROW, "seeds"), path, "seeds", overwrite=False)
+    assert path.read_text() == "mine"
+    tables.write_parquet(tables.from_pydict(SEED_ROW, "seeds"), path, "seeds", overwrite=True)
+    assert tables.read_parquet(path, "seeds").to_pydict() == SEED_ROW
+
+
+def test_a_link_made_while_the_file_is_written_is_not_replaced(tmp_path):
+    path = tmp_path / "out.csv"
+    with pytest.raises(ConfigError, match="is a symbolic link"), tables.atomic_file(path) as tmp:
+        tmp.write_text("rows")
+        path.symlink_to(tmp_path / "elsewhere")
+    assert path.is_symlink() and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+@pytest.mark.parametrize(
+    "make", [lambda p: p.symlink_to(p.parent / "real"), lambda p: p.write_text("x")], ids=["link", "file"]
+)
+def test_a_folder_output_is_never_a_link_or_a_file(tmp_path, make):
+    (tmp_path / "real").mkdir()
+    path = tmp_path / "set"
+    make(path)
+    with (
+        pytest.raises(ConfigError, match="; name a folder to write"),
+        tables.atomic_dir(path, overwrite=True),
+    ):
+        pass
+    assert os.path.lexists(path) and not list((tmp_path / "real").iterdir())

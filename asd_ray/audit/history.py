@@ -8,6 +8,7 @@ splitting order, 0 = most trusted, 1 = least.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,7 +222,7 @@ def read_card(run: str | Path) -> dict[str, Any] | None:
             classes, the training set's identity).
     """
     path = Path(run) / MODEL_DIR / CARD_FILE
-    if not path.exists():
+    if not os.path.lexists(path):  # a link is there, and refused
         return None
     return read_run_card(path, fix=RESTORE)
 
@@ -247,7 +248,7 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
     """
     from asd_ray.data.shards import DATASET_FILE, ShardSet
 
-    if not (Path(run) / INPUTS_FILE).exists():
+    if not os.path.lexists(Path(run) / INPUTS_FILE):  # a link is there, and refused
         return None
     folder = Path(run_folder.read_inputs(run)["train"])
     if not (folder / DATASET_FILE).is_file():

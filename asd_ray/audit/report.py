@@ -1,7 +1,8 @@
 """``asd-ray report RUN``: one self-contained HTML page about a run, for people.
 
 Reads only run outputs (complete epochs, so a running run can be reported) and
-the training shards for thumbnails, and writes into ``RUN/audit/``:
+the training shards for thumbnails, and writes into ``RUN/audit/`` (or the folder
+``--out`` names, for a run the user may not write):
 
 - ``report.html``: ACC, ASR and robust accuracy with the pools per epoch and the
   stage boundaries; per-stage loss histograms of clean against poisoned samples
@@ -17,15 +18,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from asd_ray import tables
+from asd_ray import files, tables
 from asd_ray.audit import history
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
+from asd_ray.run_folder import CONFIG_FILE, INPUTS_FILE, RESTORE
 
 AUDIT_DIR = "audit"
 THUMBNAILS = 24
@@ -33,20 +36,24 @@ THUMBNAILS = 24
 FLAGGED_FRAME, KEPT_FRAME = "#ff00ff", "#00c8ff"  # used nowhere else on the page
 
 
-def report(run: str | Path) -> dict[str, Any]:
-    """Write ``RUN/audit/report.html`` and ``flags.parquet``; return what was written.
+def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write ``report.html`` and ``flags.parquet`` into ``out`` (default ``RUN/audit``);
+    return what was written.
 
     Everything is read and checked first, so a run folder that fails a check gets
-    no file at all.
+    no file at all. Reading needs no write access to the run: a read-only run (a
+    shared result) is reported with ``out`` elsewhere.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     run = Path(run).absolute()
+    inside_run = out is None
+    folder = run / AUDIT_DIR if inside_run else Path(out).absolute()
     metrics = history.read_metrics(run).to_pylist()
     if not metrics:
         raise DataError(f"{run}: no complete epoch yet; report again after the first one")
-    _check_audit_folder(run)
+    _check_output_folder(folder, inside_run=inside_run)
     summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": len(metrics)}
     sections = [_header(run, metrics), _figure("Metrics per epoch", _curves(metrics))]
     flags = None
@@ -56,26 +63,39 @@ def report(run: str | Path) -> dict[str, Any]:
         sections += _thumbnail_sections(run)
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
-    out = run / AUDIT_DIR
-    out.mkdir(exist_ok=True)
-    _check_audit_folder(run)  # again: it may have changed while the page was drawn
+    _check_output_folder(folder, inside_run=inside_run)  # again: it may have changed meanwhile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(folder, err.strerror, inside_run=inside_run) from None
     if flags is not None:
-        summary["flags"] = str(tables.write_parquet(flags, out / "flags.parquet", "flags"))
-    path = out / "report.html"
+        summary["flags"] = str(tables.write_parquet(flags, folder / "flags.parquet", "flags"))
+    path = folder / "report.html"
     with tables.atomic_file(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     summary["report"] = str(path)
     return summary
 
 
-def _check_audit_folder(run: Path) -> None:
-    """RUN/audit must be absent or a real folder inside the run, never a link out of it."""
-    out = run / AUDIT_DIR
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+def _check_output_folder(folder: Path, *, inside_run: bool) -> None:
+    """The report's folder must be one the user may write. RUN/audit must also be absent or
+    a real folder inside the run, never a link out of it (a run folder is handed over; a
+    ``--out`` the user names may be a link of theirs)."""
+    if inside_run and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise DataError(
-            f"{out} is a link or a file, not a folder; report writes only inside the run folder: "
+            f"{folder} is a link or a file, not a folder; report writes only inside the run folder: "
             "remove it (or move it aside) and report again"
         )
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise _unwritable(folder, f"{existing} is a file", inside_run=inside_run)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _unwritable(folder, f"no write access to {existing}", inside_run=inside_run)
+
+
+def _unwritable(folder: Path, why: str, *, inside_run: bool) -> ConfigError:
+    fix = "pass --out FOLDER to write it elsewhere" if inside_run else "choose another --out"
+    return ConfigError(f"cannot write the report in {folder} ({why}); {fix}")
 
 
 def _png(figure) -> str:
@@ -250,11 +270,15 @@ def _percent(value: float | None) -> str:
 
 
 def _text_section(run: Path) -> str:
+    """The run's config.yaml and inputs.json as they are, escaped: read as regular files of
+    at most :data:`~asd_ray.files.MAX_TEXT_BYTES` and never through a link, so a run folder
+    cannot copy a file from elsewhere (a private key) into a page meant to be mailed."""
     parts = []
-    for name in ("config.yaml", "inputs.json"):
+    for name in (CONFIG_FILE, INPUTS_FILE):
         path = run / name
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
+        if os.path.lexists(path):
+            data = files.read_regular_file(path, what=str(path), fix=RESTORE)
+            text = data.decode("utf-8", errors="replace")
             parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(text)}</pre>")
     return "<h2>Config and inputs</h2>\n" + "\n".join(parts)
 

