@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -104,10 +105,12 @@ def run(
     out = Path(out).absolute()
     config, inputs = resolve_run(config, inputs, out, resume)
     data = open_inputs(config, inputs)  # every input is checked before anything is written
-    connected = _init_ray(config)
-    reaper = Reaper.watch() if connected == "local" else None  # started right away: a kill may come soon
-    session = lock = None
+    # Started before Ray: a kill or Ctrl-C may come while Ray starts, and only the reaper
+    # knows the processes of a start-up cut short.
+    reaper = Reaper.watch() if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") else None
+    connected = session = lock = None
     try:
+        connected = _init_ray(config)
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
         lock = _lock_run_folder(out)
         if resume:
@@ -202,12 +205,35 @@ def _init_ray(config: RunConfig) -> str | None:
         return "cluster"
     c = config.cluster
     cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
-    ray.init(
-        num_cpus=max(int(np.ceil(cpus)), os.cpu_count() or 1),
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+    with _keeping_sigterm_handler():
+        ray.init(
+            num_cpus=max(int(np.ceil(cpus)), os.cpu_count() or 1),
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
     return "local"
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Give SIGTERM back to the handler it had before ``ray.init``, which replaces it twice:
+    with ``sys.exit(15)`` at once, then in its C++ core with a handler that aborts the process
+    (exit 134, no ``finally`` runs). The asd-ray command's handler turns SIGTERM into an
+    interrupt that stops the run cleanly, and a SIGTERM that came during ``ray.init`` reaches it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray installs no handler from another thread
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM or not callable(before):
+            raise
+        before(signal.SIGTERM, None)  # the SIGTERM Ray's handler took
+        raise
+    finally:
+        if before is not None:  # None: a handler not set from Python, which cannot be restored
+            signal.signal(signal.SIGTERM, before)
 
 
 def _set_aside_unreadable_snapshot(train_dir: Path, progress: Callable[[str], None]) -> None:

@@ -94,6 +94,7 @@ def main() -> None:
         ready, _, _ = select.select([sys.stdin.buffer], [], [], _SNAPSHOT_S)
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break  # the driver closed the pipe or died
+    seen.update(ray_descendants(root, _processes()))  # a driver that closed the pipe is still there
     table = _processes()
     for pid, started in seen.items():
         if pid in table and table[pid][1] == started:

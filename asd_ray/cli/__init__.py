@@ -11,6 +11,16 @@ traceback, never blamed on the input. Nothing half-written is left behind, and
 text from the data (names, keys, paths) reaches the terminal with its control
 characters escaped.
 
+Ctrl-C (SIGINT) and SIGTERM (``timeout``, systemd, batch schedulers) end any command
+with one line, ``asd-ray: interrupted (SIGINT): ...``, and status 130 or 143 (128 +
+the signal): every clean-up runs first (temporary files removed, Ray and every
+process the command started stopped), and for ``run`` the line says which epochs
+the run folder keeps and how to continue. A second signal during that clean-up
+ends the command at once with the same line (a run's Ray processes are then
+stopped by its reaper, :mod:`asd_ray.reaper`). A reader that closes the pipe
+early (``asd-ray audit summary RUN | head -1``) ends the command quietly with
+status 141 (128 + SIGPIPE, what a shell reports for a writer the closed pipe killed).
+
 Commands live by the data flow: :mod:`~asd_ray.cli.data` (shards, poison,
 seeds), :mod:`~asd_ray.cli.run` (run, config, evaluate), :mod:`~asd_ray.cli.audit`
 (audit, report).
@@ -19,14 +29,22 @@ seeds), :mod:`~asd_ray.cli.run` (run, config, evaluate), :mod:`~asd_ray.cli.audi
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from asd_ray import __version__, progress
 from asd_ray.cli import audit, data, run
 from asd_ray.cli.common import OneLineParser
 from asd_ray.errors import StorageError, UserError
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+_BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
 
 
 def build_parser() -> OneLineParser:
@@ -47,8 +65,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asd-ray`` console script."""
     args = build_parser().parse_args(argv)
     progress.set_quiet(getattr(args, "quiet", False))
+    received: list[int] = []  # the signals that came, first one first
+
+    def interrupt(signum: int, frame) -> None:
+        if received:  # a second signal while the first one's clean-up runs: stop now
+            _interrupted_line(args, received[0])
+            os._exit(128 + received[0])
+        received.append(signum)
+        # A KeyboardInterrupt, so Ray's blocking calls give way to it as to Ctrl-C (they
+        # re-raise a plain one: which signal it was is read from ``received``).
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = _install(dict.fromkeys(INTERRUPTS, interrupt))
     try:
         result = args.func(args)
+        if result is not None:
+            print(json.dumps(result, default=str))
+        sys.stdout.flush()  # a closed pipe is found here, not in Python's flush at exit
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        _interrupted_line(args, signum)
+        return 128 + signum
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            return _bug()
+        _discard_stdout()
+        return _BROKEN_PIPE_STATUS
     except UserError as err:
         _error_line(err)
         return 2
@@ -56,18 +98,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(err)
         return 1
     except Exception:  # not the user's mistake: keep everything a bug report needs
-        print(progress.terminal_safe(traceback.format_exc(), keep_newlines=True), end="", file=sys.stderr)
-        print(
-            f"asd-ray: internal error: the traceback above is a bug in asd-ray {__version__}, "
-            "not a problem with your input; please report it",
-            file=sys.stderr,
-        )
-        return 1
+        return _bug()
     finally:
+        _install(previous)
         progress.set_quiet(False)
-    if result is not None:
-        print(json.dumps(result, default=str))
     return 0
+
+
+def _bug() -> int:
+    """Print the exception being handled as a bug in asd-ray; its status."""
+    print(progress.terminal_safe(traceback.format_exc(), keep_newlines=True), end="", file=sys.stderr)
+    print(
+        f"asd-ray: internal error: the traceback above is a bug in asd-ray {__version__}, "
+        "not a problem with your input; please report it",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _install(handlers: dict) -> dict:
+    """Install each signal's handler in the main thread; the handlers they replace. In another
+    thread, where Python cannot handle signals, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, h) for signum, h in handlers.items() if h is not None}
+
+
+def _interrupted_line(args, signum: int) -> None:
+    """The one line of an interrupted command: for ``run``, what its folder keeps and how to go on."""
+    name = signal.Signals(signum).name
+    if getattr(args, "command", None) == "run":
+        line = f"asd-ray: interrupted ({name}): {_kept(Path(args.out))}"
+    else:
+        line = f"asd-ray: interrupted ({name}); nothing half-written is left: run the command again"
+    print(progress.terminal_safe(line), file=sys.stderr, flush=True)
+
+
+def _kept(out: Path) -> str:
+    """What an interrupted run left in ``out`` and the command that continues it."""
+    from asd_ray.run_folder import CONFIG_FILE, read_metrics
+
+    if not (out / CONFIG_FILE).is_file():
+        return "the run had not started, nothing was kept; start it again with the same command"
+    try:
+        epochs = read_metrics(out).column("epoch").to_pylist()
+    except (UserError, OSError):  # no epoch finished yet
+        epochs = []
+    if not epochs:
+        kept = f"{out} has no finished epoch yet"
+    else:
+        kept = f"{out} keeps epoch 0" if max(epochs) == 0 else f"{out} keeps epochs 0 to {max(epochs)}"
+    return f"{kept}; continue with asd-ray run --resume {out}"
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (a broken pipe elsewhere is a bug)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR is reported whatever the mask
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # stdout is closed, or not a file
+        return False
+
+
+def _discard_stdout() -> None:
+    """After a closed pipe: send what is left of stdout to /dev/null, so that Python's final
+    flush at exit finds no pipe to fail on."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _error_line(err: BaseException) -> None:
