@@ -59,8 +59,8 @@ elif moment.startswith("write:"):  # the file is written under its temporary nam
     real_atomic_file = tables.atomic_file
 
     @contextlib.contextmanager
-    def atomic_file(path):
-        with real_atomic_file(path) as tmp:
+    def atomic_file(path, **options):
+        with real_atomic_file(path, **options) as tmp:
             yield tmp
             if moment.removeprefix("write:") in str(path):
                 interrupt()
