@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from asd_ray import messages, tables
+from asd_ray import messages, own_cluster, tables
 from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
 from asd_ray.errors import DataError, storage_error_of, user_error_of
@@ -186,7 +186,8 @@ def _init_ray(config: RunConfig) -> str | None:
 
     :data:`RAY_TRAIN_ENV` reaches Ray Train's controller through the environment a
     local Ray inherits, or the job's runtime env on a running cluster; a Ray that
-    is already initialised keeps its own (set them before ``ray.init``).
+    is already initialised keeps its own (set them before ``ray.init``). Every
+    worker of the job addresses its own cluster (:mod:`asd_ray.own_cluster`).
 
     Returns:
         ``"local"`` (a Ray this driver started), ``"cluster"`` (a running one it
@@ -196,9 +197,10 @@ def _init_ray(config: RunConfig) -> str | None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return None
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": own_cluster.SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
-        env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
-        ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+        runtime_env["env_vars"] = {key: os.environ[key] for key in RAY_TRAIN_ENV}
+        ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
         return "cluster"
     c = config.cluster
     cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
@@ -206,6 +208,7 @@ def _init_ray(config: RunConfig) -> str | None:
         num_cpus=max(int(np.ceil(cpus)), os.cpu_count() or 1),
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
+        runtime_env=runtime_env,
     )
     return "local"
 
