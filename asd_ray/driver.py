@@ -36,7 +36,7 @@ from asd_ray.errors import DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.models.saved import MODEL_DIR, save_model, write_card
+from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
     CONFIG_FILE,
@@ -44,6 +44,7 @@ from asd_ray.run_folder import (
     LOCK_FILE,
     MODEL_FIGURES,
     PRETRAIN_FILE,
+    RESTORE,
     RUN_LOG,
     SUMMARY_FILE,
     TRAIN_DIR,
@@ -248,6 +249,21 @@ def _check_resources(cluster) -> None:
             )
 
 
+def _model_holds(folder: Path, rows: list[dict[str, Any]]) -> bool:
+    """Whether the model folder holds the last recorded epoch: last.pt, card.json and, when
+    that epoch is the best, best.pt (a driver of an older asd-ray killed between its
+    writes left a metrics row whose model was not saved)."""
+    last, best = rows[-1]["epoch"], best_row(rows)["epoch"]
+    try:
+        card = read_run_card(folder / CARD_FILE, fix=RESTORE)
+        held = {kind: read_model_file(folder / f"{kind}.pt")[1]["epoch"] for kind in ("last", "best")}
+    except (OSError, DataError):
+        return False
+    if (card["last"]["epoch"], card["best"]["epoch"], held["last"]) != (last, best, last):
+        return False
+    return best != last or held["best"] == last  # an earlier best.pt has no checkpoint to come from
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prefetched:
     """Scores of the next epoch, computed in this epoch's fused evaluation pass."""
@@ -410,9 +426,14 @@ class _Session:
         rows = read_metric_rows(out, done)
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
-            write_metrics(out, rows)
-            self._keep_model(weights, rows)
+            self._record(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
+        elif rows and not _model_holds(out / MODEL_DIR, rows):
+            self._keep_model(weights, rows)
+            progress(
+                f"asd-ray: {out / MODEL_DIR} did not hold epoch {done}, the last recorded one; "
+                "saved it again from its checkpoint"
+            )
         if config.transfer.semi_epochs and done < 0 and not hello.pretrained:
             weights = self._pretrain(progress)
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
@@ -421,8 +442,7 @@ class _Session:
         for epoch in range(done + 1, last + 1):
             row, weights, prefetched = self._epoch(epoch, weights, prefetched, score_next=epoch < last)
             rows.append(row)
-            write_metrics(out, rows)
-            self._keep_model(weights, rows)
+            self._record(weights, rows)
             self.last_evaluation = {f"eval_{k}": row[k] for k in MODEL_FIGURES if row[k] is not None}
             progress(progress_line(row, config.epochs))
             bar.update(1)
@@ -477,6 +497,13 @@ class _Session:
             f"{record['wall_s']:.0f}s"
         )
         return result.weights
+
+    def _record(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
+        """The last row's model files, then the metrics: its row in RUN/metrics.parquet
+        commits the epoch, so a driver killed in between leaves an epoch a resume
+        re-evaluates and records again, never a row whose model was not saved."""
+        self._keep_model(weights, rows)
+        write_metrics(self.out, rows)
 
     def _keep_model(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""

@@ -220,12 +220,14 @@ def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
 
 
 def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
-    """RUN/metrics.parquet and RUN/metrics.jsonl; a number JSON cannot hold (a recovered row's
-    NaN loss and timings) is null in the JSON lines, the Parquet keeps it."""
+    """RUN/metrics.jsonl, then RUN/metrics.parquet: the Parquet, which a resume reads back,
+    commits the rows (a kill in between leaves its last row to be re-evaluated, and both
+    written again). A number JSON cannot hold (a recovered row's NaN loss and timings) is
+    null in the JSON lines, the Parquet keeps it."""
     table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
-    tables.write_parquet(table, out / METRICS_FILE, "metrics")
     with tables.atomic_file(out / METRICS_JSONL) as tmp:
         tmp.write_text("".join(json.dumps(_json_row(r), allow_nan=False) + "\n" for r in rows))
+    tables.write_parquet(table, out / METRICS_FILE, "metrics")
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
