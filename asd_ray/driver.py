@@ -32,7 +32,7 @@ import ray
 from asd_ray import messages, own_cluster, tables
 from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
-from asd_ray.errors import DataError, storage_error_of, user_error_of
+from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
@@ -103,20 +103,19 @@ def run(
     """
     start = time.perf_counter()
     out = Path(out).absolute()
-    config, inputs = resolve_run(config, inputs, out, resume)
-    data = open_inputs(config, inputs)  # every input is checked before anything is written
-    connected = _init_ray(config)
-    reaper = Reaper.watch() if connected == "local" else None  # started right away: a kill may come soon
-    session = lock = None
+    lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
+    session = connected = reaper = None
     try:
+        config, inputs = resolve_run(config, inputs, out, resume)
+        data = open_inputs(config, inputs)  # every input is checked before anything is written
+        _check_cache_dir(config.cluster)
+        connected = _init_ray(config)
+        reaper = Reaper.watch() if connected == "local" else None  # started right away: a kill may come soon
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
-        lock = _lock_run_folder(out)
         if resume:
             _set_aside_unreadable_snapshot(out / TRAIN_DIR, progress)
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
-            write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
+            _write_start_records(out, config, inputs)
         progress = RunLog(out / RUN_LOG, progress)
         advice = foreign_seed_warning(data.seeds, config.mixmatch.noise_overlay, config.transfer.semi_epochs)
         if advice:
@@ -128,7 +127,7 @@ def run(
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     except Exception as err:
-        full = storage_error_of(err, out)
+        full = storage_error_of(err, out, resumable=(out / CONFIG_FILE).is_file())
         if full is None:
             raise
         raise full from None
@@ -137,8 +136,7 @@ def run(
             progress.close()
         if session is not None:
             session.close()
-        if lock is not None:
-            lock.close()  # released: another driver may take the folder
+        lock.close()  # released: another driver may take the folder
         if connected:
             ray.shutdown()
         if reaper is not None:
@@ -146,29 +144,128 @@ def run(
     return summary
 
 
-def _lock_run_folder(out: Path):
+def _lock_run_folder(out: Path) -> _RunFolderLock:
     """Hold ``RUN/.lock`` (an OS lock, gone with its process, so a killed driver leaves none)
-    while this driver writes the folder; a second driver is refused with the owner named.
+    from before the folder is checked to the run's end; a second driver is refused with
+    the owner named. The folder is created if missing, and must take new files.
 
-    Returns:
-        the open lock file: closing it releases the lock.
+    Raises:
+        ConfigError: a file stands where the folder or one above it should be.
+        DataError: another driver holds the folder, or no file can be created in it.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open_to_append(out / LOCK_FILE, readable=True)  # held for the whole run
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
+    lock = _RunFolderLock(out, made=_missing_folders(out))
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
+        out.mkdir(parents=True, exist_ok=True)
+        lock.take()
+        tempfile.TemporaryFile(dir=out).close()  # a folder whose lock file exists may still be read-only
+    except OSError as err:
+        lock.close()
         raise DataError(
-            f"run folder {out} is being written by {owner}; wait for that run or choose another --out"
+            f"run folder {out}: cannot write there ({err.strerror or type(err).__name__}); "
+            "choose another --out or make it writable"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
-    handle.flush()
-    return handle
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+class _RunFolderLock:
+    """``RUN/.lock`` held by this driver. A run that ends before its first record
+    (RUN/config.yaml) takes back what taking the lock made, the lock file and the
+    folders, so a refused start leaves nothing behind."""
+
+    def __init__(self, out: Path, made: list[Path]):
+        self.out, self.path, self.made = out, out / LOCK_FILE, made  # made: deepest folder first
+        self.handle = None
+        self.made_file = False
+
+    def take(self) -> None:
+        """Lock the file now at ``RUN/.lock``: one that a driver ending its failed start
+        unlinked while this one opened it would lock nothing, so that is tried again."""
+        while True:
+            self.made_file = self.made_file or not os.path.lexists(self.path)
+            handle = open_to_append(self.path, readable=True)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                handle.close()
+                raise DataError(
+                    f"run folder {self.out} is being written by {owner}; wait for that run or choose another --out"
+                ) from None
+            try:
+                current = os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()
+        self.handle = handle
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+        handle.flush()
+
+    def close(self) -> None:
+        """Release the lock: another driver may take the folder."""
+        try:
+            if not (self.out / CONFIG_FILE).exists():  # no run started here
+                if self.made_file and self.handle is not None:
+                    self.path.unlink(missing_ok=True)
+                _remove_empty(self.made)
+        finally:
+            if self.handle is not None:
+                self.handle.close()
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _write_start_records(out: Path, config: RunConfig, inputs: RunInputs) -> None:
+    """RUN/inputs.json, then RUN/config.yaml, which marks a folder ``--resume`` continues.
+    A failure in between takes inputs.json back; a kill in between leaves a folder a new
+    run may reuse (:func:`asd_ray.run_folder.failed_start`)."""
+    write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+    try:
+        write_text(out / CONFIG_FILE, config_yaml(config))
+    except BaseException:
+        (out / INPUTS_FILE).unlink(missing_ok=True)
+        raise
+
+
+def _check_cache_dir(cluster) -> None:
+    """``cluster.cache_dir`` must take new files: the workers would find out only after
+    Ray started, in a traceback. Folders made for the check are removed again."""
+    if cluster.cache_dir is None:
+        return
+    folder = Path(cluster.cache_dir)
+    made = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(
+            f"cluster.cache_dir {folder}: cannot create files there ({err.strerror or type(err).__name__}); "
+            "name a writable folder (or leave it unset for the system's temporary folder)"
+        ) from None
+    finally:
+        _remove_empty(made)
 
 
 RAY_TRAIN_ENV = {

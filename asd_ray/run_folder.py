@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,6 +167,20 @@ def recorded_config(run: str | Path) -> Path:
     if not path.is_file():
         raise DataError(f"--resume {run}: no {CONFIG_FILE} there; start a new run with --out")
     return path
+
+
+_START_TEMPORARY = re.compile(rf"\.(?:{re.escape(INPUTS_FILE)}|{re.escape(CONFIG_FILE)})\.\w+\.tmp")
+
+
+def failed_start(run: Path) -> list[Path] | None:
+    """The temporary files in ``run`` when it holds no more than a start cut short leaves
+    (the lock, inputs.json, their temporary files: no config.yaml), which a new run may
+    take over; None when it holds anything else (a run's records, or files not a run's)."""
+    found = list(run.iterdir()) if run.is_dir() else []
+    temporary = [p for p in found if _START_TEMPORARY.fullmatch(p.name)]
+    if all(p.name in (LOCK_FILE, INPUTS_FILE) for p in found if p not in temporary):
+        return temporary
+    return None
 
 
 INPUT_FIELDS = ("train", "test", "poison_test", "seeds", "ground_truth")  # RUN/inputs.json
