@@ -229,10 +229,10 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
 @pytest.mark.parametrize(
     "killed_before",
     [
-        name if name in ("last.pt", "metrics.parquet") else pytest.param(name, marks=pytest.mark.slow)
+        name if name in ("last.pt", "metrics.jsonl") else pytest.param(name, marks=pytest.mark.slow)
         for name in _RECORD
     ],
-)  # the record's first and last file by default (a resume each, about 20 s), the files between with -m slow
+)  # two by default (a resume each, about 20 s): a model file, then the metrics; the rest with -m slow
 def test_a_driver_killed_while_recording_the_final_epoch_resumes_to_that_epochs_model(
     ray_cluster, poisoned_data, undisturbed, reference, killed_before, tmp_path
 ):
@@ -301,6 +301,36 @@ def test_the_model_folder_is_checked_against_the_last_recorded_epoch(undisturbed
     shutil.copytree(killed / "last.pt" / MODEL_DIR, tmp_path / MODEL_DIR)
     (tmp_path / MODEL_DIR / "best.pt").unlink()
     assert not _model_holds(tmp_path / MODEL_DIR, rows[:2])
+
+
+@pytest.mark.slow  # two drivers side by side, each with a local Ray of its own: a few minutes on 2 cores
+def test_two_runs_on_one_machine_each_finish_with_the_tables_they_have_alone(
+    ray_cluster, poisoned_data, tmp_path, reference
+):
+    """Two drivers into different folders at once, each starting its own local Ray (as
+    `asd-ray run` does) beside the session's: both finish with the undisturbed run's
+    tables, and no worker looks for "the" local cluster among several."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [json.dumps(dataclasses.asdict(poisoned_data)), json.dumps(FAULT_RUN)]
+    drivers = {}
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.err", "w") as err:
+            drivers[name] = subprocess.Popen(
+                [sys.executable, "-c", _DRIVER, *args, str(tmp_path / name)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+    try:
+        for name, driver in drivers.items():
+            driver.wait(timeout=900)
+            err = (tmp_path / f"{name}.err").read_text()
+            assert driver.returncode == 0, err[-3000:]
+            assert "Found multiple active Ray instances" not in err
+            _assert_same_outcome(tmp_path / name, reference)
+    finally:
+        for driver in drivers.values():
+            driver.kill()
 
 
 @pytest.fixture
