@@ -30,14 +30,14 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from asd_ray import messages, tables
+from asd_ray import messages, own_cluster, tables
 from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
-from asd_ray.errors import DataError, storage_error_of, user_error_of
+from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.models.saved import MODEL_DIR, save_model, write_card
+from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
     CONFIG_FILE,
@@ -45,6 +45,7 @@ from asd_ray.run_folder import (
     LOCK_FILE,
     MODEL_FIGURES,
     PRETRAIN_FILE,
+    RESTORE,
     RUN_LOG,
     SUMMARY_FILE,
     TRAIN_DIR,
@@ -103,22 +104,22 @@ def run(
     """
     start = time.perf_counter()
     out = Path(out).absolute()
-    config, inputs = resolve_run(config, inputs, out, resume)
-    data = open_inputs(config, inputs)  # every input is checked before anything is written
-    # Started before Ray: a kill or Ctrl-C may come while Ray starts, and only the reaper
-    # knows the processes of a start-up cut short.
-    reaper = Reaper.watch() if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") else None
-    connected = session = lock = None
+    lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
+    session = connected = reaper = None
     try:
+        config, inputs = resolve_run(config, inputs, out, resume)
+        data = open_inputs(config, inputs)  # every input is checked before anything is written
+        _check_cache_dir(config.cluster)
+        # Started before Ray: a kill or Ctrl-C may come while Ray starts, and only the reaper
+        # knows the processes of a start-up cut short.
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            reaper = Reaper.watch()
         connected = _init_ray(config)
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
-        lock = _lock_run_folder(out)
         if resume:
             _set_aside_unreadable_snapshot(out / TRAIN_DIR, progress)
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
-            write_text(out / CONFIG_FILE, config_yaml(config))  # last: it marks a resumable folder
+            _write_start_records(out, config, inputs)
         progress = RunLog(out / RUN_LOG, progress)
         advice = foreign_seed_warning(data.seeds, config.mixmatch.noise_overlay, config.transfer.semi_epochs)
         if advice:
@@ -130,7 +131,7 @@ def run(
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
     except Exception as err:
-        full = storage_error_of(err, out)
+        full = storage_error_of(err, out, resumable=(out / CONFIG_FILE).is_file())
         if full is None:
             raise
         raise full from None
@@ -139,8 +140,7 @@ def run(
             progress.close()
         if session is not None:
             session.close()
-        if lock is not None:
-            lock.close()  # released: another driver may take the folder
+        lock.close()  # released: another driver may take the folder
         if connected:
             ray.shutdown()
         if reaper is not None:
@@ -148,29 +148,128 @@ def run(
     return summary
 
 
-def _lock_run_folder(out: Path):
+def _lock_run_folder(out: Path) -> _RunFolderLock:
     """Hold ``RUN/.lock`` (an OS lock, gone with its process, so a killed driver leaves none)
-    while this driver writes the folder; a second driver is refused with the owner named.
+    from before the folder is checked to the run's end; a second driver is refused with
+    the owner named. The folder is created if missing, and must take new files.
 
-    Returns:
-        the open lock file: closing it releases the lock.
+    Raises:
+        ConfigError: a file stands where the folder or one above it should be.
+        DataError: another driver holds the folder, or no file can be created in it.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open_to_append(out / LOCK_FILE, readable=True)  # held for the whole run
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
+    lock = _RunFolderLock(out, made=_missing_folders(out))
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
+        out.mkdir(parents=True, exist_ok=True)
+        lock.take()
+        tempfile.TemporaryFile(dir=out).close()  # a folder whose lock file exists may still be read-only
+    except OSError as err:
+        lock.close()
         raise DataError(
-            f"run folder {out} is being written by {owner}; wait for that run or choose another --out"
+            f"run folder {out}: cannot write there ({err.strerror or type(err).__name__}); "
+            "choose another --out or make it writable"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
-    handle.flush()
-    return handle
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+class _RunFolderLock:
+    """``RUN/.lock`` held by this driver. A run that ends before its first record
+    (RUN/config.yaml) takes back what taking the lock made, the lock file and the
+    folders, so a refused start leaves nothing behind."""
+
+    def __init__(self, out: Path, made: list[Path]):
+        self.out, self.path, self.made = out, out / LOCK_FILE, made  # made: deepest folder first
+        self.handle = None
+        self.made_file = False
+
+    def take(self) -> None:
+        """Lock the file now at ``RUN/.lock``: one that a driver ending its failed start
+        unlinked while this one opened it would lock nothing, so that is tried again."""
+        while True:
+            self.made_file = self.made_file or not os.path.lexists(self.path)
+            handle = open_to_append(self.path, readable=True)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                handle.close()
+                raise DataError(
+                    f"run folder {self.out} is being written by {owner}; wait for that run or choose another --out"
+                ) from None
+            try:
+                current = os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()
+        self.handle = handle
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"the asd-ray driver pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+        handle.flush()
+
+    def close(self) -> None:
+        """Release the lock: another driver may take the folder."""
+        try:
+            if not (self.out / CONFIG_FILE).exists():  # no run started here
+                if self.made_file and self.handle is not None:
+                    self.path.unlink(missing_ok=True)
+                _remove_empty(self.made)
+        finally:
+            if self.handle is not None:
+                self.handle.close()
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _write_start_records(out: Path, config: RunConfig, inputs: RunInputs) -> None:
+    """RUN/inputs.json, then RUN/config.yaml, which marks a folder ``--resume`` continues.
+    A failure in between takes inputs.json back; a kill in between leaves a folder a new
+    run may reuse (:func:`asd_ray.run_folder.failed_start`)."""
+    write_text(out / INPUTS_FILE, json.dumps(dataclasses.asdict(inputs), indent=2) + "\n")
+    try:
+        write_text(out / CONFIG_FILE, config_yaml(config))
+    except BaseException:
+        (out / INPUTS_FILE).unlink(missing_ok=True)
+        raise
+
+
+def _check_cache_dir(cluster) -> None:
+    """``cluster.cache_dir`` must take new files: the workers would find out only after
+    Ray started, in a traceback. Folders made for the check are removed again."""
+    if cluster.cache_dir is None:
+        return
+    folder = Path(cluster.cache_dir)
+    made = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(
+            f"cluster.cache_dir {folder}: cannot create files there ({err.strerror or type(err).__name__}); "
+            "name a writable folder (or leave it unset for the system's temporary folder)"
+        ) from None
+    finally:
+        _remove_empty(made)
 
 
 RAY_TRAIN_ENV = {
@@ -189,7 +288,8 @@ def _init_ray(config: RunConfig) -> str | None:
 
     :data:`RAY_TRAIN_ENV` reaches Ray Train's controller through the environment a
     local Ray inherits, or the job's runtime env on a running cluster; a Ray that
-    is already initialised keeps its own (set them before ``ray.init``).
+    is already initialised keeps its own (set them before ``ray.init``). Every
+    worker of the job addresses its own cluster (:mod:`asd_ray.own_cluster`).
 
     Returns:
         ``"local"`` (a Ray this driver started), ``"cluster"`` (a running one it
@@ -199,9 +299,10 @@ def _init_ray(config: RunConfig) -> str | None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return None
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": own_cluster.SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
-        env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
-        ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+        runtime_env["env_vars"] = {key: os.environ[key] for key in RAY_TRAIN_ENV}
+        ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
         return "cluster"
     c = config.cluster
     cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
@@ -210,6 +311,7 @@ def _init_ray(config: RunConfig) -> str | None:
             num_cpus=max(int(np.ceil(cpus)), os.cpu_count() or 1),
             dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
+            runtime_env=runtime_env,
         )
     return "local"
 
@@ -269,6 +371,21 @@ def _check_resources(cluster) -> None:
                 f"the run asks for {need:g} {resource}s ({how}) but the Ray cluster has "
                 f"{have.get(resource, 0):g}; lower those settings or add nodes (start them before the run)"
             )
+
+
+def _model_holds(folder: Path, rows: list[dict[str, Any]]) -> bool:
+    """Whether the model folder holds the last recorded epoch: last.pt, card.json and, when
+    that epoch is the best, best.pt (a driver of an older asd-ray killed between its
+    writes left a metrics row whose model was not saved)."""
+    last, best = rows[-1]["epoch"], best_row(rows)["epoch"]
+    try:
+        card = read_run_card(folder / CARD_FILE, fix=RESTORE)
+        held = {kind: read_model_file(folder / f"{kind}.pt")[1]["epoch"] for kind in ("last", "best")}
+    except (OSError, DataError):
+        return False
+    if (card["last"]["epoch"], card["best"]["epoch"], held["last"]) != (last, best, last):
+        return False
+    return best != last or held["best"] == last  # an earlier best.pt has no checkpoint to come from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,9 +550,14 @@ class _Session:
         rows = read_metric_rows(out, done)
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):
             rows.append(self._recover_row(done, weights))
-            write_metrics(out, rows)
-            self._keep_model(weights, rows)
+            self._record(weights, rows)
             progress(f"asd-ray: epoch {done} was checkpointed but not recorded; re-evaluated it")
+        elif rows and not _model_holds(out / MODEL_DIR, rows):
+            self._keep_model(weights, rows)
+            progress(
+                f"asd-ray: {out / MODEL_DIR} did not hold epoch {done}, the last recorded one; "
+                "saved it again from its checkpoint"
+            )
         if config.transfer.semi_epochs and done < 0 and not hello.pretrained:
             weights = self._pretrain(progress)
         last = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
@@ -444,8 +566,7 @@ class _Session:
         for epoch in range(done + 1, last + 1):
             row, weights, prefetched = self._epoch(epoch, weights, prefetched, score_next=epoch < last)
             rows.append(row)
-            write_metrics(out, rows)
-            self._keep_model(weights, rows)
+            self._record(weights, rows)
             self.last_evaluation = {f"eval_{k}": row[k] for k in MODEL_FIGURES if row[k] is not None}
             progress(progress_line(row, config.epochs))
             bar.update(1)
@@ -500,6 +621,13 @@ class _Session:
             f"{record['wall_s']:.0f}s"
         )
         return result.weights
+
+    def _record(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
+        """The last row's model files, then the metrics: its row in RUN/metrics.parquet
+        commits the epoch, so a driver killed in between leaves an epoch a resume
+        re-evaluates and records again, never a row whose model was not saved."""
+        self._keep_model(weights, rows)
+        write_metrics(self.out, rows)
 
     def _keep_model(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""

@@ -63,15 +63,21 @@ def _causes(err: BaseException):
         queue += list(getattr(current, "worker_failures", {}).values())
 
 
-def storage_error_of(err: BaseException, run_folder: Path) -> StorageError | None:
+def storage_error_of(err: BaseException, run_folder: Path, *, resumable: bool = True) -> StorageError | None:
     """A one-line :class:`StorageError` when ``err`` comes from a full disk (here, or in
-    a Ray Train worker writing a checkpoint), else None."""
+    a Ray Train worker writing a checkpoint), else None. Its advice is ``--resume`` when
+    ``run_folder`` holds a started run (RUN/config.yaml), else to start it again."""
     full = any(
         (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
         for e in _causes(err)
     )
     if not full:
         return None
+    if not resumable:
+        return StorageError(
+            f"{run_folder}: no space left on device before the run's first record; "
+            "free space, then start it again with the same command"
+        )
     return StorageError(
         f"{run_folder}: no space left on device; every finished epoch is intact: "
         f"free space, then continue with asd-ray run --resume {run_folder}",

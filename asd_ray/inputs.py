@@ -21,15 +21,9 @@ from asd_ray.config import RunConfig, load_recorded_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
-from asd_ray.errors import ConfigError, DataError
+from asd_ray.errors import DataError
 from asd_ray.models import ModelSpec
-from asd_ray.run_folder import (
-    BEST_RULE,
-    LOCK_FILE,
-    TRUSTED_SEEDS_DIR,
-    read_inputs,
-    recorded_config,
-)
+from asd_ray.run_folder import BEST_RULE, TRUSTED_SEEDS_DIR, failed_start, read_inputs, recorded_config
 from asd_ray.seeds import SeedPlan, plan_seeds
 
 
@@ -86,11 +80,10 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one.
 
     A resumed run keeps its algorithm and data settings: only ``cluster.*``, ``epochs``
-    and ``preset`` (a label) may differ from RUN/config.yaml.
+    and ``preset`` may differ from RUN/config.yaml. A new run needs an empty folder, or
+    one a start cut short left (:func:`~asd_ray.run_folder.failed_start`: its leftovers
+    are removed). Called by the driver holding the folder's lock.
     """
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"--out {out}: {blocking} is a file; name a folder for the run")
     if resume:
         saved = load_recorded_config(recorded_config(out))
         refused = [key for key in _changed_keys(saved.to_dict(), config.to_dict()) if not _resumable(key)]
@@ -101,10 +94,13 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
                 "preset may change): drop the flag, or start a new run with --out"
             )
         return config, RunInputs(**read_inputs(out))
-    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+    leftovers = failed_start(out)
+    if leftovers is None:
         raise DataError(
             f"run folder {out} is not empty; pass --resume to continue it or choose another --out"
         )
+    for path in leftovers:
+        path.unlink(missing_ok=True)
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
     return config, inputs.absolute()

@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +169,20 @@ def recorded_config(run: str | Path) -> Path:
     return path
 
 
+_START_TEMPORARY = re.compile(rf"\.(?:{re.escape(INPUTS_FILE)}|{re.escape(CONFIG_FILE)})\.\w+\.tmp")
+
+
+def failed_start(run: Path) -> list[Path] | None:
+    """The temporary files in ``run`` when it holds no more than a start cut short leaves
+    (the lock, inputs.json, their temporary files: no config.yaml), which a new run may
+    take over; None when it holds anything else (a run's records, or files not a run's)."""
+    found = list(run.iterdir()) if run.is_dir() else []
+    temporary = [p for p in found if _START_TEMPORARY.fullmatch(p.name)]
+    if all(p.name in (LOCK_FILE, INPUTS_FILE) for p in found if p not in temporary):
+        return temporary
+    return None
+
+
 INPUT_FIELDS = ("train", "test", "poison_test", "seeds", "ground_truth")  # RUN/inputs.json
 
 
@@ -220,12 +235,14 @@ def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
 
 
 def write_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
-    """RUN/metrics.parquet and RUN/metrics.jsonl; a number JSON cannot hold (a recovered row's
-    NaN loss and timings) is null in the JSON lines, the Parquet keeps it."""
+    """RUN/metrics.jsonl, then RUN/metrics.parquet: the Parquet, which a resume reads back,
+    commits the rows (a kill in between leaves its last row to be re-evaluated, and both
+    written again). A number JSON cannot hold (a recovered row's NaN loss and timings) is
+    null in the JSON lines, the Parquet keeps it."""
     table = tables.from_pydict({k: [r[k] for r in rows] for k in tables.schema("metrics").names}, "metrics")
-    tables.write_parquet(table, out / METRICS_FILE, "metrics")
     with tables.atomic_file(out / METRICS_JSONL) as tmp:
         tmp.write_text("".join(json.dumps(_json_row(r), allow_nan=False) + "\n" for r in rows))
+    tables.write_parquet(table, out / METRICS_FILE, "metrics")
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -270,9 +270,10 @@ def test_a_second_driver_on_the_same_run_folder_is_refused(ray_cluster, poisoned
     try:
         with pytest.raises(DataError, match="is being written by the asd-ray driver pid .* on .* since"):
             run(load_config("mnist-quick", overrides=TINY_RUN), poisoned_data, tmp_path / "run")
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing else was written
     finally:
         held.close()
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing else was written
+    assert not (tmp_path / "run").exists()  # the holder started no run there: what it made is gone
 
 
 def test_resume_applies_cluster_and_epochs_and_refuses_other_changes(poisoned_data, tmp_path):

@@ -4,9 +4,11 @@ Each disturbed run must end with exactly the tables and metrics of an undisturbe
 run of the same config: same split table every epoch, one metrics row per epoch.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_RUN
 
 from asd_ray import tables
 from asd_ray.config import load_config
-from asd_ray.driver import run
+from asd_ray.driver import _model_holds, run
 from asd_ray.errors import StorageError
+from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file
 from asd_ray.reaper import _processes, ray_descendants
-from asd_ray.run_folder import METRICS_FILE, TRAIN_DIR, split_path
+from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, TRAIN_DIR, split_path
 
 pytestmark = pytest.mark.ray
 
@@ -49,11 +53,47 @@ def _assert_same_outcome(out: Path, reference: tuple[list, list]) -> None:
         assert got.equals(want), f"epoch {epoch}: the split table differs from the undisturbed run's"
 
 
+# The files of an epoch's record, in the order a resume must find them committed in.
+_RECORD = ("last.pt", "best.pt", "card.json", "metrics.jsonl", "metrics.parquet")
+
+
 @pytest.fixture(scope="module")
-def reference(ray_cluster, poisoned_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("undisturbed") / "run"
-    run(_config(), poisoned_data, out, progress=lambda _: None)
-    return _outcome(out)
+def undisturbed(ray_cluster, poisoned_data, tmp_path_factory) -> tuple[Path, Path]:
+    """The undisturbed run's folder, and beside it copies of that folder as a driver killed
+    before each file of the final epoch's record (:data:`_RECORD`) would have left it:
+    taken by the run itself just before it wrote that file."""
+    root = tmp_path_factory.mktemp("undisturbed")
+    out, killed = root / "run", root / "killed"
+    atomic_file = tables.atomic_file
+
+    @contextlib.contextmanager
+    def copy_then_write(path: Path):
+        if split_path(out, 2).exists() and path.name in _RECORD and not (killed / path.name).exists():
+            _copy_as_it_is(out, killed / path.name)
+        with atomic_file(path) as tmp:
+            yield tmp
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tables, "atomic_file", copy_then_write)
+        run(_config(), poisoned_data, out, progress=lambda _: None)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(_RECORD)
+    return out, killed
+
+
+def _copy_as_it_is(source: Path, target: Path) -> None:
+    """``source`` copied as it is on disk now; a file that vanishes meanwhile (Ray Train
+    removing an old checkpoint) is left out, as it would be after a kill."""
+    for folder, _, files in os.walk(source):
+        there = target / Path(folder).relative_to(source)
+        there.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(Path(folder) / name, there / name)
+
+
+@pytest.fixture(scope="module")
+def reference(undisturbed):
+    return _outcome(undisturbed[0])
 
 
 class _Background:
@@ -147,7 +187,7 @@ def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_noth
 _DRIVER = """
 import json, sys
 from asd_ray.config import load_config
-from asd_ray.driver import run
+from asd_ray.driver import _model_holds, run
 from asd_ray.inputs import RunInputs
 inputs, overrides, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 run(load_config("mnist-quick", overrides=overrides), RunInputs(**inputs), out)
@@ -184,6 +224,113 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
     summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
     assert summary["epochs"] == 3 and "resuming after epoch 0" in lines[0]
     _assert_same_outcome(out, reference)
+
+
+@pytest.mark.parametrize(
+    "killed_before",
+    [
+        name if name in ("last.pt", "metrics.jsonl") else pytest.param(name, marks=pytest.mark.slow)
+        for name in _RECORD
+    ],
+)  # two by default (a resume each, about 20 s): a model file, then the metrics; the rest with -m slow
+def test_a_driver_killed_while_recording_the_final_epoch_resumes_to_that_epochs_model(
+    ray_cluster, poisoned_data, undisturbed, reference, killed_before, tmp_path
+):
+    """Killed before any one file of the final epoch's record, `--resume` ends with that
+    epoch's metrics row and model files (last.pt, best.pt, card.json), the undisturbed
+    run's, never those of the epoch before."""
+    folder = tmp_path / "run"
+    shutil.copytree(undisturbed[1] / killed_before, folder)
+    lines = []
+    summary = run(_config(), poisoned_data, folder, resume=True, progress=lines.append)
+    assert summary["epochs"] == 3
+    assert any("epoch 2 was checkpointed but not recorded; re-evaluated it" in line for line in lines)
+    _assert_final_record(folder, undisturbed[0], reference)
+
+
+@pytest.mark.slow  # a resume (about 20 s) of what only an older asd-ray leaves
+def test_a_recorded_epoch_whose_model_was_not_saved_is_saved_again_on_resume(
+    ray_cluster, poisoned_data, undisturbed, reference, tmp_path
+):
+    """The final epoch's metrics row recorded, its model files not (an asd-ray that wrote
+    the row first, killed in between): the resume saves them from the checkpoint."""
+    out, killed = undisturbed
+    folder = tmp_path / "run"
+    shutil.copytree(killed / "last.pt", folder)  # the model files of epoch 1
+    for name in (METRICS_FILE, METRICS_JSONL):
+        shutil.copy2(out / name, folder / name)
+    lines = []
+    run(_config(), poisoned_data, folder, resume=True, progress=lines.append)
+    assert any("did not hold epoch 2, the last recorded one; saved it again" in line for line in lines)
+    assert not any("re-evaluated" in line for line in lines)
+    _assert_final_record(folder, out, reference)
+
+
+def _assert_final_record(folder: Path, undisturbed: Path, reference: tuple[list, list]) -> None:
+    """``folder`` ends as the undisturbed run did: every metrics row and the final epoch's
+    model files, weights and card alike."""
+    figures = [k for k in METRIC_KEYS if k != "train_loss"]  # a re-evaluated row's loss is unknown
+    rows = tables.read_parquet(folder / METRICS_FILE, "metrics").to_pylist()
+    assert [{k: r[k] for k in figures} for r in rows] == [{k: r[k] for k in figures} for r in reference[1]]
+    assert len((folder / METRICS_JSONL).read_text().splitlines()) == 3
+    for kind in ("last", "best"):
+        state, card = read_model_file(folder / MODEL_DIR / f"{kind}.pt")
+        want_state, want_card = read_model_file(undisturbed / MODEL_DIR / f"{kind}.pt")
+        assert card["epoch"] == want_card["epoch"] == 2
+        assert {k: card[k] for k in MODEL_FIGURES} == {k: want_card[k] for k in MODEL_FIGURES}
+        assert state.keys() == want_state.keys() and all(torch.equal(state[k], want_state[k]) for k in state)
+    card = json.loads((folder / MODEL_DIR / CARD_FILE).read_text())
+    assert card == json.loads((undisturbed / MODEL_DIR / CARD_FILE).read_text())
+
+
+def test_the_model_folder_is_checked_against_the_last_recorded_epoch(undisturbed, tmp_path):
+    """What a driver killed part-way through a record leaves: last.pt, card.json, and
+    best.pt when the last epoch is the best, must hold the last recorded epoch."""
+    out, killed = undisturbed
+    rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
+    assert _model_holds(out / MODEL_DIR, rows)
+    for before, holds in {
+        "last.pt": False,
+        "best.pt": False,
+        "card.json": False,
+        "metrics.jsonl": True,
+    }.items():
+        assert _model_holds(killed / before / MODEL_DIR, rows) == holds, before
+    assert _model_holds(killed / "last.pt" / MODEL_DIR, rows[:2])  # epoch 1's files, epoch 1 the last
+    assert not _model_holds(out / MODEL_DIR, rows[:2])  # files of a later epoch than recorded
+    shutil.copytree(killed / "last.pt" / MODEL_DIR, tmp_path / MODEL_DIR)
+    (tmp_path / MODEL_DIR / "best.pt").unlink()
+    assert not _model_holds(tmp_path / MODEL_DIR, rows[:2])
+
+
+@pytest.mark.slow  # two drivers side by side, each with a local Ray of its own: a few minutes on 2 cores
+def test_two_runs_on_one_machine_each_finish_with_the_tables_they_have_alone(
+    ray_cluster, poisoned_data, tmp_path, reference
+):
+    """Two drivers into different folders at once, each starting its own local Ray (as
+    `asd-ray run` does) beside the session's: both finish with the undisturbed run's
+    tables, and no worker looks for "the" local cluster among several."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [json.dumps(dataclasses.asdict(poisoned_data)), json.dumps(FAULT_RUN)]
+    drivers = {}
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.err", "w") as err:
+            drivers[name] = subprocess.Popen(
+                [sys.executable, "-c", _DRIVER, *args, str(tmp_path / name)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+    try:
+        for name, driver in drivers.items():
+            driver.wait(timeout=900)
+            err = (tmp_path / f"{name}.err").read_text()
+            assert driver.returncode == 0, err[-3000:]
+            assert "Found multiple active Ray instances" not in err
+            _assert_same_outcome(tmp_path / name, reference)
+    finally:
+        for driver in drivers.values():
+            driver.kill()
 
 
 @pytest.fixture
