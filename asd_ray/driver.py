@@ -35,6 +35,7 @@ from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
 from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
+from asd_ray.files import not_a_uri
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
@@ -103,9 +104,13 @@ def run(
         RUN/summary.json.
     """
     start = time.perf_counter()
+    problem = not_a_uri(str(out))
+    if problem is not None:  # the API's check; the command line refuses a URI in its parser
+        raise ConfigError(f"out {problem}")
     out = Path(out).absolute()
     lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
     session = connected = reaper = None
+    interrupted = False
     try:
         config, inputs = resolve_run(config, inputs, out, resume)
         data = open_inputs(config, inputs)  # every input is checked before anything is written
@@ -130,6 +135,9 @@ def run(
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the command turns it into one
+        interrupted = True
+        raise
     except Exception as err:
         full = storage_error_of(err, out, resumable=(out / CONFIG_FILE).is_file())
         if full is None:
@@ -139,7 +147,7 @@ def run(
         if isinstance(progress, RunLog):
             progress.close()
         if session is not None:
-            session.close()
+            session.close(finish_task=not interrupted)
         lock.close()  # released: another driver may take the folder
         if connected:
             ray.shutdown()
@@ -800,9 +808,16 @@ class _Session:
             dataclasses.asdict(EpochTimes.unknown()),
         )
 
-    def close(self) -> None:
+    def close(self, *, finish_task: bool = True) -> None:
+        """Stop the scoring pool, the mailbox and the training thread.
+
+        Args:
+            finish_task: let the workers end the task in hand and stop; an interrupted run
+                does not wait for an epoch to end (an hour on ImageNet): ``ray.shutdown``
+                stops its workers, and a resume starts from the last checkpoint.
+        """
         try:
-            if self.thread.is_alive():
+            if finish_task and self.thread.is_alive():
                 ray.get(self.mailbox.post_task.remote(messages.Stop()))
                 self.thread.join(timeout=120)
         finally:

@@ -8,6 +8,10 @@ of thousands of digits (Python refuses to convert it). So every read here opens
 the file without following a link, accepts only a regular file, reads at most a
 size cap, and checks nesting and value lengths before a parser builds anything;
 each refusal is one line naming the file and the fix.
+
+Every path a user names is a local one (:func:`not_a_uri`): object storage is not
+supported yet, and ``pathlib`` would read ``s3://bucket/x`` as the local folder
+``s3:/bucket/x``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ from asd_ray.errors import DataError, UserError
 MAX_TEXT_BYTES = 8 * 1024**2  # a run's card lists up to 10,000 class names; nothing we write is near this
 MAX_DEPTH = 32  # our files nest 3 levels; the parsers recurse once per level
 MAX_SCALAR = 4096  # characters of one value (a path's limit); Python converts ints of up to 4,300 digits
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def not_a_uri(path: str) -> str | None:
+    """Why ``path`` cannot be used as a local path (it is a URI), or None when it can.
+    ``file://`` is refused too: it names a local path, to be given as is."""
+    uri = _URI.match(path)
+    if uri is None:
+        return None
+    if uri.group(1).lower() == "file":
+        return f"{path}: give the local path itself, not a file:// URI"
+    return f"{path}: object storage is not supported yet; give a local path"
 
 
 def read_regular_file(

@@ -21,7 +21,8 @@ from asd_ray.config import RunConfig, load_recorded_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
-from asd_ray.errors import DataError
+from asd_ray.errors import ConfigError, DataError
+from asd_ray.files import not_a_uri
 from asd_ray.models import ModelSpec
 from asd_ray.run_folder import BEST_RULE, TRUSTED_SEEDS_DIR, failed_start, read_inputs, recorded_config
 from asd_ray.seeds import SeedPlan, plan_seeds
@@ -36,6 +37,12 @@ class RunInputs:
     poison_test: str | None = None  # triggered test shard folder (ASR)
     seeds: str | None = None  # seeds table (required for defense asd)
     ground_truth: str | None = None  # poison.parquet of the training set: reporting only
+
+    def __post_init__(self) -> None:
+        for name, path in dataclasses.asdict(self).items():
+            problem = not_a_uri(path) if path else None
+            if problem is not None:
+                raise ConfigError(f"{name.replace('_', '-')} {problem}")
 
     def absolute(self) -> RunInputs:
         return RunInputs(
@@ -79,8 +86,8 @@ class RunData:
 def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one.
 
-    A resumed run keeps its algorithm and data settings: only ``cluster.*``, ``epochs``
-    and ``preset`` may differ from RUN/config.yaml. A new run needs an empty folder, or
+    A resumed run keeps its algorithm and data settings: only ``cluster.*`` and
+    ``epochs`` may differ from RUN/config.yaml (a preset is values, not a label). A new run needs an empty folder, or
     one a start cut short left (:func:`~asd_ray.run_folder.failed_start`: its leftovers
     are removed). Called by the driver holding the folder's lock.
     """
@@ -90,8 +97,8 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
         if refused:
             raise DataError(
                 f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
-                "a resumed run keeps its algorithm and data settings (only cluster.*, epochs and "
-                "preset may change): drop the flag, or start a new run with --out"
+                "a resumed run keeps its algorithm and data settings (only cluster.* and "
+                "epochs may change): drop the flag, or start a new run with --out"
             )
         return config, RunInputs(**read_inputs(out))
     leftovers = failed_start(out)
@@ -121,7 +128,7 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 def _resumable(key: str) -> bool:
     """Settings a resumed run may change: where it runs, and how long (the lambda_u ramp
     and stage boundaries stay as configured, and are checked against the new length)."""
-    return key.startswith("cluster.") or key in ("epochs", "preset")
+    return key.startswith("cluster.") or key == "epochs"
 
 
 def open_inputs(config: RunConfig, inputs: RunInputs) -> RunData:

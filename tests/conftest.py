@@ -3,7 +3,11 @@ the independent computations that tests check the code's figures against."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import stat
 import tarfile
 from pathlib import Path
 
@@ -43,6 +47,32 @@ def make_shards(
     return ShardSet(folder)
 
 
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Turn a hang into a failure: a read of a FIFO, or a tar walk on a negative size, once
+    blocked forever."""
+
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def null_device(path: Path) -> None:
+    """A character device like /dev/null (1, 3), made in the test's folder: /dev itself is
+    never touched (root only, else the test is skipped)."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     """A raw tar with the given (name, data) members, for malformed-shard tests."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -65,10 +95,8 @@ def test_set(tmp_path) -> ShardSet:
 _SHARED_RAY: dict[str, str] = {}  # the temp dir of the session's local Ray while it runs
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """The session's one local Ray, started on first use (start-up ~5 s on 2 cores) and
-    kept for every later module; a test that needs a Ray of its own takes ``own_ray``."""
+def _start_shared_ray() -> None:
+    """Start the session's one local Ray unless it runs (start-up ~5 s on 2 cores)."""
     import logging
     import os
     import tempfile
@@ -92,6 +120,15 @@ def ray_cluster():
             logging_level=logging.WARNING,
         )
         _SHARED_RAY["temp_dir"] = temp_dir
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The session's one local Ray, started on first use and kept for every later module;
+    a test that needs a Ray of its own takes ``own_ray``."""
+    import ray
+
+    _start_shared_ray()
     yield ray
 
 
@@ -190,3 +227,78 @@ def auroc_by_pairs(scores: np.ndarray, positives: np.ndarray) -> float:
     pos, neg = scores[positives], scores[~positives]
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return wins / (len(pos) * len(neg))
+
+
+# The tiny run that the fault and interrupt tests disturb, and the undisturbed run they must end as.
+FAULT_RUN = [*TINY_RUN, "mixmatch.iterations=12", "cluster.max_failures=1"]
+METRIC_KEYS = ("epoch", "stage", "clean_pool", "poison_in_clean", "acc", "asr", "train_loss")
+# The files of an epoch's record, in the order a resume must find them committed in.
+FINAL_RECORD = ("last.pt", "best.pt", "card.json", "metrics.jsonl", "metrics.parquet")
+
+
+def fault_config():
+    from asd_ray.config import load_config
+
+    return load_config("mnist-quick", overrides=FAULT_RUN)
+
+
+def run_outcome(out: Path) -> tuple[list, list]:
+    """What a run produced: its split tables and the timing-free part of its metrics rows."""
+    from asd_ray import tables
+    from asd_ray.run_folder import METRICS_FILE, split_path
+
+    splits = [tables.read_parquet(split_path(out, epoch), "splits") for epoch in range(3)]
+    rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
+    return splits, [{k: row[k] for k in METRIC_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="session")
+def undisturbed(poisoned_data, tmp_path_factory) -> tuple[Path, Path]:
+    """The undisturbed run of :func:`fault_config` (one for the session: the fault and the
+    interrupt tests compare with it), and beside it copies of its folder as a driver killed
+    before each file of the final epoch's record (:data:`FINAL_RECORD`) would have left it:
+    taken by the run itself just before it wrote that file."""
+    import contextlib
+
+    from asd_ray import tables
+    from asd_ray.driver import run
+    from asd_ray.run_folder import split_path
+
+    _start_shared_ray()
+    root = tmp_path_factory.mktemp("undisturbed")
+    out, killed = root / "run", root / "killed"
+    atomic_file = tables.atomic_file
+
+    @contextlib.contextmanager
+    def copy_then_write(path: Path, **options):
+        if split_path(out, 2).exists() and path.name in FINAL_RECORD and not (killed / path.name).exists():
+            _copy_as_it_is(out, killed / path.name)
+        with atomic_file(path, **options) as tmp:
+            yield tmp
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tables, "atomic_file", copy_then_write)
+        run(fault_config(), poisoned_data, out, progress=lambda _: None)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(FINAL_RECORD)
+    return out, killed
+
+
+def _copy_as_it_is(source: Path, target: Path) -> None:
+    """``source`` copied as it is on disk now; a file that vanishes meanwhile (Ray Train
+    removing an old checkpoint) is left out, as it would be after a kill."""
+    import contextlib
+    import os
+    import shutil
+
+    for folder, _, files in os.walk(source):
+        there = target / Path(folder).relative_to(source)
+        there.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(Path(folder) / name, there / name)
+
+
+@pytest.fixture(scope="session")
+def reference(undisturbed) -> tuple[list, list]:
+    """The undisturbed run's split tables and metrics rows (:func:`run_outcome`)."""
+    return run_outcome(undisturbed[0])

@@ -78,3 +78,19 @@ def test_a_file_uri_asks_for_the_path_itself_and_plain_paths_pass(capsys):
     assert "file:///data/train: give the local path itself, not a file:// URI" in capsys.readouterr().err
     for value in ("/data/s3:bucket", "runs/a:b", "C:/data", "./s3/bucket", "{000..009}.tar"):
         assert local_path(value) == value
+
+
+def test_the_python_api_refuses_a_uri_too(tmp_path, monkeypatch):
+    """`driver.run` and `RunInputs` (jobs, notebooks, RUN/inputs.json) name paths without the parser."""
+    from asd_ray.config import load_config
+    from asd_ray.driver import run
+    from asd_ray.errors import ConfigError
+    from asd_ray.inputs import RunInputs
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="^poison-test gs://b/t: object storage is not supported yet"):
+        RunInputs(train="/data/train", test="/data/test", poison_test="gs://b/t")
+    inputs = RunInputs(train=str(tmp_path / "train"), test=str(tmp_path / "test"))
+    with pytest.raises(ConfigError, match="^out s3://b/run: object storage is not supported yet"):
+        run(load_config("mnist-quick"), inputs, "s3://b/run")
+    assert not list(tmp_path.iterdir())  # no ./s3: folder

@@ -69,7 +69,10 @@ def test_to_device_leaves_cpu_tensors_alone() -> None:
 
 
 def test_bad_precision_names_the_key() -> None:
-    with pytest.raises(ValueError, match="compute.precision = 'half' is out of range: it must be one of auto, fp32, tf32, bf16"):
+    with pytest.raises(
+        ValueError,
+        match="compute.precision = 'half' is out of range: it must be one of auto, fp32, tf32, bf16",
+    ):
         load_config(None, None, ["compute.precision=half"])
 
 
@@ -82,7 +85,9 @@ def test_scoring_precision_is_checked_and_applied() -> None:
     for name in ("fp32", "tf32"):
         with compute.scoring_precision(name, CPU):
             assert (a @ a.T).dtype == torch.float32
-    with pytest.raises(ValueError, match="scoring.precision = 'half' is out of range: it must be one of fp32, tf32, bf16"):
+    with pytest.raises(
+        ValueError, match="scoring.precision = 'half' is out of range: it must be one of fp32, tf32, bf16"
+    ):
         ScoringConfig(precision="half")
 
 

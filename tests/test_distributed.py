@@ -206,5 +206,8 @@ def test_batch_rules() -> None:
     assert lr_factor(scaled, 4, 1.0) == pytest.approx(1.5) and lr_factor(scaled, 4, 9.0) == 2.0
     assert lr_factor(_config("mixmatch.batch_rule=scaled", "mixmatch.scaled_lr=linear"), 4) == 4.0
     assert math.isclose(lr_factor(scaled, 1, 0.0), 1.0)
-    with pytest.raises(ValueError, match="mixmatch.batch_rule = 'per_worker' is out of range: it must be one of global, scaled"):
+    with pytest.raises(
+        ValueError,
+        match="mixmatch.batch_rule = 'per_worker' is out of range: it must be one of global, scaled",
+    ):
         _config("mixmatch.batch_rule=per_worker")

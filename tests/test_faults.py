@@ -4,7 +4,6 @@ Each disturbed run must end with exactly the tables and metrics of an undisturbe
 run of the same config: same split table every epoch, one metrics row per epoch.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import FAULT_RUN, FINAL_RECORD, METRIC_KEYS, fault_config, run_outcome
 
 from asd_ray import tables
-from asd_ray.config import load_config
 from asd_ray.driver import _model_holds, run
 from asd_ray.errors import StorageError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file
@@ -30,70 +28,13 @@ from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, TRAIN
 
 pytestmark = pytest.mark.ray
 
-FAULT_RUN = [*TINY_RUN, "mixmatch.iterations=12", "cluster.max_failures=1"]
-METRIC_KEYS = ("epoch", "stage", "clean_pool", "poison_in_clean", "acc", "asr", "train_loss")
-
-
-def _config():
-    return load_config("mnist-quick", overrides=FAULT_RUN)
-
-
-def _outcome(out: Path) -> tuple[list, list]:
-    """What a run produced: its split tables and the timing-free part of its metrics rows."""
-    splits = [tables.read_parquet(split_path(out, epoch), "splits") for epoch in range(3)]
-    rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
-    return splits, [{k: row[k] for k in METRIC_KEYS} for row in rows]
-
 
 def _assert_same_outcome(out: Path, reference: tuple[list, list]) -> None:
-    splits, rows = _outcome(out)
+    splits, rows = run_outcome(out)
     assert [row["epoch"] for row in rows] == [0, 1, 2]  # none missing, none twice
     assert rows == reference[1]
     for epoch, (got, want) in enumerate(zip(splits, reference[0])):
         assert got.equals(want), f"epoch {epoch}: the split table differs from the undisturbed run's"
-
-
-# The files of an epoch's record, in the order a resume must find them committed in.
-_RECORD = ("last.pt", "best.pt", "card.json", "metrics.jsonl", "metrics.parquet")
-
-
-@pytest.fixture(scope="module")
-def undisturbed(ray_cluster, poisoned_data, tmp_path_factory) -> tuple[Path, Path]:
-    """The undisturbed run's folder, and beside it copies of that folder as a driver killed
-    before each file of the final epoch's record (:data:`_RECORD`) would have left it:
-    taken by the run itself just before it wrote that file."""
-    root = tmp_path_factory.mktemp("undisturbed")
-    out, killed = root / "run", root / "killed"
-    atomic_file = tables.atomic_file
-
-    @contextlib.contextmanager
-    def copy_then_write(path: Path):
-        if split_path(out, 2).exists() and path.name in _RECORD and not (killed / path.name).exists():
-            _copy_as_it_is(out, killed / path.name)
-        with atomic_file(path) as tmp:
-            yield tmp
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tables, "atomic_file", copy_then_write)
-        run(_config(), poisoned_data, out, progress=lambda _: None)
-    assert sorted(p.name for p in killed.iterdir()) == sorted(_RECORD)
-    return out, killed
-
-
-def _copy_as_it_is(source: Path, target: Path) -> None:
-    """``source`` copied as it is on disk now; a file that vanishes meanwhile (Ray Train
-    removing an old checkpoint) is left out, as it would be after a kill."""
-    for folder, _, files in os.walk(source):
-        there = target / Path(folder).relative_to(source)
-        there.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.copy2(Path(folder) / name, there / name)
-
-
-@pytest.fixture(scope="module")
-def reference(undisturbed):
-    return _outcome(undisturbed[0])
 
 
 class _Background:
@@ -157,7 +98,7 @@ def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_noth
     restarted actor), then a training worker killed mid-epoch (a new worker group resumes
     from the checkpoint); the run ends with the undisturbed run's tables."""
     out = tmp_path / "run"
-    background = _Background(_config(), poisoned_data, out)
+    background = _Background(fault_config(), poisoned_data, out)
     background.wait_for(split_path(out, 0))  # the scorers are up and idle while epoch 0 trains
     pids = _alive_pids("ScoringActor")
     assert len(pids) == 2
@@ -221,18 +162,15 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
         time.sleep(0.5)
     assert not split_path(out, 2).exists()
     lines = []
-    summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
+    summary = run(fault_config(), poisoned_data, out, resume=True, progress=lines.append)
     assert summary["epochs"] == 3 and "resuming after epoch 0" in lines[0]
     _assert_same_outcome(out, reference)
 
 
 @pytest.mark.parametrize(
     "killed_before",
-    [
-        name if name in ("last.pt", "metrics.jsonl") else pytest.param(name, marks=pytest.mark.slow)
-        for name in _RECORD
-    ],
-)  # two by default (a resume each, about 20 s): a model file, then the metrics; the rest with -m slow
+    [name if name == "last.pt" else pytest.param(name, marks=pytest.mark.slow) for name in FINAL_RECORD],
+)  # one by default (a resume, about 20 s); the rest with -m slow
 def test_a_driver_killed_while_recording_the_final_epoch_resumes_to_that_epochs_model(
     ray_cluster, poisoned_data, undisturbed, reference, killed_before, tmp_path
 ):
@@ -242,7 +180,7 @@ def test_a_driver_killed_while_recording_the_final_epoch_resumes_to_that_epochs_
     folder = tmp_path / "run"
     shutil.copytree(undisturbed[1] / killed_before, folder)
     lines = []
-    summary = run(_config(), poisoned_data, folder, resume=True, progress=lines.append)
+    summary = run(fault_config(), poisoned_data, folder, resume=True, progress=lines.append)
     assert summary["epochs"] == 3
     assert any("epoch 2 was checkpointed but not recorded; re-evaluated it" in line for line in lines)
     _assert_final_record(folder, undisturbed[0], reference)
@@ -260,7 +198,7 @@ def test_a_recorded_epoch_whose_model_was_not_saved_is_saved_again_on_resume(
     for name in (METRICS_FILE, METRICS_JSONL):
         shutil.copy2(out / name, folder / name)
     lines = []
-    run(_config(), poisoned_data, folder, resume=True, progress=lines.append)
+    run(fault_config(), poisoned_data, folder, resume=True, progress=lines.append)
     assert any("did not hold epoch 2, the last recorded one; saved it again" in line for line in lines)
     assert not any("re-evaluated" in line for line in lines)
     _assert_final_record(folder, out, reference)
@@ -357,7 +295,7 @@ def test_a_full_disk_is_one_clear_error_and_a_torn_resume_restarts_from_the_newe
     the resume sets the index aside, skips epoch 1's checkpoint and re-runs epoch 1 from
     epoch 0's, to the undisturbed run's tables."""
     out = small_disk / "run"
-    run(_config(), poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
+    run(fault_config(), poisoned_data, out, stop_after_epoch=1, progress=lambda _: None)
     ballast = small_disk / "ballast"
     with open(ballast, "wb") as f:
         try:
@@ -367,7 +305,7 @@ def test_a_full_disk_is_one_clear_error_and_a_torn_resume_restarts_from_the_newe
         except OSError:
             pass  # the disk is full
     with pytest.raises(StorageError, match="no space left on device.*asd-ray run --resume") as failure:
-        run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
+        run(fault_config(), poisoned_data, out, resume=True, progress=lambda _: None)
     assert len(str(failure.value).splitlines()) == 1
     assert tables.read_parquet(split_path(out, 1), "splits").num_rows == 240  # epoch 1 intact
     assert tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist() == [0, 1]
@@ -379,7 +317,7 @@ def test_a_full_disk_is_one_clear_error_and_a_torn_resume_restarts_from_the_newe
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     lines = []
-    summary = run(_config(), poisoned_data, out, resume=True, progress=lines.append)
+    summary = run(fault_config(), poisoned_data, out, resume=True, progress=lines.append)
     assert any("was unreadable" in line for line in lines)
     assert any(f"skipped unreadable {latest.name}" in line and "(epoch 0)" in line for line in lines)
     assert summary["epochs"] == 3

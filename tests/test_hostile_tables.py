@@ -4,19 +4,17 @@ traceback. Fuzzes ground-truth, split and metrics tables; checks the run folder'
 inputs.json, config.yaml and audit folder, and the files the audit writes.
 """
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import stat
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_shards
+from conftest import make_shards, null_device, time_limit
 from test_audit import _fake_run
 
 from asd_ray import tables
@@ -403,22 +401,6 @@ def test_a_split_table_without_its_metrics_row_is_one_data_error(fake_run, tmp_p
 # --- run-folder records that are not regular files, or too deep; outputs that are not files ---
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fail a test that blocks (a read of a FIFO did, forever) instead of hanging the suite."""
-
-    def expire(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _fifo(path) -> None:
     os.mkfifo(path)
 
@@ -477,7 +459,7 @@ def test_run_folder_records_are_regular_files_under_limits(
     (run / name).unlink()
     make(run / name)
     for command in READERS[name]:
-        with _deadline(30):
+        with time_limit(30):
             code = main(COMMANDS[command](run, tmp_path))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"asd-ray: error: {run / name}: {message}; "), (command, err)
@@ -503,20 +485,12 @@ def test_report_never_copies_a_linked_config_into_the_page(fake_run, tmp_path, c
     assert "epochs: 3" in (run / "audit" / "report.html").read_text()  # the run's own config is shown
 
 
-def _null_device(path) -> None:
-    """A character device like /dev/null, made in the test's folder: /dev itself is never touched."""
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except PermissionError:
-        pytest.skip("making a device node needs root")
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (_fifo, "is a FIFO; name a file to write"),
         (lambda p: os.symlink(p.parent / "elsewhere", p), "is a symbolic link; name a file to write"),
-        (_null_device, "is a character device; name a file to write"),
+        (null_device, "is a character device; name a file to write"),
         (lambda p: p.write_text("mine"), "already exists; choose another --out or pass --overwrite"),
     ],
     ids=["fifo", "link", "device", "file"],
@@ -539,7 +513,7 @@ def test_audit_outputs_replace_only_regular_files(
     out = tmp_path / "out"
     make(out)
     before = os.lstat(out)
-    with _deadline(30):
+    with time_limit(30):
         code = main([*command[:2], str(run), *command[2:], "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"asd-ray: error: {out} {message}") and len(err.splitlines()) == 1

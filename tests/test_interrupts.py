@@ -3,9 +3,10 @@ file left, no Ray process outliving the driver, and a run that continues (as the
 the tables of an undisturbed run.
 
 Each interrupted ``asd-ray run`` is a subprocess on the tiny data that starts a local Ray of its
-own (10-40 s); the undisturbed and continued runs start one too (no two Rays at once: Ray
-Train's placement-group cleaner prints a traceback when it finds two local Rays). By default: SIGINT during Ray's start-up and SIGTERM during training; the rest of
-the matrix (every moment under both signals) runs with ``-m slow``.
+own (10-40 s) beside the session's, on which the run then continues; the undisturbed run is the
+session's (conftest). By default: SIGINT during Ray's start-up and SIGTERM during training (what the
+folder keeps, without the resume); the whole matrix, each with its re-run or resume, runs with
+``-m slow``.
 """
 
 import dataclasses
@@ -18,12 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _stop_shared_ray
-from test_faults import FAULT_RUN, _config, _outcome
+from conftest import FAULT_RUN, METRIC_KEYS, fault_config, run_outcome
 
+from asd_ray import tables
 from asd_ray.driver import run
 from asd_ray.reaper import _processes, ray_descendants
-from asd_ray.run_folder import split_path
+from asd_ray.run_folder import METRICS_FILE, split_path
 
 # A command that interrupts itself at a named moment. SIGINT goes to the whole process group,
 # as a terminal's Ctrl-C does; SIGTERM to the driver alone, as `timeout` and `kill` send it.
@@ -135,29 +136,19 @@ def _run_argv(inputs, out: Path) -> list[str]:
     return ["run", "--preset", "mnist-quick", *[a for flag in flags for a in flag], *overrides, "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def undisturbed(poisoned_data, tmp_path_factory):
-    """An undisturbed run's folder and its outcome."""
-    _stop_shared_ray()
-    out = tmp_path_factory.mktemp("undisturbed") / "run"
-    run(_config(), poisoned_data, out, progress=lambda _: None)
-    return out, _outcome(out)
-
-
-_DEFAULT = {("start-up", "SIGINT"), ("training", "SIGTERM")}
+# In the default suite: these two, checked without the re-run or resume (a Ray Train start each);
+# with -m slow: every moment under both signals, each with its re-run or resume.
+_QUICK = [("start-up", "SIGINT"), ("training", "SIGTERM")]
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize(
-    ("moment", "signame"),
-    [
-        pytest.param(moment, signame, marks=[] if (moment, signame) in _DEFAULT else pytest.mark.slow)
-        for moment in MOMENTS
-        for signame in ("SIGINT", "SIGTERM")
-    ],
+    ("moment", "signame", "continued"),
+    [pytest.param(m, s, True, marks=pytest.mark.slow) for m in MOMENTS for s in ("SIGINT", "SIGTERM")]
+    + [(m, s, False) for m, s in _QUICK],
 )
 def test_an_interrupted_run_says_what_it_kept_and_continues_to_the_undisturbed_tables(
-    own_ray, poisoned_data, tmp_path, undisturbed, moment, signame
+    ray_cluster, poisoned_data, tmp_path, reference, moment, signame, continued
 ):
     out = tmp_path / "run"
     line = _assert_one_line(
@@ -166,19 +157,31 @@ def test_an_interrupted_run_says_what_it_kept_and_continues_to_the_undisturbed_t
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
     if moment == "start-up":
         assert line.endswith("nothing was kept; start it again with the same command")
-        if (moment, signame) in _DEFAULT:
-            return  # the same command again is an undisturbed run: checked with -m slow
-        run(_config(), poisoned_data, out, progress=lambda _: None)
+        if continued:
+            run(fault_config(), poisoned_data, out, progress=lambda _: None)
     else:
         assert line.endswith(f"continue with asd-ray run --resume {out}")
-        run(_config(), poisoned_data, out, resume=True, progress=lambda _: None)
-    _assert_same_outcome(out, undisturbed[1])
+        if "keeps epoch 0" in line:  # what the folder keeps is the undisturbed run's
+            assert tables.read_parquet(split_path(out, 0), "splits").equals(reference[0][0])
+            assert run_outcome_rows(out)[0] == reference[1][0]
+        else:
+            assert moment != "training", line  # epoch 1 trains: epoch 0 is kept
+        if continued:
+            run(fault_config(), poisoned_data, out, resume=True, progress=lambda _: None)
+    if continued:
+        _assert_same_outcome(out, reference)
+
+
+def run_outcome_rows(out: Path) -> list[dict]:
+    """The timing-free metrics rows a run folder keeps."""
+    rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
+    return [{k: row[k] for k in METRIC_KEYS} for row in rows]
 
 
 def _assert_same_outcome(out: Path, reference: tuple[list, list]) -> None:
     """The undisturbed run's split tables and figures. An epoch that the workers checkpointed
     while the driver stopped is re-evaluated on resume, its training loss unknown (NaN)."""
-    splits, rows = _outcome(out)
+    splits, rows = run_outcome(out)
     assert [row["epoch"] for row in rows] == [0, 1, 2]
     for got, want in zip(rows, reference[1]):
         assert {**got, "train_loss": None} == {**want, "train_loss": None}

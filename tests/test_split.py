@@ -222,7 +222,9 @@ def test_stage3_table_with_the_guard_counts_only_ranked_samples():
 
 
 def test_a_guard_that_leaves_too_few_samples_is_refused():
-    with pytest.raises(ConfigError, match="split.meta_clean_ratio 0.6 \\+ split.meta_loss_guard 0.5 is over 1"):
+    with pytest.raises(
+        ConfigError, match="split.meta_clean_ratio 0.6 \\+ split.meta_loss_guard 0.5 is over 1"
+    ):
         SplitConfig(meta_clean_ratio=0.6, meta_loss_guard=0.5)
 
 

@@ -1,10 +1,10 @@
 import json
 import os
-import stat
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import null_device
 
 from asd_ray import tables
 from asd_ray.errors import ConfigError, DataError
@@ -62,21 +62,13 @@ def test_shard_record_layout_lists_only_safe_members():
     json.dumps(doc)
 
 
-def _null_device(path) -> None:
-    """A character device like /dev/null (1, 3), made in the test's folder (root only)."""
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except PermissionError:
-        pytest.skip("making a device node needs root")
-
-
 @pytest.mark.parametrize(
     ("make", "kind"),
     [
         (lambda p: os.mkfifo(p), "a FIFO"),
         (lambda p: os.symlink(p.parent / "elsewhere", p), "a symbolic link"),
         (lambda p: os.symlink("/dev/null", p), "a symbolic link"),
-        (_null_device, "a character device"),
+        (null_device, "a character device"),
         (lambda p: p.mkdir(), "a folder"),
     ],
     ids=["fifo", "link", "link to /dev/null", "device", "folder"],

@@ -1,34 +1,16 @@
 """The tar walk sees what Python's tarfile sees, or refuses: hostile archives, a differential
 test against tarfile, and a bounded fuzz of mutated real shards."""
 
-import contextlib
 import io
-import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_shards
+from conftest import make_shards, time_limit
 
 from asd_ray.data.tar import BLOCK, tar_members
 from asd_ray.errors import DataError
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Turn a hang into a failure (the walk once looped forever on a negative size)."""
-
-    def hung(signum, frame):
-        raise TimeoutError(f"the tar walk ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def tarfile_view(path: Path):

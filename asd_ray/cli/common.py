@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from asd_ray import progress
-
-_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+from asd_ray.files import not_a_uri
 
 
 def local_path(value: str) -> str:
-    """The argparse ``type`` of every path argument of every command: a local path.
-
-    ``pathlib`` reads ``s3://bucket/x`` as the local folder ``s3:/bucket/x``, so a URI
-    would be written or read as one; until object storage is supported it is refused
-    in one line (exit 2). ``file://`` is refused too: it names a local path, given as is.
-    """
-    uri = _URI.match(value)
-    if uri is None:
-        return value
-    if uri.group(1).lower() == "file":
-        raise argparse.ArgumentTypeError(f"{value}: give the local path itself, not a file:// URI")
-    raise argparse.ArgumentTypeError(f"{value}: object storage is not supported yet; give a local path")
+    """The argparse ``type`` of every path argument of every command: a local path, or
+    one usage line (exit 2) for a URI (:func:`asd_ray.files.not_a_uri`)."""
+    problem = not_a_uri(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
