@@ -120,6 +120,6 @@ def test_hostile_values_are_refused_in_one_line_before_ray(key, tmp_path, capsys
                 says_where = f"--config {config_file}: " in err and (named.search(err) or " at line " in err)
             if code != 2 or len(err.splitlines()) != 1 or not says_where or stdout or out.exists():
                 wrong.append(f"{how} {key}={value[:20]!r}: exit {code}, {err[:300]!r}")
-            elif len(err) > 400:
+            elif len(err.replace(str(config_file), "F")) > 400:  # the tmp path's length varies
                 wrong.append(f"{how} {key}={value[:20]!r}: a line of {len(err)} characters")
     assert not wrong, "\n".join(wrong)
