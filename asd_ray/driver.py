@@ -144,15 +144,21 @@ def run(
             raise
         raise full from None
     finally:
-        if isinstance(progress, RunLog):
-            progress.close()
-        if session is not None:
-            session.close(finish_task=not interrupted)
-        lock.close()  # released: another driver may take the folder
-        if connected:
-            ray.shutdown()
-        if reaper is not None:
-            reaper.close()
+        # Every step runs even if one before it fails; the lock goes last, once no process
+        # of this run writes the folder any more.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(lock.close)  # released: another driver may take the folder
+            if reaper is not None:
+                cleanup.callback(reaper.close)
+            if connected:
+                cleanup.callback(ray.shutdown)
+            if session is not None:
+                # An interrupt does not wait for the task in hand (an epoch, on ImageNet):
+                # ray.shutdown stops the workers. A Ray the caller owns stays up, so its
+                # workers are asked to stop as after a normal end.
+                cleanup.callback(session.close, finish_task=not interrupted or connected is None)
+            if isinstance(progress, RunLog):
+                cleanup.callback(progress.close)
     return summary
 
 
@@ -310,7 +316,8 @@ def _init_ray(config: RunConfig) -> str | None:
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": own_cluster.SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
         runtime_env["env_vars"] = {key: os.environ[key] for key in RAY_TRAIN_ENV}
-        ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
+        with _keeping_sigterm_handler():  # a batch scheduler's SIGTERM on a cluster too
+            ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
         return "cluster"
     c = config.cluster
     cpus = c.workers * c.cpus_per_worker + c.scorers * c.cpus_per_scorer
@@ -329,7 +336,9 @@ def _keeping_sigterm_handler() -> Iterator[None]:
     """Give SIGTERM back to the handler it had before ``ray.init``, which replaces it twice:
     with ``sys.exit(15)`` at once, then in its C++ core with a handler that aborts the process
     (exit 134, no ``finally`` runs). The asd-ray command's handler turns SIGTERM into an
-    interrupt that stops the run cleanly, and a SIGTERM that came during ``ray.init`` reaches it."""
+    interrupt that stops the run cleanly; a SIGTERM that Ray's Python handler took during
+    ``ray.init`` is passed on to it (one in the short window under the C++ handler still
+    aborts)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # Ray installs no handler from another thread
         return
@@ -812,9 +821,9 @@ class _Session:
         """Stop the scoring pool, the mailbox and the training thread.
 
         Args:
-            finish_task: let the workers end the task in hand and stop; an interrupted run
-                does not wait for an epoch to end (an hour on ImageNet): ``ray.shutdown``
-                stops its workers, and a resume starts from the last checkpoint.
+            finish_task: let the workers end the task in hand and stop. False: leave them
+                to the ``ray.shutdown`` that follows (an interrupted run does not wait for
+                an epoch to end); a resume starts from the last checkpoint.
         """
         try:
             if finish_task and self.thread.is_alive():

@@ -126,14 +126,14 @@ def parse_yaml(text: str, *, what: str, fix: str, error: type[UserError] = DataE
         depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             line = f" at line {event.start_mark.line + 1}"
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise error(f"{what}: anchors and aliases (&, *) are not accepted{line}; {fix}")
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise error(f"{what}: nested deeper than {MAX_DEPTH} levels{line}; {fix}")
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-            elif isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise error(f"{what}: anchors and aliases (&, *) are not accepted{line}; {fix}")
             elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR:
                 raise error(
                     f"{what}: a value of {len(event.value)} characters{line}, over the "
@@ -159,32 +159,48 @@ _Loader.add_implicit_resolver(
 )
 
 
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]|[-+0-9.eE]{%d,}' % (MAX_SCALAR + 1))
-
-
 def parse_json(data: bytes | str, *, what: str, fix: str, error: type[UserError] = DataError) -> Any:
-    """A JSON value, after a scan that refuses nesting deeper than :data:`MAX_DEPTH` and
-    numbers longer than :data:`MAX_SCALAR` characters.
+    """A JSON value nested at most :data:`MAX_DEPTH` levels, with no number longer than
+    :data:`MAX_SCALAR` characters (each checked before it is converted).
 
     Raises:
         ``error``: not JSON, or over a limit.
     """
-    raw = data.encode() if isinstance(data, str) else data
-    depth = 0
-    for token in _JSON_TOKEN.finditer(raw):
-        first = token.group()[:1]
-        if first in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise error(f"{what}: nested deeper than {MAX_DEPTH} levels; {fix}")
-        elif first in (b"]", b"}"):
-            depth -= 1
-        elif first != b'"':
-            raise error(f"{what}: a number over {MAX_SCALAR} characters long; {fix}")
+
+    def bounded(convert):
+        def number(text: str) -> Any:
+            if len(text) > MAX_SCALAR:
+                raise error(f"{what}: a number over {MAX_SCALAR} characters long; {fix}")
+            return convert(text)
+
+        return number
+
     try:
-        return json.loads(raw)
+        value = json.loads(data, parse_int=bounded(int), parse_float=bounded(float))
+    except UserError:  # a number over the limit (a ValueError too)
+        raise
+    except RecursionError:  # the parser recurses once per level
+        value = None
+        depth = MAX_DEPTH + 1
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise error(f"{what}: not valid JSON ({type(err).__name__}); {fix}") from None
+    else:
+        depth = _depth(value)
+    if depth > MAX_DEPTH:
+        raise error(f"{what}: nested deeper than {MAX_DEPTH} levels; {fix}")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How many lists and mappings deep ``value`` nests (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack += [(child, level + 1) for child in children]
+    return deepest
 
 
 def read_json(path: str | Path, *, fix: str, what: str | None = None, limit: int = MAX_TEXT_BYTES) -> Any:
@@ -193,7 +209,15 @@ def read_json(path: str | Path, *, fix: str, what: str | None = None, limit: int
     return parse_json(read_regular_file(path, what=what, fix=fix, limit=limit), what=what, fix=fix)
 
 
-def read_text(path: str | Path, *, fix: str, what: str | None = None, limit: int = MAX_TEXT_BYTES) -> str:
+def read_text(
+    path: str | Path,
+    *,
+    fix: str,
+    what: str | None = None,
+    limit: int = MAX_TEXT_BYTES,
+    follow_links: bool = False,
+) -> str:
     """A regular UTF-8 text file of at most ``limit`` bytes (:func:`read_regular_file`)."""
     what = what or str(path)
-    return decode_text(read_regular_file(path, what=what, fix=fix, limit=limit), what=what, fix=fix)
+    data = read_regular_file(path, what=what, fix=fix, limit=limit, follow_links=follow_links)
+    return decode_text(data, what=what, fix=fix)

@@ -9,6 +9,7 @@ N.. N+E-1. No Ray here: the driver, the demo data and the tests use it alike.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class RunInputs:
 
     def __post_init__(self) -> None:
         for name, path in dataclasses.asdict(self).items():
-            problem = not_a_uri(path) if path else None
+            problem = not_a_uri(os.fspath(path)) if path else None
             if problem is not None:
                 raise ConfigError(f"{name.replace('_', '-')} {problem}")
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,21 +103,31 @@ def run_summary(
 
 
 def open_to_append(path: Path, *, readable: bool = False) -> TextIO:
-    """``path`` opened for appending (created if missing), never through a symbolic link:
-    a run folder handed over may hold one that points at a file elsewhere.
+    """``path`` opened for appending (created if missing), a regular file only and never
+    through a symbolic link: a run folder handed over may hold a link that points at a file
+    elsewhere, or a FIFO that would block the open.
 
     Raises:
-        DataError: ``path`` is a symbolic link.
+        DataError: ``path`` is a symbolic link, a FIFO or a device.
     """
-    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (os.O_RDWR if readable else os.O_WRONLY)
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+    flags |= os.O_RDWR if readable else os.O_WRONLY
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as err:
-        if err.errno != errno.ELOOP:
+        if err.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO no one reads
             raise
+        kind = "a symbolic link" if err.errno == errno.ELOOP else "a FIFO"
         raise DataError(
-            f"{path} is a symbolic link; a run writes only inside its folder: remove the link"
+            f"{path} is {kind}; a run writes only regular files inside its folder: remove it"
         ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(
+            f"{path} is {files.kind_of(mode)}; a run writes only regular files inside its folder: remove it"
+        )
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a+" if readable else "a", encoding="utf-8")
 
 

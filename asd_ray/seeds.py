@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd_ray import tables
+from asd_ray import files, tables
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import ConfigError, DataError
 
@@ -82,13 +82,8 @@ def seeds_from_list(shards: ShardSet, keys: Sequence[str]) -> pa.Table:
 
 def read_seed_list(path: str | Path) -> list[str]:
     """Keys or sample ids, one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(
-            f"--from-list {path}: cannot read it ({getattr(err, 'strerror', None) or type(err).__name__}); "
-            "pass a text file of keys or sample ids, one per line"
-        ) from None
+    fix = "pass a text file of keys or sample ids, one per line"
+    lines = files.read_text(path, what=f"--from-list {path}", fix=fix, follow_links=True).splitlines()
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 

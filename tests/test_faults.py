@@ -135,6 +135,7 @@ run(load_config("mnist-quick", overrides=overrides), RunInputs(**inputs), out)
 """
 
 
+@pytest.mark.slow  # the default suite stops a driver mid-epoch with SIGTERM (test_interrupts.py)
 def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
     ray_cluster, poisoned_data, tmp_path, reference
 ):
@@ -169,8 +170,8 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
 
 @pytest.mark.parametrize(
     "killed_before",
-    [name if name == "last.pt" else pytest.param(name, marks=pytest.mark.slow) for name in FINAL_RECORD],
-)  # one by default (a resume, about 20 s); the rest with -m slow
+    [pytest.param(name, marks=pytest.mark.slow) for name in FINAL_RECORD],
+)  # a resume each (about 20 s); the default suite checks the resume-time test of the model folder
 def test_a_driver_killed_while_recording_the_final_epoch_resumes_to_that_epochs_model(
     ray_cluster, poisoned_data, undisturbed, reference, killed_before, tmp_path
 ):

@@ -274,7 +274,7 @@ def test_model_files_are_refused_on_a_torch_whose_weights_only_load_can_run_code
 
 def test_a_file_over_the_size_limit_is_refused_before_it_is_read(model_dir, monkeypatch):
     monkeypatch.setattr(saved, "MAX_MODEL_BYTES", 1000)
-    with pytest.raises(DataError, match="over the 1000-byte limit"):
+    with pytest.raises(DataError, match="larger than the 1000-byte limit"):
         load_model(model_dir)
 
 

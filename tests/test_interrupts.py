@@ -4,8 +4,8 @@ the tables of an undisturbed run.
 
 Each interrupted ``asd-ray run`` is a subprocess on the tiny data that starts a local Ray of its
 own (10-40 s) beside the session's, on which the run then continues; the undisturbed run is the
-session's (conftest). By default: SIGINT during Ray's start-up and SIGTERM during training (what the
-folder keeps, without the resume); the whole matrix, each with its re-run or resume, runs with
+session's (conftest). By default: SIGTERM during training with its resume, and SIGINT during Ray's start-up
+without the re-run; the rest of the matrix, each with its re-run or resume, runs with
 ``-m slow``.
 """
 
@@ -86,10 +86,14 @@ class Interrupted:
     stderr: str
 
 
-def _interrupt(argv: list[str], moment: str, signame: str, tmp_path: Path, out: Path | None = None):
-    """Run ``asd-ray ARGV`` interrupted at ``moment``; check that no Ray process it started
-    outlives it."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _interrupt(
+    argv: list[str], moment: str, signame: str, tmp_path: Path, out: Path | None = None, cluster: str = ""
+):
+    """Run ``asd-ray ARGV`` interrupted at ``moment``, on a local Ray of its own or joining
+    ``cluster`` (an address); check that no Ray process it started outlives it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (
+        {"RAY_ADDRESS": cluster} if cluster else {}
+    )
     how = MOMENTS.get(moment, moment)
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
@@ -136,16 +140,21 @@ def _run_argv(inputs, out: Path) -> list[str]:
     return ["run", "--preset", "mnist-quick", *[a for flag in flags for a in flag], *overrides, "--quiet"]
 
 
-# In the default suite: these two, checked without the re-run or resume (a Ray Train start each);
-# with -m slow: every moment under both signals, each with its re-run or resume.
-_QUICK = [("start-up", "SIGINT"), ("training", "SIGTERM")]
+# In the default suite: SIGTERM in training with its resume (a scheduler's kill, the usual case),
+# and SIGINT during start-up without the re-run; with -m slow: every other moment and signal.
+_DEFAULT = {("training", "SIGTERM"): True, ("start-up", "SIGINT"): False}
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize(
     ("moment", "signame", "continued"),
-    [pytest.param(m, s, True, marks=pytest.mark.slow) for m in MOMENTS for s in ("SIGINT", "SIGTERM")]
-    + [(m, s, False) for m, s in _QUICK],
+    [
+        pytest.param(m, s, True, marks=pytest.mark.slow)
+        for m in MOMENTS
+        for s in ("SIGINT", "SIGTERM")
+        if (m, s) not in _DEFAULT or not _DEFAULT[(m, s)]
+    ]
+    + [(m, s, continued) for (m, s), continued in _DEFAULT.items()],
 )
 def test_an_interrupted_run_says_what_it_kept_and_continues_to_the_undisturbed_tables(
     ray_cluster, poisoned_data, tmp_path, reference, moment, signame, continued
@@ -170,6 +179,15 @@ def test_an_interrupted_run_says_what_it_kept_and_continues_to_the_undisturbed_t
             run(fault_config(), poisoned_data, out, resume=True, progress=lambda _: None)
     if continued:
         _assert_same_outcome(out, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_that_joined_a_cluster_in_one_line(ray_cluster, poisoned_data, tmp_path):
+    """`ray.init(address=...)` installs Ray's SIGTERM handlers too (sys.exit(15), then an abort)."""
+    out = tmp_path / "run"
+    address = ray_cluster.get_runtime_context().gcs_address
+    result = _interrupt(_run_argv(poisoned_data, out), "training", "SIGTERM", tmp_path, out, cluster=address)
+    assert _assert_one_line(result, "SIGTERM").endswith(f"continue with asd-ray run --resume {out}")
 
 
 def run_outcome_rows(out: Path) -> list[dict]:

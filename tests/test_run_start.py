@@ -196,6 +196,7 @@ finally:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a local Ray of its own beside the session's (~20 s), as the two-runs test
 def test_the_processes_of_a_local_ray_address_their_own_cluster(ray_cluster):
     """With another local Ray running (the session's), the workers of the Ray a driver
     starts ask the state API of their own cluster, never "Found multiple active Ray instances"."""

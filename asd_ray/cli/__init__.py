@@ -17,7 +17,8 @@ the signal): every clean-up runs first (temporary files removed, Ray and every
 process the command started stopped), and for ``run`` the line says which epochs
 the run folder keeps and how to continue. A second signal during that clean-up
 ends the command at once with the same line (a run's Ray processes are then
-stopped by its reaper, :mod:`asd_ray.reaper`). A reader that closes the pipe
+stopped by its reaper, :mod:`asd_ray.reaper`; a temporary file being written may
+then be left, hidden, beside its target). A reader that closes the pipe
 early (``asd-ray audit summary RUN | head -1``) ends the command quietly with
 status 141 (128 + SIGPIPE, what a shell reports for a writer the closed pipe killed).
 
@@ -69,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def interrupt(signum: int, frame) -> None:
         if received:  # a second signal while the first one's clean-up runs: stop now
-            _interrupted_line(args, received[0])
-            os._exit(128 + received[0])
+            try:
+                _interrupted_line(args, received[0])
+            finally:
+                os._exit(128 + received[0])
         received.append(signum)
         # A KeyboardInterrupt, so Ray's blocking calls give way to it as to Ctrl-C (they
         # re-raise a plain one: which signal it was is read from ``received``).
@@ -138,11 +141,11 @@ def _kept(out: Path) -> str:
     """What an interrupted run left in ``out`` and the command that continues it."""
     from asd_ray.run_folder import CONFIG_FILE, read_metrics
 
-    if not (out / CONFIG_FILE).is_file():
-        return "the run had not started, nothing was kept; start it again with the same command"
     try:
+        if not (out / CONFIG_FILE).is_file():
+            return "the run had not started, nothing was kept; start it again with the same command"
         epochs = read_metrics(out).column("epoch").to_pylist()
-    except (UserError, OSError):  # no epoch finished yet
+    except (UserError, OSError):  # no epoch finished yet (or the folder cannot be read)
         epochs = []
     if not epochs:
         kept = f"{out} has no finished epoch yet"

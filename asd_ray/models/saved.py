@@ -23,6 +23,7 @@ from asd_ray.data.records import MAX_PIXELS
 from asd_ray.data.shards import JPEG_MAX_SIDE
 from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import ConfigError, DataError
+from asd_ray.files import read_regular_file
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
 
 MODEL_DIR = "model"
@@ -94,13 +95,13 @@ def load_weights_only(data: bytes, where: Path, *, fix: str, map_location: Any =
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and checked card of a model file, loaded as weights only (never
     unpickled code), with the file's path and sha256 added to the card."""
-    size = path.stat().st_size
-    if size > MAX_MODEL_BYTES:
-        raise DataError(
-            f"{path}: {size} bytes is over the {MAX_MODEL_BYTES}-byte limit of a model file; "
-            "this is not a classifier asd-ray wrote"
-        )
-    data = path.read_bytes()
+    data = read_regular_file(  # a FIFO or /dev/zero would block or never end
+        path,
+        what=str(path),
+        fix="this is not a classifier asd-ray wrote",
+        limit=MAX_MODEL_BYTES,
+        follow_links=True,  # a link to a model file is read as that file: it is parsed, never shown
+    )
     saved = load_weights_only(data, path, fix="re-export it")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise DataError(f"{path}: not an asd-ray model file (format {FORMAT} expected)")

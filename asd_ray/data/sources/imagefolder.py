@@ -22,6 +22,7 @@ from asd_ray.data.sources.base import (
     _resize_shorter_center_crop,
 )
 from asd_ray.errors import DataError
+from asd_ray.files import read_text
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".webp"}
 
@@ -33,12 +34,14 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _read_class_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(
-            f"class_list {str(path)!r} does not exist; pass a text file with one class folder per line"
-        )
     names = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_text(
+        path,
+        what=f"class_list {path}",
+        fix="pass a text file with one class folder per line",
+        follow_links=True,
+    )
+    for line_no, line in enumerate(text.splitlines(), start=1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue
