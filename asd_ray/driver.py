@@ -71,6 +71,7 @@ from asd_ray.split import make_split, split_summary, stage_of
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
 _RESULT_POLL_S = 5.0
+_STOP_WAIT_S = 5.0  # how long an interrupted run waits for idle workers to stop cleanly
 
 
 def run(
@@ -821,17 +822,21 @@ class _Session:
         """Stop the scoring pool, the mailbox and the training thread.
 
         Args:
-            finish_task: let the workers end the task in hand and stop. False: leave them
-                to the ``ray.shutdown`` that follows (an interrupted run does not wait for
-                an epoch to end); a resume starts from the last checkpoint.
+            finish_task: let the workers end the task in hand and stop. False: workers that
+                wait for a task stop at once, and one in the middle of a task is left to the
+                ``ray.shutdown`` that follows (an interrupted run does not wait for an epoch
+                to end); a resume starts from the last checkpoint.
         """
         try:
-            if finish_task and self.thread.is_alive():
+            if self.thread.is_alive():
                 ray.get(self.mailbox.post_task.remote(messages.Stop()))
-                self.thread.join(timeout=120)
+                self.thread.join(timeout=120 if finish_task else _STOP_WAIT_S)
         finally:
             self.pool.shutdown()
-            ray.kill(self.mailbox)
+            if (
+                not self.thread.is_alive()
+            ):  # else ray.shutdown ends it: a worker waiting on it would fail loudly
+                ray.kill(self.mailbox)
             shutil.rmtree(
                 self.cache_dir, ignore_errors=True
             )  # this node's; other nodes' go with their processes

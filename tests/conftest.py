@@ -64,6 +64,19 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+def assert_processes_end(started: dict[int, int], timeout: float = 30) -> None:
+    """Wait until none of ``started`` (pid -> start time, as asd_ray.reaper notes them) is
+    alive any more; fail naming those still alive after ``timeout`` seconds."""
+    import time
+
+    from asd_ray.reaper import _processes
+
+    deadline = time.monotonic() + timeout
+    while left := {pid for pid, start in started.items() if _processes().get(pid, (0, -1))[1] == start}:
+        assert time.monotonic() < deadline, f"Ray processes outlived their driver: {sorted(left)}"
+        time.sleep(0.5)
+
+
 def null_device(path: Path) -> None:
     """A character device like /dev/null (1, 3), made in the test's folder: /dev itself is
     never touched (root only, else the test is skipped)."""

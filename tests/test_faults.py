@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAULT_RUN, FINAL_RECORD, METRIC_KEYS, fault_config, run_outcome
+from conftest import FAULT_RUN, FINAL_RECORD, METRIC_KEYS, assert_processes_end, fault_config, run_outcome
 
 from asd_ray import tables
 from asd_ray.driver import _model_holds, run
@@ -157,10 +157,7 @@ def test_a_killed_driver_leaves_no_ray_behind_and_resumes_to_the_same_tables(
         driver.wait(timeout=10)
     finally:
         driver.kill()
-    deadline = time.monotonic() + 30
-    while left := {pid for pid, start in started.items() if _processes().get(pid, (0, -1))[1] == start}:
-        assert time.monotonic() < deadline, f"Ray processes outlived their driver: {sorted(left)}"
-        time.sleep(0.5)
+    assert_processes_end(started)
     assert not split_path(out, 2).exists()
     lines = []
     summary = run(fault_config(), poisoned_data, out, resume=True, progress=lines.append)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAULT_RUN, METRIC_KEYS, fault_config, run_outcome
+from conftest import FAULT_RUN, METRIC_KEYS, assert_processes_end, fault_config, run_outcome
 
 from asd_ray import tables
 from asd_ray.driver import run
@@ -116,10 +116,7 @@ def _interrupt(
             time.sleep(0.05)
     finally:
         command.kill()
-    deadline = time.monotonic() + 30
-    while left := {pid for pid, start in started.items() if _processes().get(pid, (0, -1))[1] == start}:
-        assert time.monotonic() < deadline, f"Ray processes outlived their driver: {sorted(left)}"
-        time.sleep(0.5)
+    assert_processes_end(started)
     return Interrupted(command.returncode, stdout.read_text(), stderr.read_text())
 
 
