@@ -332,6 +332,9 @@ class ClusterConfig:
     # where such caches live (default: the system's temp folder); a relative path is made absolute
     # where the config is built, so every process means the same folder
     cache_dir: str | None = None
+    # where Ray Train keeps its checkpoints: a shared folder or s3:// / gs:// prefix that every
+    # node reaches. None: RUN/train (a local run folder: one node; a run folder at a URI: inside it)
+    storage: str | None = None
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -341,6 +344,22 @@ class ClusterConfig:
         check_section(self, "cluster")
         if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
             raise ConfigError("cluster.gpus_per_worker above 1 must be a whole number")
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """How object-store locations (s3://, gs://) are reached; credentials never go here (they
+    come from AWS_* variables, ~/.aws, an instance role or Google's application credentials)."""
+
+    # http(s)://host[:port] of an S3-compatible or GCS endpoint; None: AWS_ENDPOINT_URL_S3,
+    # AWS_ENDPOINT_URL (s3) or STORAGE_EMULATOR_HOST (gs), else the provider's own
+    endpoint: str | None = None
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else the SDK's default
+    anonymous: bool = False  # public buckets: send no credentials
+    retries: int = 5  # retries of a failed request or dropped read, with backoff
+
+    def __post_init__(self) -> None:
+        check_section(self, "storage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +380,7 @@ class RunConfig:
     transfer: TransferConfig = TransferConfig()
     compute: ComputeConfig = ComputeConfig()
     cluster: ClusterConfig = ClusterConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
         check_ranges(self, {"preset": one_of(*PRESETS)}, str)  # the presets are defined here
@@ -411,7 +431,8 @@ def load_config(
     values, not a label to put on others. Override values are parsed as YAML
     scalars (``mixmatch.iterations=100``, ``data.flip=false``, ``mixmatch.lr=1e-3``,
     ``data.mean=[0.5,0.5,0.5]``); an override cannot name ``preset``. A relative
-    ``cluster.cache_dir`` is made absolute here, so every process means the same folder.
+    ``cluster.cache_dir`` or local ``cluster.storage`` is made absolute here, so every process
+    means the same folder.
     """
     values = read_config_file(yaml_path) if yaml_path is not None else {}
     if "preset" in values:
@@ -506,7 +527,7 @@ def config_yaml(config: RunConfig) -> str:
 
 
 def _with_overrides(config: RunConfig, overrides: list[str] | dict[str, Any] | None) -> RunConfig:
-    """``config`` with ``section.field=value`` overrides, its cache folder made absolute."""
+    """``config`` with ``section.field=value`` overrides, its local folders made absolute."""
     pairs = overrides.items() if isinstance(overrides, dict) else map(_parse_override, overrides or ())
     nested: dict[str, Any] = {}
     for key, value in pairs:
@@ -525,12 +546,18 @@ def _with_overrides(config: RunConfig, overrides: list[str] | dict[str, Any] | N
                 )
         node[leaf] = value
     config = from_dict(nested, config)
-    cache_dir = config.cluster.cache_dir
-    if cache_dir is not None and not Path(cache_dir).is_absolute():
-        config = dataclasses.replace(
-            config, cluster=dataclasses.replace(config.cluster, cache_dir=str(Path(cache_dir).absolute()))
-        )
-    return config
+    folders = {
+        key: str(Path(value).absolute())
+        for key in ("cache_dir", "storage")
+        if (value := getattr(config.cluster, key)) is not None
+        and "://" not in value
+        and not Path(value).is_absolute()
+    }
+    return (
+        dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, **folders))
+        if folders
+        else config
+    )
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

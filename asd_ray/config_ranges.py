@@ -10,6 +10,7 @@ by its start only.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,17 @@ def is_number(value: Any) -> bool:
 def _is_factory(value: str) -> bool:
     module, sep, function = value.partition(":")
     return bool(sep) and all(p.isidentifier() for p in (*module.split("."), function))
+
+
+_ENDPOINT = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_storage_place(value: str) -> bool:
+    """A local path, or an s3:// or gs:// URI without query or fragment (checked in full
+    where it is opened)."""
+    return _URI.match(value) is None or (value.startswith(("s3://", "gs://")) and not {"?", "#"} & set(value))
 
 
 def _is_module_path(value: str) -> bool:
@@ -175,10 +187,29 @@ RUN_RANGES: dict[str, dict[str, Rule]] = {
         "memory_budget_gb": _optional(_finite(0, strict=True, high=1_000_000)),
         "cache_dir": _optional(
             (
-                lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v,
-                f"a folder path of 1..{_PATH_CHARACTERS} characters without NUL",
+                lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v and _URI.match(v) is None,
+                f"a local folder path of 1..{_PATH_CHARACTERS} characters without NUL (caches are per node)",
             )
         ),
+        "storage": _optional(
+            (
+                lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v and _is_storage_place(v),
+                f"a shared folder path, s3://bucket/prefix or gs://bucket/prefix, 1..{_PATH_CHARACTERS} characters",
+            )
+        ),
+    },
+    "storage": {
+        "endpoint": _optional(
+            (
+                lambda v: len(v) <= 253 and _ENDPOINT.fullmatch(v) is not None,
+                "http(s)://host[:port], nothing after it",
+            )
+        ),
+        "region": _optional(
+            ((lambda v: _REGION.fullmatch(v) is not None), "a region name such as us-east-1")
+        ),
+        "anonymous": _BOOL,
+        "retries": _whole(0, 20),
     },
 }
 

@@ -26,7 +26,8 @@ class ConfigError(UserError, ValueError):
 
 
 class StorageError(RuntimeError):
-    """The run folder's disk is full: the epochs written so far are intact and resumable."""
+    """Storage failed, not the input: the run folder's disk is full (the epochs written so far
+    are intact and resumable), or an object store stayed unreachable after its retries."""
 
 
 _USER_ERROR_LINE = re.compile(r"(?:asd_ray\.errors\.)?(DataError|ConfigError): (.+)")

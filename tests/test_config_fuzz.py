@@ -54,6 +54,7 @@ HOSTILE = [
 _BOOLEAN = "a boolean setting"
 _NONE = "null is this setting's documented default"
 _FOLDER = "any folder name is a valid cache folder (made absolute against the current directory)"
+_SHARED = "any folder name is a valid checkpoint folder (made absolute against the current directory)"
 # The (key, value) pairs above that are valid settings, each with why.
 VALID = {
     ("data.flip", "true"): _BOOLEAN,
@@ -70,6 +71,15 @@ VALID = {
     ("cluster.cache_dir", "é"): _FOLDER,
     ("cluster.cache_dir", "\u202e"): _FOLDER,
     ("cluster.cache_dir", "\U0001f600"): _FOLDER,
+    ("cluster.storage", "null"): _NONE + " (RUN/train)",
+    ("cluster.storage", "word"): _SHARED,
+    ("cluster.storage", "é"): _SHARED,
+    ("cluster.storage", "\u202e"): _SHARED,
+    ("cluster.storage", "\U0001f600"): _SHARED,
+    ("storage.endpoint", "null"): _NONE + " (the standard variables, else the provider's)",
+    ("storage.region", "null"): _NONE + " (AWS_REGION, else the SDK's default)",
+    ("storage.region", "word"): "a lower-case name is a region's form; the provider refuses one it lacks",
+    ("storage.anonymous", "true"): _BOOLEAN,
 }
 
 
