@@ -35,15 +35,20 @@ from asd_ray.data.share import load_share, remove_caches
 from asd_ray.errors import user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
 from asd_ray.scores import PASS_SCHEMA, score_images
+from asd_ray.storage import Location, ObjectVersion
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
 class ScoringActor:
-    """Holds a share of one or more shard sets and scores it with given weights."""
+    """Holds a share of one or more shard sets and scores it with given weights.
+
+    Each share names its set by location (a local path or an object-store URI, with its
+    storage settings) and the shards' versions the driver saw, so an actor on any node
+    reads the same bytes or refuses a set that changed."""
 
     def __init__(
         self,
-        shares: dict[str, tuple[str, list[ShardSlice]]],
+        shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]]],
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
@@ -57,10 +62,10 @@ class ScoringActor:
         model = compute.prepare_model(spec.build(), compute_config)
         self.model = model.to(self.device).train(False)  # eval mode
         self.shares = {}
-        for name, (folder, slices) in shares.items():
+        for name, (folder, versions, slices) in shares.items():
             budget, cache_dir = memory
             images, ids, labels = load_share(
-                ShardSet(folder), slices, budget_bytes=budget, cache_dir=cache_dir
+                ShardSet(folder, versions=versions), slices, budget_bytes=budget, cache_dir=cache_dir
             )
             pixels = torch.from_numpy(images)
             if self.device.type == "cuda" and not isinstance(images, np.memmap):
@@ -144,7 +149,10 @@ class ScoringPool:
         slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-                {name: (str(datasets[name].folder), slices[name][i]) for name in datasets},
+                {
+                    name: (datasets[name].folder, datasets[name].versions, slices[name][i])
+                    for name in datasets
+                },
                 spec,
                 data,
                 scoring,

@@ -58,6 +58,7 @@ from asd_ray.errors import DataError, StorageError
 SCHEMES = ("s3", "gs")
 STREAM_BUFFER = 8 * 1024**2  # bytes per ranged GET when streaming a shard
 MAX_KEY_BYTES = 1024  # S3's and GCS's limit on an object name
+MAX_LISTING = 1_000_000  # entries one listing may return (a listing is untrusted input too)
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")
 _PARTIAL = ".partial-"  # the infix of a temporary key; never a name asd-ray publishes
@@ -499,7 +500,7 @@ def publish_folder(source: Path, where: Location, *, last: tuple[str, ...] = ())
         upload(path, where / name)
 
 
-def delete_prefix(where: Location, names: list[str]) -> None:
+def delete_objects(where: Location, names: list[str]) -> None:
     """Delete the objects ``names`` under ``where`` (missing ones are fine)."""
     for name in names:
         try:

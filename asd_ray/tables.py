@@ -25,9 +25,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asd_ray import storage
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.files import kind_of
+from asd_ray.storage import Location
 
+MAX_TABLE_BYTES = 4 * 1024**3  # a table read from object storage is held in memory
 TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics", "flags")
 
 _UMASK = os.umask(0)
@@ -153,37 +156,50 @@ def by_sample_id(table: pa.Table, *, where: str, fix: str, n: int | None = None)
     return table if np.array_equal(order, np.arange(len(order))) else table.take(pa.array(order))
 
 
-def write_parquet(table: pa.Table, path: str | Path, name: str, *, overwrite: bool = True) -> Path:
-    """Validate ``table`` against schema ``name`` and write it atomically to ``path``
-    (:func:`atomic_file`)."""
-    path = Path(path)
-    table = validate(table, name, where=str(path))
-    with atomic_file(path, overwrite=overwrite) as tmp:
+def write_parquet(
+    table: pa.Table, path: str | Path | Location, name: str, *, overwrite: bool = True
+) -> Path | Location:
+    """Validate ``table`` against schema ``name`` and write it atomically to ``path``, a
+    local path or an object-store URI (:func:`atomic_file`)."""
+    where = storage.location(path)
+    table = validate(table, name, where=str(where))
+    with atomic_file(where, overwrite=overwrite) as tmp:
         pq.write_table(table, tmp)
-    return path
+    return where.local if where.is_local else where
 
 
-def read_parquet(path: str | Path, name: str, *, rows: int | None = None) -> pa.Table:
-    """Read a Parquet file and validate it against schema ``name``.
+def read_parquet(
+    path: str | Path | Location, name: str, *, rows: int | None = None, data: bytes | None = None
+) -> pa.Table:
+    """Read a Parquet file (a local path or an object of at most :data:`MAX_TABLE_BYTES`)
+    and validate it against schema ``name``.
 
     Args:
         rows: the row count the table must have, checked from the file's metadata
             before any row is read (a 5 MB file can declare 200 M rows).
+        data: the file's bytes, when the caller has read them already (for a digest).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such {name} table; check the path")
+    where = storage.location(path)
+    if data is not None:
+        source: Any = pa.BufferReader(data)
+    elif where.is_local:
+        if not where.local.is_file():
+            raise DataError(f"{where}: no such {name} table; check the path")
+        source = where.local
+    else:
+        fix = f"check the location of the {name} table"
+        source = pa.BufferReader(storage.read_bytes(where, limit=MAX_TABLE_BYTES, fix=fix))
     try:
-        declared = pq.read_metadata(path).num_rows
+        declared = pq.read_metadata(source).num_rows
         if rows is not None and declared != rows:
-            raise DataError(f"{path}: {declared} rows where {rows} are expected; re-create the {name} table")
-        table = pq.read_table(path)
+            raise DataError(f"{where}: {declared} rows where {rows} are expected; re-create the {name} table")
+        table = pq.read_table(source)
     except (pa.ArrowException, OSError) as err:  # invalid, unsupported codec or type, unreadable
         reason = (str(err).strip().splitlines() or [""])[0]  # Arrow's messages may list a whole schema
         raise DataError(
-            f"{path}: not a readable Parquet file ({type(err).__name__}: {reason}); re-create it"
+            f"{where}: not a readable Parquet file ({type(err).__name__}: {reason}); re-create it"
         ) from None
-    return validate(table, name, where=str(path))
+    return validate(table, name, where=str(where))
 
 
 def _temporary_beside(path: Path, *, folder: bool) -> Path:
@@ -234,11 +250,19 @@ def check_output(path: Path, *, folder: bool = False, overwrite: bool = True) ->
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_file(path: Path | Location, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     ``path`` is checked by :func:`check_output` before and again just before the rename.
+    At an object-store URI the temporary file is local and is uploaded on success
+    (:func:`asd_ray.storage.upload`: the object holds the whole file or is unchanged).
     """
+    where = storage.location(path)
+    if not where.is_local:
+        with _staged(where, folder=False, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    path = where.local
     check_output(path, overwrite=overwrite)
     tmp = _temporary_beside(path, folder=False)
     try:
@@ -253,21 +277,36 @@ def atomic_file(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | Path, *, overwrite: bool = False, check_replaceable: Callable[[Path], None] | None = None
+    path: str | Path | Location,
+    *,
+    overwrite: bool = False,
+    check_replaceable: Callable[[Location], list[str]] | None = None,
+    marker: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only on success.
 
     On any error the temporary folder is removed, so a failed command leaves
-    nothing half-written behind.
+    nothing half-written behind. At an object-store URI the folder is local and its
+    files are uploaded on success, ``marker`` last (a reader takes the prefix for a
+    complete set only once the marker is there); an object already at ``path`` is
+    replaced only with ``overwrite``, after ``check_replaceable`` (which returns the
+    names to delete) and with the old marker deleted first.
 
     Raises:
         ConfigError, DataError: ``path`` is not a folder, or exists and ``overwrite`` is
             false (:func:`check_output`).
     """
-    path = Path(path).absolute()
+    where = storage.location(path)
+    if not where.is_local:
+        with _staged(
+            where, folder=True, overwrite=overwrite, check_replaceable=check_replaceable, marker=marker
+        ) as tmp:
+            yield tmp
+        return
+    path = where.local.absolute()
     check_output(path, folder=True, overwrite=overwrite)
     if path.exists() and check_replaceable is not None:
-        check_replaceable(path)  # raises if ``path`` is not the kind of folder overwrite may replace
+        check_replaceable(where)  # raises if ``path`` is not the kind of folder overwrite may replace
     tmp = _temporary_beside(path, folder=True)
     try:
         yield tmp
@@ -278,3 +317,42 @@ def atomic_dir(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _staged(
+    where: Location,
+    *,
+    folder: bool,
+    overwrite: bool,
+    check_replaceable: Callable[[Location], list[str]] | None = None,
+    marker: str | None = None,
+) -> Iterator[Path]:
+    """A local scratch file or folder that is published at object location ``where`` on
+    success (and removed either way)."""
+
+    def check() -> list[str]:
+        present = storage.list_names(where, limit=storage.MAX_LISTING) if folder else []
+        if (present if folder else storage.exists(where)) and not overwrite:
+            raise DataError(f"{where} already exists; choose another --out or pass --overwrite")
+        if present and check_replaceable is not None:
+            return check_replaceable(where)
+        return present
+
+    check()
+    scratch = storage.scratch_folder("upload")
+    try:
+        target = scratch / (where.name if not folder else "folder")
+        if folder:
+            target.mkdir()
+        yield target
+        if not folder:
+            storage.upload(target, where)
+            return
+        old = check()  # again: it may have changed meanwhile
+        if old:
+            first = [marker] if marker in old else []
+            storage.delete_objects(where, first + [n for n in old if n != marker])
+        storage.publish_folder(target, where, last=(marker,) if marker else ())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

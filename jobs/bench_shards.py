@@ -70,7 +70,7 @@ def bench(name: str, source: Source, n: int, repeats: int, folder: Path) -> dict
         best_read, best_memory = min(best_read, read_s), min(best_memory, memory_s)
     return {
         "images": n,
-        "bytes_on_disk": sum(p.stat().st_size for p in shards.paths),
+        "bytes_on_disk": sum(p.local.stat().st_size for p in shards.paths),
         "write_images_per_s": round(n / write_s, 1),
         "read_decode_images_per_s": round(n / best_read, 1),
         "decode_from_memory_images_per_s": round(n / best_memory, 1),

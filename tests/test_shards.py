@@ -66,8 +66,9 @@ def test_brace_patterns_and_refused_urls(tmp_path):
     pattern = str(tmp_path / "s/train-{000000..000003}.tar")
     assert expand_shard_paths(pattern) == shards.paths
     assert expand_shard_paths(tmp_path / "s") == shards.paths
-    with pytest.raises(DataError, match="only local paths"):
-        expand_shard_paths("pipe:curl http://x/a.tar")
+    for refused in ("pipe:curl http://x/a.tar", "http://x/a.tar", "hf://x/a.tar", "fsspec+s3://b/a.tar"):
+        with pytest.raises(DataError, match="s3://bucket/prefix and gs://bucket/prefix only"):
+            expand_shard_paths(refused)
     with pytest.raises(DataError, match="does not exist"):
         expand_shard_paths(str(tmp_path / "s/train-{000000..000009}.tar"))
 
@@ -93,20 +94,20 @@ def test_empty_shard_folder(tmp_path):
 
 
 def test_missing_shard_file(train_set):
-    train_set.paths[1].unlink()
+    train_set.paths[1].local.unlink()
     with pytest.raises(DataError, match="train-000001.tar is missing"):
         ShardSet(train_set.folder)
 
 
 def test_truncated_tar(train_set):
-    path = train_set.paths[0]
+    path = train_set.paths[0].local
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(DataError, match="train-000000.tar: truncated tar"):
         list(train_set.iter_samples())
 
 
 def test_empty_shard_file(train_set):
-    train_set.paths[0].write_bytes(b"")
+    train_set.paths[0].local.write_bytes(b"")
     with pytest.raises(DataError, match="shard is empty"):
         list(train_set.iter_samples())
 
@@ -122,14 +123,14 @@ def test_record_without_cls(tmp_path):
 def test_non_image_bytes(train_set):
     members = [(f"{sample_key(i)}.png", _png()) for i in range(1)] + [("000000000.cls", b"0")]
     members[0] = ("000000000.png", b"this is not an image")
-    write_tar(train_set.paths[0], members)
+    write_tar(train_set.paths[0].local, members)
     with pytest.raises(DataError, match="record '000000000' is not a readable image"):
         list(train_set.iter_samples())
 
 
 @pytest.mark.parametrize("label", [b"4", b"-1", b"seven"])
 def test_label_out_of_range_or_negative_on_read(train_set, label):
-    write_tar(train_set.paths[0], [("000000000.png", _png()), ("000000000.cls", label)])
+    write_tar(train_set.paths[0].local, [("000000000.png", _png()), ("000000000.cls", label)])
     with pytest.raises(DataError, match="record '000000000' has (label|cls)"):
         list(train_set.iter_samples())
 
@@ -191,7 +192,7 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, ext):
 
 
 def test_changed_shard_disagrees_with_manifest(train_set):
-    write_tar(train_set.paths[0], [("000000007.png", _png()), ("000000007.cls", b"0")])
+    write_tar(train_set.paths[0].local, [("000000007.png", _png()), ("000000007.cls", b"0")])
     with pytest.raises(DataError, match="the manifest expects '000000000'"):
         list(train_set.iter_samples())
 

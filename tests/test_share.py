@@ -32,7 +32,7 @@ def test_the_cache_is_reused_for_the_same_shards_and_rebuilt_for_changed_ones(
     again, _, _ = load_share(train_set, budget_bytes=1000, cache_dir=tmp_path)  # a restarted process
     assert np.array_equal(again, first)
     before = fingerprint(train_set)
-    path = train_set.paths[0]
+    path = train_set.paths[0].local
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the shard was rewritten
     assert fingerprint(train_set) != before
     monkeypatch.setattr(share, "_decode_into", decode)

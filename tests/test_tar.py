@@ -204,7 +204,7 @@ def test_fuzzed_real_shards_read_as_tarfile_or_are_refused(tmp_path) -> None:
     the checksum fixed up so the edit reaches the parser); every mutant agrees with tarfile
     or raises DataError within the time limit, never another exception."""
     shards = make_shards(tmp_path / "s", n=6, size=8, per_shard=6)
-    original = shards.paths[0].read_bytes()
+    original = shards.paths[0].local.read_bytes()
     headers = [pos for pos in range(0, len(original), BLOCK) if original[pos + 257 : pos + 262] == b"ustar"]
     rng = np.random.default_rng(0)
     fields = {"name": (0, 100), "size": (124, 12), "type": (156, 1), "prefix": (345, 155), "chksum": (148, 8)}

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from asd_ray import progress, tables
+from asd_ray import progress, storage, tables
 from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
 from asd_ray.attacks.badnets import badnets_trigger, check_patch_size
 from asd_ray.attacks.blend import blend_trigger
@@ -369,7 +369,7 @@ def original_labels(poison_test: ShardSet) -> np.ndarray | None:
     :func:`poison_test_shards` writes beside it; None when there is none (robust accuracy
     then cannot be computed)."""
     path = poison_test.folder / GROUND_TRUTH_FILE
-    if not path.is_file():
+    if not storage.is_file(path):
         return None
     return read_ground_truth(path, poison_test).column("original_label").to_numpy()
 

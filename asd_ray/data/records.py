@@ -21,11 +21,14 @@ from pathlib import Path
 
 import braceexpand
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
-from asd_ray import tables
+from asd_ray import storage, tables
+from asd_ray.config import StorageConfig
 from asd_ray.data.tar import tar_members
 from asd_ray.errors import DataError
+from asd_ray.storage import Location
 
 _LAYOUT = tables.schema_document("shard_record")
 IMAGE_EXTS = tuple(_LAYOUT["image_members"])
@@ -41,20 +44,26 @@ MAX_BRACE_DEPTH = 4  # brace groups nested deeper than this are refused before p
 # --------------------------------------------------------------------------- shard paths
 
 
-def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Local shard paths from a folder, a file, a brace pattern or a list of those.
+def expand_shard_paths(
+    spec: str | Path | Sequence[str | Path], settings: StorageConfig | None = None
+) -> list[Location]:
+    """Shard locations from a folder or prefix, a file, a brace pattern or a list of those;
+    each a local path or an ``s3://`` / ``gs://`` URI (:func:`asd_ray.storage.location`).
 
-    ``pipe:`` and ``scheme://`` URLs are refused: shard URLs must never run
-    commands or reach out of the local (or mounted shared) file system.
+    ``pipe:`` and every other scheme are refused: shard URLs must never run commands or
+    reach anything but the storage a user named.
     """
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    paths: list[Path] = []
+    paths: list[Location] = []
     for item in specs:
         text = str(item)
-        if text.startswith("pipe:") or "://" in text:
-            raise DataError(f"shard path {text!r}: only local paths are read; mount the data")
-        if Path(text).is_dir():
-            paths.extend(sorted(Path(text).glob("*.tar")))
+        storage.location(text, settings)  # refuses other schemes, query strings, '..' keys
+        if (
+            "{" not in text
+            and storage.info(place := storage.location(text, settings)).type == pafs.FileType.Directory
+        ):
+            names = storage.list_names(place, limit=MAX_SHARD_PATHS)
+            paths.extend(place / name for name in names if name.endswith(".tar"))
             continue
         if _brace_depth(text) > MAX_BRACE_DEPTH:
             raise DataError(
@@ -68,10 +77,10 @@ def expand_shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
                 "check the {a..b} ranges"
             )
         try:
-            paths.extend(Path(p) for p in braceexpand.braceexpand(text))
+            paths.extend(storage.location(p, settings) for p in braceexpand.braceexpand(text))
         except braceexpand.UnbalancedBracesError:
             raise DataError(f"shard pattern {text!r} has unbalanced braces; fix the pattern") from None
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not storage.is_file(p)]
     if missing:
         raise DataError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the path")
     if not paths:

@@ -28,12 +28,15 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from PIL import Image
 
-from asd_ray import progress, tables
+from asd_ray import progress, storage, tables
 from asd_ray.data.records import MAX_PIXELS, decode_members, iter_records
 from asd_ray.data.sources.base import Source, check_class_names
 from asd_ray.errors import DataError
+from asd_ray.files import parse_json
+from asd_ray.storage import Location, ObjectVersion
 
 PNG_MAX_SIZE = 64
 JPEG_QUALITY = 95
@@ -44,6 +47,7 @@ FORMAT_VERSION = 1
 JPEG_MAX_SIDE = 65_535  # the JPEG format's largest side
 _DECODE_CHUNK = 64  # records parsed before they are decoded
 _CHANGED = "a shard was truncated or changed after it was made: re-make the shard set"
+MAX_SHARDS = 1_000_000  # shard files one set may list
 _MIN_RECORD_BYTES = 4 * 512  # a tar record: two members, each a 512-byte header and >= one data block
 
 
@@ -99,22 +103,27 @@ class ShardSetInfo:
 
 
 _SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
+MAX_DATASET_JSON_BYTES = 64 * 1024**2  # 100,000 shards are about 6 MB
+_REMAKE = "re-make the shard set with `asd-ray shards make`"
 
 
-def read_dataset_info(path: Path) -> ShardSetInfo:
+def read_dataset_info(path: Path | Location) -> ShardSetInfo:
     """Parse and check ``dataset.json``: every field of the right type, shard files inside the folder.
 
     Raises:
         DataError: naming the file, the field and the fix.
     """
+    where = storage.location(path)
+    return parse_dataset_info(storage.read_bytes(where, limit=MAX_DATASET_JSON_BYTES, fix=_REMAKE), where)
+
+
+def parse_dataset_info(data: bytes, where: Location) -> ShardSetInfo:
+    """:func:`read_dataset_info` of bytes already read from ``where``."""
 
     def bad(why: str) -> DataError:
-        return DataError(f"{path}: {why}; re-make the shard set with `asd-ray shards make`")
+        return DataError(f"{where}: {why}; {_REMAKE}")
 
-    try:
-        raw = json.loads(path.read_bytes())
-    except (ValueError, RecursionError, OSError) as err:  # RecursionError: absurdly deep nesting
-        raise bad(f"not readable JSON ({type(err).__name__})") from None
+    raw = parse_json(data, what=str(where), fix=_REMAKE)
     if not isinstance(raw, dict):
         raise bad("not a JSON object")
     fields = {f.name: f for f in dataclasses.fields(ShardSetInfo)}
@@ -274,39 +283,53 @@ def finish_shard_set(
     return info
 
 
-def check_replaceable(path: Path) -> None:
+def check_replaceable(folder: Location) -> list[str]:
     """--overwrite replaces only an empty folder or a shard set made by asd-ray, and only if
     every entry is a regular file that set names (its shards in ``dataset.json``, its
-    manifest, ``dataset.json`` and ground truth): a user's ``backup.tar`` is never deleted."""
-    if not path.is_dir() or path.is_symlink():
-        raise DataError(f"{path} is not a folder; --overwrite replaces only shard sets: choose another --out")
-    entries = sorted(path.iterdir())
-    if not entries:
-        return
-    refuse = "--overwrite replaces only a shard set's own files: move it away or choose another --out"
-    if not (path / DATASET_FILE).is_file():
+    manifest, ``dataset.json`` and ground truth): a user's ``backup.tar`` is never deleted.
+
+    Returns:
+        The names of the set's entries (what replacing it deletes).
+    """
+    if folder.is_local and (not folder.local.is_dir() or folder.local.is_symlink()):
         raise DataError(
-            f"{path} is not a shard set made by asd-ray (it holds {entries[0].name!r}) and has no "
+            f"{folder} is not a folder; --overwrite replaces only shard sets: choose another --out"
+        )
+    entries = storage.list_names(folder, limit=storage.MAX_LISTING)
+    if not entries:
+        return []
+    refuse = "--overwrite replaces only a shard set's own files: move it away or choose another --out"
+    if DATASET_FILE not in entries or not storage.is_file(folder / DATASET_FILE):
+        raise DataError(
+            f"{folder} is not a shard set made by asd-ray (it holds {entries[0]!r}) and has no "
             f"{DATASET_FILE}; {refuse}"
         )
     try:
-        listed = {str(s["file"]) for s in read_dataset_info(path / DATASET_FILE).shards}
+        listed = {str(s["file"]) for s in read_dataset_info(folder / DATASET_FILE).shards}
     except DataError:
-        raise DataError(f"{path}/{DATASET_FILE} is not a readable shard set description; {refuse}") from None
+        raise DataError(
+            f"{folder}/{DATASET_FILE} is not a readable shard set description; {refuse}"
+        ) from None
     own = listed | {DATASET_FILE, MANIFEST_FILE, GROUND_TRUTH_FILE}
-    for entry in entries:
-        if entry.name not in own or entry.is_symlink() or not entry.is_file():
-            raise DataError(f"{path} holds {entry.name!r}, which is not a file of its shard set; {refuse}")
+    for name in entries:
+        entry = folder / name
+        plain = not entry.is_local or (not entry.local.is_symlink() and entry.local.is_file())
+        if name not in own or not plain or not storage.is_file(entry):
+            raise DataError(f"{folder} holds {name!r}, which is not a file of its shard set; {refuse}")
+    return entries
 
 
-def new_shard_set_dir(out: str | Path, *, overwrite: bool = False):
-    """A temporary folder that becomes the shard set ``out`` on success (see tables.atomic_dir)."""
-    return tables.atomic_dir(out, overwrite=overwrite, check_replaceable=check_replaceable)
+def new_shard_set_dir(out: str | Path | Location, *, overwrite: bool = False):
+    """A temporary folder that becomes the shard set ``out`` on success (see tables.atomic_dir;
+    at a URI, ``dataset.json`` is published last: a prefix without it is no shard set)."""
+    return tables.atomic_dir(
+        out, overwrite=overwrite, check_replaceable=check_replaceable, marker=DATASET_FILE
+    )
 
 
 def write_shards(
     source: Source,
-    out: str | Path,
+    out: str | Path | Location,
     *,
     name: str = "train",
     samples_per_shard: int = 10_000,
@@ -374,7 +397,7 @@ class Sample(NamedTuple):
 class ShardSlice:
     """Records ``start <= i < stop`` (positions inside the shard) of one shard file."""
 
-    path: Path
+    path: Location
     start: int
     stop: int
 
@@ -384,26 +407,42 @@ class ShardSlice:
 
 
 class ShardSet:
-    """An opened shard folder: its ``dataset.json``, manifest and shard files."""
+    """An opened shard folder (a local folder or an object-store prefix): its ``dataset.json``,
+    manifest and shard files.
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder).absolute()
-        if not self.folder.is_dir():
-            raise DataError(
-                f"shard folder {self.folder} does not exist; create it with `asd-ray shards make`"
-            )
+    Args:
+        versions: each shard's size and ETag (objects) or mtime (local files) as another
+            process saw them when it opened the set (:attr:`versions`); a shard that has
+            changed since is refused when it is read.
+    """
+
+    def __init__(self, folder: str | Path | Location, *, versions: list[ObjectVersion] | None = None):
+        self.folder = storage.location(folder)
+        if self.folder.is_local:
+            self.folder = storage.location(self.folder.local.absolute(), self.folder.settings)
+            if not self.folder.local.is_dir():
+                raise DataError(
+                    f"shard folder {self.folder} does not exist; create it with `asd-ray shards make`"
+                )
         meta_path = self.folder / DATASET_FILE
-        if not meta_path.is_file():
-            found = "holds no files" if not any(self.folder.iterdir()) else f"has no {DATASET_FILE}"
+        entries = storage.list_names(self.folder, limit=MAX_SHARDS + 3)
+        if DATASET_FILE not in entries or not storage.is_file(meta_path):
+            found = "holds no files" if not entries else f"has no {DATASET_FILE}"
             raise DataError(f"shard folder {self.folder} {found}; create it with `asd-ray shards make`")
-        self.info = read_dataset_info(meta_path)
+        dataset_bytes = storage.read_bytes(meta_path, limit=MAX_DATASET_JSON_BYTES, fix=_REMAKE)
+        self.info = parse_dataset_info(dataset_bytes, meta_path)
         if self.info.format_version != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format v{self.info.format_version} is not supported")
         self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
+        self._check_listing(entries, meta_path)
         self._check_sizes(meta_path)
+        manifest_path = self.folder / MANIFEST_FILE
+        manifest_bytes = storage.read_bytes(manifest_path, limit=tables.MAX_TABLE_BYTES, fix=_REMAKE)
+        self._identity = hashlib.sha256(manifest_bytes + dataset_bytes).hexdigest()
         self.manifest = tables.read_parquet(
-            self.folder / MANIFEST_FILE, "manifest", rows=self.info.num_samples
+            manifest_path, "manifest", rows=self.info.num_samples, data=manifest_bytes
         )
+        self._versions = versions
         ids = self.manifest.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
@@ -483,15 +522,44 @@ class ShardSet:
                 f"{meta_path}: the shards' counts add up to {sum(counts)}, num_samples is "
                 f"{self.info.num_samples}; re-make the shard set"
             )
+        sizes = self._sizes()
         for path, count in zip(self.paths, counts):
-            if not path.is_file():
+            size = sizes.get(path.name)
+            if size is None:
                 raise DataError(f"shard {path} is missing; re-make or re-copy the shard set")
-            size = path.stat().st_size
             if count * _MIN_RECORD_BYTES > size:
                 raise DataError(
                     f"{meta_path}: shard {path.name} is {f'{size} bytes' if size else 'empty'}, too small for the "
                     f"{count} records it is said to hold; re-make or re-copy the shard set"
                 )
+
+    def _sizes(self) -> dict[str, int]:
+        """Each shard file's size by name (one listing of an object prefix), regular files only."""
+        if not self.folder.is_local:
+            found = self.folder.fs.get_file_info(pafs.FileSelector(self.folder.fs_path, allow_not_found=True))
+            return {f.base_name: f.size for f in found if f.type == pafs.FileType.File}
+        return {p.name: p.local.stat().st_size for p in self.paths if p.local.is_file()}
+
+    def _check_listing(self, entries: list[str], meta_path: Location) -> None:
+        """An object prefix holds the set's own files only: a listing with more shards than
+        ``dataset.json`` declares (a tampered or mixed-up prefix) is refused. A local folder
+        may hold other files, as it always could."""
+        if self.folder.is_local:
+            return
+        own = {p.name for p in self.paths} | {DATASET_FILE, MANIFEST_FILE, GROUND_TRUTH_FILE}
+        extra = [name for name in entries if name not in own]
+        if extra:
+            raise DataError(
+                f"{self.folder}: holds {len(extra)} object(s) that {DATASET_FILE} does not declare (first: "
+                f"{extra[0]!r}); a shard set's prefix holds only its own files: move them or re-make the set"
+            )
+
+    @property
+    def versions(self) -> list[ObjectVersion]:
+        """Each shard's size and ETag (objects: one HEAD each, made once) or mtime (local)."""
+        if self._versions is None:
+            self._versions = storage.versions(self.paths)
+        return self._versions
 
     def __len__(self) -> int:
         return self.info.num_samples
@@ -611,11 +679,9 @@ class ShardSet:
 
     def identity(self) -> str:
         """A sha256 of ``dataset.json`` and the manifest: names the set's records (keys,
-        labels, sizes) wherever the folder is copied; model cards cite it."""
-        digest = hashlib.sha256()
-        for name in (MANIFEST_FILE, DATASET_FILE):
-            digest.update((self.folder / name).read_bytes())
-        return digest.hexdigest()
+        labels, sizes) wherever it is copied or however its location is spelled; model
+        cards and seed tables cite it."""
+        return self._identity
 
     def share_ids(
         self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
@@ -673,7 +739,9 @@ class ShardSet:
         return offsets
 
 
-def assign_slices(paths: Sequence[Path], counts: Sequence[int], num_workers: int) -> list[list[ShardSlice]]:
+def assign_slices(
+    paths: Sequence[Location], counts: Sequence[int], num_workers: int
+) -> list[list[ShardSlice]]:
     """Cut shards with ``counts`` records into ``num_workers`` balanced contiguous runs.
 
     The scoring actors (:mod:`asd_ray.scoring_pool`) share a set this way: nothing in a
@@ -696,7 +764,7 @@ def assign_slices(paths: Sequence[Path], counts: Sequence[int], num_workers: int
     return result
 
 
-def inspect_shard_set(folder: str | Path) -> dict:
+def inspect_shard_set(folder: str | Path | Location) -> dict:
     """Read and decode every record of a shard set and check it against its manifest.
 
     Returns:
@@ -728,7 +796,7 @@ def inspect_shard_set(folder: str | Path) -> dict:
         "attack": (shards.info.attack or {}).get("params", {}).get("attack"),  # types checked on open
     }
     truth_path = shards.folder / GROUND_TRUTH_FILE
-    if truth_path.exists():
+    if storage.exists(truth_path):
         truth = tables.read_parquet(truth_path, "poison", rows=seen)
         report["ground_truth_poisoned"] = int(np.sum(truth.column("is_poison").to_numpy()))
     return report

@@ -5,7 +5,8 @@ for every batch. A share larger than the process's memory budget
 (``cluster.memory_budget_gb``) is decoded once into a ``numpy.memmap`` file
 instead; the operating system then keeps its hot pages in memory and reads the
 rest from disk. The file is keyed by the shard set's fingerprint (manifest,
-``dataset.json`` and every shard's size and modification time), so a changed
+``dataset.json`` and every shard's size and ETag, or modification time for a local
+file), so a changed
 shard set is never served from a stale cache; a process restarted on the same
 share (after a crash) reuses it, and :func:`remove_caches` deletes it when the
 process shuts down.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asd_ray import storage
 from asd_ray.data.shards import ShardSet, ShardSlice
 
 _CACHE_PREFIX = "asd-ray-share-"
@@ -40,11 +42,11 @@ atexit.register(remove_caches)
 
 
 def fingerprint(shards: ShardSet) -> str:
-    """A hex digest that changes whenever the shard set's content may have changed."""
+    """A hex digest that changes whenever the shard set's content may have changed: its
+    identity and each shard's size and ETag (objects) or modification time (local files)."""
     digest = hashlib.sha256(shards.identity().encode())
-    for path in shards.paths:
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for path, version in zip(shards.paths, storage.versions(shards.paths)):  # as they are now
+        digest.update(f"{path.name}:{version};".encode())
     return digest.hexdigest()
 
 
