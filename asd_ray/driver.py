@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from asd_ray import messages, own_cluster, tables
+from asd_ray import messages, own_cluster, storage, tables
 from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
-from asd_ray.errors import ConfigError, DataError, storage_error_of, user_error_of
+from asd_ray.errors import ConfigError, DataError, StorageError, UserError, storage_error_of, user_error_of
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
-from asd_ray.files import not_a_uri
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
@@ -63,6 +63,7 @@ from asd_ray.run_folder import (
     write_metrics,
     write_text,
 )
+from asd_ray.run_storage import StagedRun
 from asd_ray.scores import PASS_SCHEMA, scores_table
 from asd_ray.scoring_pool import PassResult, ScoringPool
 from asd_ray.seeds import foreign_seed_warning
@@ -70,6 +71,7 @@ from asd_ray.split import make_split, split_summary, stage_of
 
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
+_SNAPSHOT_BYTES = 256 * 1024**2  # the index lists every kept checkpoint's metrics
 _RESULT_POLL_S = 5.0
 _STOP_WAIT_S = 5.0  # how long an interrupted run waits for idle workers to stop cleanly
 
@@ -92,7 +94,8 @@ def run(
             and ``preset`` are used (the rest is read back from RUN/config.yaml, and a
             change to it is refused).
         inputs: the data; on resume read back from RUN/inputs.json.
-        out: the run folder.
+        out: the run folder: a local path, or an s3:// / gs:// URI (staged on this node's
+            disk and published after every record: :mod:`asd_ray.run_storage`).
         resume: continue from the last complete epoch of ``out``.
         stop_after_epoch: stop (resumably) once this epoch is finished.
         progress: called with one human-readable line per event.
@@ -105,10 +108,15 @@ def run(
         RUN/summary.json.
     """
     start = time.perf_counter()
-    problem = not_a_uri(str(out))
-    if problem is not None:  # the API's check; the command line refuses a URI in its parser
-        raise ConfigError(f"out {problem}")
-    out = Path(out).absolute()
+    try:
+        target = storage.location(out, config.storage)
+    except DataError as err:  # the API's check; the command line refuses a bad location in its parser
+        raise ConfigError(f"out {err}") from None
+    staged = None
+    if not target.is_local:
+        staged = StagedRun.open(target, resume=resume, cache_dir=config.cluster.cache_dir)
+    out = staged.staging if staged else target.local.absolute()
+    publish = staged.publish if staged else lambda: None
     lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
     session = connected = reaper = None
     interrupted = False
@@ -123,16 +131,17 @@ def run(
         connected = _init_ray(config)
         _check_resources(config.cluster)  # a request the cluster cannot meet would wait forever
         if resume:
-            _set_aside_unreadable_snapshot(out / TRAIN_DIR, progress)
+            _set_aside_unreadable_snapshot(train_storage(config, target), progress)
         else:
             _write_start_records(out, config, inputs)
+            publish()
         progress = RunLog(out / RUN_LOG, progress)
         advice = foreign_seed_warning(data.seeds, config.mixmatch.noise_overlay, config.transfer.semi_epochs)
         if advice:
             progress(advice)
         callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
         data = add_trusted_seeds(data, out)
-        session = _Session(config, inputs, data, out)
+        session = _Session(config, inputs, data, out, publish, train_storage(config, target))
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
@@ -141,8 +150,10 @@ def run(
         raise
     except Exception as err:
         full = storage_error_of(err, out, resumable=(out / CONFIG_FILE).is_file())
+        if staged is not None:  # name the user's location, never the staging folder
+            err, full = (_naming(e, staged) if e is not None else None for e in (err, full))
         if full is None:
-            raise
+            raise err
         raise full from None
     finally:
         # Every step runs even if one before it fails; the lock goes last, once no process
@@ -158,9 +169,30 @@ def run(
                 # ray.shutdown stops the workers. A Ray the caller owns stays up, so its
                 # workers are asked to stop as after a normal end.
                 cleanup.callback(session.close, finish_task=not interrupted or connected is None)
+            if staged is not None:
+                cleanup.callback(staged.close)
+                cleanup.callback(publish)  # what the run wrote until here, its log's last lines too
             if isinstance(progress, RunLog):
                 cleanup.callback(progress.close)
     return summary
+
+
+def train_storage(config: RunConfig, target: storage.Location) -> storage.Location:
+    """Where Ray Train keeps the run's checkpoints: ``cluster.storage`` (a folder per run
+    there, named by the run's location), else RUN/train beside the run's records."""
+    if config.cluster.storage is None:
+        return target / TRAIN_DIR
+    run_key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    return storage.location(config.cluster.storage, config.storage) / f"{TRAIN_DIR}-{run_key}"
+
+
+def _naming(err: BaseException, staged: StagedRun) -> BaseException:
+    """``err`` with the staging folder's path replaced by the run's URI in its message."""
+    if not isinstance(err, (UserError, StorageError)) or str(staged.staging) not in str(err):
+        return err
+    renamed = type(err)(str(err).replace(str(staged.staging), str(staged.target)))
+    renamed.__cause__ = err.__cause__
+    return renamed
 
 
 def _lock_run_folder(out: Path) -> _RunFolderLock:
@@ -356,17 +388,20 @@ def _keeping_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
-def _set_aside_unreadable_snapshot(train_dir: Path, progress: Callable[[str], None]) -> None:
+def _set_aside_unreadable_snapshot(train_dir: storage.Location, progress: Callable[[str], None]) -> None:
     """Move Ray Train's checkpoint index aside when a crash left it torn (Ray Train would
     refuse to start); the workers then resume from the newest intact checkpoint folder."""
     path = train_dir / _TRAIN_SNAPSHOT
-    try:
-        json.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not storage.exists(path):
         return
-    except (OSError, ValueError):
-        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-        path.rename(aside)
+    try:
+        json.loads(storage.read_bytes(path, limit=_SNAPSHOT_BYTES))
+    except (DataError, ValueError, RecursionError):
+        aside = train_dir / f"{path.name}.unreadable-{int(time.time())}"
+        try:
+            path.fs.move(path.fs_path, aside.fs_path)
+        except OSError as err:
+            raise storage.failure(path, err, "moving it aside") from None
         progress(f"asd-ray: {path} was unreadable (moved to {aside.name}); using the checkpoint folders")
 
 
@@ -455,8 +490,17 @@ class _EpochClock:
 class _Session:
     """The Ray side of one run: scoring pool, mailbox and the training thread."""
 
-    def __init__(self, config: RunConfig, inputs: RunInputs, data: RunData, out: Path):
+    def __init__(
+        self,
+        config: RunConfig,
+        inputs: RunInputs,
+        data: RunData,
+        out: Path,
+        publish: Callable[[], None],
+        checkpoints: storage.Location,
+    ):
         self.config, self.data, self.out = config, data, out
+        self.publish, self.checkpoints = publish, checkpoints
         self.card = model_card(config, data)
         self.last_evaluation: dict[str, float] = {}  # the last epoch's figures, for Ray Train's report
         self.training_sets = ["train", *([TRUSTED] if data.trusted is not None else [])]
@@ -503,6 +547,7 @@ class _Session:
         from asd_ray.train import train_loop_per_worker
 
         c = self.config.cluster
+        storage_path, storage_filesystem = storage.for_ray_train(self.checkpoints.parent)
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -511,7 +556,7 @@ class _Session:
                 "model": dataclasses.asdict(self.data.spec),
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
-                "checkpoints": str(self.out / TRAIN_DIR),
+                "checkpoints": self.checkpoints,
                 "trusted": str(self.data.trusted.folder) if self.data.trusted is not None else None,
             },
             scaling_config=ScalingConfig(
@@ -523,8 +568,9 @@ class _Session:
                 },
             ),
             run_config=TrainRunConfig(
-                name=TRAIN_DIR,
-                storage_path=str(self.out),
+                name=self.checkpoints.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -632,6 +678,7 @@ class _Session:
             "wall_s": round(time.perf_counter() - start, 1),
         }
         write_text(self.out / PRETRAIN_FILE, json.dumps(record) + "\n")
+        self.publish()
         asr = "" if figures["asr"] is None else f", ASR {100 * figures['asr']:.1f}%"
         progress(
             f"asd-ray: transfer pre-training ({t.semi_epochs} MixMatch epochs with the {record['labeled']} "
@@ -646,6 +693,7 @@ class _Session:
         re-evaluates and records again, never a row whose model was not saved."""
         self._keep_model(weights, rows)
         write_metrics(self.out, rows)
+        self.publish()  # a run at a URI: this epoch's records, its metrics rows last
 
     def _keep_model(self, weights: messages.Weights, rows: list[dict[str, Any]]) -> None:
         """RUN/model/last.pt every epoch, best.pt when this epoch is the best so far, card.json."""

@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from asd_ray import __version__, tables
+from asd_ray import __version__, storage, tables
 from asd_ray.attacks.poison import original_labels, read_ground_truth
 from asd_ray.config import RunConfig, load_recorded_config
 from asd_ray.data.shards import ShardSet, write_shards
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import ConfigError, DataError
-from asd_ray.files import not_a_uri
 from asd_ray.models import ModelSpec
 from asd_ray.run_folder import BEST_RULE, TRUSTED_SEEDS_DIR, failed_start, read_inputs, recorded_config
 from asd_ray.seeds import SeedPlan, plan_seeds
@@ -31,7 +30,8 @@ from asd_ray.seeds import SeedPlan, plan_seeds
 
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
-    """Paths of what a run reads (recorded in RUN/inputs.json)."""
+    """Where the things a run reads are (recorded in RUN/inputs.json): local paths, or
+    s3:// / gs:// URIs."""
 
     train: str  # poisoned (untrusted) training shard folder
     test: str  # clean test shard folder (ACC)
@@ -41,14 +41,19 @@ class RunInputs:
 
     def __post_init__(self) -> None:
         for name, path in dataclasses.asdict(self).items():
-            problem = not_a_uri(os.fspath(path)) if path else None
-            if problem is not None:
-                raise ConfigError(f"{name.replace('_', '-')} {problem}")
+            try:
+                storage.location(path) if path else None
+            except DataError as err:
+                raise ConfigError(f"{name.replace('_', '-')} {err}") from None
 
     def absolute(self) -> RunInputs:
-        return RunInputs(
-            **{k: str(Path(v).absolute()) if v else None for k, v in dataclasses.asdict(self).items()}
-        )
+        """Local paths made absolute (URIs are absolute already), as RUN/inputs.json records them."""
+        return RunInputs(**{k: _absolute(v) if v else None for k, v in dataclasses.asdict(self).items()})
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    where = storage.location(path)
+    return str(where.local.absolute()) if where.is_local else str(where)
 
 
 @dataclasses.dataclass
@@ -87,7 +92,7 @@ class RunData:
 def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one.
 
-    A resumed run keeps its algorithm and data settings: only ``cluster.*`` and
+    A resumed run keeps its algorithm and data settings: only ``cluster.*``, ``storage.*`` and
     ``epochs`` may differ from RUN/config.yaml (a preset is values, not a label). A new run needs an empty folder, or
     one a start cut short left (:func:`~asd_ray.run_folder.failed_start`: its leftovers
     are removed). Called by the driver holding the folder's lock.
@@ -98,7 +103,7 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
         if refused:
             raise DataError(
                 f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
-                "a resumed run keeps its algorithm and data settings (only cluster.* and "
+                "a resumed run keeps its algorithm and data settings (only cluster.*, storage.* and "
                 "epochs may change): drop the flag, or start a new run with --out"
             )
         return config, RunInputs(**read_inputs(out))
@@ -129,13 +134,17 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 def _resumable(key: str) -> bool:
     """Settings a resumed run may change: where it runs, and how long (the lambda_u ramp
     and stage boundaries stay as configured, and are checked against the new length)."""
-    return key.startswith("cluster.") or key == "epochs"
+    return key.startswith(("cluster.", "storage.")) or key == "epochs"
 
 
 def open_inputs(config: RunConfig, inputs: RunInputs) -> RunData:
     """Open and cross-check every input (class counts, image sizes, channels, seeds)."""
-    train, test = ShardSet(inputs.train), ShardSet(inputs.test)
-    poison_test = ShardSet(inputs.poison_test) if inputs.poison_test else None
+
+    def place(path: str) -> storage.Location:
+        return storage.location(path, config.storage)
+
+    train, test = ShardSet(place(inputs.train)), ShardSet(place(inputs.test))
+    poison_test = ShardSet(place(inputs.poison_test)) if inputs.poison_test else None
     height, width, channels = train.require_uniform_size("training")
     for name, other in (("test", test), ("poison-test", poison_test)):
         if other is None:
@@ -157,9 +166,9 @@ def open_inputs(config: RunConfig, inputs: RunInputs) -> RunData:
         )
     seeds = None
     if config.defense == "asd":
-        table = tables.read_parquet(inputs.seeds, "seeds")
+        table = tables.read_parquet(place(inputs.seeds), "seeds")
         seeds = plan_seeds(train, table, config.split.seeds_per_class, where=inputs.seeds)
-    truth = read_ground_truth(inputs.ground_truth, train) if inputs.ground_truth else None
+    truth = read_ground_truth(place(inputs.ground_truth), train) if inputs.ground_truth else None
     m = config.model
     spec = ModelSpec(m.name, train.info.num_classes, channels, max(height, width), m.factory, m.meta_layers)
     original = original_labels(poison_test) if poison_test is not None else None

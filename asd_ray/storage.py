@@ -259,7 +259,7 @@ def for_ray_train(where: Location) -> tuple[str, pafs.FileSystem | None]:
 # --------------------------------------------------------------------------- errors
 
 
-def _failure(where: Location, err: OSError, doing: str) -> DataError:
+def failure(where: Location, err: OSError, doing: str) -> DataError:
     """One line for a failed operation: missing, forbidden, or unreachable, with the fix."""
     text = str(err)
     if isinstance(err, FileNotFoundError) or "NO_SUCH" in text or "does not exist" in text:
@@ -293,7 +293,7 @@ def info(where: Location) -> pafs.FileInfo:
     try:
         return where.fs.get_file_info(where.fs_path)
     except OSError as err:
-        raise _failure(where, err, "looking it up") from None
+        raise failure(where, err, "looking it up") from None
 
 
 def exists(where: Location) -> bool:
@@ -310,7 +310,7 @@ def list_names(where: Location, *, limit: int) -> list[str]:
     try:
         found = where.fs.get_file_info(pafs.FileSelector(where.fs_path, allow_not_found=True))
     except OSError as err:
-        raise _failure(where, err, "listing it") from None
+        raise failure(where, err, "listing it") from None
     if len(found) > limit:
         raise DataError(
             f"{where}: holds {len(found)} entries, more than the {limit} expected here; "
@@ -328,7 +328,7 @@ def version(where: Location) -> ObjectVersion:
         with where.fs.open_input_stream(where.fs_path) as stream:
             meta = stream.metadata()
     except OSError as err:
-        raise _failure(where, err, "reading its size and ETag") from None
+        raise failure(where, err, "reading its size and ETag") from None
     return _version_of(meta)
 
 
@@ -412,7 +412,7 @@ class _ResumingStream:
                 stream = pa.input_stream(raw, compression=None, buffer_size=STREAM_BUFFER)
             found = _version_of(stream.metadata())
         except OSError as err:
-            raise _failure(self.where, err, "opening it") from None
+            raise failure(self.where, err, "opening it") from None
         if expected is not None and found != expected:
             stream.close()
             raise DataError(
@@ -430,10 +430,10 @@ class _ResumingStream:
                 self.offset += len(data)
                 return data
             except (FileNotFoundError, PermissionError) as err:
-                raise _failure(self.where, err, f"reading at byte {self.offset}") from None
+                raise failure(self.where, err, f"reading at byte {self.offset}") from None
             except OSError as err:
                 if attempt == self.retries:
-                    raise _failure(self.where, err, f"reading at byte {self.offset}") from None
+                    raise failure(self.where, err, f"reading at byte {self.offset}") from None
                 RetryCounter.add()
                 with contextlib.suppress(OSError):
                     self._stream.close()
@@ -459,7 +459,7 @@ def open_stream(where: Location, *, expected: ObjectVersion | None = None) -> It
         try:
             handle = open(where.local, "rb", buffering=1 << 20)
         except OSError as err:
-            raise _failure(where, err, "opening it") from None
+            raise failure(where, err, "opening it") from None
         with handle:
             yield handle
         return
@@ -483,7 +483,7 @@ def upload(source: Path, where: Location) -> None:
             shutil.copyfileobj(src, out, STREAM_BUFFER)
         where.fs.copy_file(partial.fs_path, where.fs_path)
     except OSError as err:
-        raise _failure(where, err, "writing it") from None
+        raise failure(where, err, "writing it") from None
     finally:
         with contextlib.suppress(OSError):
             where.fs.delete_file(partial.fs_path)
@@ -508,7 +508,7 @@ def delete_objects(where: Location, names: list[str]) -> None:
         except FileNotFoundError:
             continue
         except OSError as err:
-            raise _failure(where / name, err, "deleting it") from None
+            raise failure(where / name, err, "deleting it") from None
 
 
 def download(where: Location, target: Path, *, limit: int) -> None:

@@ -27,7 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from asd_ray import compute, distributed, tables
+from asd_ray import compute, distributed, storage, tables
 from asd_ray.batches import WorkerData, use_sync_batch_norm
 from asd_ray.config import RunConfig, from_dict
 from asd_ray.data.shards import ShardSet
@@ -51,18 +51,23 @@ from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
 from asd_ray.split import pool_masks
 from asd_ray.steps import mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
+from asd_ray.storage import Location
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIGEST = "state.sha256"  # a checkpoint whose state.pt does not match it is skipped
 
 
-def newest_checkpoint(folder: str) -> Path | None:
-    """The newest ``checkpoint_*`` folder of a run's ``train/`` folder (names sort by time)."""
-    found = sorted(p for p in Path(folder).glob("checkpoint_*") if p.is_dir())
-    return found[-1] if found else None
+MAX_CHECKPOINT_BYTES = 64 * 1024**3  # a checkpoint holds the model and Adam's two moments
 
 
-def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
+def newest_checkpoint(folder: Location) -> Location | None:
+    """The newest ``checkpoint_*`` folder of a run's Ray Train storage (names sort by time),
+    a local folder or an object prefix."""
+    found = [n for n in storage.list_names(folder, limit=storage.MAX_LISTING) if n.startswith("checkpoint_")]
+    return folder / max(found) if found else None
+
+
+def newest_intact_state(latest: Location, device: torch.device) -> tuple[dict, str]:
     """The newest checkpoint state, starting from ``latest``, whose ``state.pt`` matches its
     digest and loads (weights only); older checkpoints beside it are the fallback.
 
@@ -72,21 +77,23 @@ def newest_intact_state(latest: Path, device: torch.device) -> tuple[dict, str]:
     Raises:
         DataError: when no checkpoint of the run is intact.
     """
-    candidates = sorted(
-        (p for p in latest.parent.glob("checkpoint_*") if p.name <= latest.name), reverse=True
-    )
+    names = storage.list_names(latest.parent, limit=storage.MAX_LISTING)
+    candidates = sorted((n for n in names if n.startswith("checkpoint_") and n <= latest.name), reverse=True)
     skipped = []
-    for folder in candidates:
+    for name in candidates:
+        folder = latest.parent / name
         state_path, digest_path = folder / CHECKPOINT_FILE, folder / CHECKPOINT_DIGEST
         try:
-            data = state_path.read_bytes()
-            if digest_path.exists() and hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
-                raise DataError(f"{state_path}: digest mismatch")
+            data = storage.read_bytes(state_path, limit=MAX_CHECKPOINT_BYTES)
+            if storage.exists(digest_path):
+                digest = storage.read_bytes(digest_path, limit=1024).decode(errors="replace").strip()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise DataError(f"{state_path}: digest mismatch")
             state = load_weights_only(data, state_path, fix="skipped", map_location=device)
         except (OSError, DataError):  # unreadable, digest mismatch, or not a checkpoint
-            skipped.append(folder.name)
+            skipped.append(name)
             continue
-        note = f"resumed from {folder.name} (epoch {int(state['epoch'])})"
+        note = f"resumed from {name} (epoch {int(state['epoch'])})"
         return state, note + (f"; skipped unreadable {', '.join(skipped)}" if skipped else "")
     raise DataError(
         f"{latest.parent}: no intact checkpoint ({', '.join(skipped)} unreadable); start the run again"
