@@ -190,6 +190,29 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, open_shard, ext):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_slice_reads_the_records_of_the_whole_shard(tmp_path, open_shard):
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    whole = read_all(open_shard, path)
+    assert [index for index, _, _ in whole] == list(range(20))
+    for start, stop in [(0, 5), (3, None), (7, 12), (19, 20), (20, None)]:
+        assert read_all(open_shard, path, start=start, stop=stop) == whole[start:stop]
+
+
+def test_a_skipped_prefix_is_still_checked(tmp_path, open_shard):
+    """Records before ``start`` are dropped, not trusted: their headers' checksums and their
+    member types are checked as when they are read."""
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    data = bytearray(path.read_bytes())
+    data[101] ^= 1  # the first header's mode field, its checksum left as it was
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-000000.tar: tar header at byte 0 fails its checksum"):
+        read_all(open_shard, path, start=10)
+    records = [(f"{i:09d}.{ext}", data) for i in range(4) for ext, data in (("png", _png()), ("cls", b"0"))]
+    write_tar(tmp_path / "p.tar", [*records[:2], ("000000000.pth", b"\x80"), *records[2:]])
+    with pytest.raises(DataError, match="record '000000000' has a 'pth' member"):
+        read_all(open_shard, tmp_path / "p.tar", start=2)
+
+
 def test_a_stream_is_read_only_as_far_as_the_records_asked_for(tmp_path):
     path = make_shards(tmp_path / "s", n=200, per_shard=200).paths[0]
     stream = ShortReads(path.read_bytes())

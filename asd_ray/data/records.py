@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -141,8 +141,8 @@ def iter_records(
     Args:
         stream: the shard, read with ``read(n)`` only (a local file or an object
             storage stream); ``where``, its path or URL, names it in messages.
-        start, stop: the records to yield; those before ``start`` are still read
-            and checked.
+        start, stop: the records to yield; those before ``start`` are still walked
+            and checked, but their data is dropped as it is read.
 
     Raises:
         DataError: on a refused member type (pickle, ...), a duplicate key or a
@@ -150,7 +150,8 @@ def iter_records(
     """
     shard = where.rsplit("/", 1)[-1]
     current_key, members, index, seen = None, {}, -1, set()
-    for name, data in tar_members(stream, where):  # sees what tarfile sees, or refuses
+    keep_data = _from_record(start) if start else None
+    for name, data in tar_members(stream, where, keep_data=keep_data):  # sees what tarfile sees, or refuses
         key, dot, ext = _split_name(name)
         if not dot:
             raise DataError(f"{where}: member {name!r} has no extension; expected KEY.EXT")
@@ -196,6 +197,21 @@ def _split_name(name: str) -> tuple[str, str, str]:
     slash = name.rfind("/") + 1
     key, dot, ext = name[slash:].partition(".")
     return name[:slash] + key, dot, ext
+
+
+def _from_record(start: int) -> Callable[[str], bool]:
+    """``keep_data`` for :func:`tar_members`: False for the members of the first ``start``
+    records, counted as :func:`iter_records` counts them (a new key, a new record)."""
+    current_key, index = None, -1
+
+    def keep(name: str) -> bool:
+        nonlocal current_key, index
+        key = _split_name(name)[0]
+        if key != current_key:
+            current_key, index = key, index + 1
+        return index >= start
+
+    return keep
 
 
 def _check_members(shard: str, key: str, members: dict[str, bytes]) -> None:
