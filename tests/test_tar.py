@@ -302,3 +302,21 @@ def test_dropped_members_are_walked_but_come_without_data(tmp_path, our_view, op
     with open_shard(path) as stream:
         got = list(tar_members(stream, str(path), keep_data=lambda name: name.endswith(".cls")))
     assert got == [(name, None if name.endswith(".png") else data) for name, data in our_view(path)]
+
+
+@pytest.mark.parametrize("claim", ["size", "pax size"])
+def test_a_huge_claimed_size_is_a_truncation_not_an_allocation(tmp_path, open_shard, claim) -> None:
+    """Past the first window the data is read from the stream: a claimed size of 64 GiB or
+    10^30 bytes must not become one read of that size (MemoryError, OverflowError)."""
+    huge = 8**12 - 1 if claim == "size" else 10**30
+    filler = member(b"000000.png", bytes(300_000))
+    if claim == "size":
+        liar = header(b"000001.png", b"%012o" % huge, b"0")
+    else:
+        records = pax({"size": str(huge)})
+        liar = (
+            header(b"PaxHeader", b"%011o\0" % len(records), b"x") + pad(records) + member(b"000001.png", b"")
+        )
+    path = archive(tmp_path, filler, liar, bytes(600_000))  # the liar is read before the stream ends
+    with open_shard(path) as stream, pytest.raises(DataError, match=f"needs {huge} bytes, file ends after"):
+        list(tar_members(stream, str(path)))
