@@ -6,8 +6,8 @@ for GNU tar, Python's ``tarfile`` or webdataset), and no archive may make it
 loop. It follows POSIX ustar/pax where it reads:
 
 - every header's checksum is verified (unsigned or signed byte sum, as
-  ``tarfile`` accepts) before any member of its batch is yielded (see below),
-  but after the walk of that batch: to find the next header, the walk first
+  ``tarfile`` accepts) before any member of its window is yielded (see below),
+  but after the walk of that window: to find the next header, the walk first
   reads each header's magic, size and type (and an extension header's data,
   which no checksum covers). That order changes only which error a corrupt
   header gets (a size past the end of the file, say, rather than its
@@ -28,13 +28,14 @@ loop. It follows POSIX ustar/pax where it reads:
 
 The archive is read as a stream (``read(n)`` only: no seek, no mmap), so a
 shard can come from object storage as well as from a local file, and only a
-window of it is held: about ``_WINDOW`` bytes, or one member if it is larger.
+window of it is held: about 256 KiB, or one member if it is larger.
 Headers are walked window by window, and the checksums of one window's headers
 are verified together (numpy) before any member of that window is yielded: no
 name or data of a header with a failed checksum reaches a caller. Unlike a walk
 of the whole file first, members of earlier windows may have been yielded when
-a later header fails (its checksum, or a truncation): callers read a shard
-whole or raise, and never keep what they got from one that raised.
+a later header fails (its checksum, or a truncation), and a checksum error
+counts the failures of its window only: callers read a shard whole or raise,
+and never keep what they got from one that raised.
 """
 
 from __future__ import annotations
