@@ -48,13 +48,13 @@ def bench(name: str, source: Source, n: int, repeats: int, folder: Path) -> dict
     # Interleave the two paths shard by shard (500 records each), so that the
     # machine's speed drifting (shared cores) hits both alike; keep the best of `repeats`.
     pieces = [p for part in shards.worker_slices(len(shards.paths)) for p in part]
-    encoded = [
-        [
-            next(v for e, v in members.items() if e in IMAGE_EXTS)
-            for _, _, members in iter_records(p.path, start=p.start, stop=p.stop)
-        ]
-        for p in pieces
-    ]
+    encoded = []
+    for p in pieces:
+        with open(p.path, "rb") as stream:
+            records = iter_records(stream, str(p.path), start=p.start, stop=p.stop)
+            encoded.append(
+                [next(v for e, v in members.items() if e in IMAGE_EXTS) for _, _, members in records]
+            )
     best_read = best_memory = float("inf")
     for _ in range(repeats):
         read_s = memory_s = 0.0

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asd_ray.data import tar
+from asd_ray.data.records import iter_records
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_arrays
 
@@ -93,6 +95,39 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+class ShortReads:
+    """A shard as object storage streams it: ``read(n)`` only (no seek, tell or fileno), and
+    every other read returns 7 bytes fewer than asked, as sockets may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._short = data, False
+        self.consumed = 0  # bytes handed out so far
+
+    def read(self, size: int) -> bytes:
+        self._short = not self._short
+        if self._short and size > 7:
+            size -= 7
+        chunk = self._data[self.consumed : self.consumed + size]
+        self.consumed += len(chunk)
+        return chunk
+
+
+@pytest.fixture(params=["local file", "short-read stream"])
+def open_shard(request, monkeypatch):
+    """Opens a shard file for the readers: as a local file, or as a non-seekable stream of
+    short reads walked 3 blocks at a time (so every archive spans several checksum batches)."""
+    if request.param == "local file":
+        return lambda path: open(path, "rb")
+    monkeypatch.setattr(tar, "_WINDOW", 3 * tar.BLOCK)
+    return lambda path: contextlib.nullcontext(ShortReads(Path(path).read_bytes()))
+
+
+def local_records(path: Path, **window) -> list[tuple[int, str, dict[str, bytes]]]:
+    """Every record of a local shard file, as ``iter_records`` reads it."""
+    with open(path, "rb") as stream:
+        return list(iter_records(stream, str(path), **window))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_shards
+from conftest import local_records, make_shards
 
 from asd_ray import tables
 from asd_ray.attacks.adaptive_blend import piece_index
@@ -13,7 +13,6 @@ from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shard
 from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import apply_trigger
 from asd_ray.config import AttackConfig
-from asd_ray.data.records import iter_records
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet
 from asd_ray.errors import DataError
 
@@ -88,8 +87,8 @@ def test_badnets_shards_are_pixel_exact_and_keep_clean_bytes(tmp_path, train_set
     np.testing.assert_array_equal(labels, np.array(truth["label_after"]))
     np.testing.assert_array_equal(clean_labels, np.array(truth["original_label"]))
     assert json.loads(truth["params"][0])["target"] == 1
-    clean_bytes = {k: m for _, k, m in iter_records(train_set.paths[0])}
-    for _, key, members in iter_records(poisoned.paths[0]):
+    clean_bytes = {k: m for _, k, m in local_records(train_set.paths[0])}
+    for _, key, members in local_records(poisoned.paths[0]):
         if not is_poison[int(key)]:
             assert members["png"] == clean_bytes[key]["png"]
 

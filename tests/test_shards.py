@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import make_shards, synthetic_arrays, write_tar
+from conftest import ShortReads, local_records, make_shards, synthetic_arrays, write_tar
 from PIL import Image
 
 from asd_ray.data.records import expand_shard_paths, iter_records
@@ -34,7 +34,7 @@ def test_arrays_to_shards_to_arrays_is_bit_identical(tmp_path, channels):
 def test_large_images_are_jpeg_and_png_below_65px(tmp_path):
     images, labels = synthetic_arrays(4, 96, 3, classes=2)
     write_shards(from_arrays(images, labels), tmp_path / "big")
-    _, _, members = next(iter_records(ShardSet(tmp_path / "big").paths[0]))
+    _, _, members = local_records(ShardSet(tmp_path / "big").paths[0])[0]
     assert set(members) == {"jpg", "cls"}
     assert Image.open(io.BytesIO(members["jpg"])).format == "JPEG"
 
@@ -112,12 +112,12 @@ def test_empty_shard_file(train_set):
         list(train_set.iter_samples())
 
 
-def test_record_without_cls(tmp_path):
+def test_record_without_cls(tmp_path, open_shard):
     write_tar(
         tmp_path / "x.tar", [("000000000.png", _png()), ("000000001.png", _png()), ("000000001.cls", b"0")]
     )
     with pytest.raises(DataError, match="x.tar: record '000000000' has no 'cls'"):
-        list(iter_records(tmp_path / "x.tar"))
+        read_all(open_shard, tmp_path / "x.tar")
 
 
 def test_non_image_bytes(train_set):
@@ -158,7 +158,7 @@ def test_mixed_image_sizes_where_one_size_is_required(tmp_path):
         shards.load_arrays()
 
 
-def test_duplicate_keys(tmp_path):
+def test_duplicate_keys(tmp_path, open_shard):
     write_tar(
         tmp_path / "d.tar",
         [
@@ -171,11 +171,11 @@ def test_duplicate_keys(tmp_path):
         ],
     )
     with pytest.raises(DataError, match="duplicate key '000000000'"):
-        list(iter_records(tmp_path / "d.tar"))
+        read_all(open_shard, tmp_path / "d.tar")
 
 
 @pytest.mark.parametrize("ext", ["pyd", "pickle", "pth", "npy"])
-def test_pickle_member_is_refused_before_decoding(tmp_path, ext):
+def test_pickle_member_is_refused_before_decoding(tmp_path, open_shard, ext):
     import pickle
 
     class Boom:
@@ -187,14 +187,51 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, ext):
         [("000000000.png", _png()), ("000000000.cls", b"0"), (f"000000000.{ext}", pickle.dumps(Boom()))],
     )
     with pytest.raises(DataError, match=f"p.tar: record '000000000' has a '{ext}' member"):
-        list(iter_records(tmp_path / "p.tar"))
+        read_all(open_shard, tmp_path / "p.tar")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_slice_reads_the_records_of_the_whole_shard(tmp_path, open_shard):
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    whole = read_all(open_shard, path)
+    assert [index for index, _, _ in whole] == list(range(20))
+    for start, stop in [(0, 5), (3, None), (7, 12), (19, 20), (20, None)]:
+        assert read_all(open_shard, path, start=start, stop=stop) == whole[start:stop]
+
+
+def test_a_skipped_prefix_is_still_checked(tmp_path, open_shard):
+    """Records before ``start`` are dropped, not trusted: their headers' checksums and their
+    member types are checked as when they are read."""
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    data = bytearray(path.read_bytes())
+    data[101] ^= 1  # the first header's mode field, its checksum left as it was
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-000000.tar: tar header at byte 0 fails its checksum"):
+        read_all(open_shard, path, start=10)
+    records = [(f"{i:09d}.{ext}", data) for i in range(4) for ext, data in (("png", _png()), ("cls", b"0"))]
+    write_tar(tmp_path / "p.tar", [*records[:2], ("000000000.pth", b"\x80"), *records[2:]])
+    with pytest.raises(DataError, match="record '000000000' has a 'pth' member"):
+        read_all(open_shard, tmp_path / "p.tar", start=2)
+
+
+def test_a_stream_is_read_only_as_far_as_the_records_asked_for(tmp_path):
+    path = make_shards(tmp_path / "s", n=200, per_shard=200).paths[0]
+    stream = ShortReads(path.read_bytes())
+    assert [key for _, key, _ in iter_records(stream, "s3://bucket/s/train-000000.tar", stop=1)] == [
+        "000000000"
+    ]
+    assert 0 < stream.consumed < len(path.read_bytes()) // 2
 
 
 def test_changed_shard_disagrees_with_manifest(train_set):
     write_tar(train_set.paths[0].local, [("000000007.png", _png()), ("000000007.cls", b"0")])
     with pytest.raises(DataError, match="the manifest expects '000000000'"):
         list(train_set.iter_samples())
+
+
+def read_all(open_shard, path, **window) -> list:
+    with open_shard(path) as stream:
+        return list(iter_records(stream, str(path), **window))
 
 
 def _png() -> bytes:

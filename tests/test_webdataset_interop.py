@@ -5,10 +5,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import local_records
 from PIL import Image
 
 from asd_ray.cli import main
-from asd_ray.data.records import iter_records
 from asd_ray.data.shards import ShardSet
 
 
@@ -65,7 +65,7 @@ def test_shards_import_brings_foreign_shards_in_and_refuses_pickles(tmp_path, ca
     imported = ShardSet(tmp_path / "mine")
     assert len(imported) == 10 and imported.info.class_names == ["cat", "dog", "bird"]
     assert sorted(imported.labels.tolist()) == sorted([i % 3 for i in range(5)] * 2)
-    stored = [bytes(m["jpg"]) for path in imported.paths for _, _, m in iter_records(path)]
+    stored = [bytes(m["jpg"]) for path in imported.paths for _, _, m in local_records(path)]
     assert stored[:5] == [_jpeg(20 * i) for i in range(5)]  # JPEG bytes kept as they came
     _foreign_shard(folder / "part-2.tar", [("evil.pyd", b"\x80\x04"), ("evil.cls", b"0")])
     capsys.readouterr()

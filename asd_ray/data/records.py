@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
 import numpy as np
@@ -142,41 +143,48 @@ def _group_count(expr: str) -> int:
 
 
 def iter_records(
-    path: Path, *, start: int = 0, stop: int | None = None
+    stream: BinaryIO, where: str, *, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yield ``(index_in_shard, key, members)`` of one shard, members only of safe types.
+
+    Args:
+        stream: the shard, read with ``read(n)`` only (a local file or an object
+            storage stream); ``where``, its path or URL, names it in messages.
+        start, stop: the records to yield; those before ``start`` are still walked
+            and checked, but their data is dropped as it is read.
 
     Raises:
         DataError: on a refused member type (pickle, ...), a duplicate key or a
             record without an image or ``cls``, naming shard and key.
     """
+    shard = where.rsplit("/", 1)[-1]
     current_key, members, index, seen = None, {}, -1, set()
-    for name, data in tar_members(path):  # sees what tarfile sees, or refuses
-        slash = name.rfind("/") + 1
-        key, dot, ext = name[slash:].partition(".")
+    keep_data = _from_record(start) if start else None
+    for name, data in tar_members(stream, where, keep_data=keep_data):  # sees what tarfile sees, or refuses
+        key, dot, ext = _split_name(name)
         if not dot:
-            raise DataError(f"{path}: member {name!r} has no extension; expected KEY.EXT")
-        if not key:
-            raise DataError(f"{path.name}: member {name!r} has an empty record key; name it KEY.EXT")
-        key, ext = name[:slash] + key, ext.lower()
+            raise DataError(f"{where}: member {name!r} has no extension; expected KEY.EXT")
+        if key.endswith("/") or not key:
+            raise DataError(f"{shard}: member {name!r} has an empty record key; name it KEY.EXT")
+        ext = ext.lower()
         if "." in ext and ext.rsplit(".", 1)[1] in SAFE_EXTS:
             raise DataError(
-                f"{path.name}: member {name!r} would be record {key!r} with a {ext!r} member: WebDataset "
+                f"{shard}: member {name!r} would be record {key!r} with a {ext!r} member: WebDataset "
                 "splits a name at its first dot, so record keys may not contain dots; rename the record"
             )
         if ext not in SAFE_EXTS:
             raise DataError(
-                f"{path.name}: record {key!r} has a {ext!r} member; asd-ray reads only "
+                f"{shard}: record {key!r} has a {ext!r} member; asd-ray reads only "
                 f"{', '.join(SAFE_EXTS)} because the data is untrusted (pickle, torch and numpy "
                 "members can run code): re-make the shard with images and cls only"
             )
         if key != current_key:
             if index >= start:
-                _check_members(path, current_key, members)
+                _check_members(shard, current_key, members)
                 yield index, current_key, members
             if key in seen:
                 raise DataError(
-                    f"{path.name}: duplicate key {key!r}; every record needs its own key: re-make the shard"
+                    f"{shard}: duplicate key {key!r}; every record needs its own key: re-make the shard"
                 )
             seen.add(key)
             index += 1
@@ -184,26 +192,49 @@ def iter_records(
                 return
             current_key, members = key, {}
         if ext in members:
-            raise DataError(f"{path.name}: record {key!r} has two {ext!r} members; re-make the shard")
+            raise DataError(f"{shard}: record {key!r} has two {ext!r} members; re-make the shard")
         if index >= start:
             members[ext] = data
     if current_key is not None and index >= start:
-        _check_members(path, current_key, members)
+        _check_members(shard, current_key, members)
         yield index, current_key, members
 
 
-def _check_members(path: Path, key: str, members: dict[str, bytes]) -> None:
+def _split_name(name: str) -> tuple[str, str, str]:
+    """(key, dot, extension) as WebDataset splits a member name: at the first dot of its
+    last path component; the key keeps the folder."""
+    slash = name.rfind("/") + 1
+    key, dot, ext = name[slash:].partition(".")
+    return name[:slash] + key, dot, ext
+
+
+def _from_record(start: int) -> Callable[[str], bool]:
+    """``keep_data`` for :func:`tar_members`: False for the members of the first ``start``
+    records, counted as :func:`iter_records` counts them (a new key, a new record)."""
+    current_key, index = None, -1
+
+    def keep(name: str) -> bool:
+        nonlocal current_key, index
+        key = _split_name(name)[0]
+        if key != current_key:
+            current_key, index = key, index + 1
+        return index >= start
+
+    return keep
+
+
+def _check_members(shard: str, key: str, members: dict[str, bytes]) -> None:
     if "cls" in members and len(members) - ("json" in members) == 2:
         return  # fast path: members are safe types, so the other one is the image
     images = [e for e in members if e in IMAGE_EXTS]
     if "cls" not in members:
         raise DataError(
-            f"{path.name}: record {key!r} has no 'cls' member (label); every record needs "
+            f"{shard}: record {key!r} has no 'cls' member (label); every record needs "
             "KEY.cls with the label as a decimal integer"
         )
     if len(images) != 1:
         raise DataError(
-            f"{path.name}: record {key!r} has {len(images)} image members ({images}); "
+            f"{shard}: record {key!r} has {len(images)} image members ({images}); "
             "every record needs exactly one"
         )
 

@@ -624,24 +624,27 @@ class ShardSet:
             base, chunk, read = offsets[piece.path.name], [], 0
             count = counts[piece.path.name]
             stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
-            for index, key, members in iter_records(piece.path, start=piece.start, stop=stop):
-                if index >= count:
-                    raise DataError(
-                        f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
-                        "shard was changed after it was made: re-make the shard set"
-                    )
-                sample_id, read = base + index, read + 1
-                if keys[sample_id] != key:
-                    raise DataError(
-                        f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
-                        f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
-                    )
-                if keep is not None and not keep[sample_id]:
-                    continue
-                chunk.append((sample_id, key, members))
-                if len(chunk) == _DECODE_CHUNK:
-                    yield from self._decode(chunk, piece.path.name)
-                    chunk = []
+            with open(piece.path, "rb") as stream:
+                for index, key, members in iter_records(
+                    stream, str(piece.path), start=piece.start, stop=stop
+                ):
+                    if index >= count:
+                        raise DataError(
+                            f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
+                            "shard was changed after it was made: re-make the shard set"
+                        )
+                    sample_id, read = base + index, read + 1
+                    if keys[sample_id] != key:
+                        raise DataError(
+                            f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
+                            f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
+                        )
+                    if keep is not None and not keep[sample_id]:
+                        continue
+                    chunk.append((sample_id, key, members))
+                    if len(chunk) == _DECODE_CHUNK:
+                        yield from self._decode(chunk, piece.path.name)
+                        chunk = []
             yield from self._decode(chunk, piece.path.name)
             first = base + piece.start
             whole = piece.count == count

@@ -30,7 +30,7 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
     labels = [
         parse_label(members["cls"], _NO_LIMIT, shard=path.name, key=key)
         for path in paths
-        for _, key, members in iter_records(path)
+        for _, key, members in _shard_records(path)
     ]
     if not labels:
         raise DataError(f"{spec}: the shards hold no records")
@@ -47,7 +47,7 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
 
 def _iter_webdataset(paths: list[Path], num_classes: int) -> Iterator[SourceRecord]:
     for path in paths:
-        for _, key, members in iter_records(path):
+        for _, key, members in _shard_records(path):
             label, image = decode_members(members, num_classes, shard=path.name, key=key)
             ext = next(e for e in members if e in IMAGE_EXTS)
             provenance = f"{path.name}:{key}"
@@ -55,3 +55,9 @@ def _iter_webdataset(paths: list[Path], num_classes: int) -> Iterator[SourceReco
                 yield SourceRecord(label, provenance, encoded=bytes(members[ext]), ext="jpg")
             else:
                 yield SourceRecord(label, provenance, image=image)
+
+
+def _shard_records(path: Path) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """The records of one shard, read as a stream."""
+    with open(path, "rb") as stream:
+        yield from iter_records(stream, str(path))
