@@ -554,6 +554,12 @@ class ShardSet:
                 f"{extra[0]!r}); a shard set's prefix holds only its own files: move them or re-make the set"
             )
 
+    def _expected(self, shard: Location) -> ObjectVersion | None:
+        """The version another process saw of an object shard (None: nothing to compare)."""
+        if self._versions is None or shard.is_local:
+            return None
+        return self._versions[self.paths.index(shard)]
+
     @property
     def versions(self) -> list[ObjectVersion]:
         """Each shard's size and ETag (objects: one HEAD each, made once) or mtime (local)."""
@@ -624,7 +630,7 @@ class ShardSet:
             base, chunk, read = offsets[piece.path.name], [], 0
             count = counts[piece.path.name]
             stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
-            with open(piece.path, "rb") as stream:
+            with storage.open_stream(piece.path, expected=self._expected(piece.path)) as stream:
                 for index, key, members in iter_records(
                     stream, str(piece.path), start=piece.start, stop=stop
                 ):

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+from asd_ray import storage
 from asd_ray.data.records import IMAGE_EXTS, decode_members, expand_shard_paths, iter_records, parse_label
 from asd_ray.data.sources.base import Source, SourceRecord, _Records, inferred_class_names
 from asd_ray.errors import DataError
@@ -45,7 +46,7 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
     )
 
 
-def _iter_webdataset(paths: list[Path], num_classes: int) -> Iterator[SourceRecord]:
+def _iter_webdataset(paths: list[storage.Location], num_classes: int) -> Iterator[SourceRecord]:
     for path in paths:
         for _, key, members in _shard_records(path):
             label, image = decode_members(members, num_classes, shard=path.name, key=key)
@@ -57,7 +58,7 @@ def _iter_webdataset(paths: list[Path], num_classes: int) -> Iterator[SourceReco
                 yield SourceRecord(label, provenance, image=image)
 
 
-def _shard_records(path: Path) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def _shard_records(path: storage.Location) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """The records of one shard, read as a stream."""
-    with open(path, "rb") as stream:
+    with storage.open_stream(path) as stream:
         yield from iter_records(stream, str(path))
