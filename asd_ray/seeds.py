@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd_ray import files, tables
+from asd_ray import files, storage, tables
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import ConfigError, DataError
 
@@ -156,7 +156,11 @@ def plan_seeds(train: ShardSet, seeds: pa.Table, per_class: int, *, where: str) 
     in_place, tampered, extras = [], [], []
     # Shard sets are told apart by identity, never by how their folder is spelled (a trailing
     # slash, "..", a symlink or a copy): one set named two ways is one group.
-    opened = {folder: ShardSet(folder) for folder in sorted(set(seeds.column("dataset").to_pylist()))}
+    # A location a table names is opened with the training set's storage settings.
+    opened = {
+        folder: ShardSet(storage.location(folder, train.folder.settings))
+        for folder in sorted(set(seeds.column("dataset").to_pylist()))
+    }
     groups: dict[str, list[str]] = {}
     for folder, shards in opened.items():
         groups.setdefault(shards.identity(), []).append(folder)
@@ -232,7 +236,11 @@ def _parent_identity(train: ShardSet) -> str | None:
     if "clean_identity" in attack:
         return attack["clean_identity"]
     try:
-        return ShardSet(attack["clean"]).identity() if "clean" in attack else None
+        return (
+            ShardSet(storage.location(attack["clean"], train.folder.settings)).identity()
+            if "clean" in attack
+            else None
+        )
     except DataError:  # moved or removed since: no seed can be its copy
         return None
 

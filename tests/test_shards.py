@@ -192,7 +192,7 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, open_shard, ext):
 
 
 def test_a_slice_reads_the_records_of_the_whole_shard(tmp_path, open_shard):
-    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0].local
     whole = read_all(open_shard, path)
     assert [index for index, _, _ in whole] == list(range(20))
     for start, stop in [(0, 5), (3, None), (7, 12), (19, 20), (20, None)]:
@@ -202,7 +202,7 @@ def test_a_slice_reads_the_records_of_the_whole_shard(tmp_path, open_shard):
 def test_a_skipped_prefix_is_still_checked(tmp_path, open_shard):
     """Records before ``start`` are dropped, not trusted: their headers' checksums and their
     member types are checked as when they are read."""
-    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0]
+    path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0].local
     data = bytearray(path.read_bytes())
     data[101] ^= 1  # the first header's mode field, its checksum left as it was
     path.write_bytes(bytes(data))
@@ -215,7 +215,7 @@ def test_a_skipped_prefix_is_still_checked(tmp_path, open_shard):
 
 
 def test_a_stream_is_read_only_as_far_as_the_records_asked_for(tmp_path):
-    path = make_shards(tmp_path / "s", n=200, per_shard=200).paths[0]
+    path = make_shards(tmp_path / "s", n=200, per_shard=200).paths[0].local
     stream = ShortReads(path.read_bytes())
     assert [key for _, key, _ in iter_records(stream, "s3://bucket/s/train-000000.tar", stop=1)] == [
         "000000000"
