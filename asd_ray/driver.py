@@ -610,6 +610,11 @@ class _Session:
         """Every epoch after the last finished one, up to ``stop_after_epoch``; the summary."""
         config, out = self.config, self.out
         hello, startup_s = self._start(progress)
+        if self.pool.storage_retries:
+            progress(
+                f"asd-ray: storage: the scorers retried {self.pool.storage_retries} transient read error(s) "
+                "(a dropped connection or a busy server) while loading their shares; every read completed"
+            )
         weights, done = hello.weights, hello.epoch
         rows = read_metric_rows(out, done)
         if done >= 0 and (not rows or rows[-1]["epoch"] < done):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from asd_ray import compute
+from asd_ray import compute, storage
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
@@ -77,8 +77,10 @@ class ScoringActor:
         self.shares.clear()
         remove_caches()
 
-    def size(self, name: str) -> int:
-        return len(self.shares[name][1])
+    def loaded(self, name: str) -> tuple[int, int]:
+        """How many samples of ``name`` this actor holds, and how many transient storage
+        errors its loading retried (the run log reports them)."""
+        return len(self.shares[name][1]), storage.RetryCounter.take()
 
     def score(
         self, names: list[str], weights: Weights, augment_seeds: dict[str, int] | None = None
@@ -163,11 +165,12 @@ class ScoringPool:
             for i in range(num_actors)
         ]
         try:  # waits for decoding; bad data surfaces as the actor's DataError, in one line
-            sizes = ray.get([a.size.remote(next(iter(datasets))) for a in self.actors])
+            loaded = ray.get([a.loaded.remote(next(iter(datasets))) for a in self.actors])
         except ray.exceptions.RayError as err:
             self.shutdown()
             raise user_error_of(err) or err from None
-        assert sum(sizes) == len(next(iter(datasets.values())))
+        assert sum(size for size, _ in loaded) == len(next(iter(datasets.values())))
+        self.storage_retries = sum(retries for _, retries in loaded)  # while the actors loaded
 
     def run(
         self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
