@@ -128,6 +128,14 @@ def test_proxy_faults_spare_what_they_do_not_match(s3_server, fault_proxy, store
     assert fault_proxy.injected("drop") == fault_proxy.injected("slow_down") == 0
 
 
+def test_proxy_reset_forgets_faults_and_requests(fault_proxy, stored):
+    _get(fault_proxy.endpoint, stored).read()
+    fault_proxy.slow_down(times=5)
+    fault_proxy.reset()
+    assert _get(fault_proxy.endpoint, stored).status == 200
+    assert [(seen.method, seen.fault) for seen in fault_proxy.requests()] == [("GET", "")]
+
+
 def test_pyarrow_sees_the_proxys_faults(fault_proxy, stored):
     """Through the proxy, pyarrow's S3 client meets each fault and retries it (its default: 3 attempts)."""
     fs = _s3(fault_proxy.endpoint)
