@@ -19,6 +19,27 @@ from asd_ray.data.records import iter_records
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_arrays
 
+# The tests' object stores are local servers (tests/object_store.py) that take any key. Dummy
+# credentials, set here before the shared Ray starts so that its workers inherit them, keep a
+# developer's own (and a cloud machine's metadata service) out of every test; the endpoint is
+# passed explicitly, never through the environment.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="asd-test-access-key",
+    AWS_SECRET_ACCESS_KEY="asd-test-secret-key",
+    AWS_EC2_METADATA_DISABLED="true",
+    AWS_REGION="us-east-1",
+    AWS_CONFIG_FILE=os.devnull,
+    AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+)
+for _name in (
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+):
+    os.environ.pop(_name, None)
+
 
 def synthetic_arrays(n: int = 200, size: int = 32, channels: int = 3, classes: int = 4, seed: int = 0):
     """Random uint8 images (n, size, size, channels) and balanced labels (n,)."""
@@ -350,3 +371,53 @@ def _copy_as_it_is(source: Path, target: Path) -> None:
 def reference(undisturbed) -> tuple[list, list]:
     """The undisturbed run's split tables and metrics rows (:func:`run_outcome`)."""
     return run_outcome(undisturbed[0])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server for the session: ``.endpoint`` ("http://127.0.0.1:PORT"),
+    ``.address`` (host, port), ``.create_bucket()``, ``.delete_bucket(name)``, ``.client()``."""
+    from object_store import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh empty bucket, as "s3://NAME"; it and its objects are deleted after the test."""
+    name = s3_server.create_bucket()
+    yield f"s3://{name}"
+    s3_server.delete_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The GCS emulator for the session: ``.endpoint`` ("127.0.0.1:PORT", for pyarrow's
+    ``endpoint_override`` with ``scheme="http"``), ``.filesystem()``, ``.create_bucket()``,
+    ``.delete_bucket(name)``."""
+    from object_store import GcsServer
+
+    server = GcsServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+    """A fresh empty bucket, as "gs://NAME"; it and its objects are deleted after the test."""
+    name = gcs_server.create_bucket()
+    yield f"gs://{name}"
+    gcs_server.delete_bucket(name)
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A ``FaultProxy`` in front of the session's S3 server, with no fault set; point the client
+    at ``fault_proxy.endpoint`` instead of ``s3_server.endpoint``."""
+    from object_store import FaultProxy
+
+    proxy = FaultProxy(s3_server.address)
+    yield proxy
+    proxy.stop()
