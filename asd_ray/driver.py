@@ -66,7 +66,7 @@ from asd_ray.run_folder import (
 from asd_ray.scores import PASS_SCHEMA, scores_table
 from asd_ray.scoring_pool import PassResult, ScoringPool
 from asd_ray.seeds import foreign_seed_warning
-from asd_ray.split import make_split, split_summary, stage_of
+from asd_ray.split import make_split, pool_masks, split_summary, stage_of
 
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
@@ -668,11 +668,11 @@ class _Session:
         if self.config.defense == "asd":
             stage = stage_of(epoch, self.config.split)
             scores, meta = self._score(epoch, weights, prefetched, stage, clock)
-            path, pools = self._split(epoch, scores, meta, clock)
+            split, pools = self._split(epoch, scores, meta, clock)
         else:
-            stage, path, pools = 0, None, self._baseline_pools()
+            stage, split, pools = 0, None, self._baseline_pools()
         with clock.phase("train_s"):
-            trained = self._ask(messages.Train(epoch, path, self.last_evaluation), f"epoch {epoch} training")
+            trained = self._ask(messages.Train(epoch, split, self.last_evaluation), f"epoch {epoch} training")
         clock.compute_s += trained.compute_s
         figures, prefetched = self._evaluate_and_prefetch(epoch, trained.weights, score_next, clock)
         row = metrics_row(
@@ -713,8 +713,9 @@ class _Session:
 
     def _split(
         self, epoch: int, scores: pa.Table, meta: pa.Table | None, clock: _EpochClock
-    ) -> tuple[str, dict[str, Any]]:
-        """Make and write the epoch's split table; its path and its summary."""
+    ) -> tuple[messages.Pools, dict[str, Any]]:
+        """Make and write the epoch's split table (the audit trail); its pools, for the
+        workers, and its summary."""
         data = self.data
         with clock.phase("split_s"):
             split = make_split(
@@ -729,8 +730,9 @@ class _Session:
                 tampered_ids=data.tampered_ids,
             )
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
+            masks = pool_masks(split, data.total, self.config.split.holdout_ratio, where=str(path))
             summary = split_summary(split)
-        return str(path), summary
+        return messages.Pools.pack(*masks), summary
 
     def _score_training_sets(self, epoch: int, weights: messages.Weights) -> tuple[pa.Table, float]:
         """One scoring pass over the training set (and the trusted copies); its table and arithmetic."""
