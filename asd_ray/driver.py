@@ -512,7 +512,7 @@ class _Session:
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
                 "checkpoints": str(self.out / TRAIN_DIR),
-                "trusted": str(self.data.trusted.folder) if self.data.trusted is not None else None,
+                "trusted": self.data.trusted_copies(),  # decoded here: no worker reads RUN/trusted-seeds
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,

@@ -164,10 +164,12 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
     contiguous share would give each rank's batch-norm statistics a few classes only;
     scoring actors, which keep no statistics, read contiguous shard slices instead:
     :func:`asd_ray.data.shards.assign_slices`). The seeds' trusted copies, if any,
-    follow as ids N.. and are shared the same way."""
+    follow as ids N.. and are shared the same way; they come decoded through Ray
+    (:meth:`asd_ray.inputs.RunData.trusted_copies`), not from the run folder."""
     shards = ShardSet(loop_config["train"])
-    trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
-    total = len(shards) + (len(trusted) if trusted is not None else 0)
+    trusted = loop_config["trusted"]  # (images, labels) or None
+    n = len(shards)
+    total = n + (len(trusted[1]) if trusted is not None else 0)
     c = config.cluster
     images, ids, labels = load_share(
         shards,
@@ -176,11 +178,9 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
         cache_dir=loop_config["cache_dir"],
     )
     if trusted is not None:
-        extra, extra_ids, extra_labels = load_share(
-            trusted, keep=np.arange(len(shards), total) % world == rank
-        )
-        images = append_rows(images, extra)
-        ids, labels = np.concatenate([ids, extra_ids + len(shards)]), np.concatenate([labels, extra_labels])
+        mine = np.flatnonzero(np.arange(n, total) % world == rank)
+        images = append_rows(images, trusted[0][mine])
+        ids, labels = np.concatenate([ids, mine + n]), np.concatenate([labels, trusted[1][mine]])
     pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
     pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
     return WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)

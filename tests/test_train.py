@@ -335,3 +335,22 @@ def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeyp
     assert len(trained_on) == 1
     assert np.array_equal(trained_on[0][0], clean) and np.array_equal(trained_on[0][1], unlabeled)
     assert reported == [(0, task.pools.digest)] and np.isfinite(answer.metrics["train_loss"])
+
+
+def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tmp_path) -> None:
+    """The seeds' trusted copies come decoded in the loop config (through Ray), as ids N..,
+    each to the rank of its id, after that rank's share of the training shards."""
+    from conftest import make_shards, synthetic_arrays
+
+    from asd_ray import train
+
+    shards = make_shards(tmp_path / "train", n=21, size=16, channels=1)
+    extra, extra_labels = synthetic_arrays(5, 16, 1, seed=9)
+    loop_config = {"train": str(shards.folder), "trusted": (extra, extra_labels), "cache_dir": str(tmp_path)}
+    pixels, _, _ = train.load_share(shards)
+    everything = np.concatenate([pixels, extra])
+    for rank in (0, 1):
+        data = train._load_share(loop_config, _config(), rank, 2, torch.device("cpu"))
+        assert data.total == 26 and data.sample_ids.tolist() == list(range(rank, 26, 2))
+        assert np.array_equal(data.images.numpy(), everything[rank::2])
+        assert data.labels.tolist() == np.concatenate([shards.labels, extra_labels])[rank::2].tolist()
