@@ -65,9 +65,9 @@ from asd_ray.run_folder import (
 )
 from asd_ray.run_storage import StagedRun
 from asd_ray.scores import PASS_SCHEMA, scores_table
-from asd_ray.scoring_pool import PassResult, ScoringPool
+from asd_ray.scoring_pool import Held, PassResult, ScoringPool
 from asd_ray.seeds import foreign_seed_warning
-from asd_ray.split import make_split, split_summary, stage_of
+from asd_ray.split import make_split, pool_masks, split_summary, stage_of
 
 TRUSTED = "trusted"  # the trusted seed copies' name in the scoring pool
 _TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of the checkpoints
@@ -141,7 +141,7 @@ def run(
             progress(advice)
         callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
         data = add_trusted_seeds(data, out)
-        session = _Session(config, inputs, data, out, publish, train_storage(config, target))
+        session = _Session(config, data, out, publish, train_storage(config, target))
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
@@ -493,7 +493,6 @@ class _Session:
     def __init__(
         self,
         config: RunConfig,
-        inputs: RunInputs,
         data: RunData,
         out: Path,
         publish: Callable[[], None],
@@ -504,6 +503,9 @@ class _Session:
         self.card = model_card(config, data)
         self.last_evaluation: dict[str, float] = {}  # the last epoch's figures, for Ray Train's report
         self.training_sets = ["train", *([TRUSTED] if data.trusted is not None else [])]
+        # The seeds' trusted copies, decoded once here: actors and workers get them through
+        # Ray, so none of them reads RUN/trusted-seeds (on another node it is not there).
+        self.trusted = data.trusted_copies()
         run_id = uuid.uuid4().hex[:12]
         # Disk caches of shares over the memory budget: one folder per run (restarted workers
         # reuse it, concurrent runs never share it), removed by the processes and by close().
@@ -511,7 +513,7 @@ class _Session:
         mailbox_name = f"mailbox-{run_id}"
         self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
         self.pool = self._scoring_pool()
-        trainer = self._trainer(inputs, mailbox_name)
+        trainer = self._trainer(mailbox_name)
         self.fit_error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name="asd-ray-fit", daemon=True)
         self.fit_started = time.perf_counter()
@@ -522,7 +524,8 @@ class _Session:
         config, data, c = self.config, self.data, self.config.cluster
         datasets = {"test": data.test}
         if config.defense == "asd":
-            datasets = {"train": data.train, **({TRUSTED: data.trusted} if data.trusted else {}), **datasets}
+            held = {TRUSTED: Held.of(*self.trusted)} if self.trusted is not None else {}
+            datasets = {"train": data.train, **held, **datasets}
         if data.poison_test is not None:
             datasets["poison_test"] = data.poison_test
         return ScoringPool(
@@ -538,7 +541,7 @@ class _Session:
             memory=(c.memory_budget_bytes, str(self.cache_dir)),
         )
 
-    def _trainer(self, inputs: RunInputs, mailbox_name: str):
+    def _trainer(self, mailbox_name: str):
         """The TorchTrainer whose one ``fit()`` serves every epoch (:mod:`asd_ray.train`)."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
@@ -552,12 +555,13 @@ class _Session:
             train_loop_per_worker,
             train_loop_config={
                 "config": self.config.to_dict(),
-                "train": inputs.train,
+                "train": self.data.train.folder,  # a Location: its storage settings travel with it
+                "train_versions": self.data.train.versions,
                 "model": dataclasses.asdict(self.data.spec),
                 "mailbox": mailbox_name,
                 "cache_dir": str(self.cache_dir),
                 "checkpoints": self.checkpoints,
-                "trusted": str(self.data.trusted.folder) if self.data.trusted is not None else None,
+                "trusted": self.trusted,
             },
             scaling_config=ScalingConfig(
                 num_workers=c.workers,
@@ -721,11 +725,11 @@ class _Session:
         if self.config.defense == "asd":
             stage = stage_of(epoch, self.config.split)
             scores, meta = self._score(epoch, weights, prefetched, stage, clock)
-            path, pools = self._split(epoch, scores, meta, clock)
+            split, pools = self._split(epoch, scores, meta, clock)
         else:
-            stage, path, pools = 0, None, self._baseline_pools()
+            stage, split, pools = 0, None, self._baseline_pools()
         with clock.phase("train_s"):
-            trained = self._ask(messages.Train(epoch, path, self.last_evaluation), f"epoch {epoch} training")
+            trained = self._ask(messages.Train(epoch, split, self.last_evaluation), f"epoch {epoch} training")
         clock.compute_s += trained.compute_s
         figures, prefetched = self._evaluate_and_prefetch(epoch, trained.weights, score_next, clock)
         row = metrics_row(
@@ -766,8 +770,9 @@ class _Session:
 
     def _split(
         self, epoch: int, scores: pa.Table, meta: pa.Table | None, clock: _EpochClock
-    ) -> tuple[str, dict[str, Any]]:
-        """Make and write the epoch's split table; its path and its summary."""
+    ) -> tuple[messages.Pools, dict[str, Any]]:
+        """Make and write the epoch's split table (the audit trail); its pools, for the
+        workers, and its summary."""
         data = self.data
         with clock.phase("split_s"):
             split = make_split(
@@ -782,8 +787,9 @@ class _Session:
                 tampered_ids=data.tampered_ids,
             )
             path = tables.write_parquet(split, split_path(self.out, epoch), "splits")
+            masks = pool_masks(split, data.total, self.config.split.holdout_ratio, where=str(path))
             summary = split_summary(split)
-        return str(path), summary
+        return messages.Pools.pack(*masks), summary
 
     def _score_training_sets(self, epoch: int, weights: messages.Weights) -> tuple[pa.Table, float]:
         """One scoring pass over the training set (and the trusted copies); its table and arithmetic."""

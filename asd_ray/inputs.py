@@ -88,6 +88,15 @@ class RunData:
     def tampered_ids(self) -> np.ndarray:
         return self.seeds.tampered if self.seeds else np.empty(0, np.int64)
 
+    def trusted_copies(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The trusted copies' images (E, H, W, C) uint8 and labels (E,) int64 in id order, or
+        None. Decoded by the driver: the training workers receive them through Ray, so none
+        reads the run folder."""
+        if self.trusted is None:
+            return None
+        images, _, labels = load_share(self.trusted)
+        return images, labels
+
 
 def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one.

@@ -38,6 +38,28 @@ from asd_ray.scores import PASS_SCHEMA, score_images
 from asd_ray.storage import Location, ObjectVersion
 
 
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A small set the driver holds decoded (the seeds' trusted copies): its images reach
+    the actors through Ray, so no actor reads the run folder they were written to."""
+
+    images: np.ndarray  # (n, H, W, C) uint8
+    labels: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n,) int64: ids 0..n-1 of the whole set, or an actor's run of them
+
+    @classmethod
+    def of(cls, images: np.ndarray, labels: np.ndarray) -> Held:
+        return cls(images, labels, np.arange(len(labels)))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def part(self, index: int, parts: int) -> Held:
+        """The ``index``-th of ``parts`` contiguous runs (balanced like the shards' slices)."""
+        lo, hi = len(self) * index // parts, len(self) * (index + 1) // parts
+        return Held(self.images[lo:hi], self.labels[lo:hi], self.ids[lo:hi])
+
+
 @ray.remote(max_restarts=3, max_task_retries=3)  # a crash that recurs must surface, not loop
 class ScoringActor:
     """Holds a share of one or more shard sets and scores it with given weights.
@@ -48,7 +70,7 @@ class ScoringActor:
 
     def __init__(
         self,
-        shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]]],
+        shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]] | Held],
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
@@ -62,11 +84,15 @@ class ScoringActor:
         model = compute.prepare_model(spec.build(), compute_config)
         self.model = model.to(self.device).train(False)  # eval mode
         self.shares = {}
-        for name, (folder, versions, slices) in shares.items():
-            budget, cache_dir = memory
-            images, ids, labels = load_share(
-                ShardSet(folder, versions=versions), slices, budget_bytes=budget, cache_dir=cache_dir
-            )
+        for name, share in shares.items():
+            if isinstance(share, Held):
+                images, ids, labels = share.images, share.ids, share.labels
+            else:
+                folder, versions, slices = share
+                budget, cache_dir = memory
+                images, ids, labels = load_share(
+                    ShardSet(folder, versions=versions), slices, budget_bytes=budget, cache_dir=cache_dir
+                )
             pixels = torch.from_numpy(images)
             if self.device.type == "cuda" and not isinstance(images, np.memmap):
                 pixels = pixels.pin_memory()  # batch copies overlap the arithmetic (a disk cache stays)
@@ -135,7 +161,7 @@ class ScoringPool:
 
     def __init__(
         self,
-        datasets: dict[str, ShardSet],
+        datasets: dict[str, ShardSet | Held],
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
@@ -148,13 +174,21 @@ class ScoringPool:
         memory: tuple[int | None, str | None] = (None, None),
     ):
         self.datasets = dict(datasets)
-        slices = {name: shards.worker_slices(num_actors) for name, shards in datasets.items()}
+        slices = {
+            name: shards.worker_slices(num_actors)
+            for name, shards in datasets.items()
+            if isinstance(shards, ShardSet)
+        }
+
+        def share(name: str, i: int):
+            dataset = datasets[name]
+            if isinstance(dataset, Held):
+                return dataset.part(i, num_actors)
+            return dataset.folder, dataset.versions, slices[name][i]
+
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-                {
-                    name: (datasets[name].folder, datasets[name].versions, slices[name][i])
-                    for name in datasets
-                },
+                {name: share(name, i) for name in datasets},
                 spec,
                 data,
                 scoring,
@@ -203,6 +237,10 @@ class ScoringPool:
     def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
         shards = self.datasets[name]
+        if isinstance(shards, Held):  # held in memory: every id exactly once, nothing to re-read
+            if not np.array_equal(table.column("sample_id").to_numpy(), shards.ids):
+                raise RuntimeError(f"scoring {name}: the actors returned other ids than they were given")
+            return table
         shards.check_read(
             table.column("sample_id").to_numpy(),
             shards.share_ids(),

@@ -1,12 +1,14 @@
 """The per-worker training loop run by Ray Train: MixMatch epochs over given pools.
 
-It never computes a split: each epoch's pools come from the split table the
-driver wrote, and the step loops are :mod:`asd_ray.steps`. The loop is the same
+It never computes a split: each epoch's pools come with its task, through Ray
+(:class:`asd_ray.messages.Pools`: no worker reads a split table), and
+the step loops are :mod:`asd_ray.steps`. The loop is the same
 for 1 or W workers (DDP: gloo on CPU, NCCL on GPU). Each worker decodes its
 share of the training shards once: every W-th sample, so shares are
 class-balanced even on class-sorted shards (in memory, or in a disk cache over
 the memory budget). Checkpoints store the model, optimizer, epoch, base seed
-and the split table used, with a sha256 digest so a resume skips a torn one.
+and the digest of the pools trained on, with a sha256 digest of the checkpoint
+so a resume skips a torn one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from asd_ray import compute, distributed, storage, tables
+from asd_ray import compute, distributed, storage
 from asd_ray.batches import WorkerData, use_sync_batch_norm
 from asd_ray.config import RunConfig, from_dict
 from asd_ray.data.shards import ShardSet
@@ -49,7 +51,6 @@ from asd_ray.messages import (
 )
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
-from asd_ray.split import pool_masks
 from asd_ray.steps import mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
 from asd_ray.storage import Location
 
@@ -170,10 +171,12 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
     contiguous share would give each rank's batch-norm statistics a few classes only;
     scoring actors, which keep no statistics, read contiguous shard slices instead:
     :func:`asd_ray.data.shards.assign_slices`). The seeds' trusted copies, if any,
-    follow as ids N.. and are shared the same way."""
-    shards = ShardSet(loop_config["train"])
-    trusted = ShardSet(loop_config["trusted"]) if loop_config["trusted"] else None
-    total = len(shards) + (len(trusted) if trusted is not None else 0)
+    follow as ids N.. and are shared the same way; they come decoded through Ray
+    (:meth:`asd_ray.inputs.RunData.trusted_copies`), not from the run folder."""
+    shards = ShardSet(loop_config["train"], versions=loop_config["train_versions"])
+    trusted = loop_config["trusted"]  # (images, labels) or None
+    n = len(shards)
+    total = n + (len(trusted[1]) if trusted is not None else 0)
     c = config.cluster
     images, ids, labels = load_share(
         shards,
@@ -182,11 +185,9 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
         cache_dir=loop_config["cache_dir"],
     )
     if trusted is not None:
-        extra, extra_ids, extra_labels = load_share(
-            trusted, keep=np.arange(len(shards), total) % world == rank
-        )
-        images = append_rows(images, extra)
-        ids, labels = np.concatenate([ids, extra_ids + len(shards)]), np.concatenate([labels, extra_labels])
+        mine = np.flatnonzero(np.arange(n, total) % world == rank)
+        images = append_rows(images, trusted[0][mine])
+        ids, labels = np.concatenate([ids, mine + n]), np.concatenate([labels, trusted[1][mine]])
     pixels = torch.from_numpy(images)  # over budget: a memmap, served from disk batch by batch
     pixels = pixels if isinstance(images, np.memmap) else pixels.to(device)
     return WorkerData(pixels, torch.from_numpy(labels).to(device), ids, total=total, rank=rank, world=world)
@@ -237,14 +238,12 @@ class _Worker:
             unknown = dict.fromkeys(("train_loss", "loss_x", "loss_u"), float("nan"))
             metrics = self.done_metrics if task.epoch == self.done_epoch and self.done_metrics else unknown
             return Trained(self._weights(self.base), 0.0, metrics)
-        if task.split is None:
+        if task.pools is None:
             start = time.perf_counter()
             metrics = supervised_epoch(self.model, self.optimizer, self.data, self.config, epoch=task.epoch)
         else:
-            split = tables.read_parquet(task.split, "splits", rows=self.data.total)  # before the clock
-            clean, unlabeled = pool_masks(
-                split, self.data.total, self.config.split.holdout_ratio, where=task.split
-            )
+            assert task.pools.total == self.data.total, (task.pools.total, self.data.total)
+            clean, unlabeled = task.pools.masks()  # before the clock
             start = time.perf_counter()
             metrics = mixmatch_epoch(
                 self.model,
@@ -257,7 +256,8 @@ class _Worker:
             )
         compute_s = time.perf_counter() - start
         # The driver's figures of the epoch before ride along, for Ray Train's dashboard.
-        self._report(task.epoch, task.split, metrics, {**metrics, **task.evaluation})
+        split = None if task.pools is None else task.pools.digest
+        self._report(task.epoch, split, metrics, {**metrics, **task.evaluation})
         self.done_epoch, self.done_metrics = task.epoch, metrics
         return Trained(self._weights(self.base), compute_s, metrics)
 
@@ -267,7 +267,8 @@ class _Worker:
 
     def _report(self, epoch: int, split: str | None, metrics: dict, reported: dict) -> None:
         """Every rank reports ``reported`` (a barrier); rank 0 attaches the checkpoint, which
-        keeps the epoch's ``metrics`` for a task re-sent after a restart."""
+        keeps the epoch's ``metrics`` for a task re-sent after a restart and ``split``, the
+        digest of the pools it trained on (:attr:`asd_ray.messages.Pools.digest`)."""
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if self.rank == 0:

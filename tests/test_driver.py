@@ -14,8 +14,10 @@ from asd_ray import tables
 from asd_ray.config import load_config
 from asd_ray.driver import run
 from asd_ray.errors import DataError
+from asd_ray.messages import Pools
 from asd_ray.models.saved import load_model
 from asd_ray.run_folder import METRICS_FILE, split_path
+from asd_ray.split import pool_masks
 
 pytestmark = pytest.mark.ray
 
@@ -62,7 +64,10 @@ def test_three_stages_write_valid_tables_metrics_and_checkpoints(tiny_run, poiso
     checkpoints = [c for c in (out / "train").glob("checkpoint_*") if c.is_dir()]
     assert len(checkpoints) == 2 and all((c / "state.pt").is_file() for c in checkpoints)  # the last 2 kept
     state = torch.load(max(checkpoints) / "state.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["split"] == str(split_path(out, 2))
+    pools = Pools.pack(
+        *pool_masks(splits[2], 240, load_config("mnist-quick", overrides=TINY_RUN).split.holdout_ratio)
+    )
+    assert state["epoch"] == 2 and state["split"] == pools.digest  # the workers trained on the table's pools
     assert json.loads((out / "summary.json").read_text())["epochs"] == 3
     assert len([line for line in lines if line.startswith("epoch")]) == 3
 

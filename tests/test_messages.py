@@ -37,3 +37,33 @@ def test_a_pretraining_re_sent_after_a_restart_is_answered_from_the_checkpoint()
             assert (answer.weights["weight"] == base.weight.detach().numpy()).all()
         else:
             assert answer.weights == {}  # only rank 0's answer is posted, so only it copies weights
+
+
+def test_pools_round_trip_through_their_packed_bits_at_any_n():
+    """N not a multiple of 8 (the last byte's padding must not read as samples), N = 1, N = 0."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 241, 50_001):
+        clean = rng.random(n) < 0.3
+        unlabeled = ~clean & (rng.random(n) < 0.8)  # a holdout: polluted samples left out
+        pools = messages.Pools.pack(clean, unlabeled)
+        assert pools.total == n and len(pools.clean) == len(pools.unlabeled) == (n + 7) // 8
+        got_clean, got_unlabeled = pools.masks()
+        assert got_clean.dtype == bool and np.array_equal(got_clean, clean)
+        assert np.array_equal(got_unlabeled, unlabeled)
+    one = messages.Pools.pack(np.array([True] * 9), np.zeros(9, bool))
+    other = messages.Pools.pack(np.array([True] * 9), np.eye(1, 9, 8, dtype=bool)[0])
+    assert one.digest != other.digest  # the checkpoint's record tells the pools apart
+    assert one.digest == messages.Pools.pack(np.ones(9, bool), np.zeros(9, bool)).digest
+
+
+def test_a_training_task_at_50000_samples_is_a_few_kilobytes():
+    """What the driver posts each epoch (the pools travel with it, not a path to a table)."""
+    import pickle
+
+    import numpy as np
+
+    clean = np.arange(50_000) % 2 == 0
+    task = messages.Train(7, messages.Pools.pack(clean, ~clean), {"eval_acc": 0.9, "eval_asr": 0.1})
+    assert 12_500 <= len(pickle.dumps(task)) < 13_500

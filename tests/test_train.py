@@ -287,3 +287,70 @@ def test_the_noise_overlay_blends_every_view_of_a_mixmatch_step() -> None:
     rows = step_inputs(_share(), config, plan, values)
     expected = noise_overlay(plain_rows[:8], keys[:8], weights[:8], config.data)
     torch.testing.assert_close(rows[:8], expected)
+
+
+def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeypatch) -> None:
+    """Workers may run on nodes that share no file system with the driver: a training task
+    brings its pools (bit-packed) through Ray, and the worker opens nothing to use them.
+    The checkpoint records the pools' digest."""
+    import builtins
+    import io
+    import os
+
+    import pyarrow.parquet as pq
+
+    from asd_ray import messages, tables, train
+
+    config = _config(*PLAIN)
+    model = _model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
+    ids = np.arange(61)  # N not a multiple of 8
+    data = WorkerData(_share(61).images, torch.from_numpy(ids % 4), ids)
+    clean, unlabeled = ids % 3 == 0, (ids % 3 != 0) & (ids < 50)  # 50..60: held out
+    trained_on, reported = [], []
+
+    def spy(model, optimizer, data, clean, config, *, epoch, unlabeled):
+        trained_on.append((clean, unlabeled))
+        return mixmatch_epoch(model, optimizer, data, clean, config, epoch=epoch, unlabeled=unlabeled)
+
+    def no_file(*args, **kwargs):
+        raise AssertionError(f"a worker opened {args[:1]}")
+
+    monkeypatch.setattr(train, "mixmatch_epoch", spy)
+    monkeypatch.setattr(
+        train._Worker, "_report", lambda self, epoch, split, *_: reported.append((epoch, split))
+    )
+    for module, name in (
+        (builtins, "open"),
+        (io, "open"),
+        (os, "open"),
+        (pq, "read_table"),
+        (tables, "read_parquet"),
+    ):
+        monkeypatch.setattr(module, name, no_file)
+    worker = train._Worker(config, model, model, optimizer, data, 0, -1, {}, pretrained=False)
+    task = messages.Train(0, messages.Pools.pack(clean, unlabeled), {})
+    answer = worker.train(task)
+    monkeypatch.undo()
+    assert len(trained_on) == 1
+    assert np.array_equal(trained_on[0][0], clean) and np.array_equal(trained_on[0][1], unlabeled)
+    assert reported == [(0, task.pools.digest)] and np.isfinite(answer.metrics["train_loss"])
+
+
+def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tmp_path) -> None:
+    """The seeds' trusted copies come decoded in the loop config (through Ray), as ids N..,
+    each to the rank of its id, after that rank's share of the training shards."""
+    from conftest import make_shards, synthetic_arrays
+
+    from asd_ray import train
+
+    shards = make_shards(tmp_path / "train", n=21, size=16, channels=1)
+    extra, extra_labels = synthetic_arrays(5, 16, 1, seed=9)
+    loop_config = {"train": str(shards.folder), "trusted": (extra, extra_labels), "cache_dir": str(tmp_path)}
+    pixels, _, _ = train.load_share(shards)
+    everything = np.concatenate([pixels, extra])
+    for rank in (0, 1):
+        data = train._load_share(loop_config, _config(), rank, 2, torch.device("cpu"))
+        assert data.total == 26 and data.sample_ids.tolist() == list(range(rank, 26, 2))
+        assert np.array_equal(data.images.numpy(), everything[rank::2])
+        assert data.labels.tolist() == np.concatenate([shards.labels, extra_labels])[rank::2].tolist()
