@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import os
 import re
 import shutil
@@ -174,9 +175,10 @@ def _object(scheme: str, path: str, settings: StorageConfig, *, shown: str) -> L
             "URI (give them as AWS_* variables, ~/.aws or an instance role), the endpoint as storage.endpoint"
         )
     if "?" in path or "#" in path:
+        before = re.split(r"[?#]", shown, maxsplit=1)[0]  # a presigned URL's signature is not shown
         raise DataError(
-            f"{shown}: a query string or fragment in a data URI is refused (it could redirect "
-            "requests); set storage.endpoint / storage.region instead"
+            f"{before}?...: a query string or fragment in a data URI is refused (it could redirect "
+            "requests or carry a signature); set storage.endpoint / storage.region instead"
         )
     if not _BUCKET.fullmatch(bucket):
         raise DataError(
@@ -198,15 +200,19 @@ def _object(scheme: str, path: str, settings: StorageConfig, *, shown: str) -> L
 
 # --------------------------------------------------------------------------- file systems
 
-_FILESYSTEMS: dict[tuple[str, StorageConfig], pafs.FileSystem] = {}
+_FILESYSTEMS: dict[tuple[str, StorageConfig, bool], pafs.FileSystem] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 
 
-def _filesystem(scheme: str, settings: StorageConfig) -> pafs.FileSystem:
+def _filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool = True) -> pafs.FileSystem:
+    """This process's file system for ``scheme`` (built once per settings). Streams of shard
+    reads use one without the client's own retries (``sdk_retries=False``): they retry in
+    :class:`_ResumingStream`, which counts every transient error for the run log."""
+    key = (scheme, settings, sdk_retries)
     with _FILESYSTEMS_LOCK:
-        if (scheme, settings) not in _FILESYSTEMS:
-            _FILESYSTEMS[scheme, settings] = _build_filesystem(scheme, settings)
-        return _FILESYSTEMS[scheme, settings]
+        if key not in _FILESYSTEMS:
+            _FILESYSTEMS[key] = _build_filesystem(scheme, settings, sdk_retries=sdk_retries)
+        return _FILESYSTEMS[key]
 
 
 def endpoint(scheme: str, settings: StorageConfig) -> str | None:
@@ -220,7 +226,7 @@ def endpoint(scheme: str, settings: StorageConfig) -> str | None:
     return None
 
 
-def _build_filesystem(scheme: str, settings: StorageConfig) -> pafs.FileSystem:
+def _build_filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool = True) -> pafs.FileSystem:
     """A file system from settings and this process's environment (never explicit keys:
     they would pickle in clear)."""
     if scheme == "":
@@ -229,7 +235,9 @@ def _build_filesystem(scheme: str, settings: StorageConfig) -> pafs.FileSystem:
     if scheme == "s3":
         options: dict[str, Any] = {
             "anonymous": settings.anonymous,
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.retries + 1),
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+                max_attempts=settings.retries + 1 if sdk_retries else 1
+            ),
         }
         if settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
             options["region"] = (
@@ -239,7 +247,10 @@ def _build_filesystem(scheme: str, settings: StorageConfig) -> pafs.FileSystem:
             options["endpoint_override"] = url
         return pafs.S3FileSystem(**options)
     if scheme == "gs":
-        options = {"anonymous": settings.anonymous, "retry_limit_seconds": 15.0 * (settings.retries + 1)}
+        options = {
+            "anonymous": settings.anonymous,
+            "retry_time_limit": datetime.timedelta(seconds=15 * (settings.retries + 1) if sdk_retries else 1),
+        }
         if url:
             scheme_part, sep, host = url.partition("://")
             options["endpoint_override"] = host if sep else url
@@ -259,16 +270,22 @@ def for_ray_train(where: Location) -> tuple[str, pafs.FileSystem | None]:
 # --------------------------------------------------------------------------- errors
 
 
-def failure(where: Location, err: OSError, doing: str) -> DataError:
-    """One line for a failed operation: missing, forbidden, or unreachable, with the fix."""
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "HTTP status 403")
+_MISSING = ("NO_SUCH_", "does not exist")
+
+
+def failure(where: Location, err: OSError, doing: str) -> DataError | StorageError:
+    """One line for a failed operation: forbidden or missing (the user's to fix: DataError),
+    or unreachable after the retries (StorageError), with the fix. The client's text never
+    holds a key (checked in the tests)."""
     text = str(err)
-    if isinstance(err, FileNotFoundError) or "NO_SUCH" in text or "does not exist" in text:
-        return DataError(f"{where}: does not exist ({doing}); check the location")
-    if isinstance(err, PermissionError) or "ACCESS_DENIED" in text or "Forbidden" in text or "403" in text:
+    if isinstance(err, PermissionError) or any(code in text for code in _DENIED):
         return DataError(
             f"{where}: access denied ({doing}); check the credentials (AWS_* variables, ~/.aws, the "
             "instance role, or GOOGLE_APPLICATION_CREDENTIALS) and the bucket's permissions"
         )
+    if isinstance(err, FileNotFoundError) or any(code in text for code in _MISSING):
+        return DataError(f"{where}: does not exist ({doing}); check the location")
     reason = (text.strip().splitlines() or [type(err).__name__])[0][:300]
     return StorageError(f"{where}: {doing} failed ({reason}); check storage.endpoint and the network")
 
@@ -343,7 +360,8 @@ def versions(places: list[Location]) -> list[ObjectVersion]:
 def _version_of(meta: dict[str, bytes]) -> ObjectVersion:
     """An object's version from its stream's metadata (the GET or HEAD response headers)."""
     headers = {str(k).lower(): bytes(v).decode(errors="replace") for k, v in meta.items()}
-    size = int(headers["content-length"]) if headers.get("content-length", "").isdigit() else -1
+    size_text = headers.get("content-length") or headers.get("size") or ""  # S3 / GCS
+    size = int(size_text) if size_text.isdigit() else -1
     tag = headers.get("etag", "").strip('"')
     return ObjectVersion(size, f"etag {tag}" if tag else "no etag")
 
@@ -392,59 +410,74 @@ class RetryCounter:
 
 
 class _ResumingStream:
-    """A buffered read stream over an object that survives dropped connections: a failed
-    read reopens the object at the offset reached (up to ``retries`` times, with backoff),
-    after checking that its size and ETag have not changed."""
+    """A buffered read stream over an object that survives dropped connections and busy
+    servers: a failed open or read is retried up to ``storage.retries`` times with backoff
+    (the object reopened at the offset reached, after checking that its size and ETag have
+    not changed), and each retry is counted (:class:`RetryCounter`)."""
 
     def __init__(self, where: Location, expected: ObjectVersion | None):
-        self.where, self.offset, self.retries = where, 0, where.settings.retries
-        self._stream = self._open(expected)
+        self.where, self.offset, self.version = where, 0, expected
+        self.fs = _filesystem(where.scheme, where.settings, sdk_retries=False)
+        self._pause, self._retries_left = _RETRY_PAUSE_S, where.settings.retries
+        self._stream: Any = None
+        self._retrying(self._reopen, "opening it")
 
-    def _open(self, expected: ObjectVersion | None) -> Any:
-        try:
-            if self.offset == 0:
-                stream = self.where.fs.open_input_stream(
-                    self.where.fs_path, compression=None, buffer_size=STREAM_BUFFER
-                )
-            else:
-                raw = self.where.fs.open_input_file(self.where.fs_path)
-                raw.seek(self.offset)
-                stream = pa.input_stream(raw, compression=None, buffer_size=STREAM_BUFFER)
-            found = _version_of(stream.metadata())
-        except OSError as err:
-            raise failure(self.where, err, "opening it") from None
-        if expected is not None and found != expected:
+    def _retrying(self, action: Any, doing: str) -> Any:
+        while True:
+            try:
+                return action()
+            except (FileNotFoundError, PermissionError) as err:
+                raise failure(self.where, err, doing) from None
+            except OSError as err:
+                if self._stream is not None:
+                    with contextlib.suppress(OSError):
+                        self._stream.close()
+                    self._stream = None
+                if self._retries_left == 0 or _is_refusal(err):
+                    raise failure(self.where, err, doing) from None
+                self._retries_left -= 1
+                RetryCounter.add()
+                time.sleep(self._pause)
+                self._pause *= 2
+
+    def _reopen(self) -> None:
+        """Open the object at the offset reached (a ranged read after a failure)."""
+        if self.offset == 0:
+            stream = self.fs.open_input_stream(
+                self.where.fs_path, compression=None, buffer_size=STREAM_BUFFER
+            )
+        else:
+            raw = self.fs.open_input_file(self.where.fs_path)
+            raw.seek(self.offset)
+            stream = pa.input_stream(raw, compression=None, buffer_size=STREAM_BUFFER)
+        found = _version_of(stream.metadata())
+        if self.version is not None and found != self.version:
             stream.close()
             raise DataError(
-                f"{self.where}: changed since the shard set was opened (now {found}, was {expected}); "
+                f"{self.where}: changed since the shard set was opened (now {found}, was {self.version}); "
                 "objects must not change during a run: restore it or re-make the shard set"
             )
-        self.version = found
-        return stream
+        self.version, self._stream = found, stream
 
     def read(self, size: int = -1) -> bytes:
-        pause = _RETRY_PAUSE_S
-        for attempt in range(self.retries + 1):
-            try:
-                data = self._stream.read(size) if size >= 0 else self._stream.read()
-                self.offset += len(data)
-                return data
-            except (FileNotFoundError, PermissionError) as err:
-                raise failure(self.where, err, f"reading at byte {self.offset}") from None
-            except OSError as err:
-                if attempt == self.retries:
-                    raise failure(self.where, err, f"reading at byte {self.offset}") from None
-                RetryCounter.add()
-                with contextlib.suppress(OSError):
-                    self._stream.close()
-                time.sleep(pause)
-                pause *= 2
-                self._stream = self._open(self.version)
-        raise AssertionError("unreachable")
+        def attempt() -> bytes:
+            if self._stream is None:
+                self._reopen()
+            data = self._stream.read(size) if size >= 0 else self._stream.read()
+            self.offset += len(data)
+            return data
+
+        return self._retrying(attempt, f"reading at byte {self.offset}")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._stream.close()
+        if self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+
+
+def _is_refusal(err: OSError) -> bool:
+    """An error no retry can mend: access denied, a missing bucket or key."""
+    return any(code in str(err) for code in (*_DENIED, *_MISSING))
 
 
 @contextlib.contextmanager
