@@ -32,7 +32,7 @@ def local_place(value: str) -> str:
     if not storage.location(place(value)).is_local:
         raise argparse.ArgumentTypeError(
             f"{value}: this argument takes a local path only (it is read from this machine's disk); "
-            "copy the file here and give its path"
+            "copy it here and give its local path"
         )
     return value
 
