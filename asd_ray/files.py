@@ -9,9 +9,10 @@ the file without following a link, accepts only a regular file, reads at most a
 size cap, and checks nesting and value lengths before a parser builds anything;
 each refusal is one line naming the file and the fix.
 
-Every path a user names is a local one (:func:`not_a_uri`): object storage is not
-supported yet, and ``pathlib`` would read ``s3://bucket/x`` as the local folder
-``s3:/bucket/x``.
+A file may also be an object in a bucket (an :class:`~asd_ray.storage.Location`):
+:func:`read_file` reads it through :func:`asd_ray.storage.read_bytes` with the same
+cap, and the same parsers check it. ``pathlib`` must never see a URI: it would read
+``s3://bucket/x`` as the local folder ``s3:/bucket/x``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from asd_ray.errors import DataError, UserError
+
+if TYPE_CHECKING:  # storage builds on config, which reads its files here
+    from asd_ray.storage import Location
 
 MAX_TEXT_BYTES = 8 * 1024**2  # a run's card lists up to 10,000 class names; nothing we write is near this
 MAX_DEPTH = 32  # our files nest 3 levels; the parsers recurse once per level
@@ -203,21 +207,42 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def read_json(path: str | Path, *, fix: str, what: str | None = None, limit: int = MAX_TEXT_BYTES) -> Any:
-    """A regular JSON file of at most ``limit`` bytes, parsed with :func:`parse_json`'s limits."""
+def read_file(
+    path: str | Path | Location,
+    *,
+    what: str,
+    fix: str,
+    limit: int = MAX_TEXT_BYTES,
+    follow_links: bool = False,
+) -> bytes:
+    """The bytes of a local file (:func:`read_regular_file`) or of an object (a non-local
+    :class:`~asd_ray.storage.Location`, through :func:`asd_ray.storage.read_bytes`), at
+    most ``limit`` of them either way."""
+    from asd_ray.storage import Location, read_bytes
+
+    if isinstance(path, Location) and not path.is_local:
+        return read_bytes(path, limit=limit, what=what, fix=fix)
+    return read_regular_file(path, what=what, fix=fix, limit=limit, follow_links=follow_links)
+
+
+def read_json(
+    path: str | Path | Location, *, fix: str, what: str | None = None, limit: int = MAX_TEXT_BYTES
+) -> Any:
+    """A regular JSON file or an object (:func:`read_file`) of at most ``limit`` bytes,
+    parsed with :func:`parse_json`'s limits."""
     what = what or str(path)
-    return parse_json(read_regular_file(path, what=what, fix=fix, limit=limit), what=what, fix=fix)
+    return parse_json(read_file(path, what=what, fix=fix, limit=limit), what=what, fix=fix)
 
 
 def read_text(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     fix: str,
     what: str | None = None,
     limit: int = MAX_TEXT_BYTES,
     follow_links: bool = False,
 ) -> str:
-    """A regular UTF-8 text file of at most ``limit`` bytes (:func:`read_regular_file`)."""
+    """A regular UTF-8 text file or an object (:func:`read_file`) of at most ``limit`` bytes."""
     what = what or str(path)
-    data = read_regular_file(path, what=what, fix=fix, limit=limit, follow_links=follow_links)
+    data = read_file(path, what=what, fix=fix, limit=limit, follow_links=follow_links)
     return decode_text(data, what=what, fix=fix)

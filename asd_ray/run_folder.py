@@ -12,7 +12,9 @@
     RUN/run.log                         every progress line, time-stamped
     RUN/audit/                          what ``asd-ray report`` writes
 
-The driver writes them; :mod:`asd_ray.audit` only reads them.
+The driver writes them; :mod:`asd_ray.audit` only reads them. The readers here take a
+local folder or a run folder at an object-store URI (:mod:`asd_ray.storage`), which holds
+the same names.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from asd_ray import files, tables
+from asd_ray import files, storage, tables
 from asd_ray.config import RunConfig
 from asd_ray.errors import DataError
 from asd_ray.models.saved import MODEL_DIR
+from asd_ray.storage import Location
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"
 METRICS_FILE, METRICS_JSONL = "metrics.parquet", "metrics.jsonl"
@@ -48,7 +51,7 @@ SPLITS_DIR = "splits"
 RESTORE = "restore the run's own file (or run again)"  # the fix for a run folder's damaged record
 
 
-def split_path(run: Path, epoch: int) -> Path:
+def split_path(run: Path | Location, epoch: int) -> Path | Location:
     """Where the split table of ``epoch`` lives (hive layout: readable as one dataset)."""
     return run / SPLITS_DIR / f"epoch={epoch:03d}" / "part-0.parquet"
 
@@ -197,7 +200,7 @@ def failed_start(run: Path) -> list[Path] | None:
 INPUT_FIELDS = ("train", "test", "poison_test", "seeds", "ground_truth")  # RUN/inputs.json
 
 
-def read_inputs(run: str | Path) -> dict[str, str | None]:
+def read_inputs(run: str | Path | Location) -> dict[str, str | None]:
     """``RUN/inputs.json``: the shard folders, seeds and ground truth the run read.
 
     Raises:
@@ -205,8 +208,8 @@ def read_inputs(run: str | Path) -> dict[str, str | None]:
             deep, not JSON, or not the record a run writes (a path per known field,
             ``train`` and ``test`` always).
     """
-    path = Path(run) / INPUTS_FILE
-    if not os.path.lexists(path):
+    path = storage.location(run) / INPUTS_FILE
+    if not storage.lexists(path):
         raise DataError(f"{path}: missing or unreadable; is {run} a run folder?")
     inputs = files.read_json(path, fix=RESTORE)  # a regular file, never through a link, capped
     ok = (
@@ -222,13 +225,13 @@ def read_inputs(run: str | Path) -> dict[str, str | None]:
     return inputs
 
 
-def read_metrics(out: Path) -> pa.Table:
+def read_metrics(out: Path | Location) -> pa.Table:
     """RUN/metrics.parquet in epoch order, matched by its ``epoch`` column, not its row order.
 
     Raises:
         DataError: an epoch recorded twice.
     """
-    path = out / METRICS_FILE
+    path = storage.location(out) / METRICS_FILE
     metrics = tables.read_parquet(path, "metrics")
     epochs = metrics.column("epoch").to_numpy()
     order = np.argsort(epochs, kind="stable")
@@ -238,9 +241,9 @@ def read_metrics(out: Path) -> pa.Table:
     return metrics.take(pa.array(order))
 
 
-def read_metric_rows(out: Path, done: int) -> list[dict[str, Any]]:
+def read_metric_rows(out: Path | Location, done: int) -> list[dict[str, Any]]:
     """Metrics rows of a run folder up to epoch ``done`` (empty for a new run)."""
-    if done < 0 or not (out / METRICS_FILE).exists():
+    if done < 0 or not storage.exists(storage.location(out) / METRICS_FILE):
         return []
     return [r for r in read_metrics(out).to_pylist() if r["epoch"] <= done]
 

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from asd_ray import files, storage, tables
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import ConfigError, DataError
+from asd_ray.storage import Location
 
 
 def pick_seeds(
@@ -80,8 +81,9 @@ def seeds_from_list(shards: ShardSet, keys: Sequence[str]) -> pa.Table:
     return _seed_table(shards, np.sort(np.array(ids, np.int64)), "user-list")
 
 
-def read_seed_list(path: str | Path) -> list[str]:
-    """Keys or sample ids, one per line; blank lines and ``#`` comments are skipped."""
+def read_seed_list(path: str | Path | Location) -> list[str]:
+    """Keys or sample ids, one per line; blank lines and ``#`` comments are skipped. The
+    file is local or an object (a :class:`~asd_ray.storage.Location`), capped alike."""
     fix = "pass a text file of keys or sample ids, one per line"
     lines = files.read_text(path, what=f"--from-list {path}", fix=fix, follow_links=True).splitlines()
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]

@@ -563,3 +563,14 @@ def download(where: Location, target: Path, *, limit: int) -> None:
 def scratch_folder(prefix: str) -> Path:
     """A new private local folder for staging an object-store write."""
     return Path(tempfile.mkdtemp(prefix=f"asd-ray-{prefix}-"))
+
+
+def lexists(where: Location) -> bool:
+    """Whether anything is at ``where``: a local name even when it is a link or a dangling
+    one (the readers then refuse it by name), or an object."""
+    return os.path.lexists(where.local) if where.is_local else exists(where)
+
+
+def absolute(where: Location) -> Location:
+    """``where`` with a local path made absolute (how outputs are reported); a URI as it is."""
+    return dataclasses.replace(where, path=str(where.local.absolute())) if where.is_local else where

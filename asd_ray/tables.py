@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from asd_ray import storage
-from asd_ray.errors import ConfigError, DataError
+from asd_ray.errors import ConfigError, DataError, StorageError
 from asd_ray.files import kind_of
 from asd_ray.storage import Location
 
@@ -223,21 +224,28 @@ def _temporary_beside(path: Path, *, folder: bool) -> Path:
         ) from None
 
 
-def check_output(path: Path, *, folder: bool = False, overwrite: bool = True) -> None:
+def check_output(path: Path | Location, *, folder: bool = False, overwrite: bool = True) -> None:
     """Refuse to write the file (or ``folder``) ``path`` unless it is absent or a regular
     file (a real folder), and, when ``overwrite`` is false, unless it is absent.
 
     A rename replaces the name itself: a link the user named, a FIFO or ``/dev/null``
     would become a regular file (run as root, ``--out /dev/full`` "succeeded"). So only
     what asd-ray could have written is ever replaced, never through or over a link.
+    At an object-store URI only ``overwrite`` is checked (objects are no links), an empty
+    prefix counting as absent.
 
     Raises:
         ConfigError: ``path`` is a link, FIFO, device or socket, or a folder where a file
             is written (a file where a folder is).
         DataError: ``path`` exists and ``overwrite`` is false.
     """
+    where = storage.location(path)
+    if not where.is_local:
+        if not overwrite and _holds_objects(where):
+            raise DataError(f"{where} already exists; choose another --out or pass --overwrite")
+        return
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.lstat(where.local).st_mode
     except OSError:  # absent, or under a path that cannot hold it (refused where it is written)
         return
     wanted, noun = (stat.S_ISDIR, "folder") if folder else (stat.S_ISREG, "file")
@@ -247,6 +255,15 @@ def check_output(path: Path, *, folder: bool = False, overwrite: bool = True) ->
         )
     if not overwrite:
         raise DataError(f"{path} already exists; choose another --out or pass --overwrite")
+
+
+def _holds_objects(where: Location) -> bool:
+    """Whether an object or objects under the prefix are at ``where``. An empty prefix is
+    nothing: pyarrow leaves one (an empty ``prefix/`` marker) where it deleted the last object."""
+    found = storage.info(where)
+    if found.type == pafs.FileType.Directory:
+        return bool(storage.list_names(where, limit=storage.MAX_LISTING))
+    return found.type == pafs.FileType.File
 
 
 @contextlib.contextmanager
@@ -329,12 +346,11 @@ def _staged(
     marker: str | None = None,
 ) -> Iterator[Path]:
     """A local scratch file or folder that is published at object location ``where`` on
-    success (and removed either way)."""
+    success (and removed either way); a folder whose publishing fails is deleted again."""
 
     def check() -> list[str]:
+        check_output(where, folder=folder, overwrite=overwrite)
         present = storage.list_names(where, limit=storage.MAX_LISTING) if folder else []
-        if (present if folder else storage.exists(where)) and not overwrite:
-            raise DataError(f"{where} already exists; choose another --out or pass --overwrite")
         if present and check_replaceable is not None:
             return check_replaceable(where)
         return present
@@ -353,6 +369,12 @@ def _staged(
         if old:
             first = [marker] if marker in old else []
             storage.delete_objects(where, first + [n for n in old if n != marker])
-        storage.publish_folder(target, where, last=(marker,) if marker else ())
+        try:
+            storage.publish_folder(target, where, last=(marker,) if marker else ())
+        except BaseException:  # an interrupt too: what was published is no set, and would block the next try
+            published = [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()]
+            with contextlib.suppress(DataError, StorageError):
+                storage.delete_objects(where, published)
+            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

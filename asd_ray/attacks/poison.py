@@ -38,6 +38,7 @@ from asd_ray.data.shards import (
     new_shard_set_dir,
 )
 from asd_ray.errors import DataError
+from asd_ray.storage import Location
 
 ImageTransform = Callable[[np.ndarray], np.ndarray]  # (n, H, W, C) uint8 -> same
 Modify = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample ids, their images) -> modified images
@@ -163,8 +164,8 @@ def _blend(config: AttackConfig, shape: tuple[int, int, int], alpha: float) -> T
 
 
 def poison_shards(
-    clean: str | Path | ShardSet,
-    out: str | Path,
+    clean: str | Path | Location | ShardSet,
+    out: str | Path | Location,
     config: AttackConfig,
     *,
     surrogate: torch.nn.Module | None = None,
@@ -175,6 +176,7 @@ def poison_shards(
 
     Args:
         clean: the clean shard folder.
+        out: the poisoned shard folder: a local path or an object-store URI.
         surrogate: clean-label only: a model to PGD-perturb the poisoned
             target-class images against their true label (else trigger only).
         normalize: (mean, std) the surrogate expects on [0, 1] inputs.
@@ -214,13 +216,13 @@ def poison_shards(
     return {
         "command": "poison",
         "attack": config.attack,
-        "out": str(Path(out).absolute()),
+        "out": str(storage.absolute(storage.location(out))),
         "samples": len(clean),
         "poisoned": int(plan.is_poison.sum()),
         "cover": int(plan.is_cover.sum()),
         "rate_observed": float(plan.is_poison.mean()),
         "target": config.target,
-        "ground_truth": str(Path(out).absolute() / GROUND_TRUTH_FILE),
+        "ground_truth": str(storage.absolute(storage.location(out)) / GROUND_TRUTH_FILE),
     }
 
 
@@ -287,7 +289,11 @@ def _partial_blend(config: AttackConfig, shape: tuple[int, int, int], plan: Pois
 
 
 def poison_test_shards(
-    clean_test: str | Path | ShardSet, out: str | Path, config: AttackConfig, *, overwrite: bool = False
+    clean_test: str | Path | Location | ShardSet,
+    out: str | Path | Location,
+    config: AttackConfig,
+    *,
+    overwrite: bool = False,
 ) -> dict:
     """Write the ASR test set: every non-target test sample, triggered, labelled as the target.
 
@@ -345,10 +351,10 @@ def poison_test_shards(
             np.arange(m), np.ones(m, bool), np.ones(m, bool), labels[keep], label_after[keep], params
         )
         tables.write_parquet(truth, tmp / GROUND_TRUTH_FILE, "poison")
-    return {"test_out": str(Path(out).absolute()), "test_samples": m}
+    return {"test_out": str(storage.absolute(storage.location(out))), "test_samples": m}
 
 
-def read_ground_truth(path: str | Path, shards: ShardSet) -> pa.Table:
+def read_ground_truth(path: str | Path | Location, shards: ShardSet) -> pa.Table:
     """The validated ``poison.parquet`` of ``shards``, row i being sample i.
 
     Rows are matched to samples by ``sample_id``, so a file re-saved in another

@@ -3,48 +3,53 @@
 An epoch is complete once its metrics row is written (its split table comes
 first), so everything here works on a run that is still going. The suspicion
 score is :func:`asd_ray.split.suspicion`: a sample's place in its epoch's
-splitting order, 0 = most trusted, 1 = least.
+splitting order, 0 = most trusted, 1 = least. A run folder is a local folder or an
+object-store prefix (:mod:`asd_ray.storage`): a run given as a ``str`` may be a URI.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from asd_ray import run_folder, tables
+from asd_ray import run_folder, storage, tables
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_run_card
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
 from asd_ray.split import check_split, suspicion
+from asd_ray.storage import Location
 
 if TYPE_CHECKING:
     from asd_ray.data.shards import ShardSet
 
+Run = str | Path | Location  # a run folder: a local path or an object-store URI
 
-def read_metrics(run: str | Path) -> pa.Table:
+
+def read_metrics(run: Run) -> pa.Table:
     """The run's metrics table, one row per complete epoch, in epoch order.
 
     Raises:
         DataError: an epoch is repeated (a gap can be left by a crash before its row
             was written, and reads).
     """
-    if not Path(run).is_dir():
-        raise DataError(f"{run}: no such run folder; pass the --out of `asd-ray run`")
-    return run_folder.read_metrics(Path(run))
+    where = storage.location(run)
+    if storage.info(where).type != pafs.FileType.Directory:
+        raise DataError(f"{where}: no such run folder; pass the --out of `asd-ray run`")
+    return run_folder.read_metrics(where)
 
 
-def complete_epochs(run: str | Path) -> list[int]:
+def complete_epochs(run: Run) -> list[int]:
     """Epochs with both a metrics row and a split table, ascending."""
     epochs = read_metrics(run).column("epoch").to_pylist()
-    return [e for e in epochs if split_path(Path(run), e).is_file()]
+    return [e for e in epochs if storage.is_file(split_path(storage.location(run), e))]
 
 
-def resolve_epoch(run: str | Path, epoch: int | str) -> int:
+def resolve_epoch(run: Run, epoch: int | str) -> int:
     """``epoch`` as a number: ``last`` or an integer among the complete epochs."""
     epochs = complete_epochs(run)
     if not epochs:
@@ -60,7 +65,7 @@ def resolve_epoch(run: str | Path, epoch: int | str) -> int:
     return value
 
 
-def read_split(run: str | Path, epoch: int) -> pa.Table:
+def read_split(run: Run, epoch: int) -> pa.Table:
     """One epoch's split table, row i being sample i, with its ``suspicion`` score appended.
 
     Rows are matched by ``sample_id``, never by position, and the table must agree
@@ -71,13 +76,13 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
         DataError: a sample id missing, repeated or out of range, a stage or pool
             sizes other than the metrics row's, or a label outside the run's classes.
     """
-    path = split_path(Path(run), epoch)
+    path = split_path(storage.location(run), epoch)
     split = tables.by_sample_id(tables.read_parquet(path, "splits"), where=str(path), fix=RESTORE)
     stage = check_split(split, where=str(path), fix=RESTORE)
     rows = [r for r in read_metrics(run).to_pylist() if r["epoch"] == epoch]
     if not rows:
         raise DataError(
-            f"{Path(run) / METRICS_FILE}: no row for epoch {epoch}; audit only complete epochs (with a row)"
+            f"{storage.location(run) / METRICS_FILE}: no row for epoch {epoch}; audit only complete epochs (with a row)"
         )
     row = rows[0]
     clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py()
@@ -100,14 +105,14 @@ def read_split(run: str | Path, epoch: int) -> pa.Table:
     return split.append_column("suspicion", pa.array(suspicion(split)))
 
 
-def num_classes(run: str | Path, split: pa.Table) -> int:
+def num_classes(run: Run, split: pa.Table) -> int:
     """The run's class count: its model card's, else at most one class per row (every
     class of an ASD run, the only kind with split tables, has a seed)."""
     card = read_card(run)
     return split.num_rows if card is None else card["architecture"]["num_classes"]
 
 
-def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
+def flag_history(run: Run, epochs: list[int] | None = None) -> pa.Table:
     """Per sample over ``epochs`` (default: the complete ones): flags.json's table."""
     epochs = complete_epochs(run) if epochs is None else epochs
     if not epochs:
@@ -135,14 +140,14 @@ def flag_history(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
     )
 
 
-def _flags(run: str | Path, epochs: list[int]) -> np.ndarray:
+def _flags(run: Run, epochs: list[int]) -> np.ndarray:
     """(epochs, N) bool: in the polluted pool, from each split table's pool column alone."""
     rows = []
     for epoch in epochs:
         pool = read_split(run, epoch).column("pool")
         if rows and len(pool) != len(rows[0]):
             raise DataError(
-                f"{split_path(Path(run), epoch)}: {len(pool)} rows, earlier epochs have {len(rows[0])}; "
+                f"{split_path(storage.location(run), epoch)}: {len(pool)} rows, earlier epochs have {len(rows[0])}; "
                 f"{RESTORE}"
             )
         rows.append(pc.equal(pool, "polluted").to_numpy(zero_copy_only=False))
@@ -158,7 +163,7 @@ def _streak(flagged: np.ndarray) -> np.ndarray:
 
 
 def flagged_samples(
-    run: str | Path, epoch: int | str = "last", *, top: int | None = None, label: int | None = None
+    run: Run, epoch: int | str = "last", *, top: int | None = None, label: int | None = None
 ) -> pa.Table:
     """The polluted pool of one epoch, most suspicious first, with each sample's streak."""
     epoch = resolve_epoch(run, epoch)
@@ -176,7 +181,7 @@ def flagged_samples(
     return rows.slice(0, top) if top is not None else rows
 
 
-def sample_history(run: str | Path, sample_id: int) -> list[dict[str, Any]]:
+def sample_history(run: Run, sample_id: int) -> list[dict[str, Any]]:
     """One sample's row of every complete epoch's split, with its suspicion."""
     out = []
     for epoch in complete_epochs(run):
@@ -187,7 +192,7 @@ def sample_history(run: str | Path, sample_id: int) -> list[dict[str, Any]]:
     return out
 
 
-def per_class(run: str | Path, epoch: int | str = "last") -> list[dict[str, Any]]:
+def per_class(run: Run, epoch: int | str = "last") -> list[dict[str, Any]]:
     """Pools (and poison, with ground truth) per class in one epoch."""
     split = read_split(run, resolve_epoch(run, epoch))
     labels = split.column("label").to_numpy()
@@ -214,26 +219,26 @@ def per_class(run: str | Path, epoch: int | str = "last") -> list[dict[str, Any]
     ]
 
 
-def read_card(run: str | Path) -> dict[str, Any] | None:
+def read_card(run: Run) -> dict[str, Any] | None:
     """RUN/model/card.json, or None before the run's first epoch has written it.
 
     Raises:
         DataError: it lacks what the audit reads from it (best and last epochs, the
             classes, the training set's identity).
     """
-    path = Path(run) / MODEL_DIR / CARD_FILE
-    if not os.path.lexists(path):  # a link is there, and refused
+    path = storage.location(run) / MODEL_DIR / CARD_FILE
+    if not storage.lexists(path):  # a link is there, and refused
         return None
     return read_run_card(path, fix=RESTORE)
 
 
-def class_names(run: str | Path) -> list[str]:
+def class_names(run: Run) -> list[str]:
     """The training set's class names (from the model card), or [] before it exists."""
     card = read_card(run)
     return [] if card is None else list(card["classes"])
 
 
-def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
+def train_shards(run: Run, split: pa.Table) -> ShardSet | None:
     """The training shard set the run read, or None if it is no longer where inputs.json
     says (or inputs.json is gone).
 
@@ -248,13 +253,14 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
     """
     from asd_ray.data.shards import DATASET_FILE, ShardSet
 
-    if not os.path.lexists(Path(run) / INPUTS_FILE):  # a link is there, and refused
+    where = storage.location(run)
+    if not storage.lexists(where / INPUTS_FILE):  # a link is there, and refused
         return None
-    folder = Path(run_folder.read_inputs(run)["train"])
-    if not (folder / DATASET_FILE).is_file():
+    folder = storage.location(run_folder.read_inputs(where)["train"])
+    if not storage.is_file(folder / DATASET_FILE):
         return None
-    card = read_card(run)
-    card_path = Path(run) / MODEL_DIR / CARD_FILE
+    card = read_card(where)
+    card_path = where / MODEL_DIR / CARD_FILE
     if card is None:
         raise DataError(
             f"{card_path}: missing, so {folder} cannot be checked as the run's training set; "
@@ -263,7 +269,7 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
     shards = ShardSet(folder)
     if shards.identity() != card["data"]["train"]["identity_sha256"]:
         raise DataError(
-            f"{Path(run) / INPUTS_FILE}: {folder} is not the shard set the run trained on (its identity "
+            f"{where / INPUTS_FILE}: {folder} is not the shard set the run trained on (its identity "
             f'differs from {card_path}); point "train" at the run\'s own training shards'
         )
     trusted = pc.fill_null(pc.equal(split.column("pinned"), "trusted"), False).to_numpy(zero_copy_only=False)
@@ -271,7 +277,7 @@ def train_shards(run: str | Path, split: pa.Table) -> ShardSet | None:
     fits = split.num_rows - int(trusted.sum()) == len(shards) and not trusted[: len(shards)].any()
     if not fits or not clean_seeds.to_numpy(zero_copy_only=False)[trusted].all():
         raise DataError(
-            f"{Path(run) / 'splits'}: {split.num_rows} rows, {int(trusted.sum())} of them trusted seed copies, "
+            f"{where / 'splits'}: {split.num_rows} rows, {int(trusted.sum())} of them trusted seed copies, "
             f"do not fit the {len(shards)} samples of {folder} (one row each, then the copies as clean "
             f"seeds); {RESTORE}"
         )

@@ -2,7 +2,8 @@
 
 Reads only run outputs (complete epochs, so a running run can be reported) and
 the training shards for thumbnails, and writes into ``RUN/audit/`` (or the folder
-``--out`` names, for a run the user may not write):
+``--out`` names, for a run the user may not write); the run and the output folder
+may each be local or at an object-store URI (:mod:`asd_ray.storage`):
 
 - ``report.html``: ACC, ASR and robust accuracy with the pools per epoch and the
   stage boundaries; per-stage loss histograms of clean against poisoned samples
@@ -25,10 +26,11 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from asd_ray import files, tables
+from asd_ray import files, storage, tables
 from asd_ray.audit import history
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.run_folder import CONFIG_FILE, INPUTS_FILE, RESTORE
+from asd_ray.storage import Location
 
 AUDIT_DIR = "audit"
 THUMBNAILS = 24
@@ -36,7 +38,7 @@ THUMBNAILS = 24
 FLAGGED_FRAME, KEPT_FRAME = "#ff00ff", "#00c8ff"  # used nowhere else on the page
 
 
-def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def report(run: str | Path | Location, out: str | Path | Location | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``flags.parquet`` into ``out`` (default ``RUN/audit``);
     return what was written.
 
@@ -47,9 +49,9 @@ def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    run = Path(run).absolute()
+    run = storage.absolute(storage.location(run))
     inside_run = out is None
-    folder = run / AUDIT_DIR if inside_run else Path(out).absolute()
+    folder = run / AUDIT_DIR if inside_run else storage.absolute(storage.location(out))
     metrics = history.read_metrics(run).to_pylist()
     if not metrics:
         raise DataError(f"{run}: no complete epoch yet; report again after the first one")
@@ -64,10 +66,11 @@ def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
     _check_output_folder(folder, inside_run=inside_run)  # again: it may have changed meanwhile
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _unwritable(folder, err.strerror, inside_run=inside_run) from None
+    if folder.is_local:
+        try:
+            folder.local.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _unwritable(folder, err.strerror, inside_run=inside_run) from None
     if flags is not None:
         summary["flags"] = str(tables.write_parquet(flags, folder / "flags.parquet", "flags"))
     path = folder / "report.html"
@@ -77,10 +80,16 @@ def report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
-def _check_output_folder(folder: Path, *, inside_run: bool) -> None:
+def _check_output_folder(where: Location, *, inside_run: bool) -> None:
     """The report's folder must be one the user may write. RUN/audit must also be absent or
     a real folder inside the run, never a link out of it (a run folder is handed over; a
-    ``--out`` the user names may be a link of theirs)."""
+    ``--out`` the user names may be a link of theirs). At a URI, it must not be an object
+    (write access shows when the files are published)."""
+    if not where.is_local:
+        if storage.is_file(where):
+            raise _unwritable(where, f"{where} is an object, not a prefix", inside_run=inside_run)
+        return
+    folder = where.local
     if inside_run and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise DataError(
             f"{folder} is a link or a file, not a folder; report writes only inside the run folder: "
@@ -93,7 +102,7 @@ def _check_output_folder(folder: Path, *, inside_run: bool) -> None:
         raise _unwritable(folder, f"no write access to {existing}", inside_run=inside_run)
 
 
-def _unwritable(folder: Path, why: str, *, inside_run: bool) -> ConfigError:
+def _unwritable(folder: Path | Location, why: str, *, inside_run: bool) -> ConfigError:
     fix = "pass --out FOLDER to write it elsewhere" if inside_run else "choose another --out"
     return ConfigError(f"cannot write the report in {folder} ({why}); {fix}")
 
@@ -159,7 +168,7 @@ def _curves(metrics: list[dict]) -> str:
     return _png(figure)
 
 
-def _histograms(run: Path, metrics: list[dict]) -> str:
+def _histograms(run: Location, metrics: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
     complete = set(history.complete_epochs(run))
@@ -186,7 +195,7 @@ def _histograms(run: Path, metrics: list[dict]) -> str:
     return _png(figure)
 
 
-def _thumbnail_sections(run: Path) -> list[str]:
+def _thumbnail_sections(run: Location) -> list[str]:
     split = history.read_split(run, history.complete_epochs(run)[-1])
     score = split.column("suspicion").to_numpy()
     polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
@@ -238,7 +247,7 @@ def _grid(images: list[np.ndarray], rows: list[dict], frame: str) -> str:
     return _png(figure)
 
 
-def _header(run: Path, metrics: list[dict]) -> str:
+def _header(run: Location, metrics: list[dict]) -> str:
     last = metrics[-1]
     asrs = [r["asr"] for r in metrics if r["asr"] is not None]
     facts = {
@@ -269,15 +278,15 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _text_section(run: Path) -> str:
-    """The run's config.yaml and inputs.json as they are, escaped: read as regular files of
-    at most :data:`~asd_ray.files.MAX_TEXT_BYTES` and never through a link, so a run folder
-    cannot copy a file from elsewhere (a private key) into a page meant to be mailed."""
+def _text_section(run: Location) -> str:
+    """The run's config.yaml and inputs.json as they are, escaped: read as regular files (or
+    objects) of at most :data:`~asd_ray.files.MAX_TEXT_BYTES` and never through a link, so a
+    run folder cannot copy a file from elsewhere (a private key) into a page meant to be mailed."""
     parts = []
     for name in (CONFIG_FILE, INPUTS_FILE):
         path = run / name
-        if os.path.lexists(path):
-            data = files.read_regular_file(path, what=str(path), fix=RESTORE)
+        if storage.lexists(path):
+            data = files.read_file(path, what=str(path), fix=RESTORE)
             text = data.decode("utf-8", errors="replace")
             parts.append(f"<h3>{name}</h3>\n<pre>{html.escape(text)}</pre>")
     return "<h2>Config and inputs</h2>\n" + "\n".join(parts)

@@ -8,11 +8,10 @@ while the run goes on.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from asd_ray import run_folder
-from asd_ray.cli.common import add_quiet, local_path, print_table, say
+from asd_ray import run_folder, storage
+from asd_ray.cli.common import add_quiet, place, print_table, say, shown
 from asd_ray.errors import DataError
 
 SUMMARY_COLUMNS = (
@@ -46,7 +45,7 @@ def add_commands(commands) -> None:
 
     def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         parser = audit_commands.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("run", type=local_path, help="run folder")
+        parser.add_argument("run", type=place, help="run folder")
         parser.set_defaults(func=func)
         return parser
 
@@ -64,13 +63,13 @@ def add_commands(commands) -> None:
     sample.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     export = command("export", "the per-sample flag history as a Parquet or CSV file", _export)
     export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    export.add_argument("--out", type=local_path, required=True, help="output file")
+    export.add_argument("--out", type=place, required=True, help="output file")
     manifest = command(
         "manifest", "ids and record keys to drop or review: suspicion >= X in the last epoch", _manifest
     )
     manifest.add_argument("--threshold", type=float, required=True, help="suspicion threshold in [0, 1]")
     manifest.add_argument(
-        "--out", type=local_path, required=True, help="output CSV (sample_id, key, shard, label, ...)"
+        "--out", type=place, required=True, help="output CSV (sample_id, key, shard, label, ...)"
     )
     for parser in (export, manifest):
         parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a file")
@@ -83,9 +82,9 @@ def add_commands(commands) -> None:
         "histograms, thumbnails of the most suspicious and of the hardest kept-clean samples, "
         "config and inputs; images embedded) and flags.parquet into RUN/audit, or --out.",
     )
-    report.add_argument("run", type=local_path, help="run folder")
+    report.add_argument("run", type=place, help="run folder")
     report.add_argument(
-        "--out", type=local_path, help="folder to write into (default RUN/audit; for a run you may not write)"
+        "--out", type=place, help="folder to write into (default RUN/audit; for a run you may not write)"
     )
     add_quiet(report)
     report.set_defaults(func=_report)
@@ -99,7 +98,7 @@ def _summary(args: argparse.Namespace) -> dict | None:
     if args.json:
         return {
             "command": "audit summary",
-            "run": str(Path(args.run).absolute()),
+            "run": shown(args.run),
             "epochs": metrics,
             "classes": classes,
         }
@@ -122,7 +121,7 @@ def _flagged(args: argparse.Namespace) -> dict | None:
         raise DataError(f"--top {args.top}: give at least 1")
     rows = history.flagged_samples(args.run, args.epoch, top=args.top, label=args.label).to_pylist()
     if args.json:
-        return {"command": "audit flagged", "run": str(Path(args.run).absolute()), "samples": rows}
+        return {"command": "audit flagged", "run": shown(args.run), "samples": rows}
     epoch = rows[0]["epoch"] if rows else args.epoch
     print_table(
         rows, FLAGGED_COLUMNS, title=f"epoch {epoch}: {len(rows)} flagged sample(s), most suspicious first"
@@ -152,7 +151,7 @@ def _export(args: argparse.Namespace) -> dict:
     from asd_ray import tables
     from asd_ray.audit import history
 
-    out = Path(args.out)
+    out = storage.location(args.out)
     # refused before the work, checked again when written
     tables.check_output(out, overwrite=args.overwrite)
     flags = history.flag_history(args.run)
@@ -164,7 +163,7 @@ def _export(args: argparse.Namespace) -> dict:
     say(f"wrote {flags.num_rows} rows to {out}")
     return {
         "command": "audit export",
-        "out": str(out.absolute()),
+        "out": shown(out),
         "rows": flags.num_rows,
         "format": args.format,
     }
@@ -178,7 +177,7 @@ def _manifest(args: argparse.Namespace) -> dict:
 
     if not 0.0 <= args.threshold <= 1.0:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
-    out = Path(args.out)
+    out = storage.location(args.out)
     tables.check_output(out, overwrite=args.overwrite)
     flags = history.flag_history(args.run).to_pylist()
     chosen = [
@@ -226,7 +225,7 @@ def _manifest(args: argparse.Namespace) -> dict:
     say(f"{len(chosen)} of {len(flags)} samples have suspicion >= {args.threshold}; wrote {out}")
     return {
         "command": "audit manifest",
-        "out": str(out.absolute()),
+        "out": shown(out),
         "samples": len(chosen),
         "threshold": args.threshold,
     }

@@ -8,17 +8,38 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from asd_ray import progress
-from asd_ray.files import not_a_uri
+from asd_ray import progress, storage
+from asd_ray.errors import UserError
+from asd_ray.storage import Location
 
 
-def local_path(value: str) -> str:
-    """The argparse ``type`` of every path argument of every command: a local path, or
-    one usage line (exit 2) for a URI (:func:`asd_ray.files.not_a_uri`)."""
-    problem = not_a_uri(value)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
+def place(value: str) -> str:
+    """The argparse ``type`` of a path argument: a local path or an ``s3://`` / ``gs://``
+    URI. Any other scheme (``pipe:``, ``http://``, ``file://``, ...), a query string or
+    credentials in a URI is one usage line, exit 2 (:func:`asd_ray.storage.location`,
+    which never echoes a URI that may hold a secret)."""
+    try:
+        storage.location(value)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
+
+
+def local_place(value: str) -> str:
+    """The argparse ``type`` of a path to a file this machine reads from its own disk (raw
+    source data, memory-mapped arrays, a trigger image, a config file read before any
+    storage setting is known): a local path, or one usage line for a URI."""
+    if not storage.location(place(value)).is_local:
+        raise argparse.ArgumentTypeError(
+            f"{value}: this argument takes a local path only (it is read from this machine's disk); "
+            "copy it here and give its local path"
+        )
+    return value
+
+
+def shown(where: str | Location) -> str:
+    """How a command's JSON names a location: a local path made absolute, a URI as given."""
+    return str(storage.absolute(storage.location(where)))
 
 
 class OneLineParser(argparse.ArgumentParser):

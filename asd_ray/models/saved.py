@@ -4,7 +4,8 @@ Each ``.pt`` file holds plain tensors plus its model card (architecture, classes
 input size and normalisation, the data it was trained on, its epoch and test
 figures), so ``torch.load(..., weights_only=True)`` reads it and one file is
 enough to rebuild the model. ``card.json`` beside them describes both, for
-people and for registries.
+people and for registries. A run folder or model file may be local or at an
+object-store URI (:mod:`asd_ray.storage`); either is read with the same caps.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from typing import Any
 
 import torch
 
-from asd_ray import files, tables
+from asd_ray import files, storage, tables
 from asd_ray.data.records import MAX_PIXELS
 from asd_ray.data.shards import JPEG_MAX_SIDE
 from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import ConfigError, DataError
-from asd_ray.files import read_regular_file
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
+from asd_ray.storage import Location
 
 MODEL_DIR = "model"
 CARD_FILE = "card.json"
@@ -57,13 +58,14 @@ def write_card(folder: Path, card: dict[str, Any]) -> Path:
     return path
 
 
-def model_file(source: str | Path, kind: str = "best") -> Path:
-    """The ``.pt`` file ``source`` names: a file, a run folder, or its ``model/`` folder."""
+def model_file(source: str | Path | Location, kind: str = "best") -> Location:
+    """The ``.pt`` file ``source`` names: a file, a run folder, or its ``model/`` folder
+    (each local or at an object-store URI)."""
     if kind not in KINDS:
         raise DataError(f"model kind {kind!r}: choose one of {', '.join(KINDS)}")
-    source = Path(source)
+    source = storage.location(source)
     for candidate in (source, source / f"{kind}.pt", source / MODEL_DIR / f"{kind}.pt"):
-        if candidate.is_file():
+        if storage.is_file(candidate):
             return candidate
     raise DataError(
         f"{source}: no model here (expected a .pt file, or a run folder with {MODEL_DIR}/{kind}.pt); "
@@ -71,7 +73,7 @@ def model_file(source: str | Path, kind: str = "best") -> Path:
     )
 
 
-def load_weights_only(data: bytes, where: Path, *, fix: str, map_location: Any = "cpu") -> Any:
+def load_weights_only(data: bytes, where: Path | Location, *, fix: str, map_location: Any = "cpu") -> Any:
     """``torch.load`` of untrusted bytes: plain containers and tensors only, on a torch
     whose weights-only loading no crafted file can make run code.
 
@@ -92,10 +94,10 @@ def load_weights_only(data: bytes, where: Path, *, fix: str, map_location: Any =
         raise DataError(f"{where}: not a readable file of asd-ray ({type(err).__name__}); {fix}") from None
 
 
-def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict and checked card of a model file, loaded as weights only (never
-    unpickled code), with the file's path and sha256 added to the card."""
-    data = read_regular_file(  # a FIFO or /dev/zero would block or never end
+def read_model_file(path: Path | Location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and checked card of a model file (local or an object), loaded as
+    weights only (never unpickled code), with the file's location and sha256 added to the card."""
+    data = files.read_file(  # a FIFO or /dev/zero would block or never end
         path,
         what=str(path),
         fix="this is not a classifier asd-ray wrote",
@@ -122,7 +124,7 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return state, dict(card, file=str(path), sha256=hashlib.sha256(data).hexdigest())
 
 
-def check_card(card: Any, where: Path, *, fix: str = "re-export the model") -> dict[str, Any]:
+def check_card(card: Any, where: Path | Location, *, fix: str = "re-export the model") -> dict[str, Any]:
     """``card`` if it has every field a model is rebuilt and evaluated from, with its types
     and ranges, else a one-line :class:`DataError` naming ``where``, the field and ``fix``.
 
@@ -136,7 +138,7 @@ def check_card(card: Any, where: Path, *, fix: str = "re-export the model") -> d
     return card
 
 
-def read_run_card(path: Path, *, fix: str) -> dict[str, Any]:
+def read_run_card(path: Path | Location, *, fix: str) -> dict[str, Any]:
     """``RUN/model/card.json``: a model card (as :func:`check_card` checks it) that also
     records the best and last epochs and the training set's identity."""
     card = files.read_json(path, fix=fix)  # a regular file, never through a link, size and depth capped
@@ -218,7 +220,9 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def load_model(source: str | Path, kind: str = "best", *, factory: str | None = None) -> torch.nn.Module:
+def load_model(
+    source: str | Path | Location, kind: str = "best", *, factory: str | None = None
+) -> torch.nn.Module:
     """The trained classifier of a run, in eval mode on the CPU, with its card as ``.card``.
 
     A model file never chooses code to run: a built-in architecture is rebuilt from
@@ -226,7 +230,8 @@ def load_model(source: str | Path, kind: str = "best", *, factory: str | None = 
     card's recorded factory is compared with yours, never imported.
 
     Args:
-        source: a run folder, its ``model/`` folder, or a ``.pt`` file.
+        source: a run folder, its ``model/`` folder, or a ``.pt`` file; a local path or
+            an ``s3://`` / ``gs://`` URI.
         kind: ``best`` or ``last`` when ``source`` is a folder.
         factory: for a model trained with ``model.name=custom``, the
             ``package.module:function`` that builds it (code you trust).
