@@ -35,18 +35,6 @@ if TYPE_CHECKING:  # storage builds on config, which reads its files here
 MAX_TEXT_BYTES = 8 * 1024**2  # a run's card lists up to 10,000 class names; nothing we write is near this
 MAX_DEPTH = 32  # our files nest 3 levels; the parsers recurse once per level
 MAX_SCALAR = 4096  # characters of one value (a path's limit); Python converts ints of up to 4,300 digits
-_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def not_a_uri(path: str) -> str | None:
-    """Why ``path`` cannot be used as a local path (it is a URI), or None when it can.
-    ``file://`` is refused too: it names a local path, to be given as is."""
-    uri = _URI.match(path)
-    if uri is None:
-        return None
-    if uri.group(1).lower() == "file":
-        return f"{path}: give the local path itself, not a file:// URI"
-    return f"{path}: object storage is not supported yet; give a local path"
 
 
 def read_regular_file(

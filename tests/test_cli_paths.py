@@ -111,17 +111,18 @@ def test_plain_paths_and_bucket_uris_pass():
         assert place(value) == value
 
 
-def test_the_python_api_refuses_a_uri_too(tmp_path, monkeypatch):
-    """`driver.run` and `RunInputs` (jobs, notebooks, RUN/inputs.json) name paths without the parser."""
+def test_the_python_api_takes_object_uris_and_refuses_other_schemes(tmp_path, monkeypatch):
+    """`driver.run` and `RunInputs` (jobs, notebooks, RUN/inputs.json) name locations without the parser."""
     from asd_ray.config import load_config
     from asd_ray.driver import run
     from asd_ray.errors import ConfigError
     from asd_ray.inputs import RunInputs
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="^poison-test gs://b/t: object storage is not supported yet"):
-        RunInputs(train="/data/train", test="/data/test", poison_test="gs://b/t")
+    assert RunInputs(train="s3://bkt/train", test="gs://bkt/test").absolute().test == "gs://bkt/test"
+    with pytest.raises(ConfigError, match="^poison-test http://...: .* a http: location is refused"):
+        RunInputs(train="/data/train", test="/data/test", poison_test="http://b/t")
     inputs = RunInputs(train=str(tmp_path / "train"), test=str(tmp_path / "test"))
-    with pytest.raises(ConfigError, match="^out s3://b/run: object storage is not supported yet"):
-        run(load_config("mnist-quick"), inputs, "s3://b/run")
-    assert not list(tmp_path.iterdir())  # no ./s3: folder
+    with pytest.raises(ConfigError, match="^out pipe:...: .* a pipe: location is refused"):
+        run(load_config("mnist-quick"), inputs, "pipe:cat")
+    assert not list(tmp_path.iterdir())  # nothing written for a refused location

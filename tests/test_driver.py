@@ -291,7 +291,8 @@ def test_resume_applies_cluster_and_epochs_and_refuses_other_changes(poisoned_da
     (out / "inputs.json").write_text(json.dumps(dataclasses.asdict(poisoned_data.absolute())))
     changed = load_config(None, out / "config.yaml", ["mixmatch.lr=0.01", "cluster.workers=1"])
     with pytest.raises(
-        DataError, match="mixmatch.lr differs from the run's config .*only cluster.\\*, storage.\\* and epochs may change"
+        DataError,
+        match="mixmatch.lr differs from the run's config .*only cluster.\\*, storage.\\* and epochs may change",
     ):
         run(changed, poisoned_data, out, resume=True)
 

@@ -72,9 +72,11 @@ def test_children_parents_and_names():
     shard = where / "train-000000.tar"
     assert str(shard) == "gs://bucket/sets/train/train-000000.tar"
     assert shard.name == "train-000000.tar" and shard.parent == where
-    assert str(where / "splits/epoch=001/part-0.parquet").endswith("sets/train/splits/epoch=001/part-0.parquet")
+    assert str(where / "splits/epoch=001/part-0.parquet").endswith(
+        "sets/train/splits/epoch=001/part-0.parquet"
+    )
     with pytest.raises(DataError, match="a bucket has no parent"):
-        storage.location("s3://bucket").parent
+        _ = storage.location("s3://bucket").parent
 
 
 def test_an_object_location_is_never_used_as_a_local_path(tmp_path):
@@ -90,7 +92,9 @@ def test_a_location_pickles_as_text_and_settings_never_as_keys(monkeypatch):
     process builds its own file system from its environment."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    where = storage.location("s3://bucket/x", StorageConfig(endpoint="http://127.0.0.1:9", region="eu-west-1"))
+    where = storage.location(
+        "s3://bucket/x", StorageConfig(endpoint="http://127.0.0.1:9", region="eu-west-1")
+    )
     assert isinstance(where.fs, pafs.S3FileSystem)  # built, and cached in this process
     data = pickle.dumps(where)
     assert SECRET.encode() not in data and b"S3FileSystem" not in data

@@ -47,7 +47,9 @@ def test_upload_read_list_and_version_on_s3(s3_server, s3_bucket, tmp_path):
 
 
 def test_the_same_on_gcs(gcs_server, gcs_bucket, tmp_path):
-    root = storage.location(f"{gcs_bucket}/sets/a", _settings(f"http://{gcs_server.endpoint}", anonymous=True))
+    root = storage.location(
+        f"{gcs_bucket}/sets/a", _settings(f"http://{gcs_server.endpoint}", anonymous=True)
+    )
     _put(root / "x.bin", PAYLOAD, tmp_path)
     assert _read_all(root / "x.bin") == PAYLOAD
     assert storage.list_names(root, limit=10) == ["x.bin"]
@@ -75,7 +77,9 @@ def test_a_dropped_connection_mid_object_is_retried_counted_and_gives_the_same_b
     assert fault_proxy.injected("drop") == 2 and storage.RetryCounter.take() == 2
 
 
-def test_a_busy_server_is_retried_and_a_lasting_failure_is_one_line(s3_server, s3_bucket, fault_proxy, tmp_path):
+def test_a_busy_server_is_retried_and_a_lasting_failure_is_one_line(
+    s3_server, s3_bucket, fault_proxy, tmp_path
+):
     direct = storage.location(f"{s3_bucket}/x.bin", _settings(s3_server.endpoint))
     _put(direct, PAYLOAD, tmp_path)
     through = storage.location(str(direct), _settings(fault_proxy.endpoint, retries=2))
@@ -84,7 +88,9 @@ def test_a_busy_server_is_retried_and_a_lasting_failure_is_one_line(s3_server, s
     assert _read_all(through) == PAYLOAD and storage.RetryCounter.take() == 2
     fault_proxy.reset()
     fault_proxy.drop_get_body("x.bin", after_bytes=1000, times=10)
-    with pytest.raises(StorageError, match=rf"^{direct}: reading at byte 0 failed \(.*\); check storage.endpoint"):
+    with pytest.raises(
+        StorageError, match=rf"^{direct}: reading at byte 0 failed \(.*\); check storage.endpoint"
+    ):
         _read_all(through)
 
 
