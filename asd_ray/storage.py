@@ -200,7 +200,7 @@ def _object(scheme: str, path: str, settings: StorageConfig, *, shown: str) -> L
 
 # --------------------------------------------------------------------------- file systems
 
-_FILESYSTEMS: dict[tuple[str, StorageConfig, bool], pafs.FileSystem] = {}
+_FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 
 
@@ -208,7 +208,9 @@ def _filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool = Tru
     """This process's file system for ``scheme`` (built once per settings). Streams of shard
     reads use one without the client's own retries (``sdk_retries=False``): they retry in
     :class:`_ResumingStream`, which counts every transient error for the run log."""
-    key = (scheme, settings, sdk_retries)
+    # The variables a file system is built from are part of its key: a process whose
+    # environment changed (a test, a notebook) never gets one built for another endpoint.
+    key = (scheme, settings, sdk_retries, endpoint(scheme, settings), _region(settings))
     with _FILESYSTEMS_LOCK:
         if key not in _FILESYSTEMS:
             _FILESYSTEMS[key] = _build_filesystem(scheme, settings, sdk_retries=sdk_retries)
@@ -224,6 +226,10 @@ def endpoint(scheme: str, settings: StorageConfig) -> str | None:
     if scheme == "gs":
         return os.environ.get("STORAGE_EMULATOR_HOST") or None
     return None
+
+
+def _region(settings: StorageConfig) -> str | None:
+    return settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
 def _build_filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool = True) -> pafs.FileSystem:

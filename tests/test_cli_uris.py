@@ -47,10 +47,8 @@ def bucket():
             "AWS_ENDPOINT_URL": f"http://{host}:{port}",
         }.items():
             patch.setenv(name, value)
-        storage._FILESYSTEMS.clear()  # built per process from the variables: none from another server
         boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
         yield f"s3://{BUCKET}"
-        storage._FILESYSTEMS.clear()
     server.stop()
 
 
