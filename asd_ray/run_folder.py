@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from asd_ray import files, storage, tables
-from asd_ray.config import RunConfig
+from asd_ray.config import RunConfig, StorageConfig
 from asd_ray.errors import DataError
 from asd_ray.models.saved import MODEL_DIR
 from asd_ray.storage import Location
@@ -171,16 +171,17 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def recorded_config(run: str | Path) -> Path:
-    """RUN/config.yaml, which marks a folder that ``--resume`` can continue.
+def recorded_config(run: str | Path | Location, settings: StorageConfig | None = None) -> Path | Location:
+    """RUN/config.yaml, which marks a folder that ``--resume`` can continue (a local path, or
+    the object of a run at a URI, reached with ``settings``).
 
     Raises:
         DataError: the folder has none (no run was started there).
     """
-    path = Path(run) / CONFIG_FILE
-    if not path.is_file():
+    where = storage.location(run, settings) / CONFIG_FILE
+    if not storage.is_file(where):
         raise DataError(f"--resume {run}: no {CONFIG_FILE} there; start a new run with --out")
-    return path
+    return where.local if where.is_local else where
 
 
 _START_TEMPORARY = re.compile(rf"\.(?:{re.escape(INPUTS_FILE)}|{re.escape(CONFIG_FILE)})\.\w+\.tmp")

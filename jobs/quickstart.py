@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-from asd_ray import progress
+from asd_ray import progress, storage
 from asd_ray.config import load_config
 from asd_ray.demo import prepare_mnist_badnets
 from asd_ray.driver import run
@@ -31,7 +30,11 @@ from asd_ray.driver import run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    parser.add_argument(
+        "--out",
+        default="runs/quickstart",
+        help="output folder or s3:// / gs:// prefix (default runs/quickstart)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--scorers", type=int, default=2, help="scoring actors (default 2)")
     parser.add_argument(
@@ -43,14 +46,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     start = time.perf_counter()
-    out = Path(args.out).absolute()
+    out = storage.absolute(storage.location(args.out))  # a folder, or s3:// / gs:// (README: cluster)
     inputs = prepare_mnist_badnets(out)
     overrides = [f"cluster.workers={args.workers}", f"cluster.scorers={args.scorers}", *args.set]
     results = {}
     for defense in ("asd", "none"):
         config = load_config("mnist-quick", overrides=[*overrides, f"defense={defense}"])
         run_dir = out / f"run-{defense}"
-        resume = (run_dir / "config.yaml").exists()
+        resume = storage.exists(run_dir / "config.yaml")
         results[defense] = run(config, inputs, run_dir, resume=resume, progress=progress.write)
     table = [
         f"\n{'defense':<8} {'ACC':>7} {'ASR':>7} {'robust':>7} {'max poison in D_C':>18} {'epochs':>7} {'wall s':>7}"

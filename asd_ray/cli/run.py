@@ -136,7 +136,9 @@ def _run(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
-        saved = recorded_config(args.out)
+        # the run's record is reached with this command's storage settings (a run in a bucket)
+        settings = load_config(None, None, [o for o in overrides if o.startswith("storage.")]).storage
+        saved = recorded_config(args.out, settings)
         recorded = load_recorded_config(saved)
         if args.preset is not None and args.preset != recorded.preset:
             raise ConfigError(
