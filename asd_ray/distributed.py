@@ -144,3 +144,13 @@ def gather_rows(local: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
     gathered = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(gathered, padded.contiguous())
     return [g[:c] for g, c in zip(gathered, counts)]
+
+
+def total(count: int, device: torch.device) -> int:
+    """The sum of ``count`` over every rank (each rank must call it)."""
+    _, size = world()
+    if size == 1:
+        return count
+    summed = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(summed)
+    return int(summed.item())

@@ -614,10 +614,12 @@ class _Session:
         """Every epoch after the last finished one, up to ``stop_after_epoch``; the summary."""
         config, out = self.config, self.out
         hello, startup_s = self._start(progress)
-        if self.pool.storage_retries:
+        retries = {"scorers": self.pool.storage_retries, "training workers": hello.storage_retries}
+        if any(retries.values()):
+            counts = " and ".join(f"the {who} {count}" for who, count in retries.items() if count)
             progress(
-                f"asd-ray: storage: the scorers retried {self.pool.storage_retries} transient read error(s) "
-                "(a dropped connection or a busy server) while loading their shares; every read completed"
+                f"asd-ray: storage: {counts} transient read error(s) retried (a dropped connection or a "
+                "busy server) while loading their shares; every read completed"
             )
         weights, done = hello.weights, hello.epoch
         rows = read_metric_rows(out, done)

@@ -95,6 +95,7 @@ class Hello:
     precision: str  # as resolved for the workers' device
     resumed_from: str | None  # which checkpoint was used, and which skipped
     pretrained: bool  # the transfer pre-training is done (any checkpoint comes after it)
+    storage_retries: int = 0  # transient storage errors the workers retried while loading their shares
 
 
 @dataclasses.dataclass(frozen=True)

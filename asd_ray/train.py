@@ -145,8 +145,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         pretrained = True  # any checkpoint comes after the pre-training, if the run has one
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
+    storage_retries = distributed.total(storage.RetryCounter.take(), device)  # while the shares loaded
     if rank == 0:
-        hello = Hello(done_epoch, to_numpy_weights(base), config.compute.precision, resumed_from, pretrained)
+        hello = Hello(
+            done_epoch,
+            to_numpy_weights(base),
+            config.compute.precision,
+            resumed_from,
+            pretrained,
+            storage_retries,
+        )
         ray.get(mailbox.post_result.remote(0, hello))
 
     # 4. Serve the driver's tasks until told to stop.
