@@ -159,6 +159,9 @@ def run(
         # Every step runs even if one before it fails; the lock goes last, once no process
         # of this run writes the folder any more.
         with contextlib.ExitStack() as cleanup:
+            if staged is not None:  # last: once the run's processes have stopped and its log is closed
+                cleanup.callback(staged.close)
+                cleanup.callback(publish)  # what the run wrote until here, its log's last lines too
             cleanup.callback(lock.close)  # released: another driver may take the folder
             if reaper is not None:
                 cleanup.callback(reaper.close)
@@ -169,9 +172,6 @@ def run(
                 # ray.shutdown stops the workers. A Ray the caller owns stays up, so its
                 # workers are asked to stop as after a normal end.
                 cleanup.callback(session.close, finish_task=not interrupted or connected is None)
-            if staged is not None:
-                cleanup.callback(staged.close)
-                cleanup.callback(publish)  # what the run wrote until here, its log's last lines too
             if isinstance(progress, RunLog):
                 cleanup.callback(progress.close)
     return summary

@@ -43,26 +43,28 @@ class StagedRun:
     def open(cls, target: Location, *, resume: bool, cache_dir: str | None) -> StagedRun:
         """A staging folder for ``target``: empty for a new run (the prefix must hold no
         run), or holding the published run for ``--resume``."""
-        digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]
         root = Path(cache_dir or tempfile.gettempdir())
-        staging = root / f"asd-ray-run-{digest}"
-        if staging.exists():  # an earlier driver's staging on this node: the bucket is the truth
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]  # names the run in a listing
+        staging = Path(tempfile.mkdtemp(prefix=f"asd-ray-run-{digest}-", dir=root))  # this driver's own
         run = cls(target, staging)
-        names = run._remote_files()
-        if resume:
-            if CONFIG_FILE not in names:
-                raise DataError(f"--resume {target}: no {CONFIG_FILE} there; start a new run with --out")
-            for name in names:
-                local = staging / name
-                local.parent.mkdir(parents=True, exist_ok=True)
-                storage.download(target / name, local, limit=MAX_RUN_FILE_BYTES)
-                run._mark(name)
-        elif names:
-            raise DataError(
-                f"run folder {target} is not empty; pass --resume to continue it or choose another --out"
-            )
+        try:
+            names = run._remote_files()
+            if resume:
+                if CONFIG_FILE not in names:
+                    raise DataError(f"--resume {target}: no {CONFIG_FILE} there; start a new run with --out")
+                for name in names:
+                    local = staging / name
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    storage.download(target / name, local, limit=MAX_RUN_FILE_BYTES)
+                    run._mark(name)
+            elif names:
+                raise DataError(
+                    f"run folder {target} is not empty; pass --resume to continue it or choose another --out"
+                )
+        except BaseException:
+            run.close()  # nothing of a refused start stays on this node
+            raise
         return run
 
     def _remote_files(self) -> list[str]:

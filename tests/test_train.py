@@ -346,7 +346,12 @@ def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tm
 
     shards = make_shards(tmp_path / "train", n=21, size=16, channels=1)
     extra, extra_labels = synthetic_arrays(5, 16, 1, seed=9)
-    loop_config = {"train": str(shards.folder), "trusted": (extra, extra_labels), "cache_dir": str(tmp_path)}
+    loop_config = {
+        "train": shards.folder,
+        "train_versions": shards.versions,
+        "trusted": (extra, extra_labels),
+        "cache_dir": str(tmp_path),
+    }
     pixels, _, _ = train.load_share(shards)
     everything = np.concatenate([pixels, extra])
     for rank in (0, 1):
