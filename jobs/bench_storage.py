@@ -1,9 +1,9 @@
 """Benchmark reading a scorer's share from object storage against reading it from local disk.
 
-Starts moto's S3 server on 127.0.0.1 in a process of its own (dummy credentials;
-its pid is stopped at the end, also on error), writes one synthetic shard set
-twice, to a local folder and to ``s3://bench/...`` (``write_shards``), and
-measures side by side, interleaved, best of ``--repeats``:
+Starts moto's S3 server (``moto[server]``, in the ``test`` extra) on 127.0.0.1 in
+a process of its own (dummy credentials; stopped at the end, also on error), writes
+one synthetic shard set twice, to a local folder and to ``s3://bench/...``
+(``write_shards``), and measures side by side, interleaved, best of ``--repeats``:
 
 - ``local``: ``load_share(ShardSet(folder), slices)`` for the share of scorer 0 of
   ``--scorers`` (``ShardSet.worker_slices``), opening the set included;
