@@ -242,8 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.images, args.per_shard, args.repeats = 128, 32, 1  # shards of 0.7 MB: more than a tar window
-    if not 0 <= args.readers <= args.scorers:
-        parser.error("--readers must be between 0 and --scorers")
+    if args.scorers < 1 or not 0 <= args.readers <= args.scorers:
+        parser.error("--scorers must be at least 1, --readers between 0 and --scorers")
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     if args.png:
