@@ -59,6 +59,27 @@ def test_bench_driver_runs_small_and_reports_every_figure() -> None:
     assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
 
 
+def test_bench_storage_smoke_reads_a_share_from_its_s3_server_one_get_per_small_shard() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "bench_storage.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "storage" and result["smoke"] is True
+    assert result["share"]["images"] == 64 and result["share"]["shards"] == 2  # scorer 0 of 2, 4 shards
+    # each shard (0.7 MB) is one ranged GET: the seam reads 8 MiB at a time, not a GET per 256 KiB window
+    assert result["requests_per_s3_load"]["GET shard"] == 2
+    paths = {"local", "s3", "raw_local", "raw_s3", "local_parallel", "s3_parallel"}
+    assert set(result["rates"]) == paths and all(r["mb_per_s"] > 0 for r in result["rates"].values())
+    assert result["ratio_s3_to_local"] > 0 and 0 < result["ratio_s3_to_bound"]
+    for name in ("local", "s3", "s3_one_shard"):
+        memory = result["memory_mb"][name]
+        assert memory["peak"] >= memory["before_load"] > 0
+
+
 @pytest.mark.slow  # two Ray Train runs (about a minute): run with -m slow
 def test_bench_defense_smoke_writes_its_tables(tmp_path) -> None:
     done = subprocess.run(
