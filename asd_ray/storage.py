@@ -39,7 +39,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import math
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -50,7 +52,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from asd_ray.config import StorageConfig
@@ -449,13 +450,10 @@ class _ResumingStream:
     def _reopen(self) -> None:
         """Open the object at the offset reached (a ranged read after a failure)."""
         if self.offset == 0:
-            stream = self.fs.open_input_stream(
-                self.where.fs_path, compression=None, buffer_size=STREAM_BUFFER
-            )
+            stream = self.fs.open_input_stream(self.where.fs_path, compression=None)
         else:
-            raw = self.fs.open_input_file(self.where.fs_path)
-            raw.seek(self.offset)
-            stream = pa.input_stream(raw, compression=None, buffer_size=STREAM_BUFFER)
+            stream = self.fs.open_input_file(self.where.fs_path)
+            stream.seek(self.offset)
         found = _version_of(stream.metadata())
         if self.version is not None and found != self.version:
             stream.close()
@@ -481,6 +479,65 @@ class _ResumingStream:
                 self._stream.close()
 
 
+class _ReadAhead:
+    """Reads an object's next range in a thread while the caller walks the one before, so
+    the network wait overlaps decoding: without it, a scorer's load took the local time
+    plus the whole raw read time (measured, jobs/BENCHMARKS.md). Holds at most three
+    ranges: the one being walked, one ready, one arriving."""
+
+    def __init__(self, source: _ResumingStream):
+        self._source = source
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._chunk, self._at, self._ended = b"", 0, False
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fetch, name="asd-ray-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            while not self._closed.is_set():
+                data = self._source.read(STREAM_BUFFER)
+                self._hand_over(data)
+                if not data:
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, who raises it
+            self._hand_over(err)
+
+    def _hand_over(self, item: bytes | BaseException) -> None:
+        while not self._closed.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        parts, wanted = [], size if size >= 0 else math.inf
+        while wanted > 0 and not self._ended:
+            if self._at == len(self._chunk):
+                item = self._ready.get()
+                if isinstance(item, BaseException):
+                    self._ended = True
+                    raise item
+                if not item:
+                    self._ended = True
+                    break
+                self._chunk, self._at = item, 0
+            take = int(min(wanted, len(self._chunk) - self._at))
+            parts.append(self._chunk[self._at : self._at + take])
+            self._at += take
+            wanted -= take
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._ready.get_nowait()
+        self._thread.join(timeout=30)  # at most the range in flight
+        self._source.close()
+
+
 def _is_refusal(err: OSError) -> bool:
     """An error no retry can mend: access denied, a missing bucket or key."""
     return any(code in str(err) for code in (*_DENIED, *_MISSING))
@@ -502,7 +559,7 @@ def open_stream(where: Location, *, expected: ObjectVersion | None = None) -> It
         with handle:
             yield handle
         return
-    stream = _ResumingStream(where, expected)
+    stream = _ReadAhead(_ResumingStream(where, expected))
     try:
         yield stream  # type: ignore[misc]
     finally:

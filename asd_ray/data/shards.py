@@ -15,6 +15,7 @@ knows nothing about losses or training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -23,7 +24,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -626,39 +627,54 @@ class ShardSet:
         slices = self.worker_slices(1)[0] if slices is None else slices
         offsets, counts = self._shard_offsets(), {str(s["file"]): int(s["count"]) for s in self.info.shards}
         keys = self._keys
-        for piece in slices:
-            base, chunk, read = offsets[piece.path.name], [], 0
-            count = counts[piece.path.name]
-            stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
-            with storage.open_stream(piece.path, expected=self._expected(piece.path)) as stream:
-                for index, key, members in iter_records(
-                    stream, str(piece.path), start=piece.start, stop=stop
-                ):
-                    if index >= count:
-                        raise DataError(
-                            f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
-                            "shard was changed after it was made: re-make the shard set"
-                        )
-                    sample_id, read = base + index, read + 1
-                    if keys[sample_id] != key:
-                        raise DataError(
-                            f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
-                            f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
-                        )
-                    if keep is not None and not keep[sample_id]:
-                        continue
-                    chunk.append((sample_id, key, members))
-                    if len(chunk) == _DECODE_CHUNK:
-                        yield from self._decode(chunk, piece.path.name)
-                        chunk = []
-            yield from self._decode(chunk, piece.path.name)
-            first = base + piece.start
-            whole = piece.count == count
-            self.check_read(
-                np.arange(first, first + read),
-                np.arange(first, base + piece.stop),
-                where=piece.path.name if whole else f"{piece.path.name} #{piece.start}..#{piece.stop - 1}",
-            )
+        pieces = list(slices)
+        with contextlib.ExitStack() as streams:
+
+            def opened(piece: ShardSlice) -> BinaryIO:
+                return streams.enter_context(
+                    storage.open_stream(piece.path, expected=self._expected(piece.path))
+                )
+
+            upcoming = opened(pieces[0]) if pieces else None
+            for at, piece in enumerate(pieces):
+                # The next shard opens now: its first range arrives while this one is walked.
+                stream, upcoming = upcoming, opened(pieces[at + 1]) if at + 1 < len(pieces) else None
+                base, chunk, read = offsets[piece.path.name], [], 0
+                count = counts[piece.path.name]
+                stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
+                try:
+                    for index, key, members in iter_records(
+                        stream, str(piece.path), start=piece.start, stop=stop
+                    ):
+                        if index >= count:
+                            raise DataError(
+                                f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
+                                "shard was changed after it was made: re-make the shard set"
+                            )
+                        sample_id, read = base + index, read + 1
+                        if keys[sample_id] != key:
+                            raise DataError(
+                                f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
+                                f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
+                            )
+                        if keep is not None and not keep[sample_id]:
+                            continue
+                        chunk.append((sample_id, key, members))
+                        if len(chunk) == _DECODE_CHUNK:
+                            yield from self._decode(chunk, piece.path.name)
+                            chunk = []
+                finally:
+                    stream.close()  # its memory goes now; the stack closes what an error leaves open
+                yield from self._decode(chunk, piece.path.name)
+                first = base + piece.start
+                whole = piece.count == count
+                self.check_read(
+                    np.arange(first, first + read),
+                    np.arange(first, base + piece.stop),
+                    where=piece.path.name
+                    if whole
+                    else f"{piece.path.name} #{piece.start}..#{piece.stop - 1}",
+                )
 
     def _decode(
         self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
