@@ -9,11 +9,14 @@ import os
 import signal
 import stat
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from asd_ray import storage
+from asd_ray.config import StorageConfig
 from asd_ray.data import tar
 from asd_ray.data.records import iter_records
 from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
@@ -135,12 +138,23 @@ class ShortReads:
         return chunk
 
 
-@pytest.fixture(params=["local file", "short-read stream"])
+@pytest.fixture(params=["local file", "short-read stream", "s3 object"])
 def open_shard(request, monkeypatch):
-    """Opens a shard file for the readers: as a local file, or as a non-seekable stream of
-    short reads walked 3 blocks at a time (so every archive spans several checksum batches)."""
+    """Opens a shard file for the readers: as a local file; as a non-seekable stream of short
+    reads walked 3 blocks at a time (so every archive spans several checksum batches); or
+    uploaded to the session's S3 server and streamed back through the storage seam."""
     if request.param == "local file":
         return lambda path: open(path, "rb")
+    if request.param == "s3 object":
+        bucket = request.getfixturevalue("shared_bucket")
+
+        def from_bucket(path):
+            where = bucket / f"{uuid.uuid4().hex}/{Path(path).name}"
+            with where.fs.open_output_stream(where.fs_path) as out:  # one PUT: half of upload's time
+                out.write(Path(path).read_bytes())
+            return storage.open_stream(where)
+
+        return from_bucket
     monkeypatch.setattr(tar, "_WINDOW", 3 * tar.BLOCK)
     return lambda path: contextlib.nullcontext(ShortReads(Path(path).read_bytes()))
 
@@ -382,6 +396,15 @@ def s3_server():
     server = S3Server()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_bucket(s3_server) -> storage.Location:
+    """One bucket of the session's S3 server for tests that each upload under a fresh prefix
+    (cheaper than a bucket per test), with the server's endpoint in its settings."""
+    name = s3_server.create_bucket()
+    yield storage.location(f"s3://{name}", StorageConfig(endpoint=s3_server.endpoint))
+    s3_server.delete_bucket(name)
 
 
 @pytest.fixture
