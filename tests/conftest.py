@@ -9,20 +9,26 @@ import os
 import signal
 import stat
 import tarfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from asd_ray import storage
+from asd_ray.config import StorageConfig
 from asd_ray.data import tar
 from asd_ray.data.records import iter_records
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
+from asd_ray.data.shards import DATASET_FILE, GROUND_TRUTH_FILE, ShardSet, write_shards
 from asd_ray.data.sources import from_arrays
+from asd_ray.errors import DataError
 
 # The tests' object stores are local servers (tests/object_store.py) that take any key. Dummy
 # credentials, set here before the shared Ray starts so that its workers inherit them, keep a
 # developer's own (and a cloud machine's metadata service) out of every test; the endpoint is
-# passed explicitly, never through the environment.
+# passed explicitly, never through the session's environment (the ``backend`` fixture sets it
+# for one test, as a user's command would be given it).
 os.environ.update(
     AWS_ACCESS_KEY_ID="asd-test-access-key",
     AWS_SECRET_ACCESS_KEY="asd-test-secret-key",
@@ -135,14 +141,71 @@ class ShortReads:
         return chunk
 
 
-@pytest.fixture(params=["local file", "short-read stream"])
+@pytest.fixture(params=["local file", "short-read stream", "s3 object"])
 def open_shard(request, monkeypatch):
-    """Opens a shard file for the readers: as a local file, or as a non-seekable stream of
-    short reads walked 3 blocks at a time (so every archive spans several checksum batches)."""
+    """Opens a shard file for the readers: as a local file; as a non-seekable stream of short
+    reads walked 3 blocks at a time (so every archive spans several checksum batches); or
+    uploaded to the session's S3 server and streamed back through the storage seam."""
     if request.param == "local file":
         return lambda path: open(path, "rb")
+    if request.param == "s3 object":
+        bucket = request.getfixturevalue("shared_bucket")
+
+        def from_bucket(path):
+            where = bucket / f"{uuid.uuid4().hex}/{Path(path).name}"
+            with where.fs.open_output_stream(where.fs_path) as out:  # one PUT: half of upload's time
+                out.write(Path(path).read_bytes())
+            return storage.open_stream(where)
+
+        return from_bucket
     monkeypatch.setattr(tar, "_WINDOW", 3 * tar.BLOCK)
     return lambda path: contextlib.nullcontext(ShortReads(Path(path).read_bytes()))
+
+
+class Backend:
+    """Where a test opens the shard set it built: its local folder, or (with a bucket) also a
+    copy of the folder published under a fresh prefix of that bucket."""
+
+    def __init__(self, bucket: storage.Location | None = None) -> None:
+        self._bucket = bucket
+
+    def outcome(self, folder: Path, action: Callable[[str], str]) -> str:
+        """``action(location)``'s outcome (as text) on the set in ``folder``, as the folder gives
+        it. With a bucket the folder, as it is now, is also published (``dataset.json`` last, as
+        a writer does) and opened from there: that outcome must be the same but for the location
+        named in it, so a case one backend accepts, refuses or words differently fails."""
+        local = action(str(folder))
+        if self._bucket is not None:
+            where = self._bucket / f"{uuid.uuid4().hex}/{folder.name}"
+            storage.publish_folder(folder, where, last=(DATASET_FILE,))
+            found = action(str(where))
+            assert found == local.replace(str(folder), str(where)), f"s3 and local disagree on {folder}"
+        return local
+
+
+def refusal(action: Callable[[str], object]) -> Callable[[str], str]:
+    """For :meth:`Backend.outcome`: the message of the DataError ``action(location)`` raises,
+    which must be one line."""
+
+    def refused(where: str) -> str:
+        with pytest.raises(DataError) as err:
+            action(where)
+        message = str(err.value)
+        assert "\n" not in message, message
+        return message
+
+    return refused
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, monkeypatch) -> Backend:
+    """Runs a test on a shard set opened from its local folder, and again from the session's S3
+    server, reached as a user's command reaches it: through AWS_ENDPOINT_URL (set for the test)."""
+    if request.param == "local":
+        return Backend()
+    bucket = request.getfixturevalue("shared_bucket")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", bucket.settings.endpoint)
+    return Backend(bucket.with_settings(StorageConfig()))
 
 
 def local_records(path: Path, **window) -> list[tuple[int, str, dict[str, bytes]]]:
@@ -382,6 +445,15 @@ def s3_server():
     server = S3Server()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_bucket(s3_server) -> storage.Location:
+    """One bucket of the session's S3 server for tests that each upload under a fresh prefix
+    (cheaper than a bucket per test), with the server's endpoint in its settings."""
+    name = s3_server.create_bucket()
+    yield storage.location(f"s3://{name}", StorageConfig(endpoint=s3_server.endpoint))
+    s3_server.delete_bucket(name)
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_shards
+from conftest import make_shards, refusal
 
 from asd_ray.data.shards import MANIFEST_FILE, ShardSet, inspect_shard_set
-from asd_ray.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +71,16 @@ TAMPERINGS = {
 }
 
 
+def _open_and_read(where: str) -> None:
+    ShardSet(where)
+    inspect_shard_set(where)
+
+
 @pytest.mark.parametrize("case", TAMPERINGS)
-def test_a_tampered_manifest_is_refused_in_one_line(clean, tmp_path, case):
+def test_a_tampered_manifest_is_refused_in_one_line(clean, tmp_path, backend, case):
     folder = Path(shutil.copytree(clean, tmp_path / "fuzzed"))
     original = pq.read_table(folder / MANIFEST_FILE)
     pq.write_table(TAMPERINGS[case](original), folder / MANIFEST_FILE)
-    with pytest.raises(DataError) as refused:
-        ShardSet(folder)
-        inspect_shard_set(folder)
-    message = str(refused.value)  # names the manifest, or the shard whose record disagrees with it
-    assert "\n" not in message and (str(folder) in message or "train-000000.tar" in message), case
+    message = backend.outcome(folder, refusal(_open_and_read))
+    # names the manifest, or the shard whose record disagrees with it
+    assert str(folder) in message or "train-000000.tar" in message, case

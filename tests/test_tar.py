@@ -202,10 +202,14 @@ def test_archives_made_by_tarfile_in_every_format_read_the_same(tmp_path, our_vi
         assert our_view(path) == tarfile_view(path) != "refused"
 
 
-def test_fuzzed_real_shards_read_as_tarfile_or_are_refused(tmp_path, our_view) -> None:
+def test_fuzzed_real_shards_read_as_tarfile_or_are_refused(tmp_path, our_view, request) -> None:
     """Seeded mutations of a real shard (flipped bytes, truncations, header field edits with
     the checksum fixed up so the edit reaches the parser); every mutant agrees with tarfile
-    or raises DataError within the time limit, never another exception."""
+    or raises DataError within the time limit, never another exception. From S3 every 10th
+    mutant is read (10 of each kind): an object costs a PUT and a GET (~25 ms), and what the
+    store adds to the local reads (the bytes streamed through the seam, an object that ends
+    early) is the same for each mutant of a kind."""
+    every = 10 if request.node.callspec.params["open_shard"] == "s3 object" else 1
     shards = make_shards(tmp_path / "s", n=6, size=8, per_shard=6)
     original = shards.paths[0].local.read_bytes()
     headers = [pos for pos in range(0, len(original), BLOCK) if original[pos + 257 : pos + 262] == b"ustar"]
@@ -244,12 +248,14 @@ def test_fuzzed_real_shards_read_as_tarfile_or_are_refused(tmp_path, our_view) -
                 block = data[pos : pos + BLOCK]
                 block[148:156] = b" " * 8
                 data[pos + 148 : pos + 156] = b"%06o\0 " % sum(block)
+        if trial % every:
+            continue
         path = tmp_path / f"m{trial}.tar"
         path.write_bytes(bytes(data))
         ours = our_view(path)
         assert ours == "refused" or ours == tarfile_view(path), f"trial {trial} ({kind}) read differently"
         outcomes["refused" if ours == "refused" else "agree"] += 1
-    assert outcomes["refused"] > 50 and outcomes["agree"] > 20  # both outcomes were exercised
+    assert outcomes["refused"] > 50 // every and outcomes["agree"] > 20 // every  # both were exercised
 
 
 def test_a_failed_checksum_in_a_later_window_yields_nothing_of_that_window(
