@@ -572,8 +572,7 @@ def open_stream(where: Location, *, expected: ObjectVersion | None = None) -> It
 def upload(source: Path, where: Location) -> None:
     """Publish local file ``source`` as the object ``where``: sent under a temporary key,
     then copied onto its name, so the name holds the whole file or nothing new."""
-    partial = where.parent / f"{_PARTIAL.lstrip('.')}{uuid.uuid4().hex}-{where.name}"
-    partial = dataclasses.replace(partial, path=partial.path.rsplit("/", 1)[0] + "/." + partial.name)
+    partial = where.parent / f"{_PARTIAL}{uuid.uuid4().hex}-{where.name}"  # a dot name: no reader takes it
     try:
         with open(source, "rb") as src, where.fs.open_output_stream(partial.fs_path) as out:
             shutil.copyfileobj(src, out, STREAM_BUFFER)

@@ -122,3 +122,20 @@ def _moto_auth(server, budget: str) -> None:
         f"{server.endpoint}/moto-api/reset-auth", data=budget.encode(), headers={"Content-Type": "text/plain"}
     )
     urllib.request.urlopen(request, timeout=10).read()
+
+
+def test_a_prefix_holding_objects_its_set_does_not_declare_is_refused(s3_server, s3_bucket, tmp_path):
+    from conftest import make_shards
+
+    from asd_ray.data.shards import ShardSet
+
+    local = make_shards(tmp_path / "set", n=40, per_shard=20)
+    where = storage.location(f"{s3_bucket}/set", _settings(s3_server.endpoint))
+    storage.publish_folder(local.folder.local, where, last=("dataset.json",))
+    assert ShardSet(where).identity() == local.identity()  # the same set, however it is spelled
+    _put(where / "train-000099.tar", (local.folder.local / "train-000000.tar").read_bytes(), tmp_path)
+    with pytest.raises(
+        DataError,
+        match=r"holds 1 object\(s\) that dataset.json does not declare \(first: 'train-000099.tar'\)",
+    ):
+        ShardSet(where)
