@@ -11,16 +11,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_gpu_smoke_writes_a_line_per_variant_with_every_figure(tmp_path) -> None:
-    out = tmp_path / "bench_gpu.jsonl"
+def _job(script: str, *args: str, timeout: int = 300) -> tuple[dict, str]:
+    """Run ``jobs/<script>`` (it must succeed): its last stdout line as JSON, and its stderr."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "bench_gpu.py"), "--smoke", "--sizes", "32", "--out", str(out)],
+        [sys.executable, str(REPO / "jobs" / script), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=True,
     )
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_bench_gpu_smoke_writes_a_line_per_variant_with_every_figure(tmp_path) -> None:
+    out = tmp_path / "bench_gpu.jsonl"
+    summary, stderr = _job("bench_gpu.py", "--smoke", "--sizes", "32", "--out", str(out))
     assert summary["job"] == "bench_gpu" and summary["smoke"] is True
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     variants = {(line["size"], line["variant"]): line for line in lines}
@@ -43,31 +48,17 @@ def test_bench_gpu_smoke_writes_a_line_per_variant_with_every_figure(tmp_path) -
     assert 0 < default["plan_share"] < 1 and default["score_img_s"] > 0 and default["ratio_to_plain"] > 0
     assert default["projection_min"] > 0 and default["floor_min"] is None  # no peak known for a CPU
     assert set(default["meets"]) <= set(default["targets"]) and default["meets"]
-    assert "| 32 px | default |" in done.stderr
+    assert "| 32 px | default |" in stderr
 
 
 def test_bench_driver_runs_small_and_reports_every_figure() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "bench_driver.py"), "--samples", "20000", "--classes", "10"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, _ = _job("bench_driver.py", "--samples", "20000", "--classes", "10")
     assert set(result["split_s"]) == {"stage1", "stage2", "stage3"} and result["flag_rows"] == 20000
     assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
 
 
 def test_bench_storage_smoke_reads_a_share_from_its_s3_server_one_get_per_small_shard() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "bench_storage.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, _ = _job("bench_storage.py", "--smoke", timeout=120)
     assert result["bench"] == "storage" and result["smoke"] is True
     assert result["share"]["images"] == 64 and result["share"]["shards"] == 2  # scorer 0 of 2, 4 shards
     # each shard (0.7 MB) is one ranged GET: the seam reads 8 MiB at a time, not a GET per 256 KiB window
@@ -82,27 +73,10 @@ def test_bench_storage_smoke_reads_a_share_from_its_s3_server_one_get_per_small_
 
 @pytest.mark.slow  # two Ray Train runs (about a minute): run with -m slow
 def test_bench_defense_smoke_writes_its_tables(tmp_path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "bench_defense.py"),
-            "--smoke",
-            "--attacks",
-            "badnets",
-            "--defenses",
-            "none",
-            "asd",
-            "--seeds",
-            "0",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, _ = _job(
+        "bench_defense.py", "--smoke", "--attacks", "badnets", "--defenses", "none", "asd", "--seeds", "0",
+        "--out", str(tmp_path), timeout=600,
+    )  # fmt: skip
     assert result["job"] == "bench_defense" and result["cells"] == 2
     rows = {row["defense"]: row for row in result["rows"]}
     # the seeds drawn from the clean parent that the attack modified, from the job's own files:
