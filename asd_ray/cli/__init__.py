@@ -37,7 +37,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 from asd_ray import __version__, progress
 from asd_ray.cli import audit, data, run
@@ -131,21 +130,24 @@ def _interrupted_line(args, signum: int) -> None:
     """The one line of an interrupted command: for ``run``, what its folder keeps and how to go on."""
     name = signal.Signals(signum).name
     if getattr(args, "command", None) == "run":
-        line = f"asd-ray: interrupted ({name}): {_kept(Path(args.out))}"
+        line = f"asd-ray: interrupted ({name}): {_kept(args.out)}"
     else:
         line = f"asd-ray: interrupted ({name}); nothing half-written is left: run the command again"
     print(progress.terminal_safe(line), file=sys.stderr, flush=True)
 
 
-def _kept(out: Path) -> str:
-    """What an interrupted run left in ``out`` and the command that continues it."""
+def _kept(out: str) -> str:
+    """What an interrupted run left in ``out`` (a folder, or a run published to a bucket) and
+    the command that continues it."""
+    from asd_ray import storage
     from asd_ray.run_folder import CONFIG_FILE, read_metrics
 
     try:
-        if not (out / CONFIG_FILE).is_file():
+        where = storage.location(out)
+        if not storage.is_file(where / CONFIG_FILE):
             return "the run had not started, nothing was kept; start it again with the same command"
-        epochs = read_metrics(out).column("epoch").to_pylist()
-    except (UserError, OSError):  # no epoch finished yet (or the folder cannot be read)
+        epochs = read_metrics(where).column("epoch").to_pylist()
+    except (UserError, StorageError, OSError):  # no epoch finished yet (or the folder cannot be read)
         epochs = []
     if not epochs:
         kept = f"{out} has no finished epoch yet"
