@@ -254,8 +254,10 @@ def _build_filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool
             options["endpoint_override"] = url
         return pafs.S3FileSystem(**options)
     if scheme == "gs":
+        # Google's convention: an emulator named by STORAGE_EMULATOR_HOST takes no credentials.
+        emulated = not settings.endpoint and bool(os.environ.get("STORAGE_EMULATOR_HOST"))
         options = {
-            "anonymous": settings.anonymous,
+            "anonymous": settings.anonymous or emulated,
             "retry_time_limit": datetime.timedelta(seconds=15 * (settings.retries + 1) if sdk_retries else 1),
         }
         if url:
