@@ -142,7 +142,7 @@ def test_the_quick_start_in_a_bucket_reads_and_writes_only_the_bucket_and_equals
     assert any(n.startswith("train/checkpoint_") for n in published)  # Ray Train's storage is the bucket
 
     # The commands that read a run read it from the bucket, as they read the local copy.
-    for command in (["audit", "summary"], ["audit", "flagged", "--limit", "5"]):
+    for command in (["audit", "summary"], ["audit", "flagged", "--top", "5"]):
         outputs = [_cli(capsys, *command, where)[0] for where in (run, local_run)]
         for root, name in roots.items():
             outputs = [text.replace(root, name) for text in outputs]
