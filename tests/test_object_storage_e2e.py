@@ -91,8 +91,8 @@ def _run(capsys, inputs: dict[str, str], out: str, *settings: str) -> tuple[str,
     return _cli(capsys, "run", "--preset", "mnist-quick", *flags, "--out", out, "-q", *overrides)
 
 
-def _outcome(run: str) -> tuple[list, list]:
-    where = storage.location(run)
+def _outcome(run: str, settings: storage.StorageConfig | None = None) -> tuple[list, list]:
+    where = storage.location(run, settings)
     splits = [tables.read_parquet(split_path(where, epoch), "splits") for epoch in range(3)]
     rows = tables.read_parquet(where / METRICS_FILE, "metrics").to_pylist()
     return splits, [{k: row[k] for k in METRIC_KEYS} for row in rows]
@@ -199,7 +199,7 @@ def test_a_connection_dropped_mid_shard_changes_no_table(
     run = f"{s3_bucket}/run"
     _run(capsys, flags, run, *settings, f"storage.endpoint={fault_proxy.endpoint}")
     assert fault_proxy.injected("drop") == 4
-    assert _same(_outcome(run), reference)
+    assert _same(_outcome(run, root.settings), reference)
     log = storage.read_bytes(storage.location(f"{run}/{RUN_LOG}", root.settings), limit=2**24).decode()
     assert "retried" in log and "transient read error" in log
 
