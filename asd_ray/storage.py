@@ -330,9 +330,9 @@ def is_file(where: Location) -> bool:
     return info(where).type == pafs.FileType.File
 
 
-def list_names(where: Location, *, limit: int) -> list[str]:
-    """The names directly inside folder/prefix ``where``, sorted; more than ``limit`` is an
-    error (a listing is untrusted too)."""
+def list_names(where: Location, *, limit: int, folders: bool = False) -> list[str]:
+    """The names directly inside folder/prefix ``where`` (only its folders/prefixes with
+    ``folders``), sorted; more than ``limit`` is an error (a listing is untrusted too)."""
     try:
         found = where.fs.get_file_info(pafs.FileSelector(where.fs_path, allow_not_found=True))
     except OSError as err:
@@ -342,7 +342,7 @@ def list_names(where: Location, *, limit: int) -> list[str]:
             f"{where}: holds {len(found)} entries, more than the {limit} expected here; "
             "point at the set's own prefix"
         )
-    return sorted(f.base_name for f in found)
+    return sorted(f.base_name for f in found if not folders or f.type == pafs.FileType.Directory)
 
 
 def version(where: Location) -> ObjectVersion:

@@ -64,7 +64,8 @@ MAX_CHECKPOINT_BYTES = 64 * 1024**3  # a checkpoint holds the model and Adam's t
 def newest_checkpoint(folder: Location) -> Location | None:
     """The newest ``checkpoint_*`` folder of a run's Ray Train storage (names sort by time),
     a local folder or an object prefix."""
-    found = [n for n in storage.list_names(folder, limit=storage.MAX_LISTING) if n.startswith("checkpoint_")]
+    names = storage.list_names(folder, limit=storage.MAX_LISTING, folders=True)  # not Ray Train's index file
+    found = [n for n in names if n.startswith("checkpoint_")]
     return folder / max(found) if found else None
 
 
@@ -78,7 +79,7 @@ def newest_intact_state(latest: Location, device: torch.device) -> tuple[dict, s
     Raises:
         DataError: when no checkpoint of the run is intact.
     """
-    names = storage.list_names(latest.parent, limit=storage.MAX_LISTING)
+    names = storage.list_names(latest.parent, limit=storage.MAX_LISTING, folders=True)
     candidates = sorted((n for n in names if n.startswith("checkpoint_") and n <= latest.name), reverse=True)
     skipped = []
     for name in candidates:

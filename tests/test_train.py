@@ -359,3 +359,15 @@ def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tm
         assert data.total == 26 and data.sample_ids.tolist() == list(range(rank, 26, 2))
         assert np.array_equal(data.images.numpy(), everything[rank::2])
         assert data.labels.tolist() == np.concatenate([shards.labels, extra_labels])[rank::2].tolist()
+
+
+def test_the_newest_checkpoint_is_a_folder_never_ray_trains_index_or_its_set_aside_copy(tmp_path):
+    from asd_ray import storage
+    from asd_ray.train import newest_checkpoint
+
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    (tmp_path / "checkpoint_manager_snapshot.json.unreadable-1796627291").write_text("{")
+    assert newest_checkpoint(storage.location(tmp_path)).name == "checkpoint_2026-01-01_00-00-02"
+    assert newest_checkpoint(storage.location(tmp_path / "checkpoint_2026-01-01_00-00-01")) is None
