@@ -29,8 +29,14 @@ Why the care:
 
 Writes publish whole objects: :func:`upload` sends a local file under a temporary
 key and copies it onto its name on success, so a reader never sees half an object
-and an interrupted upload leaves no object under the name. A new backend is a scheme
-in :data:`SCHEMES` and a branch in :func:`_build_filesystem`.
+and an interrupted upload leaves no object under the name.
+
+A third backend (Azure's ``abfs://``, say) is: its scheme in :data:`SCHEMES`, its
+bucket-name rule in :func:`_object` if it differs, its standard endpoint variable in
+:func:`endpoint`, a branch in :func:`_build_filesystem` building pyarrow's file system
+for it from the settings and the environment, and, where its metadata names the size
+or version differently, a key in :func:`_version_of`; then a server fixture in the
+tests' ``object_store.py`` and a param of the ``open_shard`` and ``backend`` fixtures.
 """
 
 from __future__ import annotations
