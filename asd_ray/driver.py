@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -108,16 +109,22 @@ def run(
         RUN/summary.json.
     """
     start = time.perf_counter()
-    try:
-        target = storage.location(out, config.storage)
+    try:  # absolute: the workers run elsewhere, and a run is one place however it is spelled
+        target = storage.absolute(storage.location(out, config.storage))
     except DataError as err:  # the API's check; the command line refuses a bad location in its parser
         raise ConfigError(f"out {err}") from None
     staged = None
     if not target.is_local:
+        _check_cache_dir(config.cluster)  # where the run is staged
         staged = StagedRun.open(target, resume=resume, cache_dir=config.cluster.cache_dir)
-    out = staged.staging if staged else target.local.absolute()
+    out = staged.staging if staged else target.local
     publish = staged.publish if staged else lambda: None
-    lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
+    try:
+        lock = _lock_run_folder(out)  # before the folder is checked, and long before Ray starts
+    except BaseException:
+        if staged is not None:
+            staged.close()
+        raise
     session = connected = reaper = None
     interrupted = False
     try:
@@ -160,8 +167,7 @@ def run(
         # of this run writes the folder any more.
         with contextlib.ExitStack() as cleanup:
             if staged is not None:  # last: once the run's processes have stopped and its log is closed
-                cleanup.callback(staged.close)
-                cleanup.callback(publish)  # what the run wrote until here, its log's last lines too
+                cleanup.callback(_publish_last, staged, failing=lambda: sys.exc_info()[0] is not None)
             cleanup.callback(lock.close)  # released: another driver may take the folder
             if reaper is not None:
                 cleanup.callback(reaper.close)
@@ -182,13 +188,32 @@ def train_storage(config: RunConfig, target: storage.Location) -> storage.Locati
     there, named by the run's location), else RUN/train beside the run's records."""
     if config.cluster.storage is None:
         return target / TRAIN_DIR
-    run_key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    run_key = hashlib.sha256(str(storage.absolute(target)).encode()).hexdigest()[:16]
     return storage.location(config.cluster.storage, config.storage) / f"{TRAIN_DIR}-{run_key}"
 
 
+def _publish_last(staged: StagedRun, *, failing: Callable[[], bool]) -> None:
+    """Publish what the run wrote until here (its log's last lines too), then remove the
+    staging folder. If that fails, the staging folder stays and is named; an error already
+    on its way (a bad input, an interrupt) keeps its own line and status."""
+    try:
+        staged.publish()
+    except (UserError, StorageError) as err:
+        line = (
+            f"asd-ray: {staged.target}: the run's last records were not published ({err}); they are "
+            f"kept in {staged.staging}: copy them there, or continue with --resume from what the bucket holds"
+        )
+        if not failing():
+            raise StorageError(line) from None
+        print(progress_bars.terminal_safe(line), file=sys.stderr, flush=True)
+        return
+    staged.close()
+
+
 def _naming(err: BaseException, staged: StagedRun) -> BaseException:
-    """``err`` with the staging folder's path replaced by the run's URI in its message."""
-    if not isinstance(err, (UserError, StorageError)) or str(staged.staging) not in str(err):
+    """``err`` with the staging folder's path replaced by the run's URI in its message (a
+    full disk stays named: it is this node's, not the bucket's)."""
+    if not isinstance(err, UserError) or str(staged.staging) not in str(err):
         return err
     renamed = type(err)(str(err).replace(str(staged.staging), str(staged.target)))
     renamed.__cause__ = err.__cause__

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from asd_ray import storage
-from asd_ray.errors import DataError
+from asd_ray.errors import DataError, StorageError
 from asd_ray.run_folder import CONFIG_FILE, LOCK_FILE, METRICS_FILE, METRICS_JSONL, SUMMARY_FILE, TRAIN_DIR
 from asd_ray.storage import Location
 
@@ -37,7 +37,7 @@ class StagedRun:
 
     def __init__(self, target: Location, staging: Path):
         self.target, self.staging = target, staging
-        self._published: dict[str, tuple[int, int]] = {}  # name: (size, mtime_ns) when sent
+        self._published: dict[str, tuple[int, int, int]] = {}  # name: (inode, size, mtime_ns) sent
 
     @classmethod
     def open(cls, target: Location, *, resume: bool, cache_dir: str | None) -> StagedRun:
@@ -49,7 +49,8 @@ class StagedRun:
         staging = Path(tempfile.mkdtemp(prefix=f"asd-ray-run-{digest}-", dir=root))  # this driver's own
         run = cls(target, staging)
         try:
-            names = run._remote_files()
+            everything = run._remote_files()
+            names = [n for n in everything if not n.startswith(f"{TRAIN_DIR}/")]  # Ray Train's, read by it
             if resume:
                 if CONFIG_FILE not in names:
                     raise DataError(f"--resume {target}: no {CONFIG_FILE} there; start a new run with --out")
@@ -57,18 +58,24 @@ class StagedRun:
                     local = staging / name
                     local.parent.mkdir(parents=True, exist_ok=True)
                     storage.download(target / name, local, limit=MAX_RUN_FILE_BYTES)
-                    run._mark(name)
-            elif names:
+                    run._published[name] = run._state(name)
+            elif everything:  # a new run must not find another run's records or checkpoints
                 raise DataError(
                     f"run folder {target} is not empty; pass --resume to continue it or choose another --out"
                 )
+        except OSError as err:  # this node's disk (full, unwritable), not the bucket
+            run.close()
+            raise StorageError(
+                f"{staging}: cannot stage the run of {target} ({err.strerror or type(err).__name__}); free "
+                "space there or set cluster.cache_dir to a folder with room"
+            ) from None
         except BaseException:
             run.close()  # nothing of a refused start stays on this node
             raise
         return run
 
     def _remote_files(self) -> list[str]:
-        """The run's objects below ``target`` (Ray Train's folder aside), as relative names."""
+        """The run's objects below ``target``, as relative names."""
         selector = pafs.FileSelector(self.target.fs_path, recursive=True, allow_not_found=True)
         try:
             found = self.target.fs.get_file_info(selector)
@@ -78,16 +85,18 @@ class StagedRun:
         names = [
             f.path[len(prefix) :] for f in found if f.type == pafs.FileType.File and f.path.startswith(prefix)
         ]
-        names = [n for n in names if not n.startswith(f"{TRAIN_DIR}/")]
+        names = [n for n in names if not n.rsplit("/", 1)[-1].startswith(".partial-")]  # a killed upload's
         if len(names) > MAX_RUN_FILES:
             raise DataError(f"{self.target}: holds {len(names)} objects, more than a run folder; check --out")
         for name in names:
             self.target / name  # refuses a key with '.', '..' or empty segments
         return sorted(names)
 
-    def _mark(self, name: str) -> None:
+    def _state(self, name: str) -> tuple[int, int, int]:
+        """What tells a staged file's versions apart: an atomic rewrite is a new inode, an
+        append a new size."""
         stat = (self.staging / name).stat()
-        self._published[name] = (stat.st_size, stat.st_mtime_ns)
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def publish(self) -> None:
         """Upload every staged file that is new or changed since the last publish: the
@@ -97,13 +106,13 @@ class StagedRun:
             name = path.relative_to(self.staging).as_posix()
             if not path.is_file() or path.is_symlink() or name == LOCK_FILE or path.name.startswith("."):
                 continue  # the lock is this node's; dot files are temporaries of atomic writes
-            stat = path.stat()
-            if self._published.get(name) != (stat.st_size, stat.st_mtime_ns):
-                changed.append(name)
+            state = self._state(name)
+            if self._published.get(name) != state:
+                changed.append((name, state))  # the state before the upload: a later append is sent next time
         order = {name: i + 1 for i, name in enumerate(_COMMITS)}
-        for name in sorted(changed, key=lambda n: (order.get(n, 0), n)):
+        for name, state in sorted(changed, key=lambda pair: (order.get(pair[0], 0), pair[0])):
             storage.upload(self.staging / name, self.target / name)
-            self._mark(name)
+            self._published[name] = state
 
     def close(self) -> None:
         """Remove the staging folder (after a last :meth:`publish` by the caller)."""

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from asd_ray import files, storage, tables
 from asd_ray.data.shards import ShardSet
-from asd_ray.errors import ConfigError, DataError
+from asd_ray.errors import ConfigError, DataError, StorageError
 from asd_ray.storage import Location
 
 
@@ -243,7 +243,7 @@ def _parent_identity(train: ShardSet) -> str | None:
             if "clean" in attack
             else None
         )
-    except DataError:  # moved or removed since: no seed can be its copy
+    except (DataError, StorageError):  # moved, removed or unreachable since: no seed can be its copy
         return None
 
 

@@ -52,7 +52,6 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,11 +65,13 @@ from asd_ray.errors import DataError, StorageError
 SCHEMES = ("s3", "gs")
 STREAM_BUFFER = 8 * 1024**2  # bytes per ranged GET when streaming a shard
 MAX_KEY_BYTES = 1024  # S3's and GCS's limit on an object name
+MAX_OBJECT_BYTES = 5 * 1024**3  # S3 copies one object of at most 5 GiB in one request
 MAX_LISTING = 1_000_000  # entries one listing may return (a listing is untrusted input too)
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")
 _PARTIAL = ".partial-"  # the infix of a temporary key; never a name asd-ray publishes
-_RETRY_PAUSE_S = 0.5  # first pause before a stream is reopened; doubled each time
+_RETRY_PAUSE_S = 0.5  # first pause before a stream is reopened; doubled each time, up to
+_RETRY_PAUSE_MAX_S = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,10 @@ def location(value: str | os.PathLike | Location, settings: StorageConfig | None
     match = _SCHEME.match(text)
     is_uri = match is not None and (match.group(2) or match.group(1).lower() == "pipe")
     if not is_uri:
+        if match is not None and match.group(1).lower() in SCHEMES:  # what pathlib makes of s3://b/x
+            raise DataError(
+                f"{text}: did you mean {match.group(1).lower()}://...? Name a bucket as s3://bucket/prefix"
+            )
         return Location("", text, settings)
     scheme = match.group(1).lower()
     if scheme == "file":
@@ -252,10 +257,8 @@ def _build_filesystem(scheme: str, settings: StorageConfig, *, sdk_retries: bool
                 max_attempts=settings.retries + 1 if sdk_retries else 1
             ),
         }
-        if settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-            options["region"] = (
-                settings.region or os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
-            )
+        if _region(settings):
+            options["region"] = _region(settings)
         if url:
             options["endpoint_override"] = url
         return pafs.S3FileSystem(**options)
@@ -338,7 +341,8 @@ def is_file(where: Location) -> bool:
 
 def list_names(where: Location, *, limit: int, folders: bool = False) -> list[str]:
     """The names directly inside folder/prefix ``where`` (only its folders/prefixes with
-    ``folders``), sorted; more than ``limit`` is an error (a listing is untrusted too)."""
+    ``folders``), sorted, without the temporary keys of uploads (one a killed upload left
+    must not make a set look tampered with); more than ``limit`` is an error."""
     try:
         found = where.fs.get_file_info(pafs.FileSelector(where.fs_path, allow_not_found=True))
     except OSError as err:
@@ -348,7 +352,11 @@ def list_names(where: Location, *, limit: int, folders: bool = False) -> list[st
             f"{where}: holds {len(found)} entries, more than the {limit} expected here; "
             "point at the set's own prefix"
         )
-    return sorted(f.base_name for f in found if not folders or f.type == pafs.FileType.Directory)
+    return sorted(
+        f.base_name
+        for f in found
+        if (not folders or f.type == pafs.FileType.Directory) and not f.base_name.startswith(_PARTIAL)
+    )
 
 
 def version(where: Location) -> ObjectVersion:
@@ -425,17 +433,22 @@ class RetryCounter:
 
 
 class _ResumingStream:
-    """A buffered read stream over an object that survives dropped connections and busy
-    servers: a failed open or read is retried up to ``storage.retries`` times with backoff
-    (the object reopened at the offset reached, after checking that its size and ETag have
-    not changed), and each retry is counted (:class:`RetryCounter`)."""
+    """A read stream over an object that survives dropped connections and busy servers: a
+    failed open or read is retried up to ``storage.retries`` times in a row, with backoff
+    (capped), the object reopened at the offset reached after checking that its size and
+    ETag have not changed; each retry is counted (:class:`RetryCounter`). A read that makes
+    progress renews the allowance, and the object must end at the size it had."""
 
     def __init__(self, where: Location, expected: ObjectVersion | None):
         self.where, self.offset, self.version = where, 0, expected
         self.fs = _filesystem(where.scheme, where.settings, sdk_retries=False)
-        self._pause, self._retries_left = _RETRY_PAUSE_S, where.settings.retries
+        self.closed = threading.Event()  # set by the reader that gives the stream up
         self._stream: Any = None
+        self._renew()
         self._retrying(self._reopen, "opening it")
+
+    def _renew(self) -> None:
+        self._pause, self._retries_left = _RETRY_PAUSE_S, self.where.settings.retries
 
     def _retrying(self, action: Any, doing: str) -> Any:
         while True:
@@ -444,16 +457,13 @@ class _ResumingStream:
             except (FileNotFoundError, PermissionError) as err:
                 raise failure(self.where, err, doing) from None
             except OSError as err:
-                if self._stream is not None:
-                    with contextlib.suppress(OSError):
-                        self._stream.close()
-                    self._stream = None
-                if self._retries_left == 0 or _is_refusal(err):
+                self._drop()
+                if self._retries_left == 0 or _is_refusal(err) or self.closed.is_set():
                     raise failure(self.where, err, doing) from None
                 self._retries_left -= 1
                 RetryCounter.add()
-                time.sleep(self._pause)
-                self._pause *= 2
+                self.closed.wait(self._pause)
+                self._pause = min(2 * self._pause, _RETRY_PAUSE_MAX_S)
 
     def _reopen(self) -> None:
         """Open the object at the offset reached (a ranged read after a failure)."""
@@ -471,48 +481,62 @@ class _ResumingStream:
             )
         self.version, self._stream = found, stream
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int) -> bytes:
         def attempt() -> bytes:
             if self._stream is None:
                 self._reopen()
-            data = self._stream.read(size) if size >= 0 else self._stream.read()
-            self.offset += len(data)
-            return data
+            return self._stream.read(size)
 
-        return self._retrying(attempt, f"reading at byte {self.offset}")
+        data = self._retrying(attempt, f"reading at byte {self.offset}")
+        self.offset += len(data)
+        if data:
+            self._renew()
+        elif self.version is not None and 0 <= self.version.size != self.offset:
+            raise DataError(
+                f"{self.where}: ended at byte {self.offset} of its {self.version.size}; it changed while "
+                "it was read: restore it or re-make the shard set"
+            )
+        return data
 
-    def close(self) -> None:
+    def _drop(self) -> None:
         if self._stream is not None:
             with contextlib.suppress(OSError):
                 self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        self.closed.set()
+        self._drop()
 
 
 class _ReadAhead:
     """Reads an object's next range in a thread while the caller walks the one before, so
     the network wait overlaps decoding: without it, a scorer's load took the local time
     plus the whole raw read time (measured, jobs/BENCHMARKS.md). Holds at most three
-    ranges: the one being walked, one ready, one arriving."""
+    ranges: the one being walked, one ready, one arriving. Only the thread touches the
+    object's stream, and closes it."""
 
     def __init__(self, source: _ResumingStream):
         self._source = source
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._chunk, self._at, self._ended = b"", 0, False
-        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._fetch, name="asd-ray-read-ahead", daemon=True)
         self._thread.start()
 
     def _fetch(self) -> None:
         try:
-            while not self._closed.is_set():
+            while not self._source.closed.is_set():
                 data = self._source.read(STREAM_BUFFER)
                 self._hand_over(data)
                 if not data:
                     return
         except BaseException as err:  # noqa: BLE001 - handed to the reader, who raises it
             self._hand_over(err)
+        finally:
+            self._source.close()
 
     def _hand_over(self, item: bytes | BaseException) -> None:
-        while not self._closed.is_set():
+        while not self._source.closed.is_set():
             try:
                 self._ready.put(item, timeout=0.1)
                 return
@@ -538,12 +562,13 @@ class _ReadAhead:
         return b"".join(parts)
 
     def close(self) -> None:
-        self._closed.set()
+        """Stop the thread: it ends after the range in flight (a retry's pause is cut short)
+        and closes the object's stream itself."""
+        self._source.closed.set()
         with contextlib.suppress(queue.Empty):
             while True:
                 self._ready.get_nowait()
-        self._thread.join(timeout=30)  # at most the range in flight
-        self._source.close()
+        self._chunk, self._ended = b"", True
 
 
 def _is_refusal(err: OSError) -> bool:
@@ -580,9 +605,16 @@ def open_stream(where: Location, *, expected: ObjectVersion | None = None) -> It
 def upload(source: Path, where: Location) -> None:
     """Publish local file ``source`` as the object ``where``: sent under a temporary key,
     then copied onto its name, so the name holds the whole file or nothing new."""
+    size = source.stat().st_size  # a local problem is the local file's, not the bucket's
+    if size > MAX_OBJECT_BYTES:
+        raise DataError(
+            f"{source}: {size} bytes, over the {MAX_OBJECT_BYTES}-byte limit of one copy in object "
+            "storage; make it smaller (shards: a lower --samples-per-shard)"
+        )
     partial = where.parent / f"{_PARTIAL}{uuid.uuid4().hex}-{where.name}"  # a dot name: no reader takes it
+    src = open(source, "rb")  # noqa: SIM115 - closed below, with the stream
     try:
-        with open(source, "rb") as src, where.fs.open_output_stream(partial.fs_path) as out:
+        with src, where.fs.open_output_stream(partial.fs_path) as out:
             shutil.copyfileobj(src, out, STREAM_BUFFER)
         where.fs.copy_file(partial.fs_path, where.fs_path)
     except OSError as err:

@@ -75,3 +75,23 @@ def test_a_new_run_needs_an_empty_prefix_and_a_resume_downloads_the_run(target, 
         StagedRun.open(
             storage.location(f"{target}-other", target.settings), resume=True, cache_dir=str(tmp_path)
         )
+
+
+def test_a_new_run_refuses_a_prefix_holding_only_old_checkpoints_and_ignores_a_killed_upload(
+    target, tmp_path
+):
+    _object(target / "train/checkpoint_2026-01-01_00-00-00/state.pt", tmp_path)
+    with pytest.raises(DataError, match="is not empty"):  # it would resume from them, silently
+        StagedRun.open(target, resume=False, cache_dir=str(tmp_path / "cache"))
+    other = storage.location(f"{target}-2", target.settings)
+    _object(other / ".partial-0123abcd-metrics.parquet", tmp_path)  # what a SIGKILLed upload leaves
+    StagedRun.open(other, resume=False, cache_dir=str(tmp_path / "cache")).close()
+    assert storage.list_names(other, limit=10) == []
+
+
+def _object(where, tmp_path) -> None:
+    source = tmp_path / "object"
+    source.write_bytes(b"x")
+    where.fs.create_dir(where.parent.fs_path)
+    with where.fs.open_output_stream(where.fs_path) as out:  # straight to its name, as a crash leaves it
+        out.write(source.read_bytes())

@@ -46,6 +46,7 @@ def test_locations_that_are_accepted(text, scheme, path):
         ("s3://Bucket/x", "not a bucket name"),
         ("s3://ab/x", "not a bucket name"),
         ("s3:///x", "not a bucket name"),
+        ("s3:/bucket/x", "did you mean s3://"),  # what pathlib makes of s3://bucket/x
     ],
 )
 def test_locations_that_are_refused_in_one_line(text, message):

@@ -130,20 +130,22 @@ def _interrupted_line(args, signum: int) -> None:
     """The one line of an interrupted command: for ``run``, what its folder keeps and how to go on."""
     name = signal.Signals(signum).name
     if getattr(args, "command", None) == "run":
-        line = f"asd-ray: interrupted ({name}): {_kept(args.out)}"
+        line = f"asd-ray: interrupted ({name}): {_kept(args)}"
     else:
         line = f"asd-ray: interrupted ({name}); nothing half-written is left: run the command again"
     print(progress.terminal_safe(line), file=sys.stderr, flush=True)
 
 
-def _kept(out: str) -> str:
-    """What an interrupted run left in ``out`` (a folder, or a run published to a bucket) and
-    the command that continues it."""
+def _kept(args) -> str:
+    """What an interrupted run left in its ``--out`` (a folder, or a run published to a
+    bucket, reached with the command's storage settings) and the command that continues it."""
     from asd_ray import storage
+    from asd_ray.cli.run import command_storage
     from asd_ray.run_folder import CONFIG_FILE, read_metrics
 
+    out = args.out
     try:
-        where = storage.location(out)
+        where = storage.location(out, command_storage(args))
         if not storage.is_file(where / CONFIG_FILE):
             return "the run had not started, nothing was kept; start it again with the same command"
         epochs = read_metrics(where).column("epoch").to_pylist()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from asd_ray.cli.common import add_quiet, format_table, local_place, place, say
-from asd_ray.config import PAPER_ALGORITHM, PRESETS
+from asd_ray.config import PAPER_ALGORITHM, PRESETS, StorageConfig
 from asd_ray.errors import ConfigError, DataError
 
 
@@ -40,6 +41,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides that --paper and --set name, in that order."""
     return [*(PAPER_ALGORITHM if args.paper else ()), *args.set]
+
+
+def command_storage(args: argparse.Namespace) -> StorageConfig:
+    """The storage settings this command gives (its --config's ``storage:`` and --set
+    storage.*). A resumed run uses these, never the ones its folder records: a run folder in
+    a shared bucket must not send the user's signed requests to an endpoint of its choosing."""
+    from asd_ray.config import load_config
+
+    wanted = [o for o in args.set if o.partition("=")[0].strip().startswith("storage.")]
+    return load_config(None, args.config, wanted).storage
 
 
 def add_commands(commands) -> None:
@@ -136,8 +147,7 @@ def _run(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
-        # the run's record is reached with this command's storage settings (a run in a bucket)
-        settings = load_config(None, None, [o for o in overrides if o.startswith("storage.")]).storage
+        settings = command_storage(args)  # the run's record is reached with them too
         saved = recorded_config(args.out, settings)
         recorded = load_recorded_config(saved)
         if args.preset is not None and args.preset != recorded.preset:
@@ -145,7 +155,7 @@ def _run(args: argparse.Namespace) -> dict:
                 f"--preset {args.preset}: the run in {args.out} was made with preset {recorded.preset}, "
                 "and a resumed run keeps its settings; drop --preset"
             )
-        config = load_recorded_config(saved, overrides, args.config)
+        config = dataclasses.replace(load_recorded_config(saved, overrides, args.config), storage=settings)
         restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides) or (
             args.config is not None and "factory" in (read_config_file(args.config).get("model") or {})
         )

@@ -537,7 +537,12 @@ class ShardSet:
     def _sizes(self) -> dict[str, int]:
         """Each shard file's size by name (one listing of an object prefix), regular files only."""
         if not self.folder.is_local:
-            found = self.folder.fs.get_file_info(pafs.FileSelector(self.folder.fs_path, allow_not_found=True))
+            try:
+                found = self.folder.fs.get_file_info(
+                    pafs.FileSelector(self.folder.fs_path, allow_not_found=True)
+                )
+            except OSError as err:
+                raise storage.failure(self.folder, err, "listing it") from None
             return {f.base_name: f.size for f in found if f.type == pafs.FileType.File}
         return {p.name: p.local.stat().st_size for p in self.paths if p.local.is_file()}
 
@@ -559,6 +564,11 @@ class ShardSet:
         """The version another process saw of an object shard (None: nothing to compare)."""
         if self._versions is None or shard.is_local:
             return None
+        if len(self._versions) != len(self.paths):  # dataset.json was rewritten since
+            raise DataError(
+                f"{self.folder}: lists {len(self.paths)} shards, {len(self._versions)} when the run opened it; "
+                "a shard set must not change during a run: restore it or re-make it"
+            )
         return self._versions[self.paths.index(shard)]
 
     @property
