@@ -335,6 +335,11 @@ class ClusterConfig:
     # where Ray Train keeps its checkpoints: a shared folder or s3:// / gs:// prefix that every
     # node reaches. None: RUN/train (a local run folder: one node; a run folder at a URI: inside it)
     storage: str | None = None
+    # custom Ray resources each training worker / scoring actor also asks for, e.g. {trainer: 1}
+    # with nodes started by `ray start --resources '{"trainer": 1}'`: work goes only to nodes
+    # that offer them (one worker per node, GPUs of one kind, ...)
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    scorer_resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -604,6 +609,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if value is None:
             return None
         return _coerce(value, options[0], name)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of names to amounts, got {shown(value)}")
+        key_type, inner = typing.get_args(hint)
+        return {
+            _coerce(k, key_type, f"{name} key"): _coerce(v, inner, f"{name}.{k}") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {shown(value)}")

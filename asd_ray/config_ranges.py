@@ -38,6 +38,28 @@ def _resource(*, strict: bool, high: int) -> Rule:
     return (lambda v: ok(v) and round(v, 4) == v), f"{rule}, in steps of 0.0001"
 
 
+# Ray's own resources have settings of their own (cpus_per_*, gpus_per_*); a custom one is a
+# name as `ray start --resources` takes it, `node:<ip>` (Ray's resource of one node) included.
+_RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_RESOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}")
+
+
+def _custom_resources() -> Rule:
+    """Up to 32 custom Ray resources, by name, each an amount Ray accepts."""
+    amount, amount_rule = _resource(strict=True, high=10_000)
+    return (
+        lambda v: (
+            len(v) <= 32
+            and all(
+                _RESOURCE_NAME.fullmatch(name) and name not in _RAY_OWN_RESOURCES and amount(x)
+                for name, x in v.items()
+            )
+        ),
+        "a mapping of up to 32 custom resource names (letters, digits, _.:/-; not CPU, GPU, memory or "
+        f"object_store_memory, which have settings of their own) to amounts, each {amount_rule}",
+    )
+
+
 def one_of(*choices: str) -> Rule:
     return (lambda v: v in choices), "one of " + ", ".join(choices)
 
@@ -197,6 +219,8 @@ RUN_RANGES: dict[str, dict[str, Rule]] = {
                 f"a shared folder path, s3://bucket/prefix or gs://bucket/prefix, 1..{_PATH_CHARACTERS} characters",
             )
         ),
+        "worker_resources": _custom_resources(),
+        "scorer_resources": _custom_resources(),
     },
     "storage": {
         "endpoint": _optional(

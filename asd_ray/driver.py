@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from asd_ray import messages, own_cluster, storage, tables
+from asd_ray import messages, storage, tables, worker_setup
 from asd_ray import progress as progress_bars
 from asd_ray.config import RunConfig, config_yaml
 from asd_ray.errors import ConfigError, DataError, StorageError, UserError, storage_error_of, user_error_of
@@ -40,6 +41,7 @@ from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
+from asd_ray.placement import FailureNotes, placement_line, restart_line, scorer_restart_line
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
     CONFIG_FILE,
@@ -148,7 +150,9 @@ def run(
             progress(advice)
         callbacks = [c for c in (on_epoch, tensorboard_writer(out) if tensorboard else None) if c]
         data = add_trusted_seeds(data, out)
-        session = _Session(config, data, out, publish, train_storage(config, target))
+        session = _Session(
+            config, data, out, publish, train_storage(config, target), target=target, started=start
+        )
         summary = session.loop(stop_after_epoch, progress, lambda row: [c(row) for c in callbacks])
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         write_text(out / SUMMARY_FILE, json.dumps(summary) + "\n")
@@ -361,7 +365,7 @@ def _init_ray(config: RunConfig) -> str | None:
     :data:`RAY_TRAIN_ENV` reaches Ray Train's controller through the environment a
     local Ray inherits, or the job's runtime env on a running cluster; a Ray that
     is already initialised keeps its own (set them before ``ray.init``). Every
-    worker of the job addresses its own cluster (:mod:`asd_ray.own_cluster`).
+    worker of the job sets itself up first (:mod:`asd_ray.worker_setup`).
 
     Returns:
         ``"local"`` (a Ray this driver started), ``"cluster"`` (a running one it
@@ -371,7 +375,7 @@ def _init_ray(config: RunConfig) -> str | None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return None
-    runtime_env: dict[str, Any] = {"worker_process_setup_hook": own_cluster.SETUP_HOOK}
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": worker_setup.SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
         runtime_env["env_vars"] = {key: os.environ[key] for key in RAY_TRAIN_ENV}
         with _keeping_sigterm_handler():  # a batch scheduler's SIGTERM on a cluster too
@@ -431,7 +435,8 @@ def _set_aside_unreadable_snapshot(train_dir: storage.Location, progress: Callab
 
 
 def _check_resources(cluster) -> None:
-    """Refuse a run that asks for more CPUs or GPUs than the Ray cluster has (Ray would wait)."""
+    """Refuse a run that asks for more CPUs, GPUs or custom resources than the Ray cluster
+    has (Ray would wait)."""
     have = ray.cluster_resources()
     asks = {
         "GPU": (
@@ -443,10 +448,18 @@ def _check_resources(cluster) -> None:
             "cluster.cpus_per_worker x --workers + cluster.cpus_per_scorer x --scorers",
         ),
     }
+    for name in sorted({*cluster.worker_resources, *cluster.scorer_resources}):
+        asks[name] = (
+            cluster.workers * cluster.worker_resources.get(name, 0)
+            + cluster.scorers * cluster.scorer_resources.get(name, 0),
+            "cluster.worker_resources x --workers + cluster.scorer_resources x --scorers; nodes offer it "
+            f"with ray start --resources '{{\"{name}\": N}}'",
+        )
     for resource, (need, how) in asks.items():
         if need > have.get(resource, 0) + 1e-9:
+            what = f"{resource}s" if resource in ("CPU", "GPU") else f"of the custom resource {resource}"
             raise DataError(
-                f"the run asks for {need:g} {resource}s ({how}) but the Ray cluster has "
+                f"the run asks for {need:g} {what} ({how}) but the Ray cluster has "
                 f"{have.get(resource, 0):g}; lower those settings or add nodes (start them before the run)"
             )
 
@@ -522,8 +535,12 @@ class _Session:
         out: Path,
         publish: Callable[[], None],
         checkpoints: storage.Location,
+        target: storage.Location,
+        started: float,
     ):
         self.config, self.data, self.out = config, data, out
+        self.target = target  # the run's location as the user gave it (``out`` stages it when a URI)
+        self.started = started  # the driver's start (time.perf_counter), for a resume's recovery time
         self.publish, self.checkpoints = publish, checkpoints
         self.card = model_card(config, data)
         self.last_evaluation: dict[str, float] = {}  # the last epoch's figures, for Ray Train's report
@@ -536,7 +553,13 @@ class _Session:
         # reuse it, concurrent runs never share it), removed by the processes and by close().
         self.cache_dir = Path(config.cluster.cache_dir or tempfile.gettempdir()) / f"asd-ray-cache-{run_id}"
         mailbox_name = f"mailbox-{run_id}"
-        self.mailbox = Mailbox.options(name=mailbox_name, namespace=NAMESPACE).remote()
+        # On this node (the driver's, as Ray Train's controller): losing another node never loses it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.mailbox = Mailbox.options(
+            name=mailbox_name, namespace=NAMESPACE, scheduling_strategy=here
+        ).remote()
+        self.progress: Callable[[str], None] = lambda _: None  # the run log, once the loop starts
+        self.worker_groups = self.restarts = 0  # ready so far, and started again after a failure
         self.pool = self._scoring_pool()
         trainer = self._trainer(mailbox_name)
         self.fit_error: BaseException | None = None
@@ -562,6 +585,7 @@ class _Session:
             num_actors=c.scorers,
             cpus=c.cpus_per_scorer,
             gpus=c.gpus_per_scorer,
+            resources=c.scorer_resources,
             threads=c.threads_per_process,
             memory=(c.memory_budget_bytes, str(self.cache_dir)),
         )
@@ -594,6 +618,7 @@ class _Session:
                 resources_per_worker={
                     "CPU": c.cpus_per_worker,
                     **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {}),
+                    **c.worker_resources,
                 },
             ),
             run_config=TrainRunConfig(
@@ -603,6 +628,7 @@ class _Session:
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),
+                callbacks=[FailureNotes(mailbox_name, NAMESPACE)],
             ),
         )
 
@@ -627,7 +653,24 @@ class _Session:
         """Post ``task`` to the workers and wait for rank 0's answer."""
         seq = ray.get(self.mailbox.post_task.remote(task))
         result = self._await(seq, what)
+        self._report_worker_groups(what)
         assert isinstance(result, messages.result_of(task)), (task, type(result))
+        return result
+
+    def _report_worker_groups(self, what: str) -> None:
+        """Log the workers' placement (the first group) and every restart since the last call."""
+        for group in ray.get(self.mailbox.groups.remote()):
+            self.worker_groups += 1
+            if self.worker_groups > 1 or group.failed_at is not None:
+                self.restarts += 1
+                self.progress(restart_line(group, self.restarts, self.config.cluster.max_failures, what))
+            if self.worker_groups == 1:
+                self.progress(placement_line(group.places, self.pool.places))
+
+    def _scored(self, result: PassResult, what: str) -> PassResult:
+        """``result``, once its restarted scoring actors (a lost node or process) are logged."""
+        for index, place in result.restarted.items():
+            self.progress(scorer_restart_line(index, place, what, result.wall_s))
         return result
 
     def loop(
@@ -669,11 +712,12 @@ class _Session:
             self._record(weights, rows)
             self.last_evaluation = {f"eval_{k}": row[k] for k in MODEL_FIGURES if row[k] is not None}
             progress(progress_line(row, config.epochs))
+            self.publish()  # a run at a URI: that line too (a driver lost before the next epoch's record keeps it)
             bar.update(1)
             if on_epoch is not None:
                 on_epoch(dict(row))
         bar.close()
-        summary = run_summary(config, rows, hello.precision, startup_s, out)
+        summary = run_summary(config, rows, hello.precision, startup_s, out, named=str(self.target))
         summary["seeds_tampered"] = int(self.data.tampered_ids.size)
         summary["seeds_added"] = self.data.total - len(self.data.train)
         return summary
@@ -681,6 +725,7 @@ class _Session:
     def _start(self, progress: Callable[[str], None]) -> tuple[messages.Hello, float]:
         """Wait for the workers' hello and say what the run is and where it resumes."""
         config, data = self.config, self.data
+        self.progress = progress
         hello = self._await(0, "start-up")
         startup_s = time.perf_counter() - self.fit_started
         where = f"resuming after epoch {hello.epoch}" if hello.epoch >= 0 else "epoch 0"
@@ -691,6 +736,13 @@ class _Session:
         )
         if hello.resumed_from:
             progress(f"asd-ray: {hello.resumed_from}")
+        if hello.epoch >= 0:
+            progress(
+                f"asd-ray: the resume took {time.perf_counter() - self.started:.1f}s from this driver's start "
+                f"to the workers' start-up after epoch {hello.epoch} (the run's records read, its inputs "
+                "checked, Ray Train started, the checkpoint loaded)"
+            )
+        self._report_worker_groups("start-up")
         if data.seeds is not None and (data.seeds.tampered.size or data.trusted is not None):
             progress(
                 f"asd-ray: {data.seeds.tampered.size} seed(s) differ from their training copy (pinned to the "
@@ -823,7 +875,7 @@ class _Session:
         result = self.pool.run_many(
             self.training_sets, ray.put(weights), augment_seeds=self._augment_seeds(epoch)
         )
-        return self._training_pass(result)
+        return self._training_pass(self._scored(result, f"epoch {epoch} scoring"))
 
     def _training_pass(self, result: PassResult) -> tuple[pa.Table, float]:
         """The training set's pass table (its ids, then the trusted copies' as N..) and its
@@ -864,7 +916,9 @@ class _Session:
         """ACC on the clean test set and, when given, ASR and robust accuracy on the
         triggered one, in one pass that also scores the datasets in ``extra``."""
         names = ["test", *(["poison_test"] if self.data.poison_test is not None else []), *extra]
-        result = self.pool.run_many(names, ray.put(weights), augment_seeds=augment_seeds)
+        result = self._scored(
+            self.pool.run_many(names, ray.put(weights), augment_seeds=augment_seeds), "evaluation"
+        )
         figures = {"acc": accuracy(result.tables["test"]), "asr": None, "robust_acc": None}
         if "poison_test" in result.tables:
             figures["asr"] = attack_success_rate(result.tables["poison_test"])

@@ -6,15 +6,22 @@ posts one task at a time (:mod:`asd_ray.messages`: transfer pre-training, a
 virtual-model epoch, a training epoch, stop); workers wait for a task newer than
 the last one they ran, and rank 0 posts the result. Only the latest task is kept,
 so a worker group restarted by ``FailureConfig`` simply re-runs the task in flight.
+
+The mailbox also keeps the worker groups' story for the run log: where each group's
+workers run, when Ray Train's controller reported a failure, and when the group
+that replaced it was ready (one clock, the mailbox's, for both). The driver places it
+on its own node, so losing another node never loses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import ray
 
-from asd_ray.messages import Result, Task
+from asd_ray.messages import Hello, Result, Task
+from asd_ray.placement import Place, WorkerGroup
 
 NAMESPACE = "asd-ray"
 
@@ -31,6 +38,9 @@ class Mailbox:
         self._task: Task | None = None
         self._results: dict[int, Result] = {}
         self._changed = asyncio.Condition()
+        self._places: dict[int, Place] = {}  # the current worker group's, by rank
+        self._failure: tuple[float, str] | None = None  # the last one reported, not yet followed by a group
+        self._groups: list[WorkerGroup] = []  # ready groups the driver has not read yet
 
     async def post_task(self, task: Task) -> int:
         async with self._changed:
@@ -50,10 +60,32 @@ class Mailbox:
                 return None
             return self._seq, self._task
 
+    async def register(self, rank: int, place: Place) -> None:
+        """A training worker's place, once its share is loaded (before rank 0's hello)."""
+        self._places[rank] = place
+
+    async def note_failure(self, what: str) -> None:
+        """Ray Train's controller saw workers fail (:class:`asd_ray.placement.FailureNotes`);
+        the first report since the last group started is the one kept."""
+        if self._failure is None:
+            self._failure = (time.time(), what)
+
+    async def groups(self) -> list[WorkerGroup]:
+        """The worker groups that became ready since the last call (the first one, then one
+        per restart), with the failure that preceded each restart."""
+        groups, self._groups = self._groups, []
+        return groups
+
     async def post_result(self, seq: int, result: Result) -> None:
         """Keep ``result`` if it answers the current task (stale ones, e.g. the start-up
-        hello of a restarted worker group, are dropped)."""
+        hello of a restarted worker group, are dropped, once its start is noted)."""
         async with self._changed:
+            if seq == 0 and isinstance(result, Hello):
+                failed_at, failure = self._failure or (None, None)
+                self._groups.append(
+                    WorkerGroup(dict(self._places), time.time(), result.resumed_from, failed_at, failure)
+                )
+                self._failure = None
             if seq != self._seq:
                 return
             self._results[seq] = result

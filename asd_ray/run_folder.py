@@ -72,9 +72,18 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_summary(
-    config: RunConfig, rows: list[dict[str, Any]], precision: str, startup_s: float, out: Path
+    config: RunConfig,
+    rows: list[dict[str, Any]],
+    precision: str,
+    startup_s: float,
+    out: Path,
+    *,
+    named: str | None = None,
 ) -> dict[str, Any]:
-    """The run's one-line result: last epoch's figures, the worst ASR, the model files."""
+    """The run's one-line result: last epoch's figures, the worst ASR, the model files.
+    ``named``: the run's location as the user gave it (a URI whose records are staged in
+    ``out``); the summary names that, never the staging folder."""
+    where = named or str(out)
     last = rows[-1] if rows else {}
     asrs = [(r["asr"], r["epoch"]) for r in rows if r["asr"] is not None]
     worst = max(asrs, default=(None, None))
@@ -92,11 +101,11 @@ def run_summary(
         ),
         "epochs": len(rows),
         "best_epoch": best.get("epoch"),
-        "model": str(out / MODEL_DIR),
+        "model": f"{where}/{MODEL_DIR}",
         "precision": precision,
         "train_startup_s": round(startup_s, 1),
         "mean_epoch_s": time_split(rows),
-        "run_dir": str(out),
+        "run_dir": where,
         **(
             {"pretrain": files.read_json(out / PRETRAIN_FILE, fix=RESTORE)}
             if os.path.lexists(out / PRETRAIN_FILE)

@@ -34,6 +34,7 @@ from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
 from asd_ray.errors import user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
+from asd_ray.placement import Place
 from asd_ray.scores import PASS_SCHEMA, score_images
 from asd_ray.storage import Location, ObjectVersion
 
@@ -97,25 +98,27 @@ class ScoringActor:
             if self.device.type == "cuda" and not isinstance(images, np.memmap):
                 pixels = pixels.pin_memory()  # batch copies overlap the arithmetic (a disk cache stays)
             self.shares[name] = (pixels, ids, torch.from_numpy(labels))
+        self.place = Place.here()  # a restarted actor has another (another node, or pid)
 
     def close(self) -> None:
         """Drop the shares and their disk caches (before the pool kills this actor)."""
         self.shares.clear()
         remove_caches()
 
-    def loaded(self, name: str) -> tuple[int, int]:
-        """How many samples of ``name`` this actor holds, and how many transient storage
-        errors its loading retried (the run log reports them)."""
-        return len(self.shares[name][1]), storage.RetryCounter.take()
+    def loaded(self, name: str) -> tuple[int, int, Place]:
+        """How many samples of ``name`` this actor holds, how many transient storage errors
+        its loading retried, and where it runs (the run log reports both)."""
+        return len(self.shares[name][1]), storage.RetryCounter.take(), self.place
 
     def score(
         self, names: list[str], weights: Weights, augment_seeds: dict[str, int] | None = None
-    ) -> tuple[dict[str, pa.RecordBatch], dict[str, float]]:
+    ) -> tuple[dict[str, pa.RecordBatch], dict[str, float], Place]:
         """SCE loss and prediction of every held sample of each dataset in ``names``
         (eval mode, no grad, fp32), with the weights loaded once.
 
         Returns:
-            one record batch per name, and the seconds each took (model arithmetic only).
+            one record batch per name, the seconds each took (model arithmetic only), and
+            where this actor runs.
         """
         load_numpy_weights(self.model, weights)
         batches, seconds = {}, {}
@@ -126,7 +129,7 @@ class ScoringActor:
                 name, None if seed is None else torch.Generator().manual_seed(seed)
             )
             seconds[name] = time.perf_counter() - start
-        return batches, seconds
+        return batches, seconds, self.place
 
     def _score_one(self, name: str, generator: torch.Generator | None) -> pa.RecordBatch:
         images, ids, labels = self.shares[name]
@@ -150,6 +153,8 @@ class PassResult:
 
     tables: dict[str, pa.Table]  # name -> N rows (sample_id, label, loss, prediction), sorted by id
     compute_s: dict[str, float]  # name -> seconds of model arithmetic on the slowest actor
+    wall_s: float = 0.0  # the whole pass, as the caller waited for it
+    restarted: dict[int, Place] = dataclasses.field(default_factory=dict)  # actors Ray restarted during it
 
 
 class ScoringPool:
@@ -170,6 +175,7 @@ class ScoringPool:
         num_actors: int,
         cpus: float = 1.0,
         gpus: float = 0.0,
+        resources: dict[str, float] | None = None,
         threads: int = 1,
         memory: tuple[int | None, str | None] = (None, None),
     ):
@@ -186,9 +192,13 @@ class ScoringPool:
                 return dataset.part(i, num_actors)
             return dataset.folder, dataset.versions, slices[name][i]
 
+        # Each actor's shares as an object this pool holds: Ray builds a restarted actor (its node
+        # or process lost) from the same arguments, and an argument it put in the object store
+        # itself (a held dataset over 100 KB) is freed once the actor is built.
+        self.shares = [ray.put({name: share(name, i) for name in datasets}) for i in range(num_actors)]
         self.actors = [
-            ScoringActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-                {name: share(name, i) for name in datasets},
+            ScoringActor.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}).remote(
+                self.shares[i],
                 spec,
                 data,
                 scoring,
@@ -203,8 +213,9 @@ class ScoringPool:
         except ray.exceptions.RayError as err:
             self.shutdown()
             raise user_error_of(err) or err from None
-        assert sum(size for size, _ in loaded) == len(next(iter(datasets.values())))
-        self.storage_retries = sum(retries for _, retries in loaded)  # while the actors loaded
+        assert sum(size for size, _, _ in loaded) == len(next(iter(datasets.values())))
+        self.storage_retries = sum(retries for _, retries, _ in loaded)  # while the actors loaded
+        self.places = [place for _, _, place in loaded]  # by actor index, as the run log names them
 
     def run(
         self, name: str, weights: Weights | ray.ObjectRef, *, augment_seed: int | None = None
@@ -228,11 +239,14 @@ class ScoringPool:
             weights: numpy weights, or their object reference.
             augment_seeds: name -> seed for datasets scored under training augmentation.
         """
+        start = time.perf_counter()
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         results = ray.get([a.score.remote(names, ref, augment_seeds) for a in self.actors])
-        tables = {name: self._assemble(name, [batches[name] for batches, _ in results]) for name in names}
-        compute_s = {name: max(seconds[name] for _, seconds in results) for name in names}
-        return PassResult(tables, compute_s)
+        tables = {name: self._assemble(name, [batches[name] for batches, _, _ in results]) for name in names}
+        compute_s = {name: max(seconds[name] for _, seconds, _ in results) for name in names}
+        restarted = {i: place for i, (_, _, place) in enumerate(results) if place != self.places[i]}
+        self.places = [place for _, _, place in results]
+        return PassResult(tables, compute_s, time.perf_counter() - start, restarted)
 
     def _assemble(self, name: str, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, schema=PASS_SCHEMA).sort_by("sample_id")
@@ -257,4 +271,4 @@ class ScoringPool:
             pass  # a dead actor has no caches left to remove, or leaves them for its restart
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.shares = [], []

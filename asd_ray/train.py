@@ -51,6 +51,7 @@ from asd_ray.messages import (
 )
 from asd_ray.models import ModelSpec, to_numpy_weights
 from asd_ray.models.saved import load_weights_only
+from asd_ray.placement import Place
 from asd_ray.steps import mixmatch_epoch, supervised_epoch, transfer_pretraining, virtual_epoch
 from asd_ray.storage import Location
 
@@ -146,6 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         pretrained = True  # any checkpoint comes after the pre-training, if the run has one
 
     mailbox = ray.get_actor(loop_config["mailbox"], namespace=NAMESPACE)
+    ray.get(mailbox.register.remote(rank, Place.here()))  # for the run log's placement line
+    # A collective: every rank has registered before rank 0's hello below.
     storage_retries = distributed.total(storage.RetryCounter.take(), device)  # while the shares loaded
     if rank == 0:
         hello = Hello(

@@ -71,6 +71,8 @@ VALID = {
     ("cluster.cache_dir", "é"): _FOLDER,
     ("cluster.cache_dir", "\u202e"): _FOLDER,
     ("cluster.cache_dir", "\U0001f600"): _FOLDER,
+    ("cluster.worker_resources", "{a: 1}"): "a custom resource named a, one per worker",
+    ("cluster.scorer_resources", "{a: 1}"): "a custom resource named a, one per scoring actor",
     ("cluster.storage", "null"): _NONE + " (RUN/train)",
     ("cluster.storage", "word"): _SHARED,
     ("cluster.storage", "é"): _SHARED,

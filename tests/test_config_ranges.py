@@ -20,11 +20,24 @@ from asd_ray.config import load_config
         ("cluster.cpus_per_scorer=-1", "cluster.cpus_per_scorer = -1.0 is out of range"),
         ("cluster.memory_budget_gb=0", "cluster.memory_budget_gb = 0.0 is out of range"),
         ("mixmatch.lr=true", "mixmatch.lr must be a number"),
+        ("cluster.worker_resources={CPU: 1}", "cluster.worker_resources = {'CPU': 1.0} is out of range"),
+        ("cluster.scorer_resources={host: 0}", "cluster.scorer_resources = {'host': 0.0} is out of range"),
+        ("cluster.scorer_resources={'a b': 1}", "cluster.scorer_resources = {'a b': 1.0} is out of range"),
+        ("cluster.worker_resources=[1]", "cluster.worker_resources must be a mapping of names to amounts"),
+        ("cluster.worker_resources={host: x}", "cluster.worker_resources.host must be a number"),
     ],
 )
 def test_out_of_range_settings_name_their_key(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config("mnist-quick", overrides=[override])
+
+
+def test_custom_resources_are_a_mapping_of_names_to_amounts() -> None:
+    config = load_config(
+        "mnist-quick", overrides=["cluster.worker_resources={trainer: 1, 'node:10.0.0.2': 0.01}"]
+    )
+    assert config.cluster.worker_resources == {"trainer": 1.0, "node:10.0.0.2": 0.01}
+    assert config.cluster.scorer_resources == {}
 
 
 def test_every_preset_is_in_range() -> None:

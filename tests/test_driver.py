@@ -92,7 +92,8 @@ def test_stop_and_resume_from_the_cli_continue_from_the_last_epoch(
     assert code == 0 and len(stdout.splitlines()) == 1 and json.loads(stdout)["epochs"] == 4
     lines = [line for line in stderr.splitlines() if line.startswith("asd-ray:")]
     assert "resuming after epoch 0" in lines[0] and "resumed from checkpoint_" in lines[1]
-    assert "epoch 0 was checkpointed but not recorded" in lines[2]
+    assert "the resume took" in lines[2] and "placement on 1 node(s)" in lines[3]
+    assert "epoch 0 was checkpointed but not recorded" in lines[4]
     assert "epoch   4/4" in stderr
     assert split_path(out, 0).read_bytes() == epoch0  # epoch 0 was not redone
     metrics = tables.read_parquet(out / METRICS_FILE, "metrics").column("epoch").to_pylist()
@@ -195,7 +196,7 @@ def test_seeds_from_another_dataset_under_the_noise_overlay_are_warned_of_before
     class Stopped(Exception):
         pass
 
-    def stop(*args):
+    def stop(*args, **kwargs):
         raise Stopped
 
     monkeypatch.setattr(driver, "_Session", stop)  # nothing to train: the check ends at the start
@@ -239,9 +240,21 @@ def test_repeated_seed_ids_are_refused(poisoned_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_request_the_cluster_cannot_meet_is_refused_not_awaited(ray_cluster, poisoned_data, tmp_path):
-    config = load_config("mnist-quick", overrides=[*TINY_RUN, "cluster.gpus_per_scorer=1"])
-    with pytest.raises(DataError, match="asks for 2 GPUs .* the Ray cluster has 0"):
+@pytest.mark.parametrize(
+    "setting, refusal",
+    [
+        ("cluster.gpus_per_scorer=1", "asks for 2 GPUs .* the Ray cluster has 0"),
+        (
+            "cluster.worker_resources={trainer_host: 1}",
+            "asks for 2 of the custom resource trainer_host .*ray start --resources .* the Ray cluster has 0",
+        ),
+    ],
+)
+def test_a_request_the_cluster_cannot_meet_is_refused_not_awaited(
+    ray_cluster, poisoned_data, tmp_path, setting, refusal
+):
+    config = load_config("mnist-quick", overrides=[*TINY_RUN, setting])
+    with pytest.raises(DataError, match=refusal):
         run(config, poisoned_data, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -7,6 +7,7 @@ run of the same config: same split table every epoch, one metrics row per epoch.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from asd_ray.driver import _model_holds, run
 from asd_ray.errors import StorageError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file
 from asd_ray.reaper import _processes, ray_descendants
-from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, TRAIN_DIR, split_path
+from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, RUN_LOG, TRAIN_DIR, split_path
 
 pytestmark = pytest.mark.ray
 
@@ -123,6 +124,18 @@ def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_noth
     assert retried, "the killed actor's call was not retried"
     assert not set(workers) & set(_alive_pids("RayTrainWorker"))  # a new worker group finished it
     _assert_same_outcome(out, reference)
+    log = (out / RUN_LOG).read_text(encoding="utf-8")
+    assert re.search(
+        r"placement on 1 node\(s\): \S+ \(node \w+\): worker 0, worker 1, scorer 0, scorer 1", log
+    )
+    assert re.search(r"scoring actor 0 was lost during evaluation and restarted on .*the pass took", log)
+    restart = re.search(
+        r"training workers failed during epoch 1 training \(worker\(s\) [01]: .+\); Ray Train restarted "
+        r"them \(restart 1 of cluster.max_failures 1\): worker 0 on .*; recovered in (\d+\.\d)s .*"
+        r"resumed from checkpoint_\S+ \(epoch 0\)",
+        log,
+    )
+    assert restart and 0 < float(restart.group(1)) < 120, log
 
 
 _DRIVER = """

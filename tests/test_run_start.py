@@ -143,7 +143,7 @@ def test_a_start_cut_short_is_no_dead_end(poisoned_data, tmp_path, monkeypatch, 
     assert main(["run", "--resume", "--out", str(out), "--quiet"]) == 2
     assert f"--resume {out}: no config.yaml there; start a new run with --out" in capsys.readouterr().err
 
-    def stop(*args):
+    def stop(*args, **kwargs):
         raise _Stopped
 
     monkeypatch.setattr(driver, "_Session", stop)  # the new run got going: enough

@@ -126,3 +126,28 @@ def test_a_pass_that_misses_samples_is_one_data_error(pools, monkeypatch):
     assert message.startswith("scoring test: read 30 records where the manifest lists 31: 1 missing")
     assert "id 30 (outside the set's 0..29)" in message and "keep a shard set unchanged" in message
     assert len(message.splitlines()) == 1
+
+
+def test_an_actor_restarted_after_its_process_is_lost_scores_the_same_and_is_reported(ray_cluster):
+    """A scoring actor killed between passes is restarted by Ray from its held data (over
+    Ray's 100 KB inline limit, so from the object store), scores the same table, and the pass
+    names it with its new process. (The same on another node, after a node was lost:
+    tests/test_two_hosts.py.)"""
+    import os
+    import signal
+
+    from asd_ray.scoring_pool import Held
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(600, 16, 16, 1), dtype=np.uint8)  # 150 KB
+    held = Held(images, rng.integers(0, 4, size=600).astype(np.int64), np.arange(600, dtype=np.int64))
+    pool = ScoringPool({"held": held}, SPEC, DATA, SCORING, COMPUTE, num_actors=1)
+    try:
+        before = pool.run("held", _weights(0))
+        lost = pool.places[0].pid
+        os.kill(lost, signal.SIGKILL)
+        result = pool.run_many(["held"], _weights(0))  # its call waits for the restarted actor
+        assert list(result.restarted) == [0] and result.restarted[0].pid != lost
+        assert result.tables["held"].equals(before)
+    finally:
+        pool.shutdown()
