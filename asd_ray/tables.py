@@ -54,8 +54,18 @@ def schema_document(name: str) -> dict[str, Any]:
     """The parsed JSON document of schema ``name`` (e.g. ``"manifest"``)."""
     if name not in (*TABLE_NAMES, "shard_record"):
         raise ValueError(f"unknown schema {name!r}; known: {', '.join(TABLE_NAMES)}")
-    text = resources.files("asd_ray.schemas").joinpath(f"{name}.json").read_text()
-    return json.loads(text)
+    return json.loads(_schema_folder().joinpath(f"{name}.json").read_text())
+
+
+def _schema_folder():
+    """Where the schemas are: ``schemas/`` beside the package in a checkout (also the copy of
+    one that ``ray job submit --working-dir`` unpacks on every node, where the resource
+    package of an installed asd-ray is shadowed by the copy), else the installed resource
+    package ``asd_ray.schemas``."""
+    checkout = Path(__file__).resolve().parents[1] / "schemas"
+    if (checkout / "manifest.json").is_file():
+        return checkout
+    return resources.files("asd_ray.schemas")
 
 
 @functools.cache

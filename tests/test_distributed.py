@@ -2,6 +2,7 @@
 global batch, global MixUp partners and the loss scaling, on CPU with gloo."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -211,3 +212,13 @@ def test_batch_rules() -> None:
         match="mixmatch.batch_rule = 'per_worker' is out of range: it must be one of global, scaled",
     ):
         _config("mixmatch.batch_rule=per_worker")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="interfaces are looked up the Linux way")
+def test_gloo_is_pinned_to_the_interface_of_the_nodes_address() -> None:
+    """Ray workers pin Gloo to the interface carrying their node's address (a host whose
+    name resolves to 127.0.0.1 would otherwise offer DDP peers on other nodes loopback)."""
+    from asd_ray.worker_setup import interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("203.0.113.254") is None  # TEST-NET-3: no interface has it
