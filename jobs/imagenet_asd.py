@@ -15,5 +15,7 @@ import sys
 
 from asd_ray.cli import main
 
+COMMAND = ["run", "--preset", "imagenet30"]  # what this job runs, before its own arguments
+
 if __name__ == "__main__":
-    sys.exit(main(["run", "--preset", "imagenet30", *sys.argv[1:]]))
+    sys.exit(main([*COMMAND, *sys.argv[1:]]))

@@ -128,12 +128,9 @@ def add_commands(commands) -> None:
     evaluate.set_defaults(func=_evaluate)
 
 
-def _run(args: argparse.Namespace) -> dict:
-    from asd_ray.config import load_config, load_recorded_config, read_config_file
-    from asd_ray.driver import run
-    from asd_ray.inputs import RunInputs
-    from asd_ray.run_folder import recorded_config
-
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides of an ``asd-ray run`` command line, its dedicated flags
+    (``--workers``, ``--gpus-per-worker``, ...) last: they win."""
     overrides = config_overrides(args)
     for flag, key in (
         ("defense", "defense"),
@@ -146,6 +143,16 @@ def _run(args: argparse.Namespace) -> dict:
     ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    return overrides
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from asd_ray.config import load_config, load_recorded_config, read_config_file
+    from asd_ray.driver import run
+    from asd_ray.inputs import RunInputs
+    from asd_ray.run_folder import recorded_config
+
+    overrides = run_overrides(args)
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
         settings = command_storage(args)  # the run's record is reached with them too
         saved = recorded_config(args.out, settings)
