@@ -128,6 +128,8 @@ def test_the_quick_start_in_a_bucket_reads_and_writes_only_the_bucket_and_equals
     out, err = _run(
         capsys, bucket, run, f"storage.endpoint={s3_server.endpoint}", f"cluster.cache_dir={cache}"
     )
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["run_dir"] == run and summary["model"] == f"{run}/model"  # never the staging folder
     _run(capsys, local, local_run)
     assert not list(cwd.iterdir()) and not list(cache.iterdir())  # the staging folder is gone
 
