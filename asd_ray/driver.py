@@ -41,7 +41,7 @@ from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
-from asd_ray.placement import FailureNotes, placement_line, restart_line, scorer_restart_line
+from asd_ray.placement import placement_line, restart_line, scorer_restart_line
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
     CONFIG_FILE,
@@ -596,6 +596,7 @@ class _Session:
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
 
+        from asd_ray.failure_notes import FailureNotes
         from asd_ray.train import train_loop_per_worker
 
         c = self.config.cluster

@@ -39,7 +39,9 @@ class Mailbox:
         self._results: dict[int, Result] = {}
         self._changed = asyncio.Condition()
         self._places: dict[int, Place] = {}  # the current worker group's, by rank
-        self._failure: tuple[float, str] | None = None  # the last one reported, not yet followed by a group
+        self._answered = 0  # the last task rank 0 answered
+        # the first failure reported since the last group started: (when, what, a task in hand)
+        self._failure: tuple[float, str, bool] | None = None
         self._groups: list[WorkerGroup] = []  # ready groups the driver has not read yet
 
     async def post_task(self, task: Task) -> int:
@@ -68,7 +70,7 @@ class Mailbox:
         """Ray Train's controller saw workers fail (:class:`asd_ray.placement.FailureNotes`);
         the first report since the last group started is the one kept."""
         if self._failure is None:
-            self._failure = (time.time(), what)
+            self._failure = (time.time(), what, self._seq > self._answered)
 
     async def groups(self) -> list[WorkerGroup]:
         """The worker groups that became ready since the last call (the first one, then one
@@ -81,13 +83,16 @@ class Mailbox:
         hello of a restarted worker group, are dropped, once its start is noted)."""
         async with self._changed:
             if seq == 0 and isinstance(result, Hello):
-                failed_at, failure = self._failure or (None, None)
+                failed_at, failure, in_task = self._failure or (None, None, True)
                 self._groups.append(
-                    WorkerGroup(dict(self._places), time.time(), result.resumed_from, failed_at, failure)
+                    WorkerGroup(
+                        dict(self._places), time.time(), result.resumed_from, failed_at, failure, in_task
+                    )
                 )
                 self._failure = None
             if seq != self._seq:
                 return
+            self._answered = seq
             self._results[seq] = result
             self._changed.notify_all()
 

@@ -5,7 +5,7 @@ A multi-node run is audited like its data: the run log says on which node every
 training worker and scoring actor ran, and when a node or process was lost, which
 processes Ray replaced, where, and how long the run took to recover. Training workers
 register with the run's mailbox (:mod:`asd_ray.mailbox`); Ray Train's controller tells
-it of failed workers through :class:`FailureNotes`; scoring actors report their place
+it of failed workers (:mod:`asd_ray.failure_notes`); scoring actors report their place
 with every answer (:mod:`asd_ray.scoring_pool`).
 """
 
@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterable
 
 import ray
-from ray.train import UserCallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +50,7 @@ class WorkerGroup:
     resumed_from: str | None = None
     failed_at: float | None = None
     failure: str | None = None
+    failed_in_task: bool = True  # the failure came while a task was in hand (else between tasks)
 
 
 def placement_line(workers: dict[int, Place], scorers: Iterable[Place]) -> str:
@@ -75,7 +75,8 @@ def restart_line(group: WorkerGroup, number: int, max_failures: int, task: str) 
     resumed = f"; {group.resumed_from}" if group.resumed_from else "; no checkpoint yet, started afresh"
     where = ", ".join(f"worker {rank} on {place.label()}" for rank, place in sorted(group.places.items()))
     return (
-        f"asd-ray: training workers failed during {task}{cause}; Ray Train restarted them "
+        f"asd-ray: training workers failed {'during' if group.failed_in_task else 'before'} {task}{cause}; "
+        "Ray Train restarted them "
         f"(restart {number} of cluster.max_failures {max_failures}): {where}; {recovered}{resumed}"
     )
 
@@ -86,26 +87,3 @@ def scorer_restart_line(index: int, place: Place, what: str, pass_s: float) -> s
         f"asd-ray: scoring actor {index} was lost during {what} and restarted on {place.label()}; "
         f"it read its share again and answered: the pass took {pass_s:.1f}s"
     )
-
-
-class FailureNotes(UserCallback):
-    """Ray Train callback (it runs in the controller): tells the run's mailbox that workers
-    failed, so the driver can log what failed and how long the recovery took."""
-
-    def __init__(self, mailbox_name: str, namespace: str):
-        self.mailbox_name, self.namespace = mailbox_name, namespace
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        causes = sorted({_cause(err) for err in worker_exceptions.values()})
-        ranks = ", ".join(str(rank) for rank in sorted(worker_exceptions))
-        try:
-            mailbox = ray.get_actor(self.mailbox_name, namespace=self.namespace)
-            mailbox.note_failure.remote(f"worker(s) {ranks}: {'; '.join(causes)}")
-        except Exception:  # noqa: BLE001 - a note must never stop the recovery it describes
-            pass
-
-
-def _cause(err: BaseException) -> str:
-    """A failure in one short line: its type and the first line of its message."""
-    first = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__

@@ -71,7 +71,7 @@ class ScoringActor:
 
     def __init__(
         self,
-        shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]] | Held],
+        held_shares: list[ray.ObjectRef],
         spec: ModelSpec,
         data: DataConfig,
         scoring: ScoringConfig,
@@ -79,6 +79,10 @@ class ScoringActor:
         threads: int,
         memory: tuple[int | None, str | None] = (None, None),
     ):
+        # name -> (location, versions, slices) of a shard set, or a Held dataset: the pool's object
+        shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]] | Held] = ray.get(
+            held_shares[0]
+        )
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data, self.scoring, self.compute = data, scoring, compute_config
@@ -194,11 +198,13 @@ class ScoringPool:
 
         # Each actor's shares as an object this pool holds: Ray builds a restarted actor (its node
         # or process lost) from the same arguments, and an argument it put in the object store
-        # itself (a held dataset over 100 KB) is freed once the actor is built.
+        # itself (a held dataset over 100 KB) is freed once the actor is built. Passed inside a
+        # list, so the actor fetches it (Ray warns of every restartable actor built from a
+        # reference it resolves itself, though this one stays alive).
         self.shares = [ray.put({name: share(name, i) for name in datasets}) for i in range(num_actors)]
         self.actors = [
             ScoringActor.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}).remote(
-                self.shares[i],
+                [self.shares[i]],
                 spec,
                 data,
                 scoring,

@@ -1,5 +1,5 @@
 """The KubeRay RayJob in deploy/kuberay: the fields KubeRay's v1 RayJob requires, credentials
-only from a Secret, an entrypoint that asd-ray's own parser accepts, and a cluster whose pods
+and Ray's token only from Secrets, an entrypoint that asd-ray's own parser accepts, and a cluster whose pods
 hold exactly the workers, scorers, GPUs and CPUs that the run's settings ask for."""
 
 from __future__ import annotations
@@ -62,15 +62,22 @@ def test_the_rayjob_has_the_fields_kuberay_requires(job):
             assert isinstance(gpus, int) and gpus >= 1, container["name"]  # GPUs as container limits
 
 
-def test_credentials_come_only_from_a_secret(job):
-    containers = [*_containers(job["spec"]["rayClusterSpec"]["headGroupSpec"])]
-    containers += [c for group in _groups(job) for c in _containers(group)]
-    for container in containers:  # the driver (head) and every worker read the bucket
+def test_credentials_and_rays_token_come_only_from_secrets(job):
+    spec = job["spec"]
+    ray_containers = [*_containers(spec["rayClusterSpec"]["headGroupSpec"])]
+    ray_containers += [c for group in _groups(job) for c in _containers(group)]
+    submitters = spec["submitterPodTemplate"]["spec"]["containers"]
+    for container in ray_containers + submitters:
+        env = {item["name"]: item for item in container.get("env", [])}
+        # token authentication on every node and on the pod that runs ray job submit
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], container["name"]
+        for name in (*SECRET_VARIABLES, "RAY_AUTH_TOKEN"):
+            assert "value" not in env.get(name, {}), f"{container['name']}: {name} is inline"
+    for container in ray_containers:  # the driver (head) and every worker read the bucket
         env = {item["name"]: item for item in container.get("env", [])}
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[name]["valueFrom"]["secretKeyRef"]["name"], (container["name"], name)
-        for name in SECRET_VARIABLES:
-            assert "value" not in env.get(name, {}), f"{container['name']}: {name} is inline"
 
 
 def test_the_entrypoint_parses_and_the_pods_hold_exactly_what_the_run_asks_for(job):

@@ -278,11 +278,13 @@ class TwoHosts:
             if not (self.a.kill_all() + self.b.kill_all()):
                 break
             time.sleep(1)
-        if self._moto is not None:
-            self._moto.wait(timeout=30)
-        for host in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
-        shutil.rmtree(self.a_root, ignore_errors=True)
+        try:
+            if self._moto is not None:
+                self._moto.wait(timeout=30)
+        finally:
+            for host in (self.a, self.b):
+                subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
+            shutil.rmtree(self.a_root, ignore_errors=True)
 
 
 def _ip(*args: str) -> None:
