@@ -129,7 +129,9 @@ def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_noth
         r"placement on 1 node\(s\): \S+ \(node \w+\): worker 0, worker 1, scorer 0, scorer 1", log
     )
     # the actor killed is the state API's first, which may be either of the pool's two
-    assert re.search(r"scoring actor [01] was lost during evaluation and restarted on .*the pass took", log), log
+    assert re.search(
+        r"scoring actor [01] was lost during evaluation and restarted on .*the pass took", log
+    ), log
     restart = re.search(
         r"training workers failed during epoch 1 training \(worker\(s\) [01](?:, [01])?: .+\); Ray Train restarted "
         r"them \(restart 1 of cluster.max_failures 1\): worker 0 on .*; recovered in (\d+\.\d)s .*"

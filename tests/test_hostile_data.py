@@ -93,7 +93,7 @@ def _foreign_shard(folder: Path, records: list[tuple[str, bytes]]) -> Path:
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        ([b"2147483647", b"0"], "label 2147483647 would make 2147483648 classes, over the limit of 10000"),
+        ([b"2147483647", b"0"], "label 2147483647 would make 2147483648 classes, over the limit of 22000"),
         ([b"100000", b"1", b"0"], "label 100000 would make 100001 classes"),
         ([b"5", b"1", b"0"], "no record has label 2, yet the largest label 5 makes 6 classes"),
         ([b"0", b"0"], "1 class(es) ['0']; a classifier needs at least 2"),
@@ -109,8 +109,19 @@ def test_import_refuses_class_counts_a_stray_label_makes(tmp_path, capsys, backe
 
 def test_arrays_source_refuses_a_huge_label_before_building_names():
     labels = np.array([0, 1, 2**40])
-    with pytest.raises(DataError, match="over the limit of 10000"):
+    with pytest.raises(DataError, match="over the limit of 22000"):
         from_arrays(np.zeros((3, 4, 4), np.uint8), labels)
+
+
+def test_imagenet_21k_class_count_is_accepted_and_one_more_than_the_limit_refused():
+    from asd_ray.data.sources.base import MAX_CLASSES, check_class_names
+
+    names = [f"n{i:08d}" for i in range(21_841)]  # ImageNet-21k's WordNet ids
+    check_class_names(names, "class list")
+    source = from_arrays(np.zeros((21_841, 4, 4), np.uint8), np.arange(21_841))
+    assert len(source.class_names) == 21_841
+    with pytest.raises(DataError, match=f"{MAX_CLASSES + 1} classes, over the limit of {MAX_CLASSES}"):
+        check_class_names([f"c{i}" for i in range(MAX_CLASSES + 1)], "class list")
 
 
 def test_duplicate_class_names_are_refused(tmp_path, capsys):
@@ -184,7 +195,7 @@ def test_dataset_json_counts_are_checked_against_the_shard_files(tmp_path, backe
 @pytest.mark.parametrize(
     ("pattern", "message"),
     [
-        ("d-{000000..999999}{000..999}.tar", "names 1000000000 files, over the limit of 100000"),
+        ("d-{000000..999999}{000..999}.tar", "names 1000000000 files, over the limit of 220000"),
         ("{" * 30 + "a" + "}" * 30 + ".tar", "nests braces deeper than 4 levels"),
         ("d-{0..1.tar", "unbalanced braces"),
     ],

@@ -12,10 +12,10 @@ from PIL import Image
 
 from asd_ray.errors import DataError
 
-MAX_CLASSES = 10_000
-"""Most classes a shard set may have (ImageNet-1k fits ten times over). Class lists,
-per-class counts and the model's output layer are sized by the class count, so one
-hostile label (``cls=2147483647``) must be refused before anything is allocated."""
+MAX_CLASSES = 22_000
+"""Most classes a shard set may have (ImageNet-21k's 21,841 fit). Class lists, per-class
+counts and the model's output layer are sized by the class count, so one hostile label
+(``cls=2147483647``) must be refused before anything is allocated."""
 
 
 def check_class_names(names: Sequence[str], where: str) -> None:
