@@ -374,6 +374,18 @@ def fault_config():
     return load_config("mnist-quick", overrides=FAULT_RUN)
 
 
+def pipeline_run_flags(root: str) -> dict[str, str]:
+    """``asd-ray run``'s data flags for sets made the quick start's way at ``root`` (a folder
+    or a bucket prefix): clean-train/-test, train (poisoned), poison-test, seeds.parquet."""
+    return {
+        "--train": f"{root}/train",
+        "--test": f"{root}/clean-test",
+        "--poison-test": f"{root}/poison-test",
+        "--seeds": f"{root}/seeds.parquet",
+        "--ground-truth": f"{root}/train/poison.parquet",
+    }
+
+
 def run_outcome(out: Path) -> tuple[list, list]:
     """What a run produced: its split tables and the timing-free part of its metrics rows."""
     from asd_ray import tables

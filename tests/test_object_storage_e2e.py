@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import FAULT_RUN, METRIC_KEYS, TINY_RUN, _start_shared_ray
+from conftest import FAULT_RUN, METRIC_KEYS, TINY_RUN, _start_shared_ray, pipeline_run_flags
 
 from asd_ray import storage, tables
 from asd_ray.cli import main
@@ -76,13 +76,7 @@ def _make_data(capsys, root: str) -> dict[str, str]:
         "10",
         "-q",
     )
-    return {
-        "--train": f"{root}/train",
-        "--test": f"{root}/clean-test",
-        "--poison-test": f"{root}/poison-test",
-        "--seeds": f"{root}/seeds.parquet",
-        "--ground-truth": f"{root}/train/poison.parquet",
-    }
+    return pipeline_run_flags(root)
 
 
 def _run(capsys, inputs: dict[str, str], out: str, *settings: str) -> tuple[str, str]:

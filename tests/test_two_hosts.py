@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import two_hosts
-from conftest import METRIC_KEYS, _stop_shared_ray
+from conftest import METRIC_KEYS, _stop_shared_ray, pipeline_run_flags
 
 from asd_ray import tables
 from asd_ray.cli import main
@@ -69,13 +69,7 @@ def _make_data(root: str, arrays: Path, run) -> dict[str, str]:
         "--test-in", f"{root}/clean-test", "--test-out", f"{root}/poison-test", "-q",
     )  # fmt: skip
     run("seeds", "--in", f"{root}/clean-train", "--out", f"{root}/seeds.parquet", "--per-class", "10", "-q")
-    return {
-        "--train": f"{root}/train",
-        "--test": f"{root}/clean-test",
-        "--poison-test": f"{root}/poison-test",
-        "--seeds": f"{root}/seeds.parquet",
-        "--ground-truth": f"{root}/train/poison.parquet",
-    }
+    return pipeline_run_flags(root)
 
 
 def _arrays(folder: Path) -> Path:
