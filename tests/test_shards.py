@@ -238,3 +238,23 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_manifest_is_streamed_in_row_groups_and_reads_back_whole(tmp_path, monkeypatch):
+    """A writer holds one row group of the manifest at a time (its memory does not grow with
+    the set); the set reads back as if written at once."""
+    import pyarrow.parquet as pq
+
+    from asd_ray.data import shards as shard_module
+
+    monkeypatch.setattr(shard_module, "MANIFEST_ROW_GROUP", 64)
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 300)
+    info = shard_module.write_shards(from_arrays(images, labels), tmp_path / "set", samples_per_shard=100)
+    manifest = tmp_path / "set" / shard_module.MANIFEST_FILE
+    assert pq.ParquetFile(manifest).metadata.num_row_groups == 5  # 4 x 64 + 44
+    assert info.num_samples == 300 and info.image_size == [8, 8] and info.channels == 3
+    shards = ShardSet(tmp_path / "set")
+    assert shards.manifest.column("sample_id").to_pylist() == list(range(300))
+    loaded, read_labels = shards.load_arrays()
+    assert np.array_equal(loaded, images) and np.array_equal(read_labels, labels)

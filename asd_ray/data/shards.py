@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from PIL import Image
 
 from asd_ray import progress, storage, tables
@@ -189,8 +190,21 @@ def _attack_record_ok(attack: object) -> bool:
     )
 
 
+MANIFEST_ROW_GROUP = 16_384  # manifest rows a writer holds before it writes them as one row group
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenManifest:
+    """What :class:`ShardWriter` wrote into ``manifest.parquet``: enough for ``dataset.json``."""
+
+    num_rows: int
+    shapes: frozenset[tuple[int, int, int]]  # the (H, W, C) found
+
+
 class ShardWriter:
-    """Append records to ``NAME-000000.tar``, ``NAME-000001.tar``, ... and build the manifest.
+    """Append records to ``NAME-000000.tar``, ``NAME-000001.tar``, ... and stream the manifest
+    into ``manifest.parquet``, a row group every :data:`MANIFEST_ROW_GROUP` records, so the
+    writer's memory does not grow with the set (ImageNet-21k has 14 M records).
 
     Used by :func:`write_shards` and by the attacks, which copy clean records'
     bytes unchanged and re-encode only the images they modify.
@@ -206,6 +220,8 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._shard_index, self._in_shard = -1, 0
         self._rows: dict[str, list] = {f: [] for f in tables.schema("manifest").names}
+        self._manifest = pq.ParquetWriter(folder / MANIFEST_FILE, tables.schema("manifest"))
+        self._written, self._shapes = 0, set()
         self._counts: list[dict[str, int | str]] = []
 
     def add(
@@ -229,17 +245,29 @@ class ShardWriter:
             strict=True,
         ):
             self._rows[column].append(value)
+        self._shapes.add(tuple(shape))
         self._in_shard += 1
         self._counts[-1]["count"] = self._in_shard
+        if len(self._rows["sample_id"]) == MANIFEST_ROW_GROUP:
+            self._write_rows()
 
-    def close(self) -> tuple[pa.Table, list[dict[str, int | str]]]:
-        """Finish the last shard; return the manifest table and per-shard counts."""
+    def close(self) -> tuple[WrittenManifest, list[dict[str, int | str]]]:
+        """Finish the last shard and the manifest; what the manifest holds, and per-shard counts."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        self._write_rows()
+        self._manifest.close()
         if not self._counts:
             raise DataError("no samples to write: the source is empty")
-        return tables.from_pydict(self._rows, "manifest"), self._counts
+        return WrittenManifest(self._written, frozenset(self._shapes)), self._counts
+
+    def _write_rows(self) -> None:
+        """The rows held, checked against the schema, as one row group of the manifest."""
+        if self._rows["sample_id"]:
+            self._manifest.write_table(tables.from_pydict(self._rows, "manifest"))
+            self._written += len(self._rows["sample_id"])
+            self._rows = {column: [] for column in self._rows}
 
     def _next_shard(self) -> None:
         if self._tar is not None:
@@ -258,28 +286,26 @@ class ShardWriter:
 
 def finish_shard_set(
     folder: Path,
-    manifest: pa.Table,
+    manifest: WrittenManifest,
     counts: list[dict[str, int | str]],
     *,
     class_names: Sequence[str],
     source: str,
     attack: dict | None = None,
 ) -> ShardSetInfo:
-    """Write ``manifest.parquet`` and ``dataset.json`` into a folder of finished shards."""
-    heights = manifest.column("height").unique().to_pylist()
-    widths = manifest.column("width").unique().to_pylist()
-    channels = manifest.column("channels").unique().to_pylist()
+    """Write ``dataset.json`` into a folder of finished shards and their manifest (what
+    :meth:`ShardWriter.close` returned): the mark that the set is complete."""
+    heights, widths, channels = ({shape[axis] for shape in manifest.shapes} for axis in range(3))
     info = ShardSetInfo(
         name=str(counts[0]["file"]).rsplit("-", 1)[0],
         num_samples=manifest.num_rows,
         class_names=list(class_names),
         shards=counts,
-        image_size=[heights[0], widths[0]] if len(heights) == len(widths) == 1 else None,
-        channels=channels[0] if len(channels) == 1 else None,
+        image_size=[*heights, *widths] if len(heights) == len(widths) == 1 else None,
+        channels=next(iter(channels)) if len(channels) == 1 else None,
         source=source,
         attack=attack,
     )
-    tables.write_parquet(manifest, folder / MANIFEST_FILE, "manifest")
     (folder / DATASET_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
     return info
 
