@@ -153,6 +153,8 @@ def _placement(log: str) -> dict[tuple[str, str], str]:
 
 
 def test_the_mission_command_submitted_to_two_hosts_equals_the_one_node_run(hosts, reference, tmp_path):
+    # the dashboard has token authentication: a wrong token is refused, the cluster's answered
+    assert "token is invalid" in hosts.refusal_of("0" * 32) and hosts.refusal_of(hosts.token) == ""
     out = f"s3://{BUCKET}/runs/submitted"
     job = hosts.submit(
         *_flags(hosts.inputs), "--out", out, "--workers", "2", "--scorers", "2", *_sets(*PLACED)

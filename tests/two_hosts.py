@@ -239,6 +239,16 @@ class TwoHosts:
                 return status
             time.sleep(1)
 
+    def refusal_of(self, token: str) -> str:
+        """What A's dashboard answers a client that lists the jobs with another ``token``
+        ("" if it answers)."""
+        code = (
+            "import sys; from ray.job_submission import JobSubmissionClient as C; C(sys.argv[1]).list_jobs()"
+        )
+        env = {**self.env(), "RAY_AUTH_TOKEN": token, "HOME": str(self.a_root)}  # no ~/.ray/auth_token
+        said = self.a.run([sys.executable, "-c", code, self.dashboard], env, check=False)
+        return "" if said.returncode == 0 else said.stderr.strip().splitlines()[-1]
+
     def job_logs(self, submission_id: str) -> str:
         return self.a.run([RAY, "job", "logs", "--address", self.dashboard, submission_id], self.env(),
                           check=False).stdout  # fmt: skip
