@@ -67,7 +67,7 @@ class Mailbox:
         self._places[rank] = place
 
     async def note_failure(self, what: str) -> None:
-        """Ray Train's controller saw workers fail (:class:`asd_ray.placement.FailureNotes`);
+        """Ray Train's controller saw workers fail (:class:`asd_ray.failure_notes.FailureNotes`);
         the first report since the last group started is the one kept."""
         if self._failure is None:
             self._failure = (time.time(), what, self._seq > self._answered)
