@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from asd_ray.files import kind_of
 from asd_ray.storage import Location
 
 MAX_TABLE_BYTES = 4 * 1024**3  # a table read from object storage is held in memory
+# Rows per Parquet row group written (pyarrow's default is 1,048,576): a reader of a few rows
+# (``asd-ray audit sample``) decodes one group of this many, found by its sample_id statistics.
+ROW_GROUP_ROWS = 65_536
 TABLE_NAMES = ("manifest", "poison", "seeds", "scores", "splits", "metrics", "flags")
 
 _UMASK = os.umask(0)
@@ -77,16 +80,24 @@ def schema(name: str) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
-def validate(table: pa.Table, name: str, *, where: str = "table") -> pa.Table:
+def validate(
+    table: pa.Table, name: str, *, where: str = "table", columns: Sequence[str] | None = None
+) -> pa.Table:
     """Check ``table`` against schema ``name`` and return it in schema column order.
 
     Columns must match by name and exact type; non-nullable columns must hold no
-    null. A file written under another version of the schema is refused.
+    null. A file written under another version of the schema is refused. With
+    ``columns``, ``table`` is a projection holding just those columns of the schema.
 
     Raises:
         DataError: naming ``where`` (a path, usually), the column and the fix.
     """
     expected = schema(name)
+    if columns is not None:
+        unknown = sorted(set(columns) - set(expected.names))
+        if unknown:
+            raise ValueError(f"{unknown}: not columns of the {name} schema")
+        expected = pa.schema([f for f in expected if f.name in columns], metadata=expected.metadata)
     meta = table.schema.metadata or {}
     version = meta.get(b"asd_ray.schema_version")
     wanted = expected.metadata[b"asd_ray.schema_version"].decode()
@@ -129,8 +140,11 @@ def from_pydict(columns: dict[str, Any], name: str) -> pa.Table:
     return validate(table, name)
 
 
-def id_order(ids: np.ndarray, *, where: str, fix: str, n: int | None = None) -> np.ndarray:
-    """Row order that sorts the sample ``ids``, which must be exactly 0..n-1, each once.
+def id_order(
+    ids: np.ndarray, *, where: str, fix: str, n: int | None = None, complete: bool = True
+) -> np.ndarray:
+    """Row order that sorts the sample ``ids``, which must be exactly 0..n-1, each once
+    (or, not ``complete``, some of them: a part of a table, such as one row group).
 
     Rows are matched to samples by id, never by position, so a table re-saved in
     another order reads the same; a missing, repeated or foreign id is refused
@@ -142,6 +156,8 @@ def id_order(ids: np.ndarray, *, where: str, fix: str, n: int | None = None) -> 
     """
     if len(ids) == 0:
         raise DataError(f"{where}: the table is empty; {fix}")
+    if complete and n in (None, len(ids)) and ids[0] == 0 and (np.diff(ids) == 1).all():
+        return np.arange(len(ids))  # written in sample_id order (every table asd-ray writes): no sort
     order = np.argsort(ids, kind="stable")
     ordered = ids[order]
     dup = ordered[1:][ordered[1:] == ordered[:-1]]
@@ -151,7 +167,7 @@ def id_order(ids: np.ndarray, *, where: str, fix: str, n: int | None = None) -> 
     out = ordered[(ordered < 0) | (ordered >= n)]
     if out.size:
         raise DataError(f"{where}: sample id {out[0]} is outside 0..{n - 1}; {fix}")
-    if ordered.size != n:  # distinct ids in 0..n-1: the first gap is the first id missing
+    if complete and ordered.size != n:  # distinct ids in 0..n-1: the first gap is the first id missing
         gaps = np.flatnonzero(ordered != np.arange(ordered.size))
         first = int(gaps[0]) if gaps.size else ordered.size
         raise DataError(
@@ -175,42 +191,111 @@ def write_parquet(
     where = storage.location(path)
     table = validate(table, name, where=str(where))
     with atomic_file(where, overwrite=overwrite) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return where.local if where.is_local else where
 
 
 def read_parquet(
     path: str | Path | Location, name: str, *, rows: int | None = None, data: bytes | None = None
 ) -> pa.Table:
-    """Read a Parquet file (a local path or an object of at most :data:`MAX_TABLE_BYTES`)
-    and validate it against schema ``name``.
+    """Read a whole Parquet file (a local path or an object of at most :data:`MAX_TABLE_BYTES`)
+    and validate it against schema ``name`` (:class:`ParquetReader`, whose arguments these are)."""
+    with ParquetReader(path, name, rows=rows, data=data) as reader:
+        return reader.read()
+
+
+class ParquetReader:
+    """One Parquet file opened for reading some of its columns or row groups.
+
+    The footer is checked before any row is read: the row count (a 5 MB file can
+    declare 200 M rows) and the schema's names, types and version. Each read then checks
+    the nulls of what it read. An object is read whole, once (at most
+    :data:`MAX_TABLE_BYTES`). Row-group statistics come from the file and may lie: a
+    caller that picks row groups by them must check the ids of the rows it gets.
 
     Args:
-        rows: the row count the table must have, checked from the file's metadata
-            before any row is read (a 5 MB file can declare 200 M rows).
+        rows: the row count the table must have.
         data: the file's bytes, when the caller has read them already (for a digest).
+
+    Raises:
+        DataError: naming the file: missing, not Parquet, another schema, another row count.
     """
-    where = storage.location(path)
-    if data is not None:
-        source: Any = pa.BufferReader(data)
-    elif where.is_local:
-        if not where.local.is_file():
-            raise DataError(f"{where}: no such {name} table; check the path")
-        source = where.local
-    else:
-        fix = f"check the location of the {name} table"
-        source = pa.BufferReader(storage.read_bytes(where, limit=MAX_TABLE_BYTES, fix=fix))
-    try:
-        declared = pq.read_metadata(source).num_rows
-        if rows is not None and declared != rows:
-            raise DataError(f"{where}: {declared} rows where {rows} are expected; re-create the {name} table")
-        table = pq.read_table(source)
-    except (pa.ArrowException, OSError) as err:  # invalid, unsupported codec or type, unreadable
-        reason = (str(err).strip().splitlines() or [""])[0]  # Arrow's messages may list a whole schema
-        raise DataError(
-            f"{where}: not a readable Parquet file ({type(err).__name__}: {reason}); re-create it"
-        ) from None
-    return validate(table, name, where=str(where))
+
+    def __init__(
+        self, path: str | Path | Location, name: str, *, rows: int | None = None, data: bytes | None = None
+    ) -> None:
+        self.where, self.name = storage.location(path), name
+        if data is not None:
+            source: Any = pa.BufferReader(data)
+        elif self.where.is_local:
+            if not self.where.local.is_file():
+                raise DataError(f"{self.where}: no such {name} table; check the path")
+            source = self.where.local
+        else:
+            fix = f"check the location of the {name} table"
+            source = pa.BufferReader(storage.read_bytes(self.where, limit=MAX_TABLE_BYTES, fix=fix))
+        with self._readable():
+            self._file = pq.ParquetFile(source)
+            schema_read = self._file.schema_arrow
+        try:
+            declared = self.metadata.num_rows
+            if rows is not None and declared != rows:
+                raise DataError(
+                    f"{self.where}: {declared} rows where {rows} are expected; re-create the {name} table"
+                )
+            validate(schema_read.empty_table(), name, where=str(self.where))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        """The file's footer: row count, row groups and their statistics."""
+        return self._file.metadata
+
+    def read(self, columns: Sequence[str] | None = None, row_groups: Sequence[int] | None = None) -> pa.Table:
+        """The rows of ``row_groups`` (default all), only ``columns`` (default all, in schema
+        order), validated."""
+        with self._readable():
+            if row_groups is None:
+                table = self._file.read(columns=list(columns) if columns is not None else None)
+            else:
+                table = self._file.read_row_groups(
+                    list(row_groups), columns=list(columns) if columns is not None else None
+                )
+        return validate(table, self.name, where=str(self.where), columns=columns)
+
+    def row_groups_holding(self, column: str, value: int) -> list[int]:
+        """Row groups whose statistics of integer ``column`` do not rule out ``value``
+        (every group without statistics), ascending."""
+        index = self._file.schema_arrow.get_field_index(column)
+        found = []
+        for group in range(self.metadata.num_row_groups):
+            stats = self.metadata.row_group(group).column(index).statistics
+            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+                found.append(group)
+        return found
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ParquetReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _readable(self) -> Iterator[None]:
+        """Arrow's errors on an invalid file, an unsupported codec or type, or an unreadable
+        one, as one DataError naming the file."""
+        try:
+            yield
+        except (pa.ArrowException, OSError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0]  # Arrow's messages may list a whole schema
+            raise DataError(
+                f"{self.where}: not a readable Parquet file ({type(err).__name__}: {reason}); re-create it"
+            ) from None
 
 
 def _temporary_beside(path: Path, *, folder: bool) -> Path:
