@@ -154,12 +154,12 @@ def _export(args: argparse.Namespace) -> dict:
     out = storage.location(args.out)
     # refused before the work, checked again when written
     tables.check_output(out, overwrite=args.overwrite)
-    flags = history.flag_history(args.run)
+    flags = history.flag_history(args.run)  # Arrow columns, no Python object per sample
     if args.format == "parquet":
         tables.write_parquet(flags, out, "flags", overwrite=args.overwrite)
     else:
         with tables.atomic_file(out, overwrite=args.overwrite) as tmp:
-            pacsv.write_csv(flags, tmp)
+            pacsv.write_csv(flags, tmp)  # a batch of rows at a time
     say(f"wrote {flags.num_rows} rows to {out}")
     return {
         "command": "audit export",
@@ -169,8 +169,25 @@ def _export(args: argparse.Namespace) -> dict:
     }
 
 
+MANIFEST_COLUMNS = (
+    "sample_id",
+    "key",
+    "shard",
+    "label",
+    "suspicion",
+    "last_pool",
+    "pinned",
+    "flagged_streak",
+    "epochs_polluted",
+)
+
+
 def _manifest(args: argparse.Namespace) -> dict:
-    import csv
+    """The chosen rows are picked, joined to their records' keys and shards, and written
+    by pyarrow (the CSV a batch at a time): no Python object per sample."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from asd_ray import tables
     from asd_ray.audit import history
@@ -179,56 +196,60 @@ def _manifest(args: argparse.Namespace) -> dict:
         raise DataError(f"--threshold {args.threshold}: give a suspicion in [0, 1]")
     out = storage.location(args.out)
     tables.check_output(out, overwrite=args.overwrite)
-    flags = history.flag_history(args.run).to_pylist()
-    chosen = [
-        r for r in flags if r["suspicion"] >= args.threshold and r["pinned"] != "trusted"
-    ]  # training ids
-    shards = history.train_shards(
-        args.run, history.read_split(args.run, history.resolve_epoch(args.run, "last"))
+    flags = history.flag_history(args.run)
+    trusted = pc.fill_null(pc.equal(flags.column("pinned"), "trusted"), False)
+    chosen = flags.filter(  # training ids: a seed's trusted copy is no record of the set
+        pc.and_(pc.greater_equal(flags.column("suspicion"), args.threshold), pc.invert(trusted))
     )
+    last = history.resolve_epoch(args.run, "last")
+    shards = history.train_shards(args.run, history.read_split(args.run, last, ("pinned", "is_seed")))
     if shards is None:
         folder = run_folder.read_inputs(args.run)["train"]
         raise DataError(
             f"{folder}: the run's training shards are no longer there; put them back to list keys"
         )
-    manifest = shards.manifest.to_pydict()
-    keys, files = manifest["key"], manifest["shard"]
-    columns = [
-        "sample_id",
-        "key",
-        "shard",
-        "label",
-        "suspicion",
-        "last_pool",
-        "pinned",
-        "flagged_streak",
-        "epochs_polluted",
-    ]
-    with tables.atomic_file(out, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in chosen:
-            i = row["sample_id"]
-            writer.writerow(
-                [
-                    i,
-                    keys[i],
-                    files[i],
-                    row["label"],
-                    f"{row['suspicion']:.6f}",
-                    row["last_pool"],
-                    row["pinned"],
-                    row["flagged_streak"],
-                    row["epochs_polluted"],
-                ]
-            )
-    say(f"{len(chosen)} of {len(flags)} samples have suspicion >= {args.threshold}; wrote {out}")
+    ids = chosen.column("sample_id").to_numpy()
+    records = shards.manifest_rows(ids, ("key", "shard"))
+    if not np.array_equal(records.column("sample_id").to_numpy(), ids):  # flags are in id order
+        raise DataError(f"{shards.folder}: its manifest does not list samples {ids[:3]}...; re-make the shard set")
+    six_places = pc.cast(pc.cast(chosen.column("suspicion"), pa.decimal128(16, 6), safe=False), pa.string())
+    columns = {
+        name: records.column(name)
+        if name in ("key", "shard")
+        else six_places
+        if name == "suspicion"
+        else chosen.column(name)
+        for name in MANIFEST_COLUMNS
+    }
+    _write_csv(pa.table(columns), out, overwrite=args.overwrite)
+    say(f"{chosen.num_rows} of {flags.num_rows} samples have suspicion >= {args.threshold}; wrote {out}")
     return {
         "command": "audit manifest",
         "out": shown(out),
-        "samples": len(chosen),
+        "samples": chosen.num_rows,
         "threshold": args.threshold,
     }
+
+
+def _write_csv(table, out: storage.Location, *, overwrite: bool) -> None:
+    """``table`` as CSV the way Python's csv module writes it (CRLF line ends, no quotes),
+    a batch of rows at a time; if a string holds a comma, quote or line end, every string
+    is quoted (pyarrow quotes all strings or none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    from asd_ray import tables
+
+    special = any(
+        pc.any(pc.match_substring_regex(table.column(i), r'[",\r\n]')).as_py()
+        for i, field in enumerate(table.schema)
+        if pa.types.is_string(field.type)
+    )
+    quoting = "needed" if special else "none"
+    options = pacsv.WriteOptions(eol="\r\n", quoting_style=quoting, quoting_header="none")
+    with tables.atomic_file(out, overwrite=overwrite) as tmp:
+        pacsv.write_csv(table, tmp, write_options=options)
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
