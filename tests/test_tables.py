@@ -118,3 +118,38 @@ def test_a_folder_output_is_never_a_link_or_a_file(tmp_path, make):
     ):
         pass
     assert os.path.lexists(path) and not list((tmp_path / "real").iterdir())
+
+
+def _seeds(n: int) -> pa.Table:
+    ids = list(range(n))
+    columns = {"sample_id": ids, "key": [f"{i:09d}" for i in ids], "label": [i % 3 for i in ids]}
+    return tables.from_pydict({**columns, "dataset": ["/d"] * n, "method": ["random"] * n}, "seeds")
+
+
+def test_tables_are_written_in_bounded_row_groups_found_by_their_statistics(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 10)
+    path = tables.write_parquet(_seeds(35), tmp_path / "s.parquet", "seeds")
+    with tables.ParquetReader(path, "seeds") as reader:
+        assert [reader.metadata.row_group(g).num_rows for g in range(4)] == [10, 10, 10, 5]
+        assert reader.row_groups_holding("sample_id", 23) == [2]
+        part = reader.read(["sample_id", "label"], row_groups=[2])
+    assert part.column_names == ["sample_id", "label"] and part.column("sample_id").to_pylist() == list(range(20, 30))
+    assert tables.read_parquet(path, "seeds").equals(_seeds(35))
+
+
+def test_a_projected_read_checks_the_footer_and_the_columns_it_reads(tmp_path):
+    table = _seeds(4)
+    nulls = table.set_column(1, pa.field("key", pa.string()), pa.array([None] * 4, pa.string()))
+    pq.write_table(nulls, tmp_path / "n.parquet")
+    with tables.ParquetReader(tmp_path / "n.parquet", "seeds") as reader:
+        assert reader.read(["sample_id"]).num_rows == 4  # the nulls are elsewhere
+        with pytest.raises(DataError, match="column 'key' holds 4 null"):
+            reader.read(["key"])
+    pq.write_table(table.set_column(4, "method", pa.array([1, 2, 3, 4])), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match="column 'method' has type int64"):  # from the footer, unread
+        tables.ParquetReader(tmp_path / "t.parquet", "seeds")
+    with pytest.raises(DataError, match="4 rows where 5 are expected"):
+        tables.ParquetReader(tmp_path / "n.parquet", "seeds", rows=5)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+        tables.ParquetReader(tmp_path / "junk.parquet", "seeds")
