@@ -74,7 +74,11 @@ def test_audit_sample_reads_one_row_group_per_epoch(runs, monkeypatch):
 def test_flag_history_reads_the_pools_of_each_epoch_and_one_whole_table(runs, monkeypatch):
     reads = _count_reads(monkeypatch)
     history.flag_history(runs[1])
-    assert [r[1] for r in reads] == [None, tuple(history._to_read(["pool"])), tuple(history._to_read(["pool"]))]
+    assert [r[1] for r in reads] == [
+        None,
+        tuple(history._to_read(["pool"])),
+        tuple(history._to_read(["pool"])),
+    ]
     assert set(history._to_read(["pool"])) == set(history.CHECKED_COLUMNS)  # loss, rank, ... are not read
 
 
@@ -139,7 +143,17 @@ def _old_manifest(run, shards, threshold: float) -> bytes:
     out = io.StringIO(newline="")
     writer = csv.writer(out)
     writer.writerow(
-        ["sample_id", "key", "shard", "label", "suspicion", "last_pool", "pinned", "flagged_streak", "epochs_polluted"]
+        [
+            "sample_id",
+            "key",
+            "shard",
+            "label",
+            "suspicion",
+            "last_pool",
+            "pinned",
+            "flagged_streak",
+            "epochs_polluted",
+        ]
     )
     for row, record in zip(chosen, records):
         writer.writerow(

@@ -133,7 +133,9 @@ def test_tables_are_written_in_bounded_row_groups_found_by_their_statistics(tmp_
         assert [reader.metadata.row_group(g).num_rows for g in range(4)] == [10, 10, 10, 5]
         assert reader.row_groups_holding("sample_id", 23) == [2]
         part = reader.read(["sample_id", "label"], row_groups=[2])
-    assert part.column_names == ["sample_id", "label"] and part.column("sample_id").to_pylist() == list(range(20, 30))
+    assert part.column_names == ["sample_id", "label"] and part.column("sample_id").to_pylist() == list(
+        range(20, 30)
+    )
     assert tables.read_parquet(path, "seeds").equals(_seeds(35))
 
 

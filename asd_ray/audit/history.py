@@ -9,8 +9,8 @@ object-store prefix (:mod:`asd_ray.storage`): a run given as a ``str`` may be a 
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,7 +115,9 @@ def _metrics_row(run: Run, epoch: int) -> dict[str, Any]:
     return rows[0]
 
 
-def _check_rows(run: Run, split: pa.Table, epoch: int, row: dict[str, Any], *, where: str, part: bool) -> None:
+def _check_rows(
+    run: Run, split: pa.Table, epoch: int, row: dict[str, Any], *, where: str, part: bool
+) -> None:
     """Check the :data:`CHECKED_COLUMNS` of an epoch's split rows against its metrics row
     ``row`` and the run's classes: the whole table (its ids already checked), or a
     ``part`` of it, whose pools may not outnumber the recorded ones."""

@@ -211,7 +211,9 @@ def _manifest(args: argparse.Namespace) -> dict:
     ids = chosen.column("sample_id").to_numpy()
     records = shards.manifest_rows(ids, ("key", "shard"))
     if not np.array_equal(records.column("sample_id").to_numpy(), ids):  # flags are in id order
-        raise DataError(f"{shards.folder}: its manifest does not list samples {ids[:3]}...; re-make the shard set")
+        raise DataError(
+            f"{shards.folder}: its manifest does not list samples {ids[:3]}...; re-make the shard set"
+        )
     six_places = pc.cast(pc.cast(chosen.column("suspicion"), pa.decimal128(16, 6), safe=False), pa.string())
     columns = {
         name: records.column(name)
