@@ -57,6 +57,30 @@ def test_bench_driver_runs_small_and_reports_every_figure() -> None:
     assert result["peak_memory_gb"] > 0 and result["audit_s"] > 0
 
 
+@pytest.mark.slow  # 17 processes that each import torch, and a Ray (about 1.5 minutes): run with -m slow
+def test_bench_scale_smoke_measures_every_command_and_extrapolates(tmp_path) -> None:
+    out = tmp_path / "bench_scale.jsonl"
+    summary, _ = _job("bench_scale.py", "--smoke", "--out", str(out), timeout=600)
+    assert summary["job"] == "bench_scale" and summary["smoke"] is True and summary["errors"] == []
+    commands = {"shards make", "shards inspect", "ShardSet open", "training worker share", "driver records"}
+    commands |= {"scoring pool", "report", "audit summary", "audit flagged --top", "audit flagged --class"}
+    commands |= {"audit sample", "audit export parquet", "audit export csv", "audit manifest"}
+    largest = summary["largest"]
+    assert set(largest) == commands
+    for line in largest.values():
+        assert line["samples"] == 2000 and line["epochs"] == 3
+        assert line["cpu_s"] > 0 and line["peak_added_mb"] > 0 and line["startup_rss_mb"] > 0
+    assert largest["ShardSet open"]["held_bytes_per_sample"] > 0
+    assert largest["scoring pool"]["samples_per_s"] > 0 and largest["scoring pool"]["actor_peak_mb"] > 0
+    assert len(largest["driver records"]["rss_by_epoch_mb"]) == 3
+    assert summary["startup"]["cpu_s"] > 0 and summary["shardset_bytes_per_sample"] > 0
+    assert all(isinstance(value, bool) for value in summary["targets"].values()) and summary["targets"]
+    processes = summary["extrapolation"]["processes"]
+    assert set(processes) == commands and all(p["peak_gb"] > 0 for p in processes.values())
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[-1] == summary and len(lines) == len(commands) + 2  # start-up, each command, summary
+
+
 def test_bench_storage_smoke_reads_a_share_from_its_s3_server_one_get_per_small_shard() -> None:
     result, _ = _job("bench_storage.py", "--smoke", timeout=120)
     assert result["bench"] == "storage" and result["smoke"] is True
