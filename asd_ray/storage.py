@@ -437,10 +437,13 @@ class _ResumingStream:
     failed open or read is retried up to ``storage.retries`` times in a row, with backoff
     (capped), the object reopened at the offset reached after checking that its size and
     ETag have not changed; each retry is counted (:class:`RetryCounter`). A read that makes
-    progress renews the allowance, and the object must end at the size it had."""
+    progress renews the allowance, and the object must end at the size it had. A stream
+    of a range ``[start, stop)`` ends at ``stop``."""
 
-    def __init__(self, where: Location, expected: ObjectVersion | None):
-        self.where, self.offset, self.version = where, 0, expected
+    def __init__(
+        self, where: Location, expected: ObjectVersion | None, start: int = 0, stop: int | None = None
+    ):
+        self.where, self.offset, self.stop, self.version = where, start, stop, expected
         self.fs = _filesystem(where.scheme, where.settings, sdk_retries=False)
         self.closed = threading.Event()  # set by the reader that gives the stream up
         self._stream: Any = None
@@ -467,7 +470,7 @@ class _ResumingStream:
 
     def _reopen(self) -> None:
         """Open the object at the offset reached (a ranged read after a failure)."""
-        if self.offset == 0:
+        if self.offset == 0 and self.stop is None:
             stream = self.fs.open_input_stream(self.where.fs_path, compression=None)
         else:
             stream = self.fs.open_input_file(self.where.fs_path)
@@ -487,6 +490,10 @@ class _ResumingStream:
                 self._reopen()
             return self._stream.read(size)
 
+        if self.stop is not None:
+            size = min(size, self.stop - self.offset)
+            if size <= 0:
+                return b""
         data = self._retrying(attempt, f"reading at byte {self.offset}")
         self.offset += len(data)
         if data:
@@ -571,28 +578,49 @@ class _ReadAhead:
         self._chunk, self._ended = b"", True
 
 
+class _Limited:
+    """The first ``size`` bytes of a stream (a range of a local file)."""
+
+    def __init__(self, stream: BinaryIO, size: int):
+        self._stream, self._left = stream, size
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size < 0 else min(size, self._left)
+        data = self._stream.read(size)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 def _is_refusal(err: OSError) -> bool:
     """An error no retry can mend: access denied, a missing bucket or key."""
     return any(code in str(err) for code in (*_DENIED, *_MISSING))
 
 
 @contextlib.contextmanager
-def open_stream(where: Location, *, expected: ObjectVersion | None = None) -> Iterator[BinaryIO]:
+def open_stream(
+    where: Location, *, expected: ObjectVersion | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[BinaryIO]:
     """A read stream (``read(n)`` only) over ``where``: a buffered local file, or an object
     read in 8 MiB ranges that resumes after a dropped connection.
 
     Args:
         expected: the object's version when its set was opened; a changed object is refused.
+        start, stop: read only bytes ``start <= i < stop`` (default: all).
     """
     if where.is_local:
+        size = None if stop is None else stop - start
         try:
-            handle = open(where.local, "rb", buffering=1 << 20)
+            handle = open(where.local, "rb", buffering=min(1 << 20, max(size or 1 << 20, 1)))
+            handle.seek(start)
         except OSError as err:
             raise failure(where, err, "opening it") from None
         with handle:
-            yield handle
+            yield handle if size is None else _Limited(handle, size)
         return
-    stream = _ReadAhead(_ResumingStream(where, expected))
+    stream = _ReadAhead(_ResumingStream(where, expected, start, stop))
     try:
         yield stream  # type: ignore[misc]
     finally:

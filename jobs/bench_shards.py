@@ -53,7 +53,7 @@ def bench(name: str, source: Source, n: int, repeats: int, folder: Path) -> dict
         with open(p.path, "rb") as stream:
             records = iter_records(stream, str(p.path), start=p.start, stop=p.stop)
             encoded.append(
-                [next(v for e, v in members.items() if e in IMAGE_EXTS) for _, _, members in records]
+                [next(v for e, v in members.items() if e in IMAGE_EXTS) for _, _, members, _ in records]
             )
     best_read = best_memory = float("inf")
     for _ in range(repeats):

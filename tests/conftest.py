@@ -209,9 +209,9 @@ def backend(request, monkeypatch) -> Backend:
 
 
 def local_records(path: Path, **window) -> list[tuple[int, str, dict[str, bytes]]]:
-    """Every record of a local shard file, as ``iter_records`` reads it."""
+    """Every record of a local shard file, as ``iter_records`` reads it (without offsets)."""
     with open(path, "rb") as stream:
-        return list(iter_records(stream, str(path), **window))
+        return [record[:3] for record in iter_records(stream, str(path), **window)]
 
 
 @pytest.fixture
@@ -505,3 +505,42 @@ def fault_proxy(s3_server):
     proxy = FaultProxy(s3_server.address)
     yield proxy
     proxy.stop()
+
+
+class ShardReads:
+    """Every byte range opened through ``storage.open_stream`` and the bytes read from them."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes, self.ranges = 0, []
+
+
+@pytest.fixture
+def shard_reads(monkeypatch) -> ShardReads:
+    """Count what is read from shard files (and any other stream) from now on."""
+    from asd_ray import storage
+
+    seen, real = ShardReads(), storage.open_stream
+
+    class Counted:
+        def __init__(self, stream) -> None:
+            self._stream = stream
+
+        def read(self, size: int = -1) -> bytes:
+            data = self._stream.read(size)
+            seen.bytes += len(data)
+            return data
+
+        def close(self) -> None:
+            self._stream.close()
+
+    @contextlib.contextmanager
+    def counting(where, **window):
+        seen.ranges.append((where.name, window.get("start", 0), window.get("stop")))
+        with real(where, **window) as stream:
+            yield Counted(stream)
+
+    monkeypatch.setattr(storage, "open_stream", counting)
+    return seen

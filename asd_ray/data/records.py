@@ -143,24 +143,36 @@ def _group_count(expr: str) -> int:
 
 
 def iter_records(
-    stream: BinaryIO, where: str, *, start: int = 0, stop: int | None = None
-) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Yield ``(index_in_shard, key, members)`` of one shard, members only of safe types.
+    stream: BinaryIO,
+    where: str,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    base: int = 0,
+    to_end: bool = True,
+) -> Iterator[tuple[int, str, dict[str, bytes], int]]:
+    """Yield ``(index, key, members, offset)`` of one shard, members only of safe types;
+    ``offset`` is where the record's first header lies in the shard.
 
     Args:
         stream: the shard, read with ``read(n)`` only (a local file or an object
             storage stream); ``where``, its path or URL, names it in messages.
         start, stop: the records to yield; those before ``start`` are still walked
             and checked, but their data is dropped as it is read.
+        base, to_end: where ``stream`` starts in the shard and whether it runs to the
+            shard's end (see :func:`~asd_ray.data.tar.tar_members`): a range of records
+            read alone, whose indices count from its first record.
 
     Raises:
         DataError: on a refused member type (pickle, ...), a duplicate key or a
             record without an image or ``cls``, naming shard and key.
     """
     shard = where.rsplit("/", 1)[-1]
-    current_key, members, index, seen = None, {}, -1, set()
+    current_key, members, index, seen, offset = None, {}, -1, set(), base
     keep_data = _from_record(start) if start else None
-    for name, data in tar_members(stream, where, keep_data=keep_data):  # sees what tarfile sees, or refuses
+    # tar_members sees what tarfile sees, or refuses
+    walk = tar_members(stream, where, keep_data=keep_data, offsets=True, base=base, to_end=to_end)
+    for name, data, at in walk:
         key, dot, ext = _split_name(name)
         if not dot:
             raise DataError(f"{where}: member {name!r} has no extension; expected KEY.EXT")
@@ -181,7 +193,7 @@ def iter_records(
         if key != current_key:
             if index >= start:
                 _check_members(shard, current_key, members)
-                yield index, current_key, members
+                yield index, current_key, members, offset
             if key in seen:
                 raise DataError(
                     f"{shard}: duplicate key {key!r}; every record needs its own key: re-make the shard"
@@ -190,14 +202,14 @@ def iter_records(
             index += 1
             if stop is not None and index >= stop:
                 return
-            current_key, members = key, {}
+            current_key, members, offset = key, {}, at
         if ext in members:
             raise DataError(f"{shard}: record {key!r} has two {ext!r} members; re-make the shard")
         if index >= start:
             members[ext] = data
     if current_key is not None and index >= start:
         _check_members(shard, current_key, members)
-        yield index, current_key, members
+        yield index, current_key, members, offset
 
 
 def _split_name(name: str) -> tuple[str, str, str]:

@@ -149,8 +149,14 @@ class _Window:
 
 
 def tar_members(
-    stream: BinaryIO, where: str, *, keep_data: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytes | None]]:
+    stream: BinaryIO,
+    where: str,
+    *,
+    keep_data: Callable[[str], bool] | None = None,
+    offsets: bool = False,
+    base: int = 0,
+    to_end: bool = True,
+) -> Iterator[tuple[str, bytes | None]] | Iterator[tuple[str, bytes | None, int]]:
     """Yield ``(name, data)`` of every regular member of a tar stream, in order.
 
     Args:
@@ -158,6 +164,15 @@ def tar_members(
         where: the shard's path or URL, for messages.
         keep_data: given, a member whose name it refuses is walked and checked as
             any other but comes with ``None``: its data is read and dropped.
+        offsets: yield ``(name, data, offset)``, ``offset`` being where the member's
+            first header (an extension header's, if it has one) lies in the archive:
+            where a reader of that member alone starts.
+        base: where the stream starts in the archive (a range of it): byte positions,
+            in offsets and messages, count from the archive's start.
+        to_end: the stream runs to the archive's end, where an all-zero block may end
+            it. False: it is a range of whole members, which ends with its last member;
+            an all-zero block inside it (a tar's end, which would hide what follows from
+            other readers) is refused.
 
     Raises:
         DataError: empty, truncated or corrupt archive, a failed checksum, a
@@ -165,16 +180,18 @@ def tar_members(
             naming the shard and the byte offset.
     """
     window = _Window(stream)
+    window.base = base
     window.move(0, BLOCK)
     if not window.data:
         raise DataError(f"{where}: shard is empty; re-make it")
-    members: list[tuple[str, int, int]] = []  # (name, data offset in window.data or -1 if dropped, size)
+    members: list[tuple[str, int, int, int]] = []  # (name, data offset in window.data or -1, size, header)
     headers: list[tuple[int, int]] = []  # (offset in window.data, claimed checksum)
     buf, pos = window.data, 0
     pending: dict[str, object] | None = None  # path / size of the extension header just read
+    pending_at = 0  # where that extension header lies in the stream
     while True:
         if pos + BLOCK > len(buf) and not window.eof:
-            yield from _release(buf, window.base, headers, members, where)
+            yield from _release(buf, window.base, headers, members, where, offsets)
             pos = window.move(pos, BLOCK)
             buf = window.data
         end, at = len(buf), window.base + pos
@@ -185,6 +202,11 @@ def tar_members(
         name, size_field, checksum, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
         if magic[:5] != b"ustar":
             if buf[pos : pos + BLOCK] == _ZERO_BLOCK:
+                if not to_end:
+                    raise DataError(
+                        f"{where}: the archive ends (an all-zero block) at byte {at}, inside the records "
+                        "its manifest places after it; the shard was changed after it was made: re-make it"
+                    )
                 break
             raise DataError(
                 f"{where}: no ustar tar header at byte {at} (corrupt or not a tar); re-make the shard"
@@ -196,8 +218,9 @@ def tar_members(
                 raise DataError(
                     f"{where}: two tar extension headers in a row at byte {at}; re-make the shard"
                 )
+            pending_at = at
             if pos + BLOCK + size > end and not window.eof:
-                yield from _release(buf, window.base, headers, members, where)
+                yield from _release(buf, window.base, headers, members, where, offsets)
                 pos = window.move(pos, BLOCK + size)
                 buf, end = window.data, len(window.data)
             data_start = pos + BLOCK
@@ -220,6 +243,7 @@ def tar_members(
                     pending = {k: v for k, v in pending.items() if v is not None}
             pos = data_start + -(-size // BLOCK) * BLOCK
             continue
+        first_header = at if pending is None else pending_at
         overrides, pending = pending or {}, None
         if "size" in overrides:
             size = overrides["size"]
@@ -239,7 +263,7 @@ def tar_members(
         elif prefix[0]:
             member = _utf8(prefix.split(b"\0", 1)[0], where, at) + "/" + member
         if pos + BLOCK + size > end and not window.eof:
-            yield from _release(buf, window.base, headers, members, where)
+            yield from _release(buf, window.base, headers, members, where, offsets)
             pos = window.move(pos, BLOCK + size)
             buf, end = window.data, len(window.data)
         data_start = pos + BLOCK
@@ -248,22 +272,29 @@ def tar_members(
                 f"{where}: truncated tar (member at byte {at} needs {size} bytes, file ends after "
                 f"{end - data_start}); re-make or re-copy the shard"
             )
-        members.append((member, data_start if keep_data is None or keep_data(member) else -1, size))
+        kept = keep_data is None or keep_data(member)
+        members.append((member, data_start if kept else -1, size, first_header))
         pos = data_start + -(-size // BLOCK) * BLOCK
     if pending is not None:
         raise DataError(f"{where}: tar extension header without a member after it; re-make the shard")
-    yield from _release(buf, window.base, headers, members, where)
+    yield from _release(buf, window.base, headers, members, where, offsets)
 
 
 def _release(
-    buf: bytes, base: int, headers: list[tuple[int, int]], members: list[tuple[str, int, int]], where: str
-) -> Iterator[tuple[str, bytes | None]]:
+    buf: bytes,
+    base: int,
+    headers: list[tuple[int, int]],
+    members: list[tuple[str, int, int, int]],
+    where: str,
+    offsets: bool,
+) -> Iterator[tuple[str, bytes | None]] | Iterator[tuple[str, bytes | None, int]]:
     """Verify the checksums of a window's headers, then yield its members; both lists are
     emptied for the next window."""
     _verify_checksums(buf, base, headers, where)
     headers.clear()
-    for name, start, size in members:
-        yield name, buf[start : start + size] if start >= 0 else None
+    for name, start, size, header in members:
+        data = buf[start : start + size] if start >= 0 else None
+        yield (name, data, header) if offsets else (name, data)
     members.clear()
 
 

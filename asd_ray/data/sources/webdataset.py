@@ -31,7 +31,7 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
     labels = [
         parse_label(members["cls"], _NO_LIMIT, shard=path.name, key=key)
         for path in paths
-        for _, key, members in _shard_records(path)
+        for _, key, members, _ in _shard_records(path)
     ]
     if not labels:
         raise DataError(f"{spec}: the shards hold no records")
@@ -48,7 +48,7 @@ def from_webdataset(spec: str | Path | Sequence[str | Path], class_names: list[s
 
 def _iter_webdataset(paths: list[storage.Location], num_classes: int) -> Iterator[SourceRecord]:
     for path in paths:
-        for _, key, members in _shard_records(path):
+        for _, key, members, _ in _shard_records(path):
             label, image = decode_members(members, num_classes, shard=path.name, key=key)
             ext = next(e for e in members if e in IMAGE_EXTS)
             provenance = f"{path.name}:{key}"
@@ -58,7 +58,7 @@ def _iter_webdataset(paths: list[storage.Location], num_classes: int) -> Iterato
                 yield SourceRecord(label, provenance, image=image)
 
 
-def _shard_records(path: storage.Location) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def _shard_records(path: storage.Location) -> Iterator[tuple[int, str, dict[str, bytes], int]]:
     """The records of one shard, read as a stream."""
     with storage.open_stream(path) as stream:
         yield from iter_records(stream, str(path))
