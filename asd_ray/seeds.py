@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd_ray import files, storage, tables
-from asd_ray.data.shards import ShardSet
+from asd_ray.data.shards import ShardSet, sample_key
 from asd_ray.errors import ConfigError, DataError, StorageError
 from asd_ray.storage import Location
 
@@ -66,13 +66,10 @@ def pick_seeds(
 
 def seeds_from_list(shards: ShardSet, keys: Sequence[str]) -> pa.Table:
     """A seed table from the user's own list of record keys (or sample ids) in ``shards``."""
-    key_to_id = {k: i for i, k in enumerate(shards.manifest.column("key").to_pylist())}
     ids = []
     for key in keys:
-        key = key.strip()
-        if key in key_to_id:
-            ids.append(key_to_id[key])
-        elif key.isdigit() and int(key) < len(shards):
+        key = key.strip()  # a record's key is its sample id, zero-padded (sample_key)
+        if key.isascii() and key.isdigit() and len(key) <= 18 and int(key) < len(shards):
             ids.append(int(key))
         else:
             raise DataError(f"seed {key!r} is neither a key nor a sample id of {shards.folder}")
@@ -90,13 +87,12 @@ def read_seed_list(path: str | Path | Location) -> list[str]:
 
 
 def _seed_table(shards: ShardSet, ids: np.ndarray, method: str) -> pa.Table:
-    rows = shards.manifest.take(pa.array(ids))
     n = len(ids)
     return tables.from_pydict(
         {
             "sample_id": ids,
-            "key": rows.column("key").to_pylist(),
-            "label": rows.column("label").to_pylist(),
+            "key": [sample_key(int(i)) for i in ids],
+            "label": shards.labels[ids],
             "dataset": [str(shards.folder)] * n,
             "method": [method] * n,
         },

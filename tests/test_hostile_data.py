@@ -283,12 +283,16 @@ def test_manifest_shapes_and_labels_must_agree_with_dataset_json(tmp_path, backe
     out = tmp_path / "set"
     write_shards(_small_source(), out)
     manifest = pq.read_table(out / "manifest.parquet")
-    wide = manifest.set_column(6, "width", pc.add(manifest.column("width"), 56).cast("int32"))
+    wide = manifest.set_column(
+        manifest.schema.get_field_index("width"), "width", pc.add(manifest.column("width"), 56).cast("int32")
+    )
     pq.write_table(wide, out / "manifest.parquet")
     refused = backend.outcome(out, refusal(ShardSet))
     assert "row 0 has width 64, dataset.json says every image is 8x8x1" in refused
     relabelled = manifest.set_column(
-        4, "label", pc.add(manifest.column("label"), 5).cast(manifest.schema.field("label").type)
+        manifest.schema.get_field_index("label"),
+        "label",
+        pc.add(manifest.column("label"), 5).cast(manifest.schema.field("label").type),
     )
     pq.write_table(relabelled, out / "manifest.parquet")
     refused = backend.outcome(out, refusal(ShardSet))
@@ -438,7 +442,10 @@ def test_a_mixed_size_manifest_cannot_claim_a_huge_image(tmp_path, backend):
     _edit_dataset_json(out, lambda i: i.update(image_size=None))
     manifest = pq.read_table(out / "manifest.parquet")
     heights = pa.array([10**5] + manifest.column("height").to_pylist()[1:], pa.int32())
-    pq.write_table(manifest.set_column(5, "height", heights), out / "manifest.parquet")
+    pq.write_table(
+        manifest.set_column(manifest.schema.get_field_index("height"), "height", heights),
+        out / "manifest.parquet",
+    )
     refused = backend.outcome(out, refusal(ShardSet))
     assert "row 0 claims a 100000x8x1 image, which no shard set holds" in refused
 

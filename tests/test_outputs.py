@@ -136,7 +136,8 @@ def test_audit_commands_read_the_run(finished_run, poisoned_data, tmp_path, caps
     )
     with open(target) as f:
         listed = list(csv.DictReader(f))
-    keys = ShardSet(poisoned_data.train).manifest.column("key").to_pylist()
+    train = ShardSet(poisoned_data.train)
+    keys = train.manifest_rows(np.arange(len(train)), ["key"]).column("key").to_pylist()
     assert listed and len(listed) == json.loads(stdout)["samples"]
     assert all(keys[int(row["sample_id"])] == row["key"] and float(row["suspicion"]) >= 0.9 for row in listed)
 

@@ -1,12 +1,16 @@
 import io
+import tarfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import ShortReads, local_records, make_shards, synthetic_arrays, write_tar
 from PIL import Image
 
 from asd_ray.data.records import expand_shard_paths, iter_records
 from asd_ray.data.shards import (
+    MANIFEST_FILE,
     ShardSet,
     assign_slices,
     inspect_shard_set,
@@ -26,9 +30,13 @@ def test_arrays_to_shards_to_arrays_is_bit_identical(tmp_path, channels):
     back_images, back_labels = shards.load_arrays()
     np.testing.assert_array_equal(back_images, images)
     np.testing.assert_array_equal(back_labels, labels)
-    manifest = shards.manifest.to_pydict()
+    manifest = pq.read_table(tmp_path / "s" / MANIFEST_FILE).to_pydict()
     assert manifest["key"][:2] == [sample_key(0), sample_key(1)]
     assert manifest["shard"][40] == "train-000001.tar" and manifest["index_in_shard"][40] == 0
+    # each record's offset is where tarfile finds its first member
+    with tarfile.open(shards.paths[1].local) as tar:
+        starts = [m.offset for m in tar.getmembers() if m.name.endswith(".cls") is False]
+    assert manifest["offset"][40:80] == starts
 
 
 def test_large_images_are_jpeg_and_png_below_65px(tmp_path):
@@ -194,7 +202,7 @@ def test_pickle_member_is_refused_before_decoding(tmp_path, open_shard, ext):
 def test_a_slice_reads_the_records_of_the_whole_shard(tmp_path, open_shard):
     path = make_shards(tmp_path / "s", n=20, per_shard=20).paths[0].local
     whole = read_all(open_shard, path)
-    assert [index for index, _, _ in whole] == list(range(20))
+    assert [index for index, _, _, _ in whole] == list(range(20))
     for start, stop in [(0, 5), (3, None), (7, 12), (19, 20), (20, None)]:
         assert read_all(open_shard, path, start=start, stop=stop) == whole[start:stop]
 
@@ -217,7 +225,7 @@ def test_a_skipped_prefix_is_still_checked(tmp_path, open_shard):
 def test_a_stream_is_read_only_as_far_as_the_records_asked_for(tmp_path):
     path = make_shards(tmp_path / "s", n=200, per_shard=200).paths[0].local
     stream = ShortReads(path.read_bytes())
-    assert [key for _, key, _ in iter_records(stream, "s3://bucket/s/train-000000.tar", stop=1)] == [
+    assert [key for _, key, _, _ in iter_records(stream, "s3://bucket/s/train-000000.tar", stop=1)] == [
         "000000000"
     ]
     assert 0 < stream.consumed < len(path.read_bytes()) // 2
@@ -255,6 +263,116 @@ def test_the_manifest_is_streamed_in_row_groups_and_reads_back_whole(tmp_path, m
     assert pq.ParquetFile(manifest).metadata.num_row_groups == 5  # 4 x 64 + 44
     assert info.num_samples == 300 and info.image_size == [8, 8] and info.channels == 3
     shards = ShardSet(tmp_path / "set")
-    assert shards.manifest.column("sample_id").to_pylist() == list(range(300))
+    assert shards.manifest_rows(np.arange(300), ["key"]).column("sample_id").to_pylist() == list(range(300))
     loaded, read_labels = shards.load_arrays()
     assert np.array_equal(loaded, images) and np.array_equal(read_labels, labels)
+
+
+def test_a_share_reads_only_the_byte_ranges_of_its_records(tmp_path, monkeypatch, shard_reads):
+    from asd_ray.data import shards as shard_module
+
+    shards = make_shards(tmp_path / "s", n=240, per_shard=60)
+    everything = {s.sample_id: s.image for s in shards.iter_samples()}
+    offsets = pq.read_table(tmp_path / "s" / MANIFEST_FILE).column("offset").to_numpy()
+    sizes = [p.local.stat().st_size for p in shards.paths]
+    keep = np.arange(240) % 4 == 1  # a training worker's share: every W-th sample
+    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)  # each kept record a range of its own
+    shard_reads.reset()
+    got = list(shards.iter_samples(keep=keep))
+    assert [s.sample_id for s in got] == np.flatnonzero(keep).tolist()
+    assert all(np.array_equal(s.image, everything[s.sample_id]) for s in got)
+    ends = np.array([offsets[i + 1] if (i + 1) % 60 else sizes[i // 60] for i in range(240)])
+    assert shard_reads.bytes == int((ends - offsets)[keep].sum()) < sum(sizes) // 3
+    assert len(shard_reads.ranges) == keep.sum()
+
+
+def test_close_records_are_read_as_one_range(tmp_path, monkeypatch):
+    from asd_ray.data import shards as shard_module
+
+    shards = make_shards(tmp_path / "s", n=120, per_shard=60)
+    runs = shards._runs(np.arange(120) % 4 == 1)
+    assert [(r.path.name, r.start, r.stop) for r in runs] == [
+        ("train-000000.tar", 1, 58),
+        ("train-000001.tar", 1, 58),
+    ]
+    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)
+    assert len(shards._runs(np.arange(120) % 4 == 1)) == 30
+
+
+def test_a_record_placed_at_a_false_offset_is_refused(tmp_path):
+    shards = make_shards(tmp_path / "s", n=20, per_shard=20)
+    manifest = pq.read_table(tmp_path / "s" / MANIFEST_FILE)
+    offsets = manifest.column("offset").to_numpy().copy()
+    true_place = int(offsets[1])
+    offsets[1] += 512  # the first data block of record 1's image: where a reader of it alone starts
+    column = manifest.schema.get_field_index("offset")
+    pq.write_table(manifest.set_column(column, "offset", pa.array(offsets)), tmp_path / "s" / MANIFEST_FILE)
+    shards = ShardSet(tmp_path / "s")
+    with pytest.raises(
+        DataError, match=f"record '000000001' lies at byte {true_place}, the manifest places it"
+    ):
+        list(shards.iter_samples())  # a whole pass (every scoring pass) walks the tar from byte 0
+    with pytest.raises(DataError, match="no ustar tar header"):
+        list(shards.iter_samples(keep=np.arange(20) == 1))
+
+
+@pytest.mark.parametrize(
+    ("row", "offset", "message"),
+    [
+        (0, 512, "row 0 places its record at byte 512, but it is its shard's first record"),
+        (3, 2048 * 2 + 1, "row 4 places its record at byte .*, but it is too close to the record before it"),
+        (19, 10**9, "row 19 places its record at byte 1000000000, but it is too close to its shard's end"),
+    ],
+)
+def test_manifest_offsets_a_writer_cannot_leave_are_refused_on_open(tmp_path, row, offset, message):
+    make_shards(tmp_path / "s", n=20, per_shard=20)
+    manifest = pq.read_table(tmp_path / "s" / MANIFEST_FILE)
+    offsets = manifest.column("offset").to_numpy().copy()
+    offsets[row] = offset if row != 3 else offsets[4] - 1
+    column = manifest.schema.get_field_index("offset")
+    pq.write_table(manifest.set_column(column, "offset", pa.array(offsets)), tmp_path / "s" / MANIFEST_FILE)
+    with pytest.raises(DataError, match=message):
+        ShardSet(tmp_path / "s")
+
+
+def test_an_open_shard_set_holds_a_few_bytes_per_sample(tmp_path):
+    """ImageNet-21k's 14 M samples are opened by the driver, every scorer and every worker."""
+    import gc
+    import tracemalloc
+
+    n = 20_000
+    images = np.zeros((n, 4, 4, 1), np.uint8)
+    write_shards(from_arrays(images, np.arange(n) % 7), tmp_path / "s", samples_per_shard=2_000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes()
+        shards = ShardSet(tmp_path / "s")
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - before
+    finally:
+        tracemalloc.stop()
+    assert len(shards) == n and held / n <= 16, f"{held / n:.1f} bytes per sample"
+
+
+def test_an_end_of_archive_hidden_inside_a_range_is_refused(tmp_path):
+    """tarfile and GNU tar stop at the first all-zero block: records after it are not in
+    the archive for them, so no range of records may read past one."""
+    from asd_ray.data.shards import ShardSlice
+
+    shards = make_shards(tmp_path / "s", n=4, per_shard=4)
+    path = shards.paths[0].local
+    manifest = pq.read_table(tmp_path / "s" / MANIFEST_FILE)
+    offsets = manifest.column("offset").to_numpy().copy()
+    data = path.read_bytes()
+    path.write_bytes(data[: offsets[1]] + bytes(512) + data[offsets[1] :])
+    offsets[1:] += 512
+    column = manifest.schema.get_field_index("offset")
+    pq.write_table(manifest.set_column(column, "offset", pa.array(offsets)), tmp_path / "s" / MANIFEST_FILE)
+    shards = ShardSet(tmp_path / "s")
+    with pytest.raises(
+        DataError, match=f"the archive ends .* at byte {offsets[1] - 512}, inside the records"
+    ):
+        list(shards.iter_samples([ShardSlice(shards.paths[0], 0, 1), ShardSlice(shards.paths[0], 1, 4)]))
+    with pytest.raises(DataError, match="read 1 records where the manifest lists 4"):
+        list(shards.iter_samples())  # one reader of the whole shard stops where tar does

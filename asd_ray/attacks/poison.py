@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +196,12 @@ def poison_shards(
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
         bar = progress.counter(total=len(clean), desc=f"poison {config.attack}")
+        sources = _sources(clean)
         for ids, records in _chunks(clean):
-            _write_chunk(writer, ids, records, plan.is_modified[ids], plan.label_after[ids], modify, clean)
+            chunk_sources = list(islice(sources, len(ids)))
+            _write_chunk(
+                writer, ids, records, chunk_sources, plan.is_modified[ids], plan.label_after[ids], modify
+            )
             bar.update(len(ids))
         bar.close()
         manifest, counts = writer.close()
@@ -393,8 +398,14 @@ def _chunks(shards: ShardSet) -> Iterator[tuple[np.ndarray, list[tuple[Sample, d
         yield np.array([sample.sample_id for sample, _ in records]), records
 
 
-def _write_chunk(writer, ids, records, modified, labels, modify, shards) -> None:
-    sources = shards.manifest.take(pa.array(ids)).column("source").to_pylist()
+def _sources(shards: ShardSet) -> Iterator[str]:
+    """Each sample's ``source`` in sample-id order, streamed from the manifest a row group
+    at a time (the records keep their provenance)."""
+    for batch in shards.manifest_batches(["source"]):
+        yield from batch.column("source").to_pylist()
+
+
+def _write_chunk(writer, ids, records, sources, modified, labels, modify) -> None:
     new_images = {}
     if modified.any():
         idx = np.flatnonzero(modified)

@@ -51,6 +51,9 @@ _DECODE_CHUNK = 64  # records parsed before they are decoded
 _CHANGED = "a shard was truncated or changed after it was made: re-make the shard set"
 MAX_SHARDS = 1_000_000  # shard files one set may list
 _MIN_RECORD_BYTES = 4 * 512  # a tar record: two members, each a 512-byte header and >= one data block
+# Kept records closer than this are read as one range: reading through the bytes between
+# costs less than opening another range (an object store's request takes ~10-50 ms).
+_READ_THROUGH = 1 << 20
 
 
 def sample_key(sample_id: int) -> str:
@@ -235,13 +238,13 @@ class ShardWriter:
             )
         if self._tar is None or self._in_shard == self.samples_per_shard:
             self._next_shard()
-        key = sample_key(sample_id)
+        key, offset = sample_key(sample_id), self._tar.offset
         self._add_member(f"{key}.{ext}", image)
         self._add_member(f"{key}.cls", str(label).encode())
         shard = self._counts[-1]["file"]
         for column, value in zip(
             self._rows,
-            (sample_id, key, shard, self._in_shard, label, *shape, source),
+            (sample_id, key, shard, self._in_shard, offset, label, *shape, source),
             strict=True,
         ):
             self._rows[column].append(value)
@@ -437,6 +440,12 @@ class ShardSet:
     """An opened shard folder (a local folder or an object-store prefix): its ``dataset.json``,
     manifest and shard files.
 
+    Opening a set reads its manifest once, row group by row group, checks it and keeps
+    only what reading records needs: each sample's label and record offset (12 bytes a
+    sample; 17 when image sizes are mixed). ImageNet-21k's 14 M samples then cost 170 MB
+    in every process that opens the set, not gigabytes. Other columns are read again
+    from the manifest when asked for (:meth:`manifest_rows`, :meth:`manifest_batches`).
+
     Args:
         versions: each shard's size and ETag (objects) or mtime (local files) as another
             process saw them when it opened the set (:attr:`versions`); a shard that has
@@ -461,61 +470,99 @@ class ShardSet:
         if self.info.format_version != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format v{self.info.format_version} is not supported")
         self.paths = [self.folder / str(s["file"]) for s in self.info.shards]
+        self._shard_of = {path.name: index for index, path in enumerate(self.paths)}
+        counts = np.array([int(s["count"]) for s in self.info.shards], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # shard i holds ids starts[i]..starts[i+1]-1
         self._check_listing(entries, meta_path)
-        self._check_sizes(meta_path)
-        manifest_path = self.folder / MANIFEST_FILE
-        manifest_bytes = storage.read_bytes(manifest_path, limit=tables.MAX_TABLE_BYTES, fix=_REMAKE)
-        self._identity = hashlib.sha256(manifest_bytes + dataset_bytes).hexdigest()
-        self.manifest = tables.read_parquet(
-            manifest_path, "manifest", rows=self.info.num_samples, data=manifest_bytes
+        self._shard_sizes = self._check_sizes(meta_path)
+        manifest_bytes = storage.read_bytes(
+            self.folder / MANIFEST_FILE, limit=tables.MAX_TABLE_BYTES, fix=_REMAKE
         )
+        self._identity = hashlib.sha256(manifest_bytes + dataset_bytes).hexdigest()
         self._versions = versions
-        ids = self.manifest.column("sample_id").to_numpy()
-        if not np.array_equal(ids, np.arange(len(ids))):
-            raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
-        self._check_manifest()
-        self._keys: list[str] = self.manifest.column("key").to_pylist()
-        # What every decoded record must match (plain Python: cheap per record).
-        self._labels: list[int] = self.manifest.column("label").to_pylist()
-        self._shapes = None
-        if self.info.image_size is None or self.info.channels is None:  # mixed sizes: one per sample
-            columns = [self.manifest.column(c).to_pylist() for c in ("height", "width", "channels")]
-            self._shapes = list(zip(*columns))
-        self._uniform_shape = None if self._shapes else (*self.info.image_size, self.info.channels)
+        self._uniform_shape = None
+        if self.info.image_size is not None and self.info.channels is not None:
+            self._uniform_shape = (*self.info.image_size, self.info.channels)
+        self._labels, self._offsets, self._shapes = self._read_index(manifest_bytes)
 
-    def _check_manifest(self) -> None:
-        """The manifest's labels, image sizes and record places against ``dataset.json``:
-        models are sized from them before any image is decoded, and the audit's review
-        list hands each flagged sample's shard and place to a data-cleaning step."""
+    # ------------------------------------------------------------------ the manifest
+
+    def _read_index(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Check the manifest (``data``) row group by row group; return what is kept of it:
+        labels (N,) int32, record offsets (N,) int64 and, for mixed sizes, (N, 3) uint16
+        shapes. Only one row group's rows are ever decoded at a time."""
+        n, where = len(self), self.folder / MANIFEST_FILE
+        labels, offsets = np.empty(n, np.int32), np.empty(n, np.int64)
+        shapes = None if self._uniform_shape else np.empty((n, 3), np.uint16)
+        done = 0
+        for batch in self._batches(data):
+            rows = len(batch)
+            if done + rows > n:
+                break  # counted below: more rows than the metadata declared
+            self._check_rows(batch, done)
+            labels[done : done + rows] = batch.column("label").to_numpy()
+            offsets[done : done + rows] = batch.column("offset").to_numpy()
+            if shapes is not None:
+                for axis, column in enumerate(("height", "width", "channels")):
+                    shapes[done : done + rows, axis] = batch.column(column).to_numpy()
+            done += rows
+        if done != n:
+            raise DataError(f"{where}: holds other than the {n} rows it declares; {_REMAKE}")
+        self._check_offsets(offsets)
+        return labels, offsets, shapes
+
+    def _batches(self, data: bytes, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The manifest's rows (``columns`` of them, default all), a row group at a time,
+        checked against its schema."""
+        with tables.ParquetReader(
+            self.folder / MANIFEST_FILE, "manifest", rows=len(self), data=data
+        ) as reader:
+            for group in range(reader.metadata.num_row_groups):
+                yield from reader.read(columns, row_groups=[group]).to_batches()
+
+    def _check_rows(self, batch: pa.RecordBatch, first: int) -> None:
+        """One row group of the manifest (rows ``first``..) against ``dataset.json``: ids,
+        keys, record places, labels and image sizes. Models are sized from them before any
+        image is decoded, and the audit's review list hands each flagged sample's shard and
+        key to a data-cleaning step."""
+        where = f"{self.folder}/{MANIFEST_FILE}"
+        ids = np.arange(first, first + len(batch))
+        if not np.array_equal(batch.column("sample_id").to_numpy(), ids):
+            raise DataError(f"{self.folder}: manifest sample ids are not 0..N-1 in order")
+        expected_keys = pc.utf8_lpad(pc.cast(batch.column("sample_id"), pa.string()), 9, "0")
+        wrong = np.flatnonzero(~pc.equal(batch.column("key"), expected_keys).to_numpy(zero_copy_only=False))
+        if wrong.size:
+            row = int(wrong[0])
+            raise DataError(
+                f"{where}: row {first + row} has key {batch.column('key')[row].as_py()!r}, asd-ray names "
+                f"sample {first + row} {sample_key(first + row)!r}; {_REMAKE}"
+            )
         files = [str(s["file"]) for s in self.info.shards]
-        counts = [int(s["count"]) for s in self.info.shards]
         # shard names as indices into dataset.json's list (-1: a name it does not list)
-        shard_index = pc.fill_null(pc.index_in(self.manifest.column("shard"), pa.array(files)), -1).to_numpy()
-        places = self.manifest.column("index_in_shard").to_numpy()
-        expected_index = np.repeat(np.arange(len(files)), counts)
-        expected_places = np.concatenate([np.arange(c) for c in counts]) if counts else places
+        shard_index = pc.fill_null(pc.index_in(batch.column("shard"), pa.array(files)), -1).to_numpy()
+        places = batch.column("index_in_shard").to_numpy()
+        expected_index = np.searchsorted(self._starts, ids, side="right") - 1
+        expected_places = ids - self._starts[expected_index]
         wrong = np.flatnonzero((shard_index != expected_index) | (places != expected_places))
         if wrong.size:
             row = int(wrong[0])
             raise DataError(
-                f"{self.folder}/{MANIFEST_FILE}: row {row} places its record at "
-                f"{self.manifest.column('shard')[row].as_py()!r} #{places[row]}, {DATASET_FILE} at "
+                f"{where}: row {first + row} places its record at "
+                f"{batch.column('shard')[row].as_py()!r} #{places[row]}, {DATASET_FILE} at "
                 f"{files[expected_index[row]]!r} #{expected_places[row]}; re-make the shard set"
             )
-        labels = self.manifest.column("label").to_numpy()
+        labels = batch.column("label").to_numpy()
         outside = np.flatnonzero((labels < 0) | (labels >= self.info.num_classes))
         if outside.size:
             raise DataError(
-                f"{self.folder}/{MANIFEST_FILE}: row {int(outside[0])} has label {int(labels[outside[0]])}, "
+                f"{where}: row {first + int(outside[0])} has label {int(labels[outside[0]])}, "
                 f"outside the {self.info.num_classes} classes of {DATASET_FILE}; re-make the shard set"
             )
-        if self.info.image_size is None or self.info.channels is None:
+        heights, widths = (batch.column(c).to_numpy().astype(np.int64) for c in ("height", "width"))
+        channels = batch.column("channels").to_numpy()
+        if self._uniform_shape is None:
             # mixed sizes: each record is checked against its own row when decoded, but
             # buffers are sized from the rows before that
-            heights, widths = (
-                self.manifest.column(c).to_numpy().astype(np.int64) for c in ("height", "width")
-            )
-            channels = self.manifest.column("channels").to_numpy()
             bad = np.flatnonzero(
                 (heights < 1)
                 | (widths < 1)
@@ -526,23 +573,93 @@ class ShardSet:
             if bad.size:
                 row = int(bad[0])
                 raise DataError(
-                    f"{self.folder}/{MANIFEST_FILE}: row {row} claims a {heights[row]}x{widths[row]}x"
+                    f"{where}: row {first + row} claims a {heights[row]}x{widths[row]}x"
                     f"{channels[row]} image, which no shard set holds; re-make the shard set"
                 )
             return
-        expected = (*self.info.image_size, self.info.channels)
-        for column, value in zip(("height", "width", "channels"), expected):
-            differ = np.flatnonzero(self.manifest.column(column).to_numpy() != value)
+        for column, values, value in zip(
+            ("height", "width", "channels"), (heights, widths, channels), self._uniform_shape
+        ):
+            differ = np.flatnonzero(values != value)
             if differ.size:
                 raise DataError(
-                    f"{self.folder}/{MANIFEST_FILE}: row {int(differ[0])} has {column} "
-                    f"{self.manifest.column(column)[int(differ[0])].as_py()}, {DATASET_FILE} says every "
-                    f"image is {'x'.join(map(str, expected))}; re-make the shard set"
+                    f"{where}: row {first + int(differ[0])} has {column} {values[differ[0]]}, "
+                    f"{DATASET_FILE} says every image is {'x'.join(map(str, self._uniform_shape))}; "
+                    "re-make the shard set"
                 )
 
-    def _check_sizes(self, meta_path: Path) -> None:
+    def _check_offsets(self, offsets: np.ndarray) -> None:
+        """Record offsets as a writer leaves them: each shard's first record at byte 0, each
+        next one at least a record's size further, the last a record's size before the
+        shard's end. Whether a record does lie at its offset is checked whenever it is read
+        (:meth:`iter_checked` compares every record's place with its offset)."""
+        counts = np.diff(self._starts)
+        firsts = self._starts[:-1][counts > 0]
+        step = np.diff(offsets)
+        within = np.ones(len(step), bool)
+        within[firsts[1:] - 1] = False  # the step from one shard's last record to the next's first
+        room = np.repeat(self._shard_sizes, counts) - offsets
+        checks = [
+            (firsts[offsets[firsts] != 0], "is its shard's first record, which lies at byte 0"),
+            (np.flatnonzero(within & (step < _MIN_RECORD_BYTES)) + 1, "is too close to the record before it"),
+            (np.flatnonzero(room < _MIN_RECORD_BYTES), "is too close to its shard's end"),
+        ]
+        for rows, why in checks:
+            if rows.size:
+                row = int(rows[0])
+                raise DataError(
+                    f"{self.folder}/{MANIFEST_FILE}: row {row} places its record at byte {offsets[row]}, "
+                    f"but it {why}; re-make the shard set"
+                )
+
+    def manifest_batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        """The manifest's ``columns`` (and ``sample_id``), a row group at a time in id order,
+        from the manifest this set was opened with (a changed file is refused)."""
+        wanted = ["sample_id", *(c for c in columns if c != "sample_id")]
+        yield from self._batches(self._manifest_bytes(), wanted)
+
+    def manifest_rows(self, ids: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """The manifest rows of sample ``ids`` (ascending order), ``columns`` of them (and
+        ``sample_id``); only the row groups holding them are decoded."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        if ids.size and not 0 <= ids[0] <= ids[-1] < len(self):
+            raise ValueError(f"sample ids must lie in 0..{len(self) - 1}")
+        wanted = ["sample_id", *(c for c in columns if c != "sample_id")]
+        data = self._manifest_bytes()
+        with tables.ParquetReader(
+            self.folder / MANIFEST_FILE, "manifest", rows=len(self), data=data
+        ) as reader:
+            sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+            bounds = np.concatenate([[0], np.cumsum(sizes)])  # ids are 0..N-1 in order (checked on open)
+            groups = np.unique(np.searchsorted(bounds, ids, side="right") - 1).tolist()
+            pieces = [
+                reader.read(wanted, row_groups=[g]).take(
+                    pa.array(ids[(ids >= bounds[g]) & (ids < bounds[g + 1])] - bounds[g])
+                )
+                for g in groups
+            ]
+        return pa.concat_tables(pieces) if pieces else tables.schema("manifest").empty_table().select(wanted)
+
+    def _manifest_bytes(self) -> bytes:
+        """The manifest's bytes again, refused if they are not the ones the set was opened with."""
+        data = storage.read_bytes(self.folder / MANIFEST_FILE, limit=tables.MAX_TABLE_BYTES, fix=_REMAKE)
+        meta = storage.read_bytes(self.folder / DATASET_FILE, limit=MAX_DATASET_JSON_BYTES, fix=_REMAKE)
+        if hashlib.sha256(data + meta).hexdigest() != self._identity:
+            raise DataError(
+                f"{self.folder}: its manifest changed since it was opened; a shard set must not change "
+                "while it is read: restore it or re-make it"
+            )
+        return data
+
+    # ------------------------------------------------------------------ files
+
+    def _check_sizes(self, meta_path: Path) -> np.ndarray:
         """The counts of ``dataset.json`` against each other and the shard files' sizes, before
-        the manifest they size is read (a hostile count must not allocate anything)."""
+        the manifest they size is read (a hostile count must not allocate anything).
+
+        Returns:
+            (shards,) int64: each shard file's size.
+        """
         counts = [int(s["count"]) for s in self.info.shards]
         if sum(counts) != self.info.num_samples:
             raise DataError(
@@ -559,6 +676,7 @@ class ShardSet:
                     f"{meta_path}: shard {path.name} is {f'{size} bytes' if size else 'empty'}, too small for the "
                     f"{count} records it is said to hold; re-make or re-copy the shard set"
                 )
+        return np.array([sizes[path.name] for path in self.paths], np.int64)
 
     def _sizes(self) -> dict[str, int]:
         """Each shard file's size by name (one listing of an object prefix), regular files only."""
@@ -595,7 +713,7 @@ class ShardSet:
                 f"{self.folder}: lists {len(self.paths)} shards, {len(self._versions)} when the run opened it; "
                 "a shard set must not change during a run: restore it or re-make it"
             )
-        return self._versions[self.paths.index(shard)]
+        return self._versions[self._shard_of[shard.name]]
 
     @property
     def versions(self) -> list[ObjectVersion]:
@@ -604,29 +722,31 @@ class ShardSet:
             self._versions = storage.versions(self.paths)
         return self._versions
 
+    # ------------------------------------------------------------------ samples
+
     def __len__(self) -> int:
         return self.info.num_samples
 
     @property
     def labels(self) -> np.ndarray:
         """(N,) int64 labels in sample-id order."""
-        return self.manifest.column("label").to_numpy().astype(np.int64)
+        return self._labels.astype(np.int64)
 
     def require_uniform_size(self, why: str) -> tuple[int, int, int]:
         """(H, W, C) shared by every image, or a DataError naming a record that differs."""
-        h = self.manifest.column("height").to_numpy()
-        w = self.manifest.column("width").to_numpy()
-        c = self.manifest.column("channels").to_numpy()
-        bad = np.flatnonzero((h != h[0]) | (w != w[0]) | (c != c[0]))
+        if self._uniform_shape is not None:
+            return self._uniform_shape
+        bad = np.flatnonzero((self._shapes != self._shapes[0]).any(1))
         if bad.size:
-            row = self.manifest.slice(int(bad[0]), 1).to_pylist()[0]
+            row = int(bad[0])
+            first, other = self._shapes[0], self._shapes[row]
+            shard = self.paths[int(np.searchsorted(self._starts, row, side="right") - 1)].name
             raise DataError(
-                f"{why} needs one image size, but {self.folder.name}/{row['shard']} record "
-                f"{row['key']!r} is {row['height']}x{row['width']}x{row['channels']} while the "
-                f"first is {h[0]}x{w[0]}x{c[0]} ({bad.size} differ); re-make the shards with "
-                "--image-size"
+                f"{why} needs one image size, but {self.folder.name}/{shard} record {sample_key(row)!r} is "
+                f"{'x'.join(map(str, other))} while the first is {'x'.join(map(str, first))} "
+                f"({bad.size} differ); re-make the shards with --image-size"
             )
-        return int(h[0]), int(w[0]), int(c[0])
+        return tuple(int(v) for v in self._shapes[0])
 
     def worker_slices(self, num_workers: int) -> list[list[ShardSlice]]:
         """Split the set into ``num_workers`` contiguous runs of equal sample count (+-1).
@@ -652,65 +772,116 @@ class ShardSet:
         self, slices: Iterable[ShardSlice] | None = None, *, keep: np.ndarray | None = None
     ) -> Iterator[tuple[Sample, dict[str, bytes]]]:
         """The one verified reader: every record decoded, counted and compared with the
-        manifest (key, label, image size), with its members as stored (an attack copies an
-        unchanged record's bytes). Every command reads shard sets through it, so a set one
-        command refuses is refused by all.
+        manifest (key, place, label, image size), with its members as stored (an attack
+        copies an unchanged record's bytes). Every command reads shard sets through it, so
+        a set one command refuses is refused by all.
+
+        A slice is read from its first record's offset to its last record's end: those
+        bytes must hold exactly its records, each where the manifest places it. The slices
+        of a whole pass (every scoring pass) tile each shard from byte 0, so every pass
+        checks that the manifest's offsets are where a plain walk of the tar finds each
+        record: no offset can show a reader a record that others do not see.
 
         Args:
-            keep: optional (N,) bool over sample ids; records outside it are
-                skipped before decoding (their keys and count are still checked).
+            keep: optional (N,) bool over sample ids; records outside it are skipped
+                before decoding (their keys, places and count are still checked). Without
+                ``slices``, only the byte ranges holding kept records are read
+                (:meth:`_runs`): a share of every W-th sample, or a page's thumbnails,
+                costs what it holds, not the set.
         """
-        slices = self.worker_slices(1)[0] if slices is None else slices
-        offsets, counts = self._shard_offsets(), {str(s["file"]): int(s["count"]) for s in self.info.shards}
-        keys = self._keys
-        pieces = list(slices)
+        pieces = list(slices) if slices is not None else self._runs(keep)
         with contextlib.ExitStack() as streams:
 
             def opened(piece: ShardSlice) -> BinaryIO:
+                start, stop = self._byte_range(piece)
                 return streams.enter_context(
-                    storage.open_stream(piece.path, expected=self._expected(piece.path))
+                    storage.open_stream(
+                        piece.path, expected=self._expected(piece.path), start=start, stop=stop
+                    )
                 )
 
             upcoming = opened(pieces[0]) if pieces else None
             for at, piece in enumerate(pieces):
-                # The next shard opens now: its first range arrives while this one is walked.
+                # The next range opens now: its first bytes arrive while this one is walked.
                 stream, upcoming = upcoming, opened(pieces[at + 1]) if at + 1 < len(pieces) else None
-                base, chunk, read = offsets[piece.path.name], [], 0
-                count = counts[piece.path.name]
-                stop = None if piece.stop == count else piece.stop  # to its end: extra records are found
                 try:
-                    for index, key, members in iter_records(
-                        stream, str(piece.path), start=piece.start, stop=stop
-                    ):
-                        if index >= count:
-                            raise DataError(
-                                f"{piece.path.name}: holds more than the {count} records dataset.json lists; the "
-                                "shard was changed after it was made: re-make the shard set"
-                            )
-                        sample_id, read = base + index, read + 1
-                        if keys[sample_id] != key:
-                            raise DataError(
-                                f"{piece.path.name}: record {index} has key {key!r}, the manifest expects "
-                                f"{keys[sample_id]!r}; the shard was changed after it was made: re-make the shard set"
-                            )
-                        if keep is not None and not keep[sample_id]:
-                            continue
-                        chunk.append((sample_id, key, members))
-                        if len(chunk) == _DECODE_CHUNK:
-                            yield from self._decode(chunk, piece.path.name)
-                            chunk = []
+                    yield from self._walk(stream, piece, keep)
                 finally:
                     stream.close()  # its memory goes now; the stack closes what an error leaves open
-                yield from self._decode(chunk, piece.path.name)
-                first = base + piece.start
-                whole = piece.count == count
-                self.check_read(
-                    np.arange(first, first + read),
-                    np.arange(first, base + piece.stop),
-                    where=piece.path.name
-                    if whole
-                    else f"{piece.path.name} #{piece.start}..#{piece.stop - 1}",
+
+    def _walk(
+        self, stream: BinaryIO, piece: ShardSlice, keep: np.ndarray | None
+    ) -> Iterator[tuple[Sample, dict[str, bytes]]]:
+        """The records of one slice from ``stream`` (its byte range), checked and decoded."""
+        shard = self._shard_of[piece.path.name]
+        base, count = int(self._starts[shard]), int(self._starts[shard + 1] - self._starts[shard])
+        name, chunk, read = piece.path.name, [], 0
+        first = base + piece.start
+        start, stop = self._byte_range(piece)
+        records = iter_records(stream, str(piece.path), base=start, to_end=stop is None)
+        for index, key, members, offset in records:
+            position = piece.start + index
+            if position >= count:
+                raise DataError(
+                    f"{name}: holds more than the {count} records dataset.json lists; the "
+                    "shard was changed after it was made: re-make the shard set"
                 )
+            sample_id, read = base + position, read + 1
+            if key != sample_key(sample_id):
+                raise DataError(
+                    f"{name}: record {position} has key {key!r}, the manifest expects "
+                    f"{sample_key(sample_id)!r}; the shard was changed after it was made: re-make the shard set"
+                )
+            if offset != self._offsets[sample_id]:
+                raise DataError(
+                    f"{name}: record {key!r} lies at byte {offset}, the manifest places it at byte "
+                    f"{self._offsets[sample_id]}; the shard was changed after it was made: re-make the shard set"
+                )
+            if keep is not None and not keep[sample_id]:
+                continue
+            chunk.append((sample_id, key, members))
+            if len(chunk) == _DECODE_CHUNK:
+                yield from self._decode(chunk, name)
+                chunk = []
+        yield from self._decode(chunk, name)
+        whole = piece.start == 0 and piece.stop == count
+        self.check_read(
+            np.arange(first, first + read),
+            np.arange(first, base + piece.stop),
+            where=name if whole else f"{name} #{piece.start}..#{piece.stop - 1}",
+        )
+
+    def _byte_range(self, piece: ShardSlice) -> tuple[int, int | None]:
+        """Where a slice's records lie in its shard: from its first record's offset to the
+        next record's, or to the shard's end (None: records past dataset.json's count are
+        then found)."""
+        shard = self._shard_of[piece.path.name]
+        base, count = int(self._starts[shard]), int(self._starts[shard + 1] - self._starts[shard])
+        start = int(self._offsets[base + piece.start]) if piece.start < count else 0
+        return start, None if piece.stop >= count else int(self._offsets[base + piece.stop])
+
+    def _runs(self, keep: np.ndarray | None) -> list[ShardSlice]:
+        """The record ranges that hold the samples of ``keep`` (default: every shard whole),
+        a range per stretch of a shard whose kept records lie less than :data:`_READ_THROUGH`
+        bytes apart: reading through a gap that small costs less than opening another range."""
+        counts = np.diff(self._starts)
+        if keep is None:
+            return [ShardSlice(path, 0, int(n)) for path, n in zip(self.paths, counts)]
+        ids = np.flatnonzero(keep)
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        # where each kept record ends: the next record's offset, or its shard's end
+        nxt = np.minimum(ids + 1, len(self) - 1)
+        ends = np.where(ids + 1 < self._starts[shard_of + 1], self._offsets[nxt], self._shard_sizes[shard_of])
+        breaks = (shard_of[1:] != shard_of[:-1]) | (self._offsets[ids[1:]] - ends[:-1] > _READ_THROUGH)
+        runs = []
+        for run in np.split(np.arange(len(ids)), np.flatnonzero(breaks) + 1):
+            if run.size:
+                shard = int(shard_of[run[0]])
+                base = int(self._starts[shard])
+                runs.append(
+                    ShardSlice(self.paths[shard], int(ids[run[0]]) - base, int(ids[run[-1]]) - base + 1)
+                )
+        return runs
 
     def _decode(
         self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
@@ -719,11 +890,12 @@ class ShardSet:
         # interleaving the two (the decoder's working set stays in cache).
         for sample_id, key, members in chunk:
             label, image = decode_members(members, self.info.num_classes, shard=shard, key=key)
-            shape = self._shapes[sample_id] if self._shapes else self._uniform_shape
-            if label != self._labels[sample_id] or image.shape != shape:
+            expected = int(self._labels[sample_id])
+            shape = self._uniform_shape or tuple(int(v) for v in self._shapes[sample_id])
+            if label != expected or image.shape != shape:
                 raise DataError(
                     f"{shard}: record {key!r} (label {label}, image {image.shape}) disagrees with the "
-                    f"manifest (label {self._labels[sample_id]}, image {shape}); the shard was changed "
+                    f"manifest (label {expected}, image {shape}); the shard was changed "
                     "after it was made: re-make the shard set"
                 )
             yield Sample(sample_id, key, label, image, shard), members
@@ -751,8 +923,8 @@ class ShardSet:
         all), of those only the ones where ``keep`` ((N,) bool) is true."""
         if slices is None:
             return np.flatnonzero(keep) if keep is not None else np.arange(len(self))
-        offsets = self._shard_offsets()
-        ids = [np.arange(offsets[s.path.name] + s.start, offsets[s.path.name] + s.stop) for s in slices]
+        starts = self._shard_offsets()
+        ids = [np.arange(starts[s.path.name] + s.start, starts[s.path.name] + s.stop) for s in slices]
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         return ids if keep is None else ids[keep[ids]]
 
@@ -789,15 +961,13 @@ class ShardSet:
         """Sample ``sample_id`` and where its record is (shard, place, key), for a message."""
         if not 0 <= sample_id < len(self):
             return f"id {sample_id} (outside the set's 0..{len(self) - 1})"
-        row = self.manifest.slice(sample_id, 1).to_pylist()[0]
-        return f"{sample_id} (record #{row['index_in_shard']} of {row['shard']}, key {row['key']!r})"
+        shard = int(np.searchsorted(self._starts, sample_id, side="right") - 1)
+        place = sample_id - int(self._starts[shard])
+        return f"{sample_id} (record #{place} of {self.paths[shard].name}, key {sample_key(sample_id)!r})"
 
     def _shard_offsets(self) -> dict[str, int]:
-        offsets, total = {}, 0
-        for shard in self.info.shards:
-            offsets[str(shard["file"])] = total
-            total += int(shard["count"])
-        return offsets
+        """Each shard's first sample id, by file name."""
+        return {path.name: int(start) for path, start in zip(self.paths, self._starts[:-1])}
 
 
 def assign_slices(
