@@ -363,6 +363,45 @@ def test_the_report_of_reordered_split_tables_is_the_same_page(fake_run, two_set
     assert (run / "audit" / "report.html").read_text() == page
 
 
+def test_the_report_reads_only_the_records_it_shows(fake_run, two_sets, tmp_path, monkeypatch, shard_reads):
+    """At 14 M samples, walking the training shards for 48 thumbnails read the dataset."""
+    from asd_ray.audit import report as report_module
+    from asd_ray.data import shards as shard_module
+
+    run = _copy(fake_run, tmp_path)
+    _point(run, two_sets[0], two_sets[0].folder)
+    monkeypatch.setattr(report_module, "THUMBNAILS", 2)
+    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)  # one range per record: each one counted
+    shard_reads.reset()
+    report(run)
+    page = (run / "audit" / "report.html").read_text()
+    assert "The 2 most suspicious samples" in page and "The 2 hardest samples kept clean" in page
+    assert len([r for r in shard_reads.ranges if r[0].endswith(".tar")]) == 4  # a range per thumbnail
+    manifest = pq.read_table(two_sets[0].folder / "manifest.parquet")
+    offsets, shard = manifest.column("offset").to_numpy(), manifest.column("shard").to_pylist()
+    sizes = {p.name: p.local.stat().st_size for p in two_sets[0].paths}
+    ends = [
+        offsets[i + 1] if i + 1 < len(offsets) and shard[i + 1] == shard[i] else sizes[shard[i]]
+        for i in range(len(offsets))
+    ]
+    largest = int(max(np.array(ends) - offsets))
+    assert shard_reads.bytes <= 4 * largest
+
+
+def test_most_suspicious_is_a_stable_sort_without_sorting_everything():
+    from asd_ray.audit.report import _most_suspicious
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n = int(rng.integers(1, 300))
+        score = rng.integers(0, 6, n) / 5  # many ties
+        among = rng.random(n) < 0.6
+        k = int(rng.integers(1, 40))
+        order = np.argsort(-score, kind="stable")
+        expected = order[among[order]][:k]
+        assert _most_suspicious(score, among, k).tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize(
     "name, content, where",
     [
