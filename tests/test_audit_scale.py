@@ -183,3 +183,30 @@ def test_audit_manifest_writes_what_the_per_row_writer_wrote(runs, tmp_path, cap
     assert main(argv) == 0
     capsys.readouterr()
     assert out.read_bytes() == _old_manifest(run, trained, threshold)
+
+
+def test_an_arrow_table_prints_as_its_rows_do_a_batch_at_a_time(capsys, monkeypatch):
+    """`audit flagged` prints a whole polluted pool: formatted in batches, never one dict per row."""
+    from asd_ray.cli import common
+
+    table = pa.table(
+        {
+            "sample_id": pa.array(range(10), pa.int64()),
+            "loss": pa.array([0.5, None, float("nan"), 1e-9, 123456.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            "pool": pa.array(["clean", "polluted\x1b[31m"] * 5),
+        }
+    )
+    columns = ["sample_id", "loss", "pool"]
+    monkeypatch.setattr(common, "_PRINTED_ROWS", 3)
+    batches = []
+
+    class Watched:
+        def to_batches(self, max_chunksize):
+            found = table.to_batches(max_chunksize=max_chunksize)
+            batches.extend(b.num_rows for b in found)
+            return found
+
+    common.print_table(Watched(), columns, title="t")
+    printed = capsys.readouterr().out
+    assert printed == "t\n" + common.format_table(table.to_pylist(), columns) + "\n"
+    assert max(batches) == 3 and sum(batches) == 2 * 10  # widths, then lines

@@ -119,12 +119,14 @@ def _flagged(args: argparse.Namespace) -> dict | None:
 
     if args.top is not None and args.top < 1:
         raise DataError(f"--top {args.top}: give at least 1")
-    rows = history.flagged_samples(args.run, args.epoch, top=args.top, label=args.label).to_pylist()
+    rows = history.flagged_samples(args.run, args.epoch, top=args.top, label=args.label)
     if args.json:
-        return {"command": "audit flagged", "run": shown(args.run), "samples": rows}
-    epoch = rows[0]["epoch"] if rows else args.epoch
+        return {"command": "audit flagged", "run": shown(args.run), "samples": rows.to_pylist()}
+    epoch = rows.column("epoch")[0].as_py() if rows.num_rows else args.epoch
     print_table(
-        rows, FLAGGED_COLUMNS, title=f"epoch {epoch}: {len(rows)} flagged sample(s), most suspicious first"
+        rows.select(FLAGGED_COLUMNS),
+        FLAGGED_COLUMNS,
+        title=f"epoch {epoch}: {rows.num_rows} flagged sample(s), most suspicious first",
     )
     return None
 

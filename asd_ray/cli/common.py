@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from asd_ray import progress, storage
@@ -60,8 +60,41 @@ def say(line: str) -> None:
     progress.write(line)
 
 
+_PRINTED_ROWS = 4096  # rows of an Arrow table formatted at a time
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as an aligned text table (floats to 4 significant digits, None as '-')."""
+    return "\n".join(_table_lines(lambda: [rows], columns))
+
+
+def print_table(
+    rows: Sequence[dict[str, Any]] | Any, columns: Sequence[str], title: str | None = None
+) -> None:
+    """A table that is the command's product (``asd-ray audit``): on stdout. ``rows`` may be
+    an Arrow table (a whole epoch's polluted pool): it is formatted a batch of rows at a
+    time, once for the column widths and once to print, never as one dict per row."""
+    if title:
+        print(progress.terminal_safe(title, keep_newlines=True))
+    if hasattr(rows, "to_batches"):
+        table = rows
+
+        def batches() -> Iterator[list[dict[str, Any]]]:
+            return (batch.to_pylist() for batch in table.to_batches(max_chunksize=_PRINTED_ROWS))
+    else:
+
+        def batches() -> Iterator[Sequence[dict[str, Any]]]:
+            return iter([rows])
+
+    for line in _table_lines(batches, columns):
+        print(line)
+    sys.stdout.flush()
+
+
+def _table_lines(
+    batches: Callable[[], Iterable[Sequence[dict[str, Any]]]], columns: Sequence[str]
+) -> Iterator[str]:
+    """The lines of a table whose rows ``batches()`` yields (called twice: widths, then lines)."""
 
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -70,16 +103,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
             return f"{value:.4g}"
         return progress.terminal_safe(str(value))
 
-    grid = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in grid]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
-    """A table that is the command's product (``asd-ray audit``): on stdout."""
-    if title:
-        print(progress.terminal_safe(title, keep_newlines=True))
-    print(format_table(rows, columns))
-    sys.stdout.flush()
+    widths = [len(c) for c in columns]
+    for batch in batches():
+        for row in batch:
+            widths = [max(w, len(cell(row.get(c)))) for w, c in zip(widths, columns)]
+    yield "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    yield "  ".join("-" * w for w in widths)
+    for batch in batches():
+        for row in batch:
+            yield "  ".join(cell(row.get(c)).rjust(w) for c, w in zip(columns, widths))
