@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -113,6 +114,23 @@ def read_npy(path: str | Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+_RELEASE_EVERY = 4096  # records between two releases of a memory map's pages
+
+
 def _iter_arrays(prefix: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceRecord]:
+    mapped = _mapping(images)
     for i in range(images.shape[0]):
+        if mapped is not None and i and i % _RELEASE_EVERY == 0:
+            # The pages read so far count in this process's resident set until released: without
+            # this, streaming an .npy of N images (``shards make``) holds all N of them. The map
+            # is read-only and file-backed, so a page still in use is read again from the file.
+            mapped.madvise(mmap.MADV_DONTNEED)
         yield SourceRecord(label=int(labels[i]), source=f"{prefix}:{i}", image=images[i])
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map ``array`` is a view of (``read_npy``'s), or None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, mmap.mmap) else None
