@@ -106,6 +106,12 @@ def validate(
             f"{where}: written with {name} schema v{version.decode(errors='replace')}, this asd-ray "
             f"reads v{wanted}; re-create it with this version"
         )
+    twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if twice:
+        raise DataError(
+            f"{where}: column {twice[0]!r} appears {table.column_names.count(twice[0])} times; "
+            f"re-create the table with each column once (see schemas/{name}.json)"
+        )
     missing = [f.name for f in expected if f.name not in table.column_names]
     extra = [c for c in table.column_names if c not in expected.names]
     if missing or extra:
