@@ -3,6 +3,7 @@ pools at a time, one row group for one sample; and answers as the whole-table re
 
 import csv
 import io
+import os
 import shutil
 
 import numpy as np
@@ -210,3 +211,20 @@ def test_an_arrow_table_prints_as_its_rows_do_a_batch_at_a_time(capsys, monkeypa
     printed = capsys.readouterr().out
     assert printed == "t\n" + common.format_table(table.to_pylist(), columns) + "\n"
     assert max(batches) == 3 and sum(batches) == 2 * 10  # widths, then lines
+
+
+@pytest.mark.parametrize(("command", "pool"), [("audit", "system"), ("report", "system"), ("run", None)])
+def test_table_commands_give_freed_arrow_memory_back(command, pool):
+    """A table command's peak is what it holds, not what it has dropped: Arrow allocates
+    through malloc there (chosen before Arrow loads); a run's driver keeps Arrow's default."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.argv = ['asd-ray', {command!r}]; import asd_ray.cli, pyarrow as pa; "
+        "print(pa.default_memory_pool().backend_name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    backend = found.stdout.strip()
+    assert backend == pool if pool else backend != "system"

@@ -38,10 +38,14 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-from asd_ray import __version__, progress
-from asd_ray.cli import audit, data, run
-from asd_ray.cli.common import OneLineParser
-from asd_ray.errors import StorageError, UserError
+from asd_ray import table_memory
+
+table_memory.prepare(sys.argv[1:])  # before anything loads Arrow (see asd_ray.table_memory)
+
+from asd_ray import __version__, progress  # noqa: E402
+from asd_ray.cli import audit, data, run  # noqa: E402
+from asd_ray.cli.common import OneLineParser  # noqa: E402
+from asd_ray.errors import StorageError, UserError  # noqa: E402
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 _BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
