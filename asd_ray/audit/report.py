@@ -58,13 +58,14 @@ def report(run: str | Path | Location, out: str | Path | Location | None = None)
     _check_output_folder(folder, inside_run=inside_run)
     summary: dict[str, Any] = {"command": "report", "run": str(run), "epochs": len(metrics)}
     sections = [_header(run, metrics), _figure("Metrics per epoch", _curves(metrics))]
-    flags = None
-    if history.complete_epochs(run):
-        flags = history.flag_history(run)
+    flags, epochs = None, history.complete_epochs(run)
+    if epochs:
         sections.append(_figure("Losses per stage (the last epoch of each)", _histograms(run, metrics)))
         sections += _thumbnail_sections(run)
     sections.append(_text_section(run))
     page = _page(f"asd-ray report: {run.name}", sections)
+    if epochs:  # after the pictures: the two are never held together
+        flags = history.flag_history(run, epochs)
     _check_output_folder(folder, inside_run=inside_run)  # again: it may have changed meanwhile
     if folder.is_local:
         try:
