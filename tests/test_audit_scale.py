@@ -17,6 +17,7 @@ from test_hostile_tables import N, _point
 from asd_ray import tables
 from asd_ray.audit import history
 from asd_ray.cli import main
+from asd_ray.cli.audit import MANIFEST_COLUMNS
 from asd_ray.errors import DataError
 from asd_ray.run_folder import split_path
 
@@ -143,19 +144,7 @@ def _old_manifest(run, shards, threshold: float) -> bytes:
     records = shards.manifest_rows(np.array([r["sample_id"] for r in chosen]), ["key", "shard"]).to_pylist()
     out = io.StringIO(newline="")
     writer = csv.writer(out)
-    writer.writerow(
-        [
-            "sample_id",
-            "key",
-            "shard",
-            "label",
-            "suspicion",
-            "last_pool",
-            "pinned",
-            "flagged_streak",
-            "epochs_polluted",
-        ]
-    )
+    writer.writerow(MANIFEST_COLUMNS)
     for row, record in zip(chosen, records):
         writer.writerow(
             [
