@@ -866,7 +866,7 @@ class ShardSet:
         bytes apart: reading through a gap that small costs less than opening another range."""
         counts = np.diff(self._starts)
         if keep is None:
-            return [ShardSlice(path, 0, int(n)) for path, n in zip(self.paths, counts)]
+            return [ShardSlice(path, 0, int(n)) for path, n in zip(self.paths, counts) if n]
         ids = np.flatnonzero(keep)
         shard_of = np.searchsorted(self._starts, ids, side="right") - 1
         # where each kept record ends: the next record's offset, or its shard's end
