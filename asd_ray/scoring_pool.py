@@ -28,7 +28,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from asd_ray import compute, storage
+from asd_ray import compute, freed_memory, storage
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
 from asd_ray.data.shards import ShardSet, ShardSlice
 from asd_ray.data.share import load_share, remove_caches
@@ -79,6 +79,7 @@ class ScoringActor:
         threads: int,
         memory: tuple[int | None, str | None] = (None, None),
     ):
+        freed_memory.return_large_blocks()  # the tar walk's windows: see asd_ray.freed_memory
         # name -> (location, versions, slices) of a shard set, or a Held dataset: the pool's object
         shares: dict[str, tuple[Location, list[ObjectVersion], list[ShardSlice]] | Held] = ray.get(
             held_shares[0]

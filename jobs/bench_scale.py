@@ -97,9 +97,9 @@ def _cpu_s() -> float:
 def _child(kind: str, report: Path, argv: list[str]) -> None:
     """Run one measured command in this process and write its figures to ``report`` as JSON:
     the baseline is taken after every import the command needs, so only its own work counts."""
-    from asd_ray import table_memory
+    from asd_ray import freed_memory
 
-    table_memory.prepare(argv if kind == "cli" else [])  # what `asd-ray` does before its imports
+    freed_memory.prepare_command(argv if kind == "cli" else [])  # what `asd-ray` does before its imports
     import matplotlib
 
     import asd_ray.audit.history  # noqa: F401  (imported before the baseline: start-up, not work)

@@ -38,9 +38,9 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-from asd_ray import table_memory
+from asd_ray import freed_memory
 
-table_memory.prepare(sys.argv[1:])  # before anything loads Arrow (see asd_ray.table_memory)
+freed_memory.prepare_command(sys.argv[1:])  # before anything loads Arrow (see asd_ray.freed_memory)
 
 from asd_ray import __version__, progress  # noqa: E402
 from asd_ray.cli import audit, data, run  # noqa: E402
