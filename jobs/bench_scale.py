@@ -3,8 +3,9 @@
 Synthetic 16 x 16 x 3 uint8 images (seeded), 1,000 classes, labels i % 1000. At each size,
 every command runs as its own process through a small wrapper (``--child``) that reads its
 own resident set right after its imports (the baseline), runs the command in-process and
-reports CPU seconds (user + sys) and peak RSS (``VmHWM``, reset after the imports) of the command alone, so the
-start-up (measured once, ``asd-ray --version``) and the command's cost are apart:
+reports CPU seconds (user + sys) and peak RSS (``VmHWM``, reset after the imports) of the
+command alone, so the start-up (measured once, ``asd-ray --version``) and the command's
+cost are apart:
 
 - ``shards make`` (``--source arrays`` from ``.npy`` files, memory-mapped) and ``shards inspect``;
 - ``ShardSet`` open in a process that holds no share of it: resident bytes per sample;
@@ -30,8 +31,8 @@ the next smaller size within 1.2x; every process of the extrapolated run within 
     python jobs/bench_scale.py [--sizes 10000 100000 1280000] [--epochs 10] [--classes 1000]
                                [--out FILE] [--work DIR] [--smoke]
 
-``--smoke`` is one size of 2,000 samples, 3 epochs (one per stage) and 20 classes, well
-under a minute. ``--work`` is where the data goes (default: a temporary folder); each size's
+``--smoke`` is one size of 2,000 samples, 3 epochs (one per stage) and 20 classes: about
+two minutes here, most of it the start-up (torch's import) of each command's process. ``--work`` is where the data goes (default: a temporary folder); each size's
 folder is removed once measured (1.28 M: about 2 GB of .npy and shards at a time).
 """
 
