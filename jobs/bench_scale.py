@@ -32,8 +32,9 @@ the next smaller size within 1.2x; every process of the extrapolated run within 
                                [--out FILE] [--work DIR] [--smoke]
 
 ``--smoke`` is one size of 2,000 samples, 3 epochs (one per stage) and 20 classes: about
-two minutes here, most of it the start-up (torch's import) of each command's process. ``--work`` is where the data goes (default: a temporary folder); each size's
-folder is removed once measured (1.28 M: about 2 GB of .npy and shards at a time).
+two minutes here, most of it the start-up (torch's import) of each command's process.
+``--work`` is where the data goes (default: a temporary folder); each size's folder is
+removed once measured (1.28 M: about 2 GB of .npy and shards at a time).
 """
 
 from __future__ import annotations
