@@ -26,6 +26,15 @@ from asd_ray.evaluate import detection
 
 _GROUND_TRUTH_COLUMNS = ("sample_id", "is_poison", "original_label")
 
+# The values of a split table's ``pool`` column (schemas/splits.json).
+CLEAN = "clean"  # labeled: trained on with its given label
+POLLUTED = "polluted"  # flagged: its label is not trusted (unlabeled, or held out)
+
+
+def in_pool(split: pa.Table, pool: str) -> np.ndarray:
+    """(rows,) bool in the table's row order: which rows of ``split`` are in ``pool``."""
+    return pc.equal(split.column("pool"), pool).to_numpy(zero_copy_only=False)
+
 
 def unlabeled_pool(split: pa.Table, holdout_ratio: float) -> np.ndarray:
     """(N,) bool by sample id: the polluted pool that MixMatch trains on as unlabeled data,
@@ -39,7 +48,7 @@ def unlabeled_pool(split: pa.Table, holdout_ratio: float) -> np.ndarray:
     polluted pool (they are flagged); they only take no part in training.
     """
     split = tables.by_sample_id(split, where="split table", fix="pass one epoch's split table")
-    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    polluted = in_pool(split, POLLUTED)
     n = len(polluted)
     held = int(holdout_ratio * n)
     if held == 0:
@@ -269,7 +278,7 @@ def make_split(
             "meta_loss": nulls if meta_losses is None else meta_losses,
             "loss_reduction": nulls if reduction is None else reduction,
             "rank": rank,
-            "pool": np.where(clean, "clean", "polluted"),
+            "pool": np.where(clean, CLEAN, POLLUTED),
             "is_seed": is_seed | trusted,
             "pinned": pa.array(
                 np.where(trusted, "trusted", np.where(tampered, "tampered", None)), pa.string()
@@ -361,9 +370,11 @@ def check_split(split: pa.Table, *, where: str, fix: str) -> int:
     stages = pc.unique(split.column("stage")).to_pylist()
     if len(stages) != 1:
         raise DataError(f"{where}: rows of stages {sorted(stages)} in one epoch's table; {fix}")
-    pools = set(pc.unique(split.column("pool")).to_pylist()) - {"clean", "polluted"}
+    pools = set(pc.unique(split.column("pool")).to_pylist()) - {CLEAN, POLLUTED}
     if pools:
-        raise DataError(f"{where}: unknown pool value(s) {sorted(pools)}, not 'clean' or 'polluted'; {fix}")
+        raise DataError(
+            f"{where}: unknown pool value(s) {sorted(pools)}, not {CLEAN!r} or {POLLUTED!r}; {fix}"
+        )
     missing = split.column("is_poison").null_count
     if missing not in (0, split.num_rows):
         raise DataError(
@@ -389,7 +400,7 @@ def split_summary(split: pa.Table) -> dict[str, Any]:
     """
     split = tables.validate(split, "splits", where="split")
     stage = check_split(split, where="split", fix="summarise one whole table made by make_split")
-    clean = pc.equal(split.column("pool"), "clean").to_numpy()
+    clean = in_pool(split, CLEAN)
     is_seed = split.column("is_seed").to_numpy()
     labels = split.column("label").to_numpy()
     summary: dict[str, Any] = {
@@ -540,5 +551,5 @@ def pool_masks(
         DataError: the table (``where``: its file) does not cover ids 0..total-1 once each.
     """
     split = tables.by_sample_id(split, where=where, fix="re-create the run's split table", n=total)
-    clean = pc.equal(split.column("pool"), "clean").to_numpy(zero_copy_only=False)
+    clean = in_pool(split, CLEAN)
     return clean, unlabeled_pool(split, holdout_ratio)

@@ -22,7 +22,7 @@ from asd_ray import run_folder, storage, tables
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_run_card
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
-from asd_ray.split import check_split, suspicion
+from asd_ray.split import CLEAN, POLLUTED, check_split, in_pool, suspicion
 from asd_ray.storage import Location
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def _check_rows(
     ``row`` and the run's classes: the whole table (its ids already checked), or a
     ``part`` of it, whose pools may not outnumber the recorded ones."""
     stage = check_split(split, where=where, fix=RESTORE)
-    clean = pc.sum(pc.equal(split.column("pool"), "clean")).as_py() or 0
+    clean = int(in_pool(split, CLEAN).sum())
     pools = (stage, clean, split.num_rows - clean)
     recorded = (row["stage"], row["clean_pool"], row["polluted_pool"])
     fits = pools[1:] == recorded[1:] if not part else pools[1] <= recorded[1] and pools[2] <= recorded[2]
@@ -191,7 +191,7 @@ def _flag_counts(run: Run, epochs: list[int], last: pa.Table | None = None) -> t
     count = streak = None
     for epoch in epochs:
         split = last if last is not None and epoch == epochs[-1] else read_split(run, epoch, ("pool",))
-        polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+        polluted = in_pool(split, POLLUTED)
         if count is None:
             count, streak = np.zeros(len(polluted), np.int32), np.zeros(len(polluted), np.int32)
         elif len(polluted) != len(count):
@@ -216,10 +216,10 @@ def flagged_samples(
     classes = int(pc.max(split.column("label")).as_py()) + 1  # every class has seeds in every split
     if label is not None and not 0 <= label < classes:
         raise ConfigError(f"--class {label}: the run's classes are 0..{classes - 1}; choose one of them")
-    keep = pc.equal(split.column("pool"), "polluted")
+    keep = in_pool(split, POLLUTED)
     if label is not None:
-        keep = pc.and_(keep, pc.equal(split.column("label"), label))
-    streak = _flag_counts(run, epochs, split)[1][keep.to_numpy(zero_copy_only=False)]
+        keep &= split.column("label").to_numpy() == label
+    streak = _flag_counts(run, epochs, split)[1][keep]
     rows = split.filter(keep).append_column("flagged_streak", pa.array(streak.astype(np.int64)))
     rows = rows.sort_by([("suspicion", "descending"), ("sample_id", "ascending")])
     rows = rows.append_column("epoch", pa.array(np.full(rows.num_rows, epoch), pa.int64()))
@@ -288,7 +288,7 @@ def per_class(run: Run, epoch: int | str = "last") -> list[dict[str, Any]]:
     """Pools (and poison, with ground truth) per class in one epoch."""
     split = read_split(run, resolve_epoch(run, epoch), columns=())
     labels = split.column("label").to_numpy()
-    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    polluted = in_pool(split, POLLUTED)
     truth = split.column("is_poison")
     poison = truth.to_numpy(zero_copy_only=False) if truth.null_count == 0 else None
     names = class_names(run)
@@ -298,7 +298,7 @@ def per_class(run: Run, epoch: int | str = "last") -> list[dict[str, Any]]:
         return np.bincount(labels[mask], minlength=classes)
 
     everyone = np.ones(len(labels), bool)
-    columns = {"samples": count(everyone), "clean": count(~polluted), "polluted": count(polluted)}
+    columns = {"samples": count(everyone), CLEAN: count(~polluted), POLLUTED: count(polluted)}
     if poison is not None:
         columns |= {"poisoned": count(poison), "poisoned_in_clean": count(poison & ~polluted)}
     return [
@@ -365,9 +365,9 @@ def train_shards(run: Run, split: pa.Table) -> ShardSet | None:
             f'differs from {card_path}); point "train" at the run\'s own training shards'
         )
     trusted = pc.fill_null(pc.equal(split.column("pinned"), "trusted"), False).to_numpy(zero_copy_only=False)
-    clean_seeds = pc.and_(split.column("is_seed"), pc.equal(split.column("pool"), "clean"))
+    clean_seeds = split.column("is_seed").to_numpy(zero_copy_only=False) & in_pool(split, CLEAN)
     fits = split.num_rows - int(trusted.sum()) == len(shards) and not trusted[: len(shards)].any()
-    if not fits or not clean_seeds.to_numpy(zero_copy_only=False)[trusted].all():
+    if not fits or not clean_seeds[trusted].all():
         raise DataError(
             f"{where / 'splits'}: {split.num_rows} rows, {int(trusted.sum())} of them trusted seed copies, "
             f"do not fit the {len(shards)} samples of {folder} (one row each, then the copies as clean "

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
 from asd_ray import files, storage, tables
 from asd_ray.audit import history
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.run_folder import CONFIG_FILE, INPUTS_FILE, RESTORE
+from asd_ray.split import POLLUTED, in_pool
 from asd_ray.storage import Location
 
 AUDIT_DIR = "audit"
@@ -184,7 +184,7 @@ def _histograms(run: Location, metrics: list[dict]) -> str:
             bad = truth.to_numpy(zero_copy_only=False)
             names = ("clean", "poisoned")
         else:
-            bad = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+            bad = in_pool(split, POLLUTED)
             names = ("clean pool", "polluted pool")
         bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=40)
         axis.hist(values[~bad], bins=bins, alpha=0.6, color="#1f77b4", label=names[0], density=True)
@@ -205,7 +205,7 @@ def _thumbnail_sections(run: Location) -> list[str]:
     ranges that hold them): the page costs the same for 10 k samples as for 14 M."""
     split = history.read_split(run, history.complete_epochs(run)[-1], columns=_THUMBNAIL_COLUMNS)
     score = split.column("suspicion").to_numpy()
-    polluted = pc.equal(split.column("pool"), "polluted").to_numpy(zero_copy_only=False)
+    polluted = in_pool(split, POLLUTED)
     seeds = split.column("is_seed").to_numpy(zero_copy_only=False)
     flagged = _most_suspicious(score, polluted, THUMBNAILS)
     kept = _most_suspicious(score, ~polluted & ~seeds, THUMBNAILS)
