@@ -3,7 +3,7 @@
 :class:`RunInputs` is what a user names (and RUN/inputs.json records);
 :func:`open_inputs` opens and cross-checks it into :class:`RunData`;
 :func:`add_trusted_seeds` appends the seeds' trusted copies as training ids
-N.. N+E-1. No Ray here: the driver, the demo data and the tests use it alike.
+N.. N+E-1 (:mod:`asd_ray.training_set`). No Ray here: the driver, the demo data and the tests use it alike.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.models import ModelSpec
+from asd_ray.resume import check_resumable
 from asd_ray.run_folder import BEST_RULE, TRUSTED_SEEDS_DIR, failed_start, read_inputs, recorded_config
 from asd_ray.seeds import SeedPlan, plan_seeds
+from asd_ray.training_set import TrainingSet, trusted_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +74,15 @@ class RunData:
     @property
     def total(self) -> int:
         """Training samples including the trusted copies."""
-        return len(self.train) + (len(self.trusted) if self.trusted is not None else 0)
+        return len(self.train) + len(self.trusted_ids)
 
     @property
     def trusted_ids(self) -> np.ndarray:
-        return np.arange(len(self.train), self.total)
+        return trusted_ids(len(self.train), len(self.trusted) if self.trusted is not None else 0)
+
+    def training_set(self) -> TrainingSet:
+        """The training set as the workers and scorers get it (trusted copies decoded)."""
+        return TrainingSet.of(self.train, self.trusted)
 
     @property
     def seed_ids(self) -> np.ndarray:
@@ -88,33 +94,17 @@ class RunData:
     def tampered_ids(self) -> np.ndarray:
         return self.seeds.tampered if self.seeds else np.empty(0, np.int64)
 
-    def trusted_copies(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The trusted copies' images (E, H, W, C) uint8 and labels (E,) int64 in id order, or
-        None. Decoded by the driver: the training workers receive them through Ray, so none
-        reads the run folder."""
-        if self.trusted is None:
-            return None
-        images, _, labels = load_share(self.trusted)
-        return images, labels
-
 
 def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -> tuple[RunConfig, RunInputs]:
     """The config and inputs of a new run, or those recorded in ``out`` for a resumed one.
 
-    A resumed run keeps its algorithm and data settings: only ``cluster.*``, ``storage.*`` and
-    ``epochs`` may differ from RUN/config.yaml (a preset is values, not a label). A new run needs an empty folder, or
+    A resumed run keeps its algorithm and data settings
+    (:func:`asd_ray.resume.check_resumable`). A new run needs an empty folder, or
     one a start cut short left (:func:`~asd_ray.run_folder.failed_start`: its leftovers
     are removed). Called by the driver holding the folder's lock.
     """
     if resume:
-        saved = load_recorded_config(recorded_config(out))
-        refused = [key for key in _changed_keys(saved.to_dict(), config.to_dict()) if not _resumable(key)]
-        if refused:
-            raise DataError(
-                f"--resume {out}: {refused[0]} differs from the run's config ({len(refused)} setting(s)); "
-                "a resumed run keeps its algorithm and data settings (only cluster.*, storage.* and "
-                "epochs may change): drop the flag, or start a new run with --out"
-            )
+        check_resumable(load_recorded_config(recorded_config(out)), config, out)
         return config, RunInputs(**read_inputs(out))
     leftovers = failed_start(out)
     if leftovers is None:
@@ -126,24 +116,6 @@ def resolve_run(config: RunConfig, inputs: RunInputs, out: Path, resume: bool) -
     if config.defense == "asd" and not inputs.seeds:
         raise DataError("defense asd needs a seeds table: make one with `asd-ray seeds` and pass --seeds")
     return config, inputs.absolute()
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    keys = []
-    for key in old.keys() | new.keys():
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(prefix + key)
-    return sorted(keys)
-
-
-def _resumable(key: str) -> bool:
-    """Settings a resumed run may change: where it runs, and how long (the lambda_u ramp
-    and stage boundaries stay as configured, and are checked against the new length)."""
-    return key.startswith(("cluster.", "storage.")) or key == "epochs"
 
 
 def open_inputs(config: RunConfig, inputs: RunInputs) -> RunData:
@@ -207,7 +179,7 @@ def add_trusted_seeds(data: RunData, out: Path) -> RunData:
     if truth is not None:
         n, labels = len(data.train), trusted.labels.astype(np.int32)
         extra = {
-            "sample_id": np.arange(n, n + len(trusted)),
+            "sample_id": trusted_ids(n, len(trusted)),
             "is_poison": np.zeros(len(trusted), bool),
             "is_modified": np.zeros(len(trusted), bool),
             "original_label": labels,

@@ -9,11 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:  # the mailbox imports this module: no torch, no shards here
+    from asd_ray.config import RunConfig
+    from asd_ray.models import ModelSpec
+    from asd_ray.storage import Location
+    from asd_ray.training_set import TrainingSet
+
 Weights = dict[str, np.ndarray]  # as models.to_numpy_weights gives; named here so the mailbox needs no torch
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class WorkerSetup:
+    """Everything a training worker starts with, sent once through Ray Train."""
+
+    config: RunConfig
+    training_set: TrainingSet  # its share is decoded from here, trusted copies included
+    model: ModelSpec
+    mailbox: str  # the run's :class:`~asd_ray.mailbox.Mailbox` actor, by name
+    cache_dir: str  # this run's disk caches of shares over the memory budget
+    checkpoints: Location  # the run's Ray Train storage, where :func:`asd_ray.resume.restore` looks
+
+    def as_loop_config(self) -> dict[str, WorkerSetup]:
+        """Ray Train's ``train_loop_config`` (a dict) holding this set-up."""
+        return {"setup": self}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from asd_ray import storage
-from asd_ray.errors import DataError, StorageError
+from asd_ray.errors import DataError, StorageError, UserError
+from asd_ray.progress import terminal_safe
 from asd_ray.run_folder import CONFIG_FILE, LOCK_FILE, METRICS_FILE, METRICS_JSONL, SUMMARY_FILE, TRAIN_DIR
 from asd_ray.storage import Location
 
@@ -117,3 +119,30 @@ class StagedRun:
     def close(self) -> None:
         """Remove the staging folder (after a last :meth:`publish` by the caller)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def finish(self, *, failing: bool) -> None:
+        """Publish what the run wrote until here (its log's last lines too), then remove the
+        staging folder. If that fails, the staging folder stays and is named; an error
+        already on its way (``failing``: a bad input, an interrupt) keeps its own line and
+        status."""
+        try:
+            self.publish()
+        except (UserError, StorageError) as err:
+            line = (
+                f"asd-ray: {self.target}: the run's last records were not published ({err}); they are "
+                f"kept in {self.staging}: copy them there, or continue with --resume from what the bucket holds"
+            )
+            if not failing:
+                raise StorageError(line) from None
+            print(terminal_safe(line), file=sys.stderr, flush=True)
+            return
+        self.close()
+
+    def naming(self, err: BaseException) -> BaseException:
+        """``err`` with the staging folder's path replaced by the run's URI in its message (a
+        full disk stays named: it is this node's, not the bucket's)."""
+        if not isinstance(err, UserError) or str(self.staging) not in str(err):
+            return err
+        renamed = type(err)(str(err).replace(str(self.staging), str(self.target)))
+        renamed.__cause__ = err.__cause__
+        return renamed

@@ -334,7 +334,7 @@ def main() -> None:
 
         import ray
 
-        from asd_ray.driver import RAY_TRAIN_ENV
+        from asd_ray.cluster import RAY_TRAIN_ENV
 
         for key, value in RAY_TRAIN_ENV.items():  # before ray.init: its processes inherit them
             os.environ.setdefault(key, value)

@@ -40,9 +40,10 @@ def bench_defense(args, root: Path) -> list[dict]:
     import ray
 
     from asd_ray import tables
+    from asd_ray.cluster import RAY_TRAIN_ENV
     from asd_ray.config import load_config
     from asd_ray.demo import prepare_mnist_badnets
-    from asd_ray.driver import RAY_TRAIN_ENV, run
+    from asd_ray.driver import run
     from asd_ray.run_folder import METRICS_FILE
 
     inputs = prepare_mnist_badnets(root / "data")

@@ -235,7 +235,7 @@ def _start_shared_ray() -> None:
 
     import ray
 
-    from asd_ray.driver import RAY_TRAIN_ENV
+    from asd_ray.cluster import RAY_TRAIN_ENV
 
     if not _SHARED_RAY:
         for key, value in RAY_TRAIN_ENV.items():  # the raylet, and so Ray Train's controller, inherit them

@@ -282,9 +282,9 @@ def test_a_corrupt_image_found_by_the_actors_is_one_clear_error(ray_cluster, poi
 
 
 def test_a_second_driver_on_the_same_run_folder_is_refused(ray_cluster, poisoned_data, tmp_path):
-    from asd_ray.driver import _lock_run_folder
+    from asd_ray.run_lock import lock_run_folder
 
-    held = _lock_run_folder(tmp_path / "run")  # as if another driver were writing it
+    held = lock_run_folder(tmp_path / "run")  # as if another driver were writing it
     try:
         with pytest.raises(DataError, match="is being written by the asd-ray driver pid .* on .* since"):
             run(load_config("mnist-quick", overrides=TINY_RUN), poisoned_data, tmp_path / "run")

@@ -21,10 +21,11 @@ import torch
 from conftest import FAULT_RUN, FINAL_RECORD, METRIC_KEYS, assert_processes_end, fault_config, run_outcome
 
 from asd_ray import tables
-from asd_ray.driver import _model_holds, run
+from asd_ray.driver import run
 from asd_ray.errors import StorageError
 from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file
 from asd_ray.reaper import _processes, ray_descendants
+from asd_ray.resume import model_holds
 from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, RUN_LOG, TRAIN_DIR, split_path
 
 pytestmark = pytest.mark.ray
@@ -144,7 +145,8 @@ def test_killed_scoring_actors_and_training_workers_are_replaced_and_change_noth
 _DRIVER = """
 import json, sys
 from asd_ray.config import load_config
-from asd_ray.driver import _model_holds, run
+from asd_ray.driver import run
+from asd_ray.resume import model_holds
 from asd_ray.inputs import RunInputs
 inputs, overrides, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 run(load_config("mnist-quick", overrides=overrides), RunInputs(**inputs), out)
@@ -240,19 +242,19 @@ def test_the_model_folder_is_checked_against_the_last_recorded_epoch(undisturbed
     best.pt when the last epoch is the best, must hold the last recorded epoch."""
     out, killed = undisturbed
     rows = tables.read_parquet(out / METRICS_FILE, "metrics").to_pylist()
-    assert _model_holds(out / MODEL_DIR, rows)
+    assert model_holds(out / MODEL_DIR, rows)
     for before, holds in {
         "last.pt": False,
         "best.pt": False,
         "card.json": False,
         "metrics.jsonl": True,
     }.items():
-        assert _model_holds(killed / before / MODEL_DIR, rows) == holds, before
-    assert _model_holds(killed / "last.pt" / MODEL_DIR, rows[:2])  # epoch 1's files, epoch 1 the last
-    assert not _model_holds(out / MODEL_DIR, rows[:2])  # files of a later epoch than recorded
+        assert model_holds(killed / before / MODEL_DIR, rows) == holds, before
+    assert model_holds(killed / "last.pt" / MODEL_DIR, rows[:2])  # epoch 1's files, epoch 1 the last
+    assert not model_holds(out / MODEL_DIR, rows[:2])  # files of a later epoch than recorded
     shutil.copytree(killed / "last.pt" / MODEL_DIR, tmp_path / MODEL_DIR)
     (tmp_path / MODEL_DIR / "best.pt").unlink()
-    assert not _model_holds(tmp_path / MODEL_DIR, rows[:2])
+    assert not model_holds(tmp_path / MODEL_DIR, rows[:2])
 
 
 @pytest.mark.slow  # two drivers side by side, each with a local Ray of its own: a few minutes on 2 cores

@@ -10,8 +10,9 @@ import pytest
 from conftest import TINY_RUN
 
 from asd_ray import tables
+from asd_ray.cluster import RAY_TRAIN_ENV
 from asd_ray.config import load_config
-from asd_ray.driver import RAY_TRAIN_ENV, run
+from asd_ray.driver import run
 from asd_ray.run_folder import split_path
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a whole cluster per test: run with -m slow

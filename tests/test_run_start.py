@@ -1,6 +1,6 @@
 """The start of a run: the run folder's lock, its checks and first records, before Ray starts.
 
-Most of these stop the driver where Ray would start (``_init_ray`` replaced), so they
+Most of these stop the driver where Ray would start (``cluster.connect`` replaced), so they
 need no Ray; the last one starts a local Ray of the driver's own beside the session's.
 """
 
@@ -16,7 +16,7 @@ import threading
 import pytest
 from conftest import TINY_RUN
 
-from asd_ray import driver
+from asd_ray import cluster, driver
 from asd_ray.cli import main
 from asd_ray.config import load_config
 from asd_ray.errors import ConfigError, DataError, StorageError
@@ -37,7 +37,7 @@ def no_ray(monkeypatch):
     def start(config):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(driver, "_init_ray", start)
+    monkeypatch.setattr(cluster, "connect", start)
 
 
 def test_a_second_driver_is_refused_while_the_first_starts_ray(poisoned_data, tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_a_second_driver_is_refused_while_the_first_starts_ray(poisoned_data, tm
         except BaseException as err:  # examined below
             first["error"] = err
 
-    monkeypatch.setattr(driver, "_init_ray", slow_start)
+    monkeypatch.setattr(cluster, "connect", slow_start)
     out = tmp_path / "run"
     thread = threading.Thread(target=first_run, daemon=True)
     thread.start()
@@ -119,8 +119,8 @@ def test_a_start_cut_short_is_no_dead_end(poisoned_data, tmp_path, monkeypatch, 
     """A full disk between inputs.json and config.yaml is one line saying to start again,
     with nothing kept; a kill there leaves inputs.json and a temporary file, which
     `--resume` refuses saying to start a new run, and a new run takes the folder over."""
-    monkeypatch.setattr(driver, "_init_ray", lambda config: None)  # the test's process has no Ray
-    monkeypatch.setattr(driver, "_check_resources", lambda cluster: None)
+    monkeypatch.setattr(cluster, "connect", lambda config: None)  # the test's process has no Ray
+    monkeypatch.setattr(cluster, "check_resources", lambda config: None)
 
     def full(config):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -173,9 +173,9 @@ def test_a_cache_dir_that_cannot_take_files_is_one_line_before_ray_starts(poison
 _ASK_THE_STATE_API = """
 import json, os, ray
 from asd_ray.config import load_config
-from asd_ray.driver import _init_ray
+from asd_ray.cluster import connect
 
-assert _init_ray(load_config("mnist-quick", overrides=["cluster.workers=1", "cluster.scorers=1"])) == "local"
+assert connect(load_config("mnist-quick", overrides=["cluster.workers=1", "cluster.scorers=1"])) == "local"
 try:
     @ray.remote(num_cpus=0)
     def ask():

@@ -9,9 +9,13 @@ from asd_ray import compute
 from asd_ray.batches import WorkerData, mixmatch_plans
 from asd_ray.config import load_config
 from asd_ray.data.augment import noise_overlay
+from asd_ray.data.share import load_share
+from asd_ray.messages import WorkerSetup
 from asd_ray.models import ModelSpec
 from asd_ray.reference import plain_mixmatch_epoch
+from asd_ray.resume import Restored
 from asd_ray.steps import head_epochs, mixmatch_epoch, step_inputs, transfer_pretraining, virtual_epoch
+from asd_ray.training_set import TrainingSet
 
 
 def _share(n: int = 64, channels: int = 1) -> WorkerData:
@@ -328,7 +332,7 @@ def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeyp
         (tables, "read_parquet"),
     ):
         monkeypatch.setattr(module, name, no_file)
-    worker = train._Worker(config, model, model, optimizer, data, 0, -1, {}, pretrained=False)
+    worker = train._Worker(config, model, model, optimizer, data, 0, Restored())
     task = messages.Train(0, messages.Pools.pack(clean, unlabeled), {})
     answer = worker.train(task)
     monkeypatch.undo()
@@ -338,7 +342,7 @@ def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeyp
 
 
 def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tmp_path) -> None:
-    """The seeds' trusted copies come decoded in the loop config (through Ray), as ids N..,
+    """The seeds' trusted copies come decoded in the worker's set-up (through Ray), as ids N..,
     each to the rank of its id, after that rank's share of the training shards."""
     from conftest import make_shards, synthetic_arrays
 
@@ -346,16 +350,14 @@ def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tm
 
     shards = make_shards(tmp_path / "train", n=21, size=16, channels=1)
     extra, extra_labels = synthetic_arrays(5, 16, 1, seed=9)
-    loop_config = {
-        "train": shards.folder,
-        "train_versions": shards.versions,
-        "trusted": (extra, extra_labels),
-        "cache_dir": str(tmp_path),
-    }
-    pixels, _, _ = train.load_share(shards)
+    training = TrainingSet(shards.folder, shards.versions, len(shards), (extra, extra_labels))
+    setup = WorkerSetup(
+        _config(), training, model=None, mailbox="", cache_dir=str(tmp_path), checkpoints=None
+    )
+    pixels, _, _ = load_share(shards)
     everything = np.concatenate([pixels, extra])
     for rank in (0, 1):
-        data = train._load_share(loop_config, _config(), rank, 2, torch.device("cpu"))
+        data = train._load_share(setup, rank, 2, torch.device("cpu"))
         assert data.total == 26 and data.sample_ids.tolist() == list(range(rank, 26, 2))
         assert np.array_equal(data.images.numpy(), everything[rank::2])
         assert data.labels.tolist() == np.concatenate([shards.labels, extra_labels])[rank::2].tolist()
@@ -363,7 +365,7 @@ def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tm
 
 def test_the_newest_checkpoint_is_a_folder_never_ray_trains_index_or_its_set_aside_copy(tmp_path):
     from asd_ray import storage
-    from asd_ray.train import newest_checkpoint
+    from asd_ray.resume import newest_checkpoint
 
     for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
         (tmp_path / name).mkdir()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from asd_ray.cli.common import add_quiet, format_table, local_place, place, say
 from asd_ray.config import PAPER_ALGORITHM, PRESETS, StorageConfig
-from asd_ray.errors import ConfigError, DataError
+from asd_ray.errors import DataError
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -147,31 +146,16 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from asd_ray.config import load_config, load_recorded_config, read_config_file
+    from asd_ray.config import load_config
     from asd_ray.driver import run
     from asd_ray.inputs import RunInputs
-    from asd_ray.run_folder import recorded_config
+    from asd_ray.resume import resumed_config
 
     overrides = run_overrides(args)
     if args.resume:  # the run's own config, with what this command changes (checked by the driver)
-        settings = command_storage(args)  # the run's record is reached with them too
-        saved = recorded_config(args.out, settings)
-        recorded = load_recorded_config(saved)
-        if args.preset is not None and args.preset != recorded.preset:
-            raise ConfigError(
-                f"--preset {args.preset}: the run in {args.out} was made with preset {recorded.preset}, "
-                "and a resumed run keeps its settings; drop --preset"
-            )
-        config = dataclasses.replace(load_recorded_config(saved, overrides, args.config), storage=settings)
-        restated = any(o.partition("=")[0].strip() == "model.factory" for o in overrides) or (
-            args.config is not None and "factory" in (read_config_file(args.config).get("model") or {})
+        config = resumed_config(
+            args.out, command_storage(args), preset=args.preset, overrides=overrides, config_file=args.config
         )
-        if recorded.model.factory is not None and not restated:
-            raise DataError(
-                f"{saved}: the run's model is built by the factory {recorded.model.factory!r}, and a run "
-                "folder never chooses code to run: if you trust that code, resume with "
-                f"--set model.factory={recorded.model.factory}"
-            )
     else:
         config = load_config(args.preset, args.config, overrides)
     if not args.resume and (args.train is None or args.test is None):
