@@ -6,9 +6,9 @@ the step loops are :mod:`asd_ray.steps`. The loop is the same
 for 1 or W workers (DDP: gloo on CPU, NCCL on GPU). Each worker decodes its
 share of the training shards once: every W-th sample, so shares are
 class-balanced even on class-sorted shards (in memory, or in a disk cache over
-the memory budget). Checkpoints store the model, optimizer, epoch, base seed
-and the digest of the pools trained on, with a sha256 digest of the checkpoint
-so a resume skips a torn one.
+the memory budget). Checkpoints store the model, optimizer, epoch, base seed,
+the epoch's metrics and the digest of the pools trained on (not the split table,
+nor its path), with a sha256 digest of the checkpoint so a resume skips a torn one.
 """
 
 from __future__ import annotations
