@@ -2,11 +2,10 @@
 
 Precision is named for what the hardware computes: ``fp32`` (full fp32, also on
 GPUs), ``tf32`` (fp32 storage, TF32 matmuls and convolutions on GPUs), ``bf16``
-(autocast). The fast path on a CPU is bf16 autocast plus channels_last. Measured
-on a 2-core AVX-512-BF16 CPU (ResNet-18, 32 px, 192 images, forward + backward):
-fp32 2.7 s, channels_last 2.0 s, bf16 1.1 s, both 0.94 s (``jobs/bench_pipeline.py``
-has the MixMatch-step figures). ``compute.precision = auto`` takes what was
-measured faster on the device (:func:`resolve_precision`).
+(autocast). The fast path on a CPU is bf16 autocast plus channels_last, each faster
+than fp32 and the two together fastest (jobs/BENCHMARKS.md, "Pipeline"; the
+MixMatch-step figures are ``jobs/bench_pipeline.py``'s). ``compute.precision = auto``
+takes what was measured faster on the device (:func:`resolve_precision`).
 
 Training (MixMatch passes, label guesses, the virtual model, the baseline) runs
 under ``compute.precision``; scoring under ``scoring.precision`` (full fp32 by
@@ -49,10 +48,9 @@ def resolve_precision(config: ComputeConfig, device: torch.device, image_size: i
     training on images of ``image_size`` px.
 
     ``auto`` on a GPU with native bf16 (compute capability 8+) is what was measured
-    faster there (ResNet-18 on one H200): at 32 px a 64 + 64 step is bound by kernel
-    launches and autocast's casts make bf16 slower than TF32 (11,485 against 14,744
-    images/s), so ``tf32`` up to :data:`SMALL_IMAGE` px; at 224 px bf16 trains 2.0x
-    faster. Older GPUs: ``fp32``. On a CPU: ``bf16`` where it is native, else ``fp32``;
+    faster there (ResNet-18; jobs/BENCHMARKS.md, "One H200"): at 32 px a 64 + 64 step is
+    bound by kernel launches and autocast's casts make bf16 slower than TF32, so ``tf32``
+    up to :data:`SMALL_IMAGE` px; at 224 px bf16 is faster. Older GPUs: ``fp32``. On a CPU: ``bf16`` where it is native, else ``fp32``;
     ``tf32`` means ``fp32`` there (CPUs have no TF32).
     """
     if config.precision == "tf32" and device.type != "cuda":
@@ -108,8 +106,8 @@ def scoring_precision(precision: str, device: torch.device):
 
 def adam(params, lr: float) -> torch.optim.Adam:
     """Adam with its fused kernel (CPUs and GPUs): one launch per step instead of hundreds,
-    and no host reads of its step counts (measured on this project's 2-core CPU: 10 ms
-    against 26 ms for ResNet-18's optimizer step); the same update."""
+    and no host reads of its step counts (faster, jobs/BENCHMARKS.md, "Ops per step"); the
+    same update."""
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 

@@ -1,7 +1,8 @@
 """Typed configuration for every stage, validated on construction.
 
 Defaults are the paper's settings, with the details it leaves open taken from the
-authors' code; each field's comment says what it is.
+authors' code. What each setting means, and its rule, is in
+:data:`asd_ray.config_ranges.RUN_RANGES` (``asd-ray config show --explain`` prints both).
 :data:`PRESETS` hold the paper's settings per dataset; :func:`load_config`
 layers a preset, an optional YAML file and ``section.field=value`` overrides.
 The only I/O is reading that YAML (through :mod:`asd_ray.files`' limits).
@@ -135,21 +136,15 @@ class SplitConfig:
     virtual model's epoch, among all but the ``meta_loss_guard`` highest-loss ones.
     """
 
-    seeds_per_class: int = 10  # w: trusted clean samples per class
-    grow_every: int = 5  # t: epochs between growth steps of choice_num
-    grow_by: int = 10  # n: samples per class added at each growth step
-    stage2_epoch: int = 60  # T1: first epoch of stage 2
-    stage3_epoch: int = 90  # T2: first epoch of stage 3
-    clean_ratio: float = 0.5  # alpha: stage-2 fraction of samples in the clean pool
-    meta_clean_ratio: float = 0.5  # gamma: stage-3 fraction of samples in the clean pool
-    # Not in the paper: in stage 3 this fraction of all samples, the highest-loss ones, stays in
-    # the polluted pool whatever its loss reduction (see split.clean_mask_stage3; on the defense
-    # benchmark every poisoned sample the meta-split let in had a loss in the highest 11%;
-    # 0: the paper's meta-split)
-    meta_loss_guard: float = 0.2
-    # Not in the paper: this fraction of all samples, the polluted pool's highest-loss ones, is
-    # left out of MixMatch's unlabeled set (0: the paper's algorithm; see split.unlabeled_pool)
-    holdout_ratio: float = 0.0
+    seeds_per_class: int = 10
+    grow_every: int = 5
+    grow_by: int = 10
+    stage2_epoch: int = 60
+    stage3_epoch: int = 90
+    clean_ratio: float = 0.5
+    meta_clean_ratio: float = 0.5
+    meta_loss_guard: float = 0.2  # split.clean_mask_stage3; why 0.2: README, Configuration and presets
+    holdout_ratio: float = 0.0  # split.unlabeled_pool
 
     def __post_init__(self) -> None:
         check_section(self, "split")
@@ -169,12 +164,8 @@ class SplitConfig:
 class ModelConfig:
     """The classifier (see asd_ray.models)."""
 
-    name: str = "resnet18"  # resnet18 | vgg11 | mobilenet_v2 | densenet121 | small_cnn | custom
-    # custom: "package.module:function", called as function(num_classes=, in_channels=, image_size=)
-    # and returning a torch.nn.Module; it must be importable on every node.
+    name: str = "resnet18"
     factory: str | None = None
-    # custom: module paths (as in named_modules) whose parameters ASD's virtual model updates
-    # in stage 3: roughly the second half of the features plus the classifier layer.
     meta_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -192,11 +183,11 @@ class ModelConfig:
 class DataConfig:
     """Normalisation and training augmentation of the stored uint8 images."""
 
-    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)  # per channel, on [0, 1]
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
-    augment: str = "crop"  # crop (pad + random crop) | resized_crop (224 px) | none
-    crop_padding: int = 4  # reflect padding of the random crop
-    flip: bool = True  # random horizontal flip (off for digits and traffic signs)
+    augment: str = "crop"
+    crop_padding: int = 4
+    flip: bool = True
 
     def __post_init__(self) -> None:
         check_section(self, "data")
@@ -210,13 +201,10 @@ class DataConfig:
 class ScoringConfig:
     """The per-sample SCE scoring pass at the start of every epoch."""
 
-    sce_alpha: float = 0.1  # weight of CE in SCE
-    sce_beta: float = 1.0  # weight of reverse CE in SCE
-    augment: bool = False  # score with training augmentation (the authors' code) instead of clean inputs
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    augment: bool = False
     batch_size: int = 512
-    # fp32 (full fp32, TF32 off) | tf32 (GPUs; fp32 on a CPU) | bf16 (autocast): the split ranks
-    # samples by small loss differences, so a faster mode must keep them on their side of each
-    # cut (jobs/bench_scoring_precision.py measures that)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -229,27 +217,18 @@ class ScoringConfig:
 class MixMatchConfig:
     """The semi-supervised epoch on the clean (labeled) and polluted (unlabeled) pools."""
 
-    iterations: int = 1024  # optimizer steps per epoch
-    batch_labeled: int = 64  # labeled samples per step (global, see batch_rule)
-    batch_unlabeled: int = 64  # unlabeled samples per step (global, see batch_rule)
-    # global: the paper's step whatever the worker count (one global batch of 64 + 64, served
-    # by the workers that hold its samples); scaled: global batch W x (64 + 64), iterations / W
-    # (the baseline too; the stage-3 virtual model keeps the paper's batch under both rules)
+    iterations: int = 1024
+    batch_labeled: int = 64
+    batch_unlabeled: int = 64
     batch_rule: str = "global"
-    temperature: float = 0.5  # sharpening of guessed labels
-    # every view of a MixMatch step gets a fresh uniform-noise picture blended in at a weight
-    # drawn uniformly from [0, noise_overlay): the model learns that a faint overlay does not
-    # decide the class, so a blended trigger cannot steer it (Blend on the defense benchmark:
-    # 5 of 10 seeds collapse without it, none with it; 0: the paper's MixMatch)
-    noise_overlay: float = 0.2
-    mixup_alpha: float = 0.75  # Beta(a, a) of MixUp
-    lambda_u: float = 15.0  # weight of the unlabeled loss, ramped up linearly over the run
-    rampup_epochs: float | None = None  # ramp length; None = the whole run
-    lr: float = 0.002  # Adam learning rate (no schedule, no weight decay)
-    scaled_lr: str = (
-        "sqrt"  # batch_rule scaled: lr x sqrt(W) (Adam's square-root rule) | linear (lr x W) | none
-    )
-    warmup_epochs: float = 1.0  # batch_rule scaled: linear warm-up to the scaled lr over these epochs
+    temperature: float = 0.5
+    noise_overlay: float = 0.2  # why 0.2: README, Configuration and presets
+    mixup_alpha: float = 0.75
+    lambda_u: float = 15.0
+    rampup_epochs: float | None = None
+    lr: float = 0.002
+    scaled_lr: str = "sqrt"
+    warmup_epochs: float = 1.0
 
     def __post_init__(self) -> None:
         check_section(self, "mixmatch")
@@ -260,10 +239,10 @@ class VirtualConfig:
     """Stage 3's throw-away virtual model (meta-split): the same global batch, step count and
     learning rate under both batch rules and every worker count."""
 
-    lr: float = 0.015  # Adam learning rate on the model's meta_parameters()
-    batch_size: int = 128  # global batch
-    epochs: float = 1.0  # passes over the whole poisoned set
-    min_steps: int = 0  # at least this many steps (small data sets need ~250: see the README)
+    lr: float = 0.015  # on the model's meta_parameters()
+    batch_size: int = 128
+    epochs: float = 1.0
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         check_section(self, "virtual")
@@ -278,15 +257,12 @@ class TransferConfig:
     ``head_epochs`` passes fitting the linear head alone on the whole training set
     (backbone frozen). ASD then starts from that model, its settings unchanged.
     The paper uses 10 and 1 (on CIFAR-10: 391 head steps). On a small set one
-    epoch is too short a fit: on the MNIST subset with scikit-learn digits as
-    seeds, 33 head steps left the pre-trained model at 67% test ACC, 161 at
-    90% and 481 at 94%, so ``head_min_steps`` sets a floor, as
-    ``virtual.min_steps`` does for the virtual model.
+    epoch is too short a fit (the README's *Seeds* has the measurements), so
+    ``head_min_steps`` sets a floor, as ``virtual.min_steps`` does for the virtual model.
     """
 
-    semi_epochs: int = 0  # 0: no pre-training
+    semi_epochs: int = 0
     head_epochs: float = 1.0
-    # at least this many head steps: one epoch of a small set is too short a fit (see mnist-quick)
     head_min_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -297,14 +273,10 @@ class TransferConfig:
 class ComputeConfig:
     """How training arithmetic runs (see asd_ray.compute); scoring has ``scoring.precision``."""
 
-    # auto: what was measured faster on the device (GPU: tf32 up to 64 px, bf16 above; CPU: bf16
-    # where native, else fp32) | fp32 (full fp32, no TF32) | tf32 (GPUs; fp32 on a CPU) | bf16
-    precision: str = "auto"
-    channels_last: bool = True  # NHWC memory format for models and batches
-    compile: bool = False  # torch.compile the training model (first steps pay the compile time)
-    # capture each training step as a CUDA graph and replay it (one worker, images on its GPU);
-    # off by default until measured on a GPU (jobs/bench_gpu.py has the graphed variants)
-    cuda_graphs: bool = False
+    precision: str = "auto"  # resolved by compute.resolve_precision
+    channels_last: bool = True
+    compile: bool = False
+    cuda_graphs: bool = False  # jobs/bench_gpu.py has the graphed variants that would measure it
 
     def __post_init__(self) -> None:
         check_section(self, "compute")
@@ -316,28 +288,18 @@ class ComputeConfig:
 class ClusterConfig:
     """How the work is spread over Ray."""
 
-    workers: int = 2  # Ray Train DDP workers
-    scorers: int = 2  # scoring actors
+    workers: int = 2
+    scorers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     cpus_per_scorer: float = 1.0
-    gpus_per_scorer: float = 0.0  # fractional GPUs allowed
-    threads_per_process: int = 1  # torch threads in every worker and actor
-    max_failures: int = 0  # worker-group restarts inside one run (Ray Train FailureConfig)
-    # batch norm over the global batch (all workers); None: on when workers > 1 under batch_rule global
+    gpus_per_scorer: float = 0.0
+    threads_per_process: int = 1
+    max_failures: int = 0
     sync_batch_norm: bool | None = None
-    # GB of decoded images one worker or scorer may hold in memory; a larger share is decoded
-    # once into a local-disk cache (numpy.memmap) and read from there. None: no limit
-    memory_budget_gb: float | None = None
-    # where such caches live (default: the system's temp folder); a relative path is made absolute
-    # where the config is built, so every process means the same folder
-    cache_dir: str | None = None
-    # where Ray Train keeps its checkpoints: a shared folder or s3:// / gs:// prefix that every
-    # node reaches. None: RUN/train (a local run folder: one node; a run folder at a URI: inside it)
-    storage: str | None = None
-    # custom Ray resources each training worker / scoring actor also asks for, e.g. {trainer: 1}
-    # with nodes started by `ray start --resources '{"trainer": 1}'`: work goes only to nodes
-    # that offer them (one worker per node, GPUs of one kind, ...)
+    memory_budget_gb: float | None = None  # the cache is a numpy.memmap
+    cache_dir: str | None = None  # made absolute in _with_overrides
+    storage: str | None = None  # local: made absolute in _with_overrides
     worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     scorer_resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -356,12 +318,10 @@ class StorageConfig:
     """How object-store locations (s3://, gs://) are reached; credentials never go here (they
     come from AWS_* variables, ~/.aws, an instance role or Google's application credentials)."""
 
-    # http(s)://host[:port] of an S3-compatible or GCS endpoint; None: AWS_ENDPOINT_URL_S3,
-    # AWS_ENDPOINT_URL (s3) or STORAGE_EMULATOR_HOST (gs), else the provider's own
     endpoint: str | None = None
-    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else the SDK's default
-    anonymous: bool = False  # public buckets: send no credentials
-    retries: int = 5  # retries of a failed request or dropped read, with backoff
+    region: str | None = None
+    anonymous: bool = False
+    retries: int = 5
 
     def __post_init__(self) -> None:
         check_section(self, "storage")
@@ -371,11 +331,11 @@ class StorageConfig:
 class RunConfig:
     """Everything one ``asd-ray run`` needs besides the data paths."""
 
-    preset: str = "cifar10"
-    defense: str = "asd"  # asd | none (plain supervised training on the whole poisoned set)
-    epochs: int = 120  # T3
+    preset: str = "cifar10"  # the base the other values started from (not a setting: see PRESETS)
+    defense: str = "asd"
+    epochs: int = 120
     seed: int = 0
-    baseline_batch_size: int = 128  # defense none: global batch of the supervised epochs
+    baseline_batch_size: int = 128
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
@@ -419,7 +379,7 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfi
     return _build(RunConfig, values, base or RunConfig(), "")
 
 
-CONFIG_FILE_BYTES = 1024**2  # `asd-ray config show` writes about 1.5 KB
+CONFIG_FILE_BYTES = 1024**2  # far above what `asd-ray config show` writes (README, Configuration)
 _CONFIG_FIX = "give a UTF-8 YAML file of config sections (asd-ray config show prints one)"
 _RECORD_FIX = "restore the run's own file"
 

@@ -1,7 +1,7 @@
 """The driver <-> Ray Train workers mailbox: one named actor per run.
 
-One ``TorchTrainer.fit()`` runs the whole schedule, because a fit costs ~20 s of
-start-up (measured on Ray 2.60) and an epoch on small data costs less. The driver
+One ``TorchTrainer.fit()`` runs the whole schedule, because a fit's start-up costs
+more than an epoch on small data (jobs/BENCHMARKS.md, "Running cells alone"). The driver
 posts one task at a time (:mod:`asd_ray.messages`: transfer pre-training, a
 virtual-model epoch, a training epoch, stop); workers wait for a task newer than
 the last one they ran, and rank 0 posts the result. Only the latest task is kept,

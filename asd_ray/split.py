@@ -3,8 +3,10 @@
 Gao, Bai, Gu, Yang and Xia, "Backdoor Defense via Adaptively Splitting Poisoned
 Dataset", CVPR 2023, with the details the paper leaves open taken from the authors'
 code. Everything here is a pure function of scores, epoch and config: the driver
-scores, calls :func:`make_split` and writes the table; training only reads its
-``pool`` column.
+scores, calls :func:`make_split` and writes the table, then reads from it the pools
+it sends the training workers (:func:`pool_masks`: ``pool`` by ``sample_id``, and
+``loss`` for the holdout) and the run log's counts (:func:`split_summary`); the workers
+read no split table.
 
 Position ``i`` of every array is sample id ``i``. Every ordering sorts by
 ``(value, sample_id)``, so a split never depends on row order or on how many

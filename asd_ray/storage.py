@@ -25,7 +25,8 @@ Why the care:
   files): a key with an empty, ``.`` or ``..`` segment is refused, and a child
   location is joined one checked segment at a time, so nothing escapes its prefix.
 - Streaming a shard through ``open_input_stream`` unbuffered costs one ranged GET per
-  read call (901 GETs for a 9 MB shard); :func:`open_stream` buffers 8 MiB, two GETs.
+  read call (the README's "Reads" counts a shard's); :func:`open_stream` buffers 8 MiB,
+  one GET per 8 MiB.
 
 Writes publish whole objects: :func:`upload` sends a local file under a temporary
 key and copies it onto its name on success, so a reader never sees half an object

@@ -96,11 +96,17 @@ def add_commands(commands) -> None:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser(
         "show",
-        help="print the resolved config as YAML",
+        help="print the resolved config as YAML, or explained",
         description="Layer --preset, --config and --set as `asd-ray run` does and print the result "
         "as YAML (on stdout: it is the product; save it and pass it back with --config).",
     )
     add_config_flags(show)
+    show.add_argument(
+        "--explain",
+        action="store_true",
+        help="instead of YAML, every setting with its value, meaning and rule",
+    )
+    show.add_argument("--markdown", action="store_true", help="--explain as a markdown table (the README's)")
     show.set_defaults(func=_config_show)
 
     evaluate = commands.add_parser(
@@ -180,8 +186,11 @@ def _run(args: argparse.Namespace) -> dict:
 
 def _config_show(args: argparse.Namespace) -> None:
     from asd_ray.config import config_yaml, load_config
+    from asd_ray.config_explain import explain_markdown, explain_text
 
-    print(config_yaml(load_config(args.preset, args.config, config_overrides(args))), end="")
+    config = load_config(args.preset, args.config, config_overrides(args))
+    show = explain_markdown if args.markdown else explain_text if args.explain else config_yaml
+    print(show(config), end="")
 
 
 def _evaluate(args: argparse.Namespace) -> dict:

