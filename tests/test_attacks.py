@@ -11,9 +11,10 @@ from PIL import Image
 from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH, badnets_trigger, white_square_pattern
 from asd_ray.attacks.blend import blend_trigger
-from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
+from asd_ray.attacks.clean_label import pgd_perturb
 from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern, to_channels
+from asd_ray.attacks.triggers import checkerboard_corners_trigger
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 
 
