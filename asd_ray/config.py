@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from asd_ray.config_ranges import ATTACK_RANGES, check_ranges, check_section, is_number, one_of, shown
+from asd_ray.attacks import ATTACKS
+from asd_ray.attacks import PARAMS as ATTACK_PARAMS
+from asd_ray.attacks.triggers import TRIGGERS
+from asd_ray.config_ranges import check_ranges, check_section, is_number, one_of, shown
 from asd_ray.errors import ConfigError, DataError, UserError
 from asd_ray.files import decode_text, parse_yaml, read_file, read_regular_file
-
-ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
-TRIGGERS = ("badnets", "blend", "checkerboard")
 
 _CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
@@ -53,71 +53,39 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# One field per parameter of the registered attacks, in the order they are recorded.
+_ATTACK_FIELDS = dataclasses.make_dataclass(
+    "_AttackFields",
+    [(p.name, p.type, dataclasses.field(default=p.default)) for p in ATTACK_PARAMS],
+    frozen=True,
+    namespace={"__module__": __name__},
+)
+
+
 @dataclasses.dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(_ATTACK_FIELDS):
     """One backdoor attack: who is poisoned, how, and with which trigger.
 
-    ``rate`` is a per-sample probability over the non-target classes for
-    poison-label attacks (badnets, blend, wanet, adaptive-blend; all classes for
-    all2all) and the fraction of the target class for clean-label and sig.
+    Its fields are every registered attack's parameters (:data:`asd_ray.attacks.PARAMS`,
+    each with its type, default, range and help), whatever the attack: ``to_dict`` records
+    them all. ``rate`` is a per-sample probability over the non-target classes for
+    poison-label attacks (all classes for all2all) and the fraction of the target class
+    for clean-label and sig.
     """
 
-    attack: str
-    rate: float = 0.05
-    target: int = 0  # target label y_t (ignored by all2all: y -> (y + 1) mod C)
-    seed: int = 0  # draws the poisoned samples, noise patterns and WaNet grid
-    trigger: str | None = None  # all2all / clean-label: badnets | blend | checkerboard
-    pattern_file: str | None = None  # image file for the BadNets / Blend pattern
-    location: tuple[int, int] | None = None  # (row, col) of the BadNets patch's corner
-    size: int | None = None  # BadNets patch side in pixels (pattern resized, nearest)
-    alpha: float = 0.1  # Blend weight of the pattern
-    wanet_k: int = 4  # WaNet control-grid size
-    wanet_s: float = 0.5  # WaNet warping strength
-    wanet_noise: bool = True  # WaNet noise mode: extra samples warped with random noise, labels kept
-    cross_ratio: float = 2.0  # WaNet noise samples per poisoned sample
-    pgd_eps: float = 16 / 255  # clean-label PGD budget (L-inf, on [0, 1] images)
-    pgd_step: float = 1.5 / 255
-    pgd_steps: int = 30
-    sig_delta: float = 20.0  # SIG amplitude on 0-255
-    sig_frequency: float = 6.0  # SIG periods across the image width
-    adaptive_grid: int = 4  # adaptive blend: the pattern is cut into grid x grid pieces
-    adaptive_pieces: int = 8  # adaptive blend: pieces each training image gets, drawn per sample
-    adaptive_train_alpha: float = 0.15  # adaptive blend: blend weight of the pieces at training
-    adaptive_test_alpha: float = 0.2  # adaptive blend: blend weight of the full pattern at test
-    conservatism_ratio: float = 1.0  # adaptive blend: cover samples (label kept) per poisoned one
-
     def __post_init__(self) -> None:
-        check_ranges(self, ATTACK_RANGES, lambda key: "--" + key.replace("_", "-"))
-        if self.attack not in ATTACKS:
-            raise ConfigError(f"--attack {self.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
-        if self.trigger is not None and self.trigger not in TRIGGERS:
-            raise ConfigError(f"--trigger {self.trigger!r} is unknown; choose one of {', '.join(TRIGGERS)}")
-        if self.location is not None and (len(self.location) != 2 or min(self.location) < 0):
-            raise ConfigError(f"--location {self.location} must be two integers (row, col) >= 0")
-        if self.attack == "wanet" and self.wanet_noise and self.rate * (1 + self.cross_ratio) > 1:
-            raise ConfigError(
-                f"--rate {self.rate} with --cross-ratio {self.cross_ratio} would modify more than "
-                "every sample; lower one of them"
-            )
-        if self.attack == "adaptive-blend":
-            if self.adaptive_pieces > self.adaptive_grid**2:
+        check_ranges(
+            self, {p.name: p.rule for p in ATTACK_PARAMS if p.rule}, lambda key: "--" + key.replace("_", "-")
+        )
+        for param in ATTACK_PARAMS:
+            value = getattr(self, param.name)
+            if param.choices and value is not None and value not in param.choices:
                 raise ConfigError(
-                    f"--adaptive-pieces {self.adaptive_pieces} is more than the {self.adaptive_grid**2} "
-                    f"pieces of a {self.adaptive_grid}x{self.adaptive_grid} --adaptive-grid; lower it "
-                    "or raise --adaptive-grid"
+                    f"{param.flag_name} {value!r} is unknown; choose one of {', '.join(param.choices)}"
                 )
-            if self.rate * (1 + self.conservatism_ratio) > 1:
-                raise ConfigError(
-                    f"--rate {self.rate} with --conservatism-ratio {self.conservatism_ratio} would "
-                    "modify more than every sample; lower one of them"
-                )
-
-    @property
-    def trigger_kind(self) -> str:
-        """The image trigger this attack applies."""
-        if self.attack in ("all2all", "clean-label"):
-            return self.trigger or "badnets"
-        return self.attack
+        for stamp in TRIGGERS.values():  # a trigger's parameters are recorded with every attack
+            stamp.check(self)
+        ATTACKS[self.attack].check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able parameters (recorded in every ground-truth row)."""

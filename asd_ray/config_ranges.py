@@ -393,29 +393,6 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
     },
 }
 
-# Every attack parameter's range, checked where the attack is built, named by its flag.
-# A trigger must also fit the image; that is checked when the trigger is built.
-ATTACK_RANGES: dict[str, Rule] = {
-    "rate": _finite(0, strict=True, high=1),
-    "target": _whole(0, 2**31 - 1),
-    "seed": _SEED,
-    "size": _optional(_whole(1, 4096)),  # a sanity bound; it must also fit the image (checked when built)
-    "alpha": _finite(0, strict=True, high=1),
-    "wanet_k": _whole(2, 64),
-    "wanet_s": _finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
-    "cross_ratio": _finite(0, strict=False),
-    "pgd_eps": _finite(0, strict=True, high=1),
-    "pgd_step": _finite(0, strict=True, high=1),
-    "pgd_steps": _whole(1, 10_000),
-    "sig_delta": _finite(0, strict=True, high=255),
-    "sig_frequency": _finite(0, strict=True),  # it must also stay below half the width (checked when built)
-    "adaptive_grid": _whole(2, 64),  # it must also fit the image (checked when built)
-    "adaptive_pieces": _whole(1, 64 * 64),  # at most adaptive_grid**2 (checked in __post_init__)
-    "adaptive_train_alpha": _finite(0, strict=True, high=1),
-    "adaptive_test_alpha": _finite(0, strict=True, high=1),
-    "conservatism_ratio": _finite(0, strict=False),
-}
-
 
 def check_ranges(obj: Any, ranges: dict[str, Rule], name: Callable[[str], str]) -> None:
     """Refuse the first field of ``obj`` outside its rule, naming it as ``name(field)`` says

@@ -1,20 +1,43 @@
-"""Pure image functions of the attacks: pixel-exact triggers, WaNet warps, PGD, SIG and
-adaptive blend's pieces."""
+"""The attacks: their registry (README, flags) and pure image functions: pixel-exact
+triggers, WaNet warps, PGD, SIG and adaptive blend's pieces."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from asd_ray.attacks import ATTACKS, PARAMS
 from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
 from asd_ray.attacks.badnets import BADNETS_32PX_PATCH, badnets_trigger, white_square_pattern
 from asd_ray.attacks.blend import blend_trigger
-from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
+from asd_ray.attacks.clean_label import pgd_perturb
 from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern, to_channels
+from asd_ray.attacks.triggers import checkerboard_corners_trigger
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_registered_attack_has_a_row_in_the_readme_attack_table():
+    section = README.read_text().split("### Attacks and ground truth", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    assert rows == list(ATTACKS), "README's attack table: one row per registered attack, in its order"
+
+
+def test_every_attack_parameter_is_a_flag_of_asd_ray_poison_unless_api_only(capsys):
+    from asd_ray.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["poison", "--help"])
+    shown = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    for param in PARAMS:
+        flag = f"--no-{param.flag_name[2:]}" if param.type is bool else param.flag_name
+        assert (flag in shown) == param.flag, flag
 
 
 def _images(n: int, size: int, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -64,6 +64,17 @@ def test_wanet_noise_samples_keep_their_labels():
     np.testing.assert_array_equal(plan.label_after[plan.is_cover], labels[plan.is_cover])
 
 
+def test_recorded_parameters_keep_their_names_and_order():
+    """Every ground-truth row and dataset.json records to_dict(); a new parameter may only come after."""
+    recorded = list(AttackConfig("badnets").to_dict())
+    assert recorded[:23] == [
+        *("attack", "rate", "target", "seed", "trigger", "pattern_file", "location", "size", "alpha"),
+        *("wanet_k", "wanet_s", "wanet_noise", "cross_ratio", "pgd_eps", "pgd_step", "pgd_steps"),
+        *("sig_delta", "sig_frequency", "adaptive_grid", "adaptive_pieces", "adaptive_train_alpha"),
+        *("adaptive_test_alpha", "conservatism_ratio"),
+    ]
+
+
 def test_target_outside_the_classes_is_a_clear_error():
     with pytest.raises(DataError, match="--target 12 is not a class.*10 classes"):
         plan_poison(np.arange(100) % 10, 10, AttackConfig("badnets", target=12))

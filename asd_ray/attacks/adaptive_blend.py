@@ -15,10 +15,29 @@ training and 0.2 at test, as many cover samples as poisoned ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from asd_ray.attacks.base import (
+    PATTERN_FILE,
+    POISON_LABEL,
+    Attack,
+    ImageTransform,
+    Modify,
+    Param,
+    PoisonPlan,
+    Shape,
+    Surrogate,
+    check_covers_fit,
+)
+from asd_ray.attacks.blend import blend_pattern_trigger
 from asd_ray.attacks.trigger import Trigger, apply_trigger
-from asd_ray.errors import ConfigError
+from asd_ray.config_ranges import _finite, _whole
+from asd_ray.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from asd_ray.config import AttackConfig
 
 
 def draw_pieces(rng: np.random.Generator, n: int, *, grid: int = 4, pieces: int = 8) -> np.ndarray:
@@ -88,3 +107,114 @@ def apply_pieces(images: np.ndarray, trigger: Trigger, kept: np.ndarray, cells: 
         weight = trigger.weight * row[cells][..., None]  # (H, W, 1), 0 outside the pieces
         out[i] = apply_trigger(images[i : i + 1], Trigger(pattern=trigger.pattern, weight=weight))[0]
     return out
+
+
+ADAPTIVE_GRID = Param(
+    "adaptive_grid",
+    int,
+    4,
+    "adaptive-blend: the pattern is cut into a grid of N x N pieces (default %(default)g)",
+    rule=_whole(2, 64),  # it must also fit the image (checked when built)
+)
+ADAPTIVE_PIECES = Param(
+    "adaptive_pieces",
+    int,
+    8,
+    "adaptive-blend: pieces each training image gets, drawn per image (default %(default)g)",
+    rule=_whole(1, 64 * 64),  # at most adaptive_grid**2 (checked with the other parameters)
+)
+ADAPTIVE_TRAIN_ALPHA = Param(
+    "adaptive_train_alpha",
+    float,
+    0.15,
+    "adaptive-blend: blend weight of the pieces in training images (default %(default)g)",
+    rule=_finite(0, strict=True, high=1),
+)
+ADAPTIVE_TEST_ALPHA = Param(
+    "adaptive_test_alpha",
+    float,
+    0.2,
+    "adaptive-blend: blend weight of the full pattern in the test set (default %(default)g)",
+    rule=_finite(0, strict=True, high=1),
+)
+CONSERVATISM_RATIO = Param(
+    "conservatism_ratio",
+    float,
+    1.0,
+    "adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
+    "poisoned sample (default %(default)g)",
+    rule=_finite(0, strict=False),
+)
+
+
+def _check(config: AttackConfig) -> None:
+    if config.adaptive_pieces > config.adaptive_grid**2:
+        raise ConfigError(
+            f"--adaptive-pieces {config.adaptive_pieces} is more than the {config.adaptive_grid**2} "
+            f"pieces of a {config.adaptive_grid}x{config.adaptive_grid} --adaptive-grid; lower it "
+            "or raise --adaptive-grid"
+        )
+    check_covers_fit(config, CONSERVATISM_RATIO)
+
+
+def _covers(
+    labels: np.ndarray, is_poison: np.ndarray, config: AttackConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Exactly round(conservatism_ratio x poisoned) of the non-target samples left."""
+    candidates = np.flatnonzero((labels != config.target) & ~is_poison)
+    count = round(config.conservatism_ratio * int(is_poison.sum()))
+    if count > len(candidates):
+        raise DataError(
+            f"--conservatism-ratio {config.conservatism_ratio} asks for {count} cover samples "
+            f"but only {len(candidates)} non-target samples are left unpoisoned; lower it or --rate"
+        )
+    is_cover = np.zeros(len(labels), bool)
+    is_cover[rng.choice(candidates, size=count, replace=False)] = True
+    return is_cover
+
+
+def _trigger(config: AttackConfig, shape: Shape) -> ImageTransform:
+    """The test-time trigger: the full pattern at the test alpha."""
+    trigger = blend_pattern_trigger(config, shape, config.adaptive_test_alpha)
+    return lambda images: apply_trigger(images, trigger)
+
+
+def _train_images(
+    config: AttackConfig, shape: Shape, plan: PoisonPlan, surrogate: Surrogate | None
+) -> Modify:
+    """Poisoned and cover samples alike get their own pieces of the pattern at the training
+    alpha. The pieces are drawn once for the whole set, in sample-id order, so a sample's
+    pieces do not depend on how the shards are chunked."""
+    trigger = blend_pattern_trigger(config, shape, config.adaptive_train_alpha)
+    cells = piece_index(shape[0], shape[1], config.adaptive_grid)
+    modified = plan.is_modified
+    kept = draw_pieces(
+        np.random.default_rng([config.seed, 2]),
+        int(modified.sum()),
+        grid=config.adaptive_grid,
+        pieces=config.adaptive_pieces,
+    )
+    row = np.cumsum(modified) - 1  # a modified sample's row of kept
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return apply_pieces(images, trigger, kept[row[ids]], cells)
+
+    return modify
+
+
+ATTACK = Attack(
+    "adaptive-blend",
+    POISON_LABEL,
+    trigger=_trigger,
+    params=(
+        PATTERN_FILE,
+        ADAPTIVE_GRID,
+        ADAPTIVE_PIECES,
+        ADAPTIVE_TRAIN_ALPHA,
+        ADAPTIVE_TEST_ALPHA,
+        CONSERVATISM_RATIO,
+    ),
+    check=_check,
+    covers=_covers,
+    train_images=_train_images,
+)

@@ -10,10 +10,17 @@ columns 4-5; on larger images a 32x32 pattern in the upper-left corner.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
+from asd_ray.attacks.base import PATTERN_FILE, POISON_LABEL, Attack, Param, Shape, Stamp
+from asd_ray.attacks.trigger import Trigger, check_pattern, load_pattern, resize_pattern, to_channels
+from asd_ray.config_ranges import _optional, _whole
 from asd_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asd_ray.config import AttackConfig
 
 BADNETS_32PX_PATCH = np.array(
     [[(180, 249, 112), (155, 50, 126)], [(234, 82, 68), (187, 201, 219)]], dtype=np.uint8
@@ -102,3 +109,51 @@ def badnets_trigger(
     full[row : row + h, col : col + w] = pattern
     weight[row : row + h, col : col + w] = 1.0
     return Trigger(pattern=full, weight=weight)
+
+
+LOCATION = Param(
+    "location",
+    tuple[int, int] | None,
+    None,
+    "badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)",
+    metavar=("ROW", "COL"),
+)
+SIZE = Param(
+    "size",
+    int | None,
+    None,
+    "badnets: patch side in pixels (default 2 up to 64 px, else 32)",
+    # a sanity bound; it must also fit the image (checked when built)
+    rule=_optional(_whole(1, 4096)),
+)
+
+
+def _check_location(config: AttackConfig) -> None:
+    if config.location is not None and (len(config.location) != 2 or min(config.location) < 0):
+        raise ConfigError(f"--location {config.location} must be two integers (row, col) >= 0")
+
+
+def _build(config: AttackConfig, shape: Shape) -> Trigger:
+    """The patch of ``config``: its pattern file (resized to ``--size``) or the default."""
+    height, width, channels = shape
+    pattern = None
+    if config.size is not None:
+        check_patch_size(config.size, height, width)
+    if config.pattern_file:
+        side = config.size or (
+            len(BADNETS_32PX_PATCH) if max(height, width) <= _SMALL_MAX_SIDE else _LARGE_SIDE
+        )
+        pattern = load_pattern(config.pattern_file, side, side, channels)
+    return badnets_trigger(
+        height,
+        width,
+        channels,
+        pattern=pattern,
+        location=config.location,
+        size=config.size,
+        seed=config.seed,
+    )
+
+
+STAMP = Stamp("badnets", params=(PATTERN_FILE, LOCATION, SIZE), build=_build, check=_check_location)
+ATTACK = Attack("badnets", POISON_LABEL, trigger=STAMP.transform, params=STAMP.params)

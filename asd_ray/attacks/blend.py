@@ -8,10 +8,17 @@ The pattern is blended over the whole image: ``x' = (1 - alpha) x + alpha p``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from asd_ray.attacks.trigger import Trigger, check_pattern, resize_pattern, to_channels
+from asd_ray.attacks.base import PATTERN_FILE, POISON_LABEL, Attack, Param, Shape, Stamp
+from asd_ray.attacks.trigger import Trigger, check_pattern, load_pattern, resize_pattern, to_channels
+from asd_ray.config_ranges import _finite
 from asd_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asd_ray.config import AttackConfig
 
 
 def blend_trigger(
@@ -48,3 +55,21 @@ def blend_trigger(
     pattern = resize_pattern(to_channels(pattern, channels), height, width, nearest=False)
     weight = np.full((height, width, 1), alpha, dtype=np.float32)
     return Trigger(pattern=pattern, weight=weight)
+
+
+def blend_pattern_trigger(config: AttackConfig, shape: Shape, alpha: float) -> Trigger:
+    """The Blend trigger of ``config`` (its pattern file or seeded noise) at ``alpha``."""
+    height, width, channels = shape
+    pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
+    return blend_trigger(height, width, channels, alpha=alpha, pattern=pattern, seed=config.seed)
+
+
+ALPHA = Param(
+    "alpha", float, 0.1, "blend: pattern weight (default %(default)g)", rule=_finite(0, strict=True, high=1)
+)
+STAMP = Stamp(
+    "blend",
+    params=(PATTERN_FILE, ALPHA),
+    build=lambda config, shape: blend_pattern_trigger(config, shape, config.alpha),
+)
+ATTACK = Attack("blend", POISON_LABEL, trigger=STAMP.transform, params=STAMP.params)

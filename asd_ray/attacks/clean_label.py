@@ -10,43 +10,19 @@ the trigger (a checkerboard in the four corners, or the BadNets patch).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from asd_ray.attacks.trigger import Trigger
+from asd_ray.attacks.base import TARGET_CLASS, Attack, Modify, Param, PoisonPlan, Shape, Surrogate
+from asd_ray.attacks.triggers import CHOSEN_TRIGGER_PARAMS, chosen_trigger
+from asd_ray.config_ranges import _finite, _whole
 from asd_ray.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
 
-def checkerboard_corners_trigger(height: int, width: int, channels: int, *, size: int = 3) -> Trigger:
-    """A size x size black/white checkerboard replacing the pixels of all four corners.
-
-    Cell (i, j) of the board is white when i + j is even, counted from the image corner,
-    so the four patches are mirror images of one another with a white corner pixel.
-
-    Args:
-        height, width, channels: the image shape; channels 1 or 3.
-        size: side of each corner patch, at most half the shorter image side.
-
-    Returns:
-        A :class:`Trigger` with weight 1 on the four patches and 0 elsewhere.
-    """
-    if size < 1 or 2 * size > min(height, width):
-        raise ConfigError(
-            f"checkerboard size={size} must be in [1, {min(height, width) // 2}] so the four "
-            f"corner patches fit in a {height}x{width} image without overlapping"
-        )
-    board = 255.0 * ((np.arange(size)[:, None] + np.arange(size)[None, :]) % 2 == 0)  # (size, size)
-    pattern = np.zeros((height, width, channels), dtype=np.float32)
-    weight = np.zeros((height, width, 1), dtype=np.float32)
-    for rows in (slice(0, size), slice(height - size, height)):
-        for cols in (slice(0, size), slice(width - size, width)):
-            # Flip so cell (0, 0) of the board sits at the image corner in every patch.
-            flipped = board[:: 1 if rows.start == 0 else -1, :: 1 if cols.start == 0 else -1]
-            pattern[rows, cols] = flipped[..., None]
-            weight[rows, cols] = 1.0
-    return Trigger(pattern=pattern, weight=weight)
+    from asd_ray.config import AttackConfig
 
 
 def pgd_perturb(
@@ -98,6 +74,9 @@ def pgd_perturb(
         )
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std, or neither")
+    import torch  # here, not at the top: the config imports every attack and stays light
+    import torch.nn.functional as F
+
     shift = scale = None
     if mean is not None:
         shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -125,3 +104,59 @@ def pgd_perturb(
     finally:
         model.train(was_training)
     return out
+
+
+# The PGD budget and steps; the Python API only, as PGD needs a surrogate model.
+PGD_EPS = Param(
+    "pgd_eps",
+    float,
+    16 / 255,
+    "clean-label: PGD budget (L-inf, on [0, 1] images)",
+    rule=_finite(0, strict=True, high=1),
+    flag=False,
+)
+PGD_STEP = Param(
+    "pgd_step",
+    float,
+    1.5 / 255,
+    "clean-label: PGD step size",
+    rule=_finite(0, strict=True, high=1),
+    flag=False,
+)
+PGD_STEPS = Param("pgd_steps", int, 30, "clean-label: PGD steps", rule=_whole(1, 10_000), flag=False)
+
+
+def _train_images(
+    config: AttackConfig, shape: Shape, plan: PoisonPlan, surrogate: Surrogate | None
+) -> Modify:
+    """The trigger on the poisoned samples, after PGD against their true label given a surrogate."""
+    trigger = chosen_trigger(config, shape)
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        if surrogate is None:
+            return trigger(images)
+        mean, std = surrogate.normalize or (None, None)
+        perturbed = pgd_perturb(
+            surrogate.model,
+            images,
+            plan.label_after[ids],
+            eps=config.pgd_eps,
+            step=config.pgd_step,
+            steps=config.pgd_steps,
+            mean=mean,
+            std=std,
+            seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
+        )
+        return trigger(perturbed)
+
+    return modify
+
+
+ATTACK = Attack(
+    "clean-label",
+    TARGET_CLASS,
+    trigger=chosen_trigger,
+    params=(*CHOSEN_TRIGGER_PARAMS, PGD_EPS, PGD_STEP, PGD_STEPS),
+    train_images=_train_images,
+    uses_surrogate=True,
+)

@@ -1,17 +1,17 @@
 """Turn clean shards into poisoned shards plus a ground-truth table.
 
-The per-attack modules hold pure image functions; this module decides *which*
-samples are poisoned (:func:`plan_poison`, a pure function of the labels and the
-config), streams the shards, re-encodes only the images it modifies (clean
-records keep their exact bytes) and writes ``poison.parquet`` (schemas/poison.json)
-beside the poisoned shards. It also builds the triggered test set for ASR.
+Each attack module says whom its attack poisons and how it changes their images
+(:class:`~asd_ray.attacks.base.Attack`); this module draws the plan (:func:`plan_poison`,
+a pure function of the labels and the config), streams the shards, re-encodes only the
+images it modifies (clean records keep their exact bytes) and writes ``poison.parquet``
+(schemas/poison.json) beside the poisoned shards. It also builds the triggered test set
+for ASR.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -20,13 +20,8 @@ import pyarrow as pa
 import torch
 
 from asd_ray import progress, storage, tables
-from asd_ray.attacks.adaptive_blend import apply_pieces, draw_pieces, piece_index
-from asd_ray.attacks.badnets import badnets_trigger, check_patch_size
-from asd_ray.attacks.blend import blend_trigger
-from asd_ray.attacks.clean_label import checkerboard_corners_trigger, pgd_perturb
-from asd_ray.attacks.sig import add_signal, sig_signal
-from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern
-from asd_ray.attacks.wanet import apply_wanet, wanet_grid
+from asd_ray.attacks import ATTACKS
+from asd_ray.attacks.base import Attack, PoisonPlan, Surrogate
 from asd_ray.config import AttackConfig
 from asd_ray.data.records import IMAGE_EXTS
 from asd_ray.data.shards import (
@@ -41,127 +36,39 @@ from asd_ray.data.shards import (
 from asd_ray.errors import DataError
 from asd_ray.storage import Location
 
-ImageTransform = Callable[[np.ndarray], np.ndarray]  # (n, H, W, C) uint8 -> same
-Modify = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample ids, their images) -> modified images
 _CHUNK = 256  # records decoded and transformed together
-
-
-@dataclasses.dataclass(frozen=True)
-class PoisonPlan:
-    """Which samples an attack modifies, and their labels afterwards (all shape (N,))."""
-
-    is_poison: np.ndarray  # bool: carries the backdoor trigger
-    # bool: a cover sample, modified but keeping its label and teaching no backdoor (WaNet's
-    # noise mode, adaptive blend's regularization samples); the ground truth marks it modified,
-    # not poisoned
-    is_cover: np.ndarray
-    label_after: np.ndarray  # int64
-
-    @property
-    def is_modified(self) -> np.ndarray:
-        return self.is_poison | self.is_cover
 
 
 def plan_poison(labels: np.ndarray, num_classes: int, config: AttackConfig) -> PoisonPlan:
     """Draw the poisoned samples of an attack (seeded by ``config.seed``).
 
-    Poison-label attacks poison each non-target sample (every sample for
-    all2all) independently with probability ``rate``; clean-label and sig poison
-    exactly ``round(rate * n_target)`` target-class samples and keep labels.
-    Cover samples are drawn from the non-target samples left: WaNet's each with
-    probability ``cross_ratio * rate``, adaptive blend's exactly
-    ``round(conservatism_ratio * n_poisoned)``.
+    The attack's labelling draws the poisoned samples and their labels (e.g. poison-label
+    attacks each non-target sample with probability ``rate``, clean-label ones exactly
+    ``round(rate * n_target)`` target-class samples), then its cover samples, if it has
+    any, come from the same generator.
 
     Args:
         labels: (N,) int clean labels.
         num_classes: C; the target must be below it.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    _check_target(config, num_classes)
+    attack = ATTACKS[config.attack]
+    _check_target(attack, config, num_classes)
     rng = np.random.default_rng(config.seed)
-    n = len(labels)
-    label_after = labels.copy()
-    is_cover = np.zeros(n, bool)
-    if config.attack in ("clean-label", "sig"):
-        candidates = np.flatnonzero(labels == config.target)
-        chosen = rng.choice(candidates, size=round(config.rate * len(candidates)), replace=False)
-        is_poison = np.zeros(n, bool)
-        is_poison[chosen] = True
-    elif config.attack == "all2all":
-        is_poison = rng.random(n) < config.rate
-        label_after[is_poison] = (labels[is_poison] + 1) % num_classes
+    is_poison, label_after = attack.labelling.draw(labels, num_classes, config, rng)
+    if attack.covers is None:
+        is_cover = np.zeros(len(labels), bool)
     else:
-        is_poison = (labels != config.target) & (rng.random(n) < config.rate)
-        label_after[is_poison] = config.target
-        if config.attack == "wanet" and config.wanet_noise:
-            is_cover = ~is_poison & (rng.random(n) < config.cross_ratio * config.rate)
-        elif config.attack == "adaptive-blend":
-            candidates = np.flatnonzero((labels != config.target) & ~is_poison)
-            count = round(config.conservatism_ratio * int(is_poison.sum()))
-            if count > len(candidates):
-                raise DataError(
-                    f"--conservatism-ratio {config.conservatism_ratio} asks for {count} cover samples "
-                    f"but only {len(candidates)} non-target samples are left unpoisoned; lower it or --rate"
-                )
-            is_cover[rng.choice(candidates, size=count, replace=False)] = True
+        is_cover = attack.covers(labels, is_poison, config, rng)
     return PoisonPlan(is_poison, is_cover, label_after)
 
 
-def _check_target(config: AttackConfig, num_classes: int) -> None:
-    if config.attack != "all2all" and config.target >= num_classes:
+def _check_target(attack: Attack, config: AttackConfig, num_classes: int) -> None:
+    if attack.labelling.uses_target and config.target >= num_classes:
         raise DataError(
             f"--target {config.target} is not a class of this dataset ({num_classes} classes: "
             f"0..{num_classes - 1}); pick another target"
         )
-
-
-def build_trigger(config: AttackConfig, shape: tuple[int, int, int]) -> ImageTransform:
-    """The attack's trigger as a batch transform for images of ``shape`` (H, W, C).
-
-    Adaptive blend's is the test-time trigger, the full pattern at the test alpha; its
-    training images get pieces of it (:func:`poison_shards`).
-    """
-    height, width, channels = shape
-    kind = config.trigger_kind
-    if kind == "sig":
-        signal = sig_signal(height, width, channels, delta=config.sig_delta, frequency=config.sig_frequency)
-        return lambda images: add_signal(images, signal)
-    if kind == "wanet":
-        if height != width:
-            raise DataError(
-                f"WaNet needs square images, these are {height}x{width}; re-make the shards with --image-size"
-            )
-        grid = wanet_grid(height, k=config.wanet_k, s=config.wanet_s, seed=config.seed)
-        return lambda images: apply_wanet(images, grid)
-    if kind == "checkerboard":
-        trigger = checkerboard_corners_trigger(height, width, channels)
-    elif kind in ("blend", "adaptive-blend"):
-        alpha = config.alpha if kind == "blend" else config.adaptive_test_alpha
-        trigger = _blend(config, shape, alpha)
-    else:
-        pattern = None
-        if config.size is not None:
-            check_patch_size(config.size, height, width)
-        if config.pattern_file:
-            side = config.size or (2 if max(height, width) <= 64 else 32)
-            pattern = load_pattern(config.pattern_file, side, side, channels)
-        trigger = badnets_trigger(
-            height,
-            width,
-            channels,
-            pattern=pattern,
-            location=config.location,
-            size=config.size,
-            seed=config.seed,
-        )
-    return lambda images: apply_trigger(images, trigger)
-
-
-def _blend(config: AttackConfig, shape: tuple[int, int, int], alpha: float) -> Trigger:
-    """The Blend trigger of ``config`` (its pattern file or seeded noise) at ``alpha``."""
-    height, width, channels = shape
-    pattern = load_pattern(config.pattern_file, height, width, channels) if config.pattern_file else None
-    return blend_trigger(height, width, channels, alpha=alpha, pattern=pattern, seed=config.seed)
 
 
 def poison_shards(
@@ -186,13 +93,13 @@ def poison_shards(
         A JSON-able summary (counts, paths).
     """
     clean = clean if isinstance(clean, ShardSet) else ShardSet(clean)
+    attack = ATTACKS[config.attack]
     shape = clean.require_uniform_size(f"the {config.attack} attack")
     plan = plan_poison(clean.labels, clean.info.num_classes, config)
-    if config.attack == "adaptive-blend":
-        modify = _partial_blend(config, shape, plan)
-    else:
-        modify = _stamp(config, shape, plan, surrogate, normalize)
-    params = {**config.to_dict(), "pgd": config.attack == "clean-label" and surrogate is not None}
+    modify = attack.modify(
+        config, shape, plan, None if surrogate is None else Surrogate(surrogate, normalize)
+    )
+    params = {**config.to_dict(), "pgd": attack.uses_surrogate and surrogate is not None}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, clean.info.name, int(clean.info.shards[0]["count"]), clean.info.num_classes)
         bar = progress.counter(total=len(clean), desc=f"poison {config.attack}")
@@ -231,68 +138,6 @@ def poison_shards(
     }
 
 
-def _stamp(
-    config: AttackConfig,
-    shape: tuple[int, int, int],
-    plan: PoisonPlan,
-    surrogate: torch.nn.Module | None,
-    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
-) -> Modify:
-    """The trigger on poisoned samples (clean-label: after PGD, given a surrogate); WaNet's
-    cover samples get the warp with per-image noise instead."""
-    trigger = build_trigger(config, shape)
-    noise_rng = np.random.default_rng([config.seed, 1])
-    if plan.is_cover.any():
-        noise_grid = wanet_grid(shape[0], k=config.wanet_k, s=config.wanet_s, seed=config.seed)
-
-    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
-        noise = plan.is_cover[ids]
-        out_images = images.copy()
-        if noise.any():
-            out_images[noise] = apply_wanet(images[noise], noise_grid, noise_rng=noise_rng)
-        poison = ~noise
-        if poison.any():
-            batch = images[poison]
-            if config.attack == "clean-label" and surrogate is not None:
-                mean, std = normalize or (None, None)
-                batch = pgd_perturb(
-                    surrogate,
-                    batch,
-                    plan.label_after[ids[poison]],
-                    eps=config.pgd_eps,
-                    step=config.pgd_step,
-                    steps=config.pgd_steps,
-                    mean=mean,
-                    std=std,
-                    seed=config.seed * 1_000_003 + int(ids[0]),  # independent starts per chunk
-                )
-            out_images[poison] = trigger(batch)
-        return out_images
-
-    return modify
-
-
-def _partial_blend(config: AttackConfig, shape: tuple[int, int, int], plan: PoisonPlan) -> Modify:
-    """Adaptive blend at training: poisoned and cover samples alike get their own pieces of
-    the pattern at the training alpha. The pieces are drawn once for the whole set, in
-    sample-id order, so a sample's pieces do not depend on how the shards are chunked."""
-    trigger = _blend(config, shape, config.adaptive_train_alpha)
-    cells = piece_index(shape[0], shape[1], config.adaptive_grid)
-    modified = plan.is_modified
-    kept = draw_pieces(
-        np.random.default_rng([config.seed, 2]),
-        int(modified.sum()),
-        grid=config.adaptive_grid,
-        pieces=config.adaptive_pieces,
-    )
-    row = np.cumsum(modified) - 1  # a modified sample's row of kept
-
-    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
-        return apply_pieces(images, trigger, kept[row[ids]], cells)
-
-    return modify
-
-
 def poison_test_shards(
     clean_test: str | Path | Location | ShardSet,
     out: str | Path | Location,
@@ -308,19 +153,15 @@ def poison_test_shards(
     dense ids; the manifest's ``source`` names the clean test id.
     """
     clean_test = clean_test if isinstance(clean_test, ShardSet) else ShardSet(clean_test)
+    attack = ATTACKS[config.attack]
     shape = clean_test.require_uniform_size(f"the {config.attack} test set")
     num_classes = clean_test.info.num_classes
-    _check_target(config, num_classes)
+    _check_target(attack, config, num_classes)
     labels = clean_test.labels
-    if config.attack == "all2all":
-        keep = np.ones(len(labels), bool)
-        label_after = (labels + 1) % num_classes
-    else:
-        keep = labels != config.target
-        label_after = np.full(len(labels), config.target, np.int64)
+    keep, label_after = attack.labelling.test(labels, num_classes, config.target)
     if not keep.any():
         raise DataError(f"{clean_test.folder}: no test sample outside target class {config.target}")
-    trigger = build_trigger(config, shape)
+    trigger = attack.trigger(config, shape)
     new_id = np.cumsum(keep) - 1
     params = {**config.to_dict(), "pgd": False}
     with new_shard_set_dir(out, overwrite=overwrite) as tmp:

@@ -12,9 +12,16 @@ Defaults delta = 20 (on 0-255) and f = 6 are the paper's and BackdoorBench's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from asd_ray.attacks.base import TARGET_CLASS, Attack, ImageTransform, Param, Shape
+from asd_ray.config_ranges import _finite
 from asd_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asd_ray.config import AttackConfig
 
 
 def sig_signal(
@@ -58,3 +65,27 @@ def add_signal(images: np.ndarray, signal: np.ndarray) -> np.ndarray:
             f"build it with height, width, channels = {images.shape[1:]}"
         )
     return np.clip(np.rint(images.astype(np.float32) + signal), 0, 255).astype(np.uint8)
+
+
+SIG_DELTA = Param(
+    "sig_delta",
+    float,
+    20.0,
+    "sig: signal amplitude on 0-255 (default %(default)g)",
+    rule=_finite(0, strict=True, high=255),
+)
+SIG_FREQUENCY = Param(
+    "sig_frequency",
+    float,
+    6.0,
+    "sig: periods of the sine across the image width (default %(default)g)",
+    rule=_finite(0, strict=True),  # it must also stay below half the width (checked when built)
+)
+
+
+def _trigger(config: AttackConfig, shape: Shape) -> ImageTransform:
+    signal = sig_signal(*shape, delta=config.sig_delta, frequency=config.sig_frequency)
+    return lambda images: add_signal(images, signal)
+
+
+ATTACK = Attack("sig", TARGET_CLASS, trigger=_trigger, params=(SIG_DELTA, SIG_FREQUENCY))

@@ -9,11 +9,28 @@ adds per-pixel random offsets so the network learns to ignore other warps.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from asd_ray.errors import ConfigError
+import numpy as np
+
+from asd_ray.attacks.base import (
+    POISON_LABEL,
+    Attack,
+    ImageTransform,
+    Modify,
+    Param,
+    PoisonPlan,
+    Shape,
+    Surrogate,
+    check_covers_fit,
+)
+from asd_ray.config_ranges import _finite, _whole
+from asd_ray.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from asd_ray.config import AttackConfig
 
 
 def wanet_grid(size: int, *, k: int = 4, s: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -30,6 +47,9 @@ def wanet_grid(size: int, *, k: int = 4, s: float = 0.5, seed: int = 0) -> torch
     """
     if size < 2 or k < 2:
         raise ConfigError(f"size={size} and k={k} must both be at least 2")
+    import torch  # here, not at the top: the config imports every attack and stays light
+    import torch.nn.functional as F
+
     generator = torch.Generator().manual_seed(seed)
     ins = torch.rand(1, 2, k, k, generator=generator) * 2 - 1  # (1, 2, k, k)
     ins = ins / ins.abs().mean()
@@ -57,6 +77,9 @@ def apply_wanet(
     """
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}")
+    import torch  # here, not at the top: the config imports every attack and stays light
+    import torch.nn.functional as F
+
     n, height, width, _ = images.shape
     if height != width:
         raise ConfigError(f"WaNet needs square images, got {height}x{width}; resize them first")
@@ -73,3 +96,81 @@ def apply_wanet(
     warped = F.grid_sample(x, grids, mode="bilinear", align_corners=True)
     warped = warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return warped.cpu().numpy()
+
+
+WANET_K = Param("wanet_k", int, 4, "wanet: control grid size (default %(default)g)", rule=_whole(2, 64))
+WANET_S = Param(
+    "wanet_s",
+    float,
+    0.5,
+    "wanet: warp strength (default %(default)g)",
+    rule=_finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
+)
+# noise mode: extra samples warped with random noise, labels kept
+WANET_NOISE = Param("wanet_noise", bool, True, "wanet: disable noise mode")
+CROSS_RATIO = Param(
+    "cross_ratio",
+    float,
+    2.0,
+    "wanet: noise-mode samples per poisoned sample (default %(default)g)",
+    rule=_finite(0, strict=False),
+)
+
+
+def _check(config: AttackConfig) -> None:
+    if config.wanet_noise:
+        check_covers_fit(config, CROSS_RATIO)
+
+
+def _noise_samples(
+    labels: np.ndarray, is_poison: np.ndarray, config: AttackConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Noise mode: each sample left with probability cross_ratio x rate."""
+    if not config.wanet_noise:
+        return np.zeros(len(labels), bool)
+    return ~is_poison & (rng.random(len(labels)) < config.cross_ratio * config.rate)
+
+
+def _grid(config: AttackConfig, shape: Shape) -> torch.Tensor:
+    height, width, _ = shape
+    if height != width:
+        raise DataError(
+            f"WaNet needs square images, these are {height}x{width}; re-make the shards with --image-size"
+        )
+    return wanet_grid(height, k=config.wanet_k, s=config.wanet_s, seed=config.seed)
+
+
+def _trigger(config: AttackConfig, shape: Shape) -> ImageTransform:
+    grid = _grid(config, shape)
+    return lambda images: apply_wanet(images, grid)
+
+
+def _train_images(
+    config: AttackConfig, shape: Shape, plan: PoisonPlan, surrogate: Surrogate | None
+) -> Modify:
+    """The warp on poisoned samples; noise samples get it with per-image noise, drawn in
+    sample-id order from one generator for the whole set."""
+    grid = _grid(config, shape)
+    noise_rng = np.random.default_rng([config.seed, 1])
+
+    def modify(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+        noise = plan.is_cover[ids]
+        out = images.copy()
+        if noise.any():
+            out[noise] = apply_wanet(images[noise], grid, noise_rng=noise_rng)
+        if not noise.all():
+            out[~noise] = apply_wanet(images[~noise], grid)
+        return out
+
+    return modify
+
+
+ATTACK = Attack(
+    "wanet",
+    POISON_LABEL,
+    trigger=_trigger,
+    params=(WANET_K, WANET_S, WANET_NOISE, CROSS_RATIO),
+    check=_check,
+    covers=_noise_samples,
+    train_images=_train_images,
+)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
 from asd_ray import storage
+from asd_ray.attacks import ATTACK_CHOICE
+from asd_ray.attacks import PARAMS as ATTACK_PARAMS
+from asd_ray.attacks.base import RATE, TARGET, Param
 from asd_ray.cli.common import add_quiet, local_place, place, say, shown
-from asd_ray.config import ATTACKS, TRIGGERS, AttackConfig
+from asd_ray.config import AttackConfig
 from asd_ray.errors import DataError
 from asd_ray.files import read_text
 from asd_ray.storage import Location
@@ -108,21 +112,16 @@ def _add_poison_command(commands) -> None:
         "is_modified, original_label, label_after, attack, params). With --test-in/--test-out, also the "
         "triggered test set for ASR (non-target samples relabelled to the target).",
     )
-    poison.add_argument("--attack", required=True, choices=ATTACKS, help="the attack")
-    poison.add_argument(
-        "--rate",
-        type=float,
-        required=True,
-        help="poison-label: per-sample probability over non-target samples (all samples "
-        "for all2all); clean-label and sig: fraction of the target class",
-    )
-    poison.add_argument("--target", type=int, default=0, help="target class y_t (default 0)")
+    first = (ATTACK_CHOICE, RATE, TARGET)  # before the folders, --seed and the others after
+    for param in first:
+        _add_attack_flag(poison, param)
     poison.add_argument("--in", type=place, dest="input", required=True, help="clean training shard folder")
     poison.add_argument("--out", type=place, required=True, help="poisoned shard folder (must not exist)")
     poison.add_argument("--test-in", type=place, help="clean test shard folder")
     poison.add_argument("--test-out", type=place, help="triggered test shard folder for ASR")
-    poison.add_argument("--seed", type=int, default=0, help="seed of the draw and of random patterns")
-    _add_attack_flags(poison)
+    for param in ATTACK_PARAMS:
+        if param.flag and param not in first:
+            _add_attack_flag(poison, param)
     poison.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
     add_quiet(poison)
     poison.set_defaults(func=_poison)
@@ -153,51 +152,36 @@ def _add_seeds_command(commands) -> None:
     seeds.set_defaults(func=_seeds)
 
 
-# AttackConfig fields the poison command sets beyond --attack/--rate/--target/--seed: each
-# becomes --field-name (a bool --no-field-name), with the dataclass's default and type.
-_ATTACK_FLAGS = {
-    "trigger": "all2all/clean-label: the trigger (default badnets)",
-    "pattern_file": "badnets/blend/adaptive-blend: image file with the trigger pattern",
-    "location": "badnets: upper-left corner of the patch (default 4 4 up to 64 px, else 0 0)",
-    "size": "badnets: patch side in pixels (default 2 up to 64 px, else 32)",
-    "alpha": "blend: pattern weight (default %(default)g)",
-    "wanet_k": "wanet: control grid size (default %(default)g)",
-    "wanet_s": "wanet: warp strength (default %(default)g)",
-    "wanet_noise": "wanet: disable noise mode",
-    "cross_ratio": "wanet: noise-mode samples per poisoned sample (default %(default)g)",
-    "sig_delta": "sig: signal amplitude on 0-255 (default %(default)g)",
-    "sig_frequency": "sig: periods of the sine across the image width (default %(default)g)",
-    "adaptive_grid": "adaptive-blend: the pattern is cut into a grid of N x N pieces (default %(default)g)",
-    "adaptive_pieces": "adaptive-blend: pieces each training image gets, drawn per image (default %(default)g)",
-    "adaptive_train_alpha": "adaptive-blend: blend weight of the pieces in training images (default %(default)g)",
-    "adaptive_test_alpha": "adaptive-blend: blend weight of the full pattern in the test set (default %(default)g)",
-    "conservatism_ratio": "adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
-    "poisoned sample (default %(default)g)",
-}
-
-
-def _add_attack_flags(parser: argparse.ArgumentParser) -> None:
-    fields = {f.name: f for f in dataclasses.fields(AttackConfig)}
-    hints = typing.get_type_hints(AttackConfig)
-    for name, help_text in _ATTACK_FLAGS.items():
-        flag, default = "--" + name.replace("_", "-"), fields[name].default
-        if name == "trigger":
-            parser.add_argument(flag, choices=TRIGGERS, help=help_text)
-        elif name == "location":
-            parser.add_argument(flag, type=int, nargs=2, metavar=("ROW", "COL"), help=help_text)
-        elif hints[name] is bool:
-            parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=help_text)
-        else:
-            kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
-            kind = local_place if name == "pattern_file" else kind
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+def _add_attack_flag(parser: argparse.ArgumentParser, param: Param) -> None:
+    """An attack parameter as its flag: a bool as --no-NAME (it defaults to true), a tuple
+    as its entries in a row, a file as a local path, a name as one of its choices."""
+    if param.type is bool:
+        parser.add_argument(
+            f"--no-{param.flag_name[2:]}", dest=param.name, action="store_false", help=param.help
+        )
+        return
+    options: dict[str, typing.Any] = {"help": param.help}
+    if param.default is dataclasses.MISSING or param.required:
+        options["required"] = True
+    elif param.default is not None:
+        options["default"] = param.default
+    kind = param.type
+    if isinstance(kind, types.UnionType):  # X | None: None is the default, never typed
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if param.choices:
+        options["choices"] = param.choices
+    elif typing.get_origin(kind) is tuple:
+        entries = typing.get_args(kind)
+        options.update(type=entries[0], nargs=len(entries), metavar=param.metavar)
+    else:
+        options["type"] = local_place if param.local_file else kind
+    parser.add_argument(param.flag_name, **options)
 
 
 def _attack_config(args: argparse.Namespace) -> AttackConfig:
     """The poison command's flags as an AttackConfig (validated there)."""
-    chosen = {name: getattr(args, name) for name in _ATTACK_FLAGS}
-    chosen["location"] = tuple(args.location) if args.location else None
-    return AttackConfig(attack=args.attack, rate=args.rate, target=args.target, seed=args.seed, **chosen)
+    values = {param.name: getattr(args, param.name) for param in ATTACK_PARAMS if param.flag}
+    return AttackConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 def _shards_make(args: argparse.Namespace) -> dict:
