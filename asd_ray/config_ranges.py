@@ -28,7 +28,7 @@ class Setting(NamedTuple):
     meaning: str
 
 
-def _finite(low: float, *, strict: bool, high: float | None = None) -> Rule:
+def finite(low: float, *, strict: bool, high: float | None = None) -> Rule:
     """A finite number above ``low`` (strictly or not), and at most ``high``."""
     top = math.inf if high is None else high
     above = (lambda v: v > low) if strict else (lambda v: v >= low)
@@ -36,14 +36,14 @@ def _finite(low: float, *, strict: bool, high: float | None = None) -> Rule:
     return (lambda v: is_number(v) and math.isfinite(v) and above(v) and v <= top), rule
 
 
-def _whole(low: int, high: int) -> Rule:
+def whole(low: int, high: int) -> Rule:
     return (lambda v: type(v) is int and low <= v <= high), f"an integer in {low}..{high}"
 
 
 def _resource(*, strict: bool, high: int) -> Rule:
     """A Ray resource quantity: Ray counts in steps of 0.0001 and refuses finer ones (and
     totals over 1e14, which ``high`` times the process counts stays far below)."""
-    ok, rule = _finite(0, strict=strict, high=high)
+    ok, rule = finite(0, strict=strict, high=high)
     return (lambda v: ok(v) and round(v, 4) == v), f"{rule}, in steps of 0.0001"
 
 
@@ -73,7 +73,7 @@ def one_of(*choices: str) -> Rule:
     return (lambda v: v in choices), "one of " + ", ".join(choices)
 
 
-def _optional(rule: Rule) -> Rule:
+def optional(rule: Rule) -> Rule:
     ok, text = rule
     return (lambda v: v is None or ok(v)), f"{text} (or null)"
 
@@ -113,13 +113,13 @@ def _is_module_path(value: str) -> bool:
 _BOOL: Rule = ((lambda v: isinstance(v, bool)), "true or false")
 _FRACTION = ((lambda v: is_number(v) and 0 <= v < 1), "a number in [0, 1)")
 _OPEN_FRACTION: Rule = ((lambda v: is_number(v) and 0 < v < 1), "a number in (0, 1)")
-_LR = _finite(0, strict=True, high=1)  # Adam diverges long before a step of 1
+_LR = finite(0, strict=True, high=1)  # Adam diverges long before a step of 1
 _EPOCHS = 100_000
 _STEPS = 1_000_000
 _BATCH = 2**20
 # torch.manual_seed takes 64 bits, and the driver seeds each epoch's scoring with
 # seed * 100_003 + epoch + i: 32 bits keep that far inside 64
-_SEED = _whole(0, 2**32 - 1)
+SEED_RULE = whole(0, 2**32 - 1)
 _PATH_CHARACTERS = 4096  # the usual PATH_MAX
 
 # Every setting's rule and meaning, by section ("" for the top level): the rule is checked where
@@ -131,12 +131,12 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
         "defense": Setting(
             one_of("asd", "none"), "asd, or none: plain supervised training on the whole poisoned set"
         ),
-        "epochs": Setting(_whole(1, _EPOCHS), "T3: epochs of the whole run"),
+        "epochs": Setting(whole(1, _EPOCHS), "T3: epochs of the whole run"),
         "seed": Setting(
-            _SEED, "the run's base seed: every epoch's and process's random draws derive from it"
+            SEED_RULE, "the run's base seed: every epoch's and process's random draws derive from it"
         ),
         "baseline_batch_size": Setting(
-            _whole(2, _BATCH),  # batch norm needs two values per channel
+            whole(2, _BATCH),  # batch norm needs two values per channel
             "global batch of defense none's supervised epochs and of transfer's head fit "
             "(batch_rule scaled: times the worker count)",
         ),
@@ -147,7 +147,7 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "the classifier; custom: your own, built by model.factory",
         ),
         "factory": Setting(
-            _optional(
+            optional(
                 (
                     lambda v: len(v) <= _PATH_CHARACTERS and _is_factory(v),
                     "package.module:function (Python names joined by dots, a colon, a function name)",
@@ -169,12 +169,12 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
     },
     "data": {
         "mean": Setting(
-            _entries(_finite(0, strict=False, high=1), 64),  # pixels are on [0, 1]
+            _entries(finite(0, strict=False, high=1), 64),  # pixels are on [0, 1]
             "per-channel mean of the images on [0, 1], subtracted before the model",
         ),
         "std": Setting(
             # below 0.001 a normalised pixel would exceed 1000
-            _entries(_finite(0.001, strict=False, high=1), 64),
+            _entries(finite(0.001, strict=False, high=1), 64),
             "per-channel standard deviation of the images on [0, 1], divided out before the model",
         ),
         "augment": Setting(
@@ -182,15 +182,15 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "training augmentation: crop (pad, then a random crop), resized_crop (random resized crop "
             "to 224 px) or none",
         ),
-        "crop_padding": Setting(_whole(0, 1024), "reflect padding of the random crop, in pixels"),
+        "crop_padding": Setting(whole(0, 1024), "reflect padding of the random crop, in pixels"),
         "flip": Setting(_BOOL, "random horizontal flip in training (off for digits and traffic signs)"),
     },
     "split": {
-        "seeds_per_class": Setting(_whole(1, _STEPS), "w: trusted clean samples per class"),
-        "grow_every": Setting(_whole(1, _EPOCHS), "t: epochs between growth steps of stage 1's choice_num"),
-        "grow_by": Setting(_whole(0, _STEPS), "n: samples per class added to choice_num at each growth step"),
-        "stage2_epoch": Setting(_whole(0, _EPOCHS), "T1: first epoch of stage 2 (epochs count from 0)"),
-        "stage3_epoch": Setting(_whole(0, _EPOCHS), "T2: first epoch of stage 3"),
+        "seeds_per_class": Setting(whole(1, _STEPS), "w: trusted clean samples per class"),
+        "grow_every": Setting(whole(1, _EPOCHS), "t: epochs between growth steps of stage 1's choice_num"),
+        "grow_by": Setting(whole(0, _STEPS), "n: samples per class added to choice_num at each growth step"),
+        "stage2_epoch": Setting(whole(0, _EPOCHS), "T1: first epoch of stage 2 (epochs count from 0)"),
+        "stage3_epoch": Setting(whole(0, _EPOCHS), "T2: first epoch of stage 3"),
         "clean_ratio": Setting(_OPEN_FRACTION, "alpha: stage 2's fraction of all samples in the clean pool"),
         "meta_clean_ratio": Setting(
             _OPEN_FRACTION, "gamma: stage 3's fraction of all samples in the clean pool"
@@ -208,14 +208,14 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
     },
     "scoring": {
         "sce_alpha": Setting(
-            _finite(0, strict=False, high=100),
+            finite(0, strict=False, high=100),
             "weight of CE in the SCE loss that every epoch's split ranks by",
         ),
-        "sce_beta": Setting(_finite(0, strict=False, high=100), "weight of reverse CE in that SCE loss"),
+        "sce_beta": Setting(finite(0, strict=False, high=100), "weight of reverse CE in that SCE loss"),
         "augment": Setting(
             _BOOL, "score with training augmentation (the authors' code) instead of the clean inputs"
         ),
-        "batch_size": Setting(_whole(1, _BATCH), "images per scoring pass of each scoring actor"),
+        "batch_size": Setting(whole(1, _BATCH), "images per scoring pass of each scoring actor"),
         "precision": Setting(
             one_of("fp32", "tf32", "bf16"),
             "what the scoring passes compute in: fp32 (full fp32, TF32 off), tf32 (GPUs; fp32 on a CPU) "
@@ -225,13 +225,13 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
     },
     "mixmatch": {
         "iterations": Setting(
-            _whole(1, _STEPS), "optimizer steps per epoch (batch_rule scaled: divided by the worker count)"
+            whole(1, _STEPS), "optimizer steps per epoch (batch_rule scaled: divided by the worker count)"
         ),
         "batch_labeled": Setting(
-            _whole(1, _BATCH), "labeled samples per step, over all workers (batch_rule scaled: per worker)"
+            whole(1, _BATCH), "labeled samples per step, over all workers (batch_rule scaled: per worker)"
         ),
         "batch_unlabeled": Setting(
-            _whole(1, _BATCH), "unlabeled samples per step, over all workers (batch_rule scaled: per worker)"
+            whole(1, _BATCH), "unlabeled samples per step, over all workers (batch_rule scaled: per worker)"
         ),
         "batch_rule": Setting(
             one_of("global", "scaled"),
@@ -242,7 +242,7 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
         "temperature": Setting(
             # sharpening raises probabilities to 1/T: below 0.1 a near-uniform row of 1,000
             # classes underflows to zeros in float32 (and 0/0)
-            _finite(0.1, strict=False, high=10),
+            finite(0.1, strict=False, high=10),
             "sharpening temperature of the guessed labels",
         ),
         "noise_overlay": Setting(
@@ -251,13 +251,13 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "blended in at a weight drawn from [0, noise_overlay), so a faint overlay, such as a blended "
             "trigger, cannot decide the class (0: the paper's MixMatch)",
         ),
-        "mixup_alpha": Setting(_finite(0, strict=True, high=100), "a of MixUp's Beta(a, a)"),
+        "mixup_alpha": Setting(finite(0, strict=True, high=100), "a of MixUp's Beta(a, a)"),
         "lambda_u": Setting(
-            _finite(0, strict=False, high=1000),
+            finite(0, strict=False, high=1000),
             "weight of the unlabeled loss, ramped up linearly over rampup_epochs",
         ),
         "rampup_epochs": Setting(
-            _optional(_finite(0, strict=True, high=_EPOCHS)),
+            optional(finite(0, strict=True, high=_EPOCHS)),
             "epochs of lambda_u's linear ramp-up (null: the whole run)",
         ),
         "lr": Setting(_LR, "Adam learning rate (no schedule, no weight decay)"),
@@ -267,35 +267,35 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "rule), lr x W (linear) or lr (none), for W workers",
         ),
         "warmup_epochs": Setting(
-            _finite(0, strict=False, high=_EPOCHS),
+            finite(0, strict=False, high=_EPOCHS),
             "batch_rule scaled: epochs of linear warm-up to the scaled learning rate",
         ),
     },
     "virtual": {
         "lr": Setting(_LR, "Adam learning rate of stage 3's virtual model on its meta layers"),
-        "batch_size": Setting(_whole(2, _BATCH), "the virtual model's global batch"),
+        "batch_size": Setting(whole(2, _BATCH), "the virtual model's global batch"),
         "epochs": Setting(
-            _finite(0, strict=False, high=1000), "the virtual model's passes over the whole poisoned set"
+            finite(0, strict=False, high=1000), "the virtual model's passes over the whole poisoned set"
         ),
         "min_steps": Setting(
-            _whole(0, _STEPS),
+            whole(0, _STEPS),
             "at least this many virtual-model steps: an epoch of a small set is too short a fit "
             "(mnist-quick sets it)",
         ),
     },
     "transfer": {
         "semi_epochs": Setting(
-            _whole(0, _EPOCHS),
+            whole(0, _EPOCHS),
             "transfer pre-training (seeds from another dataset): MixMatch epochs with only the seeds "
             "labeled, before epoch 0 (0: no pre-training; the paper: 10)",
         ),
         "head_epochs": Setting(
-            _finite(0, strict=False, high=_EPOCHS),
+            finite(0, strict=False, high=_EPOCHS),
             "transfer pre-training: passes then fitting the linear head alone on the whole training set "
             "(the paper: 1)",
         ),
         "head_min_steps": Setting(
-            _whole(0, _STEPS),
+            whole(0, _STEPS),
             "at least this many head steps: an epoch of a small set is too short a fit (mnist-quick sets it)",
         ),
     },
@@ -315,8 +315,8 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
         ),
     },
     "cluster": {
-        "workers": Setting(_whole(1, 10_000), "Ray Train DDP training workers"),
-        "scorers": Setting(_whole(1, 10_000), "scoring actors"),
+        "workers": Setting(whole(1, 10_000), "Ray Train DDP training workers"),
+        "scorers": Setting(whole(1, 10_000), "scoring actors"),
         "cpus_per_worker": Setting(
             _resource(strict=True, high=10_000), "CPUs each training worker asks Ray for"
         ),
@@ -330,22 +330,22 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
         "gpus_per_scorer": Setting(
             _resource(strict=False, high=1_000), "GPUs each scoring actor asks Ray for (fractions allowed)"
         ),
-        "threads_per_process": Setting(_whole(1, 4096), "torch threads in every worker and actor"),
+        "threads_per_process": Setting(whole(1, 4096), "torch threads in every worker and actor"),
         "max_failures": Setting(
-            _whole(0, 1000), "worker-group restarts allowed inside one run (Ray Train's FailureConfig)"
+            whole(0, 1000), "worker-group restarts allowed inside one run (Ray Train's FailureConfig)"
         ),
         "sync_batch_norm": Setting(
-            _optional(_BOOL),
+            optional(_BOOL),
             "batch norm over the global batch of all workers (null: on when workers > 1 under batch_rule "
             "global)",
         ),
         "memory_budget_gb": Setting(
-            _optional(_finite(0, strict=True, high=1_000_000)),
+            optional(finite(0, strict=True, high=1_000_000)),
             "GB of decoded images one worker or scorer may hold in memory; a larger share is decoded "
             "once into a local-disk cache and read from there (null: no limit)",
         ),
         "cache_dir": Setting(
-            _optional(
+            optional(
                 (
                     lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v and _URI.match(v) is None,
                     f"a local folder path of 1..{_PATH_CHARACTERS} characters without NUL (caches are per node)",
@@ -355,7 +355,7 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "absolute where the config is built, so every process means the same folder",
         ),
         "storage": Setting(
-            _optional(
+            optional(
                 (
                     lambda v: 0 < len(v) <= _PATH_CHARACTERS and "\0" not in v and _is_storage_place(v),
                     f"a shared folder path, s3://bucket/prefix or gs://bucket/prefix, 1..{_PATH_CHARACTERS} characters",
@@ -375,7 +375,7 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
     },
     "storage": {
         "endpoint": Setting(
-            _optional(
+            optional(
                 (
                     lambda v: len(v) <= 253 and _ENDPOINT.fullmatch(v) is not None,
                     "http(s)://host[:port], nothing after it",
@@ -385,11 +385,11 @@ RUN_RANGES: dict[str, dict[str, Setting]] = {
             "STORAGE_EMULATOR_HOST for gs, else the provider's own)",
         ),
         "region": Setting(
-            _optional(((lambda v: _REGION.fullmatch(v) is not None), "a region name such as us-east-1")),
+            optional(((lambda v: _REGION.fullmatch(v) is not None), "a region name such as us-east-1")),
             "the object store's region (null: AWS_REGION or AWS_DEFAULT_REGION, else the SDK's default)",
         ),
         "anonymous": Setting(_BOOL, "send no credentials (public buckets)"),
-        "retries": Setting(_whole(0, 20), "retries of a failed request or dropped read, with backoff"),
+        "retries": Setting(whole(0, 20), "retries of a failed request or dropped read, with backoff"),
     },
 }
 

@@ -33,7 +33,7 @@ from asd_ray.attacks.base import (
 )
 from asd_ray.attacks.blend import blend_pattern_trigger
 from asd_ray.attacks.trigger import Trigger, apply_trigger
-from asd_ray.config_ranges import _finite, _whole
+from asd_ray.config_ranges import finite, whole
 from asd_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -114,28 +114,28 @@ ADAPTIVE_GRID = Param(
     int,
     4,
     "adaptive-blend: the pattern is cut into a grid of N x N pieces (default %(default)g)",
-    rule=_whole(2, 64),  # it must also fit the image (checked when built)
+    rule=whole(2, 64),  # it must also fit the image (checked when built)
 )
 ADAPTIVE_PIECES = Param(
     "adaptive_pieces",
     int,
     8,
     "adaptive-blend: pieces each training image gets, drawn per image (default %(default)g)",
-    rule=_whole(1, 64 * 64),  # at most adaptive_grid**2 (checked with the other parameters)
+    rule=whole(1, 64 * 64),  # at most adaptive_grid**2 (checked with the other parameters)
 )
 ADAPTIVE_TRAIN_ALPHA = Param(
     "adaptive_train_alpha",
     float,
     0.15,
     "adaptive-blend: blend weight of the pieces in training images (default %(default)g)",
-    rule=_finite(0, strict=True, high=1),
+    rule=finite(0, strict=True, high=1),
 )
 ADAPTIVE_TEST_ALPHA = Param(
     "adaptive_test_alpha",
     float,
     0.2,
     "adaptive-blend: blend weight of the full pattern in the test set (default %(default)g)",
-    rule=_finite(0, strict=True, high=1),
+    rule=finite(0, strict=True, high=1),
 )
 CONSERVATISM_RATIO = Param(
     "conservatism_ratio",
@@ -143,7 +143,7 @@ CONSERVATISM_RATIO = Param(
     1.0,
     "adaptive-blend: cover samples (pieces of the trigger, true label kept) per "
     "poisoned sample (default %(default)g)",
-    rule=_finite(0, strict=False),
+    rule=finite(0, strict=False),
 )
 
 

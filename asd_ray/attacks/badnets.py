@@ -16,7 +16,7 @@ import numpy as np
 
 from asd_ray.attacks.base import PATTERN_FILE, POISON_LABEL, Attack, Param, Shape, Stamp
 from asd_ray.attacks.trigger import Trigger, check_pattern, load_pattern, resize_pattern, to_channels
-from asd_ray.config_ranges import _optional, _whole
+from asd_ray.config_ranges import optional, whole
 from asd_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ SIZE = Param(
     None,
     "badnets: patch side in pixels (default 2 up to 64 px, else 32)",
     # a sanity bound; it must also fit the image (checked when built)
-    rule=_optional(_whole(1, 4096)),
+    rule=optional(whole(1, 4096)),
 )
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asd_ray.attacks.trigger import Trigger, apply_trigger
-from asd_ray.config_ranges import _SEED, Rule, _finite, _whole
+from asd_ray.config_ranges import SEED_RULE, Rule, finite, whole
 from asd_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -151,13 +151,13 @@ RATE = Param(
     0.05,
     "poison-label: per-sample probability over non-target samples (all samples "
     "for all2all); clean-label and sig: fraction of the target class",
-    rule=_finite(0, strict=True, high=1),
+    rule=finite(0, strict=True, high=1),
     required=True,
 )
 # y_t (all2all ignores it: y -> (y + 1) mod C)
-TARGET = Param("target", int, 0, "target class y_t (default 0)", rule=_whole(0, 2**31 - 1))
+TARGET = Param("target", int, 0, "target class y_t (default 0)", rule=whole(0, 2**31 - 1))
 # draws the poisoned samples, noise patterns and WaNet grid
-SEED = Param("seed", int, 0, "seed of the draw and of random patterns", rule=_SEED)
+SEED = Param("seed", int, 0, "seed of the draw and of random patterns", rule=SEED_RULE)
 # The picture of the BadNets and Blend triggers (adaptive blend's too), instead of their defaults.
 PATTERN_FILE = Param(
     "pattern_file",

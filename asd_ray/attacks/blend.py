@@ -14,7 +14,7 @@ import numpy as np
 
 from asd_ray.attacks.base import PATTERN_FILE, POISON_LABEL, Attack, Param, Shape, Stamp
 from asd_ray.attacks.trigger import Trigger, check_pattern, load_pattern, resize_pattern, to_channels
-from asd_ray.config_ranges import _finite
+from asd_ray.config_ranges import finite
 from asd_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def blend_pattern_trigger(config: AttackConfig, shape: Shape, alpha: float) -> T
 
 
 ALPHA = Param(
-    "alpha", float, 0.1, "blend: pattern weight (default %(default)g)", rule=_finite(0, strict=True, high=1)
+    "alpha", float, 0.1, "blend: pattern weight (default %(default)g)", rule=finite(0, strict=True, high=1)
 )
 STAMP = Stamp(
     "blend",

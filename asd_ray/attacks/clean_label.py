@@ -16,7 +16,7 @@ import numpy as np
 
 from asd_ray.attacks.base import TARGET_CLASS, Attack, Modify, Param, PoisonPlan, Shape, Surrogate
 from asd_ray.attacks.triggers import CHOSEN_TRIGGER_PARAMS, chosen_trigger
-from asd_ray.config_ranges import _finite, _whole
+from asd_ray.config_ranges import finite, whole
 from asd_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ PGD_EPS = Param(
     float,
     16 / 255,
     "clean-label: PGD budget (L-inf, on [0, 1] images)",
-    rule=_finite(0, strict=True, high=1),
+    rule=finite(0, strict=True, high=1),
     flag=False,
 )
 PGD_STEP = Param(
@@ -120,10 +120,10 @@ PGD_STEP = Param(
     float,
     1.5 / 255,
     "clean-label: PGD step size",
-    rule=_finite(0, strict=True, high=1),
+    rule=finite(0, strict=True, high=1),
     flag=False,
 )
-PGD_STEPS = Param("pgd_steps", int, 30, "clean-label: PGD steps", rule=_whole(1, 10_000), flag=False)
+PGD_STEPS = Param("pgd_steps", int, 30, "clean-label: PGD steps", rule=whole(1, 10_000), flag=False)
 
 
 def _train_images(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from asd_ray.attacks.base import TARGET_CLASS, Attack, ImageTransform, Param, Shape
-from asd_ray.config_ranges import _finite
+from asd_ray.config_ranges import finite
 from asd_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,14 +72,14 @@ SIG_DELTA = Param(
     float,
     20.0,
     "sig: signal amplitude on 0-255 (default %(default)g)",
-    rule=_finite(0, strict=True, high=255),
+    rule=finite(0, strict=True, high=255),
 )
 SIG_FREQUENCY = Param(
     "sig_frequency",
     float,
     6.0,
     "sig: periods of the sine across the image width (default %(default)g)",
-    rule=_finite(0, strict=True),  # it must also stay below half the width (checked when built)
+    rule=finite(0, strict=True),  # it must also stay below half the width (checked when built)
 )
 
 

@@ -24,7 +24,7 @@ from asd_ray.attacks.base import (
     Surrogate,
     check_covers_fit,
 )
-from asd_ray.config_ranges import _finite, _whole
+from asd_ray.config_ranges import finite, whole
 from asd_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -98,13 +98,13 @@ def apply_wanet(
     return warped.cpu().numpy()
 
 
-WANET_K = Param("wanet_k", int, 4, "wanet: control grid size (default %(default)g)", rule=_whole(2, 64))
+WANET_K = Param("wanet_k", int, 4, "wanet: control grid size (default %(default)g)", rule=whole(2, 64))
 WANET_S = Param(
     "wanet_s",
     float,
     0.5,
     "wanet: warp strength (default %(default)g)",
-    rule=_finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
+    rule=finite(0, strict=True, high=16),  # 0.5 (32 px) and 1 (224 px) in the paper
 )
 # noise mode: extra samples warped with random noise, labels kept
 WANET_NOISE = Param("wanet_noise", bool, True, "wanet: disable noise mode")
@@ -113,7 +113,7 @@ CROSS_RATIO = Param(
     float,
     2.0,
     "wanet: noise-mode samples per poisoned sample (default %(default)g)",
-    rule=_finite(0, strict=False),
+    rule=finite(0, strict=False),
 )
 
 
