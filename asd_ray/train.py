@@ -182,7 +182,7 @@ def _load_share(loop_config: dict[str, Any], config: RunConfig, rank: int, world
     so each share mixes all classes even when the shards are sorted by class (a
     contiguous share would give each rank's batch-norm statistics a few classes only;
     scoring actors, which keep no statistics, read contiguous shard slices instead:
-    :func:`asd_ray.data.shards.assign_slices`). The seeds' trusted copies, if any,
+    :func:`asd_ray.data.slices.assign_slices`). The seeds' trusted copies, if any,
     follow as ids N.. and are shared the same way; they come decoded through Ray
     (:meth:`asd_ray.inputs.RunData.trusted_copies`), not from the run folder."""
     shards = ShardSet(loop_config["train"], versions=loop_config["train_versions"])

@@ -29,15 +29,9 @@ from asd_ray.attacks.trigger import Trigger, apply_trigger, load_pattern
 from asd_ray.attacks.wanet import apply_wanet, wanet_grid
 from asd_ray.config import AttackConfig
 from asd_ray.data.records import IMAGE_EXTS
-from asd_ray.data.shards import (
-    GROUND_TRUTH_FILE,
-    Sample,
-    ShardSet,
-    ShardWriter,
-    encode_image,
-    finish_shard_set,
-    new_shard_set_dir,
-)
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE
+from asd_ray.data.shard_writer import ShardWriter, encode_image, finish_shard_set, new_shard_set_dir
+from asd_ray.data.shards import Sample, ShardSet
 from asd_ray.errors import DataError
 from asd_ray.storage import Location
 
