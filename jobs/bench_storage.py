@@ -63,8 +63,10 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from asd_ray import storage
-from asd_ray.data.shards import ShardSet, ShardSlice, write_shards
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.share import load_share
+from asd_ray.data.slices import ShardSlice
 from asd_ray.data.sources import Source, SourceRecord, from_arrays
 
 BUCKET = "bench"

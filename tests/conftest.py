@@ -20,7 +20,9 @@ from asd_ray import storage
 from asd_ray.config import StorageConfig
 from asd_ray.data import tar
 from asd_ray.data.records import iter_records
-from asd_ray.data.shards import DATASET_FILE, GROUND_TRUTH_FILE, ShardSet, write_shards
+from asd_ray.data.shard_layout import DATASET_FILE, GROUND_TRUTH_FILE
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
 

@@ -114,7 +114,7 @@ def test_shards_make_writes_a_shard_set_into_a_bucket(bucket, arrays, tmp_path, 
 def test_a_shards_make_that_fails_leaves_no_object(bucket, arrays, monkeypatch, capsys, fails_in):
     """A failure while the shards are written, or after some of them were published: no object
     is left under --out (a half-published prefix blocked the next make, even with --overwrite)."""
-    from asd_ray.data.shards import ShardWriter
+    from asd_ray.data.shard_writer import ShardWriter
 
     calls = []
 

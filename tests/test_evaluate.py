@@ -11,7 +11,9 @@ from conftest import auroc_by_pairs
 
 from asd_ray.attacks.poison import poison_test_shards
 from asd_ray.config import AttackConfig
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet, write_shards
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
 from asd_ray.evaluate import (

@@ -13,7 +13,8 @@ from conftest import make_shards, refusal, write_tar
 
 from asd_ray import storage
 from asd_ray.cli import main
-from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
 

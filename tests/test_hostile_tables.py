@@ -366,12 +366,12 @@ def test_the_report_of_reordered_split_tables_is_the_same_page(fake_run, two_set
 def test_the_report_reads_only_the_records_it_shows(fake_run, two_sets, tmp_path, monkeypatch, shard_reads):
     """At 14 M samples, walking the training shards for 48 thumbnails read the dataset."""
     from asd_ray.audit import report as report_module
-    from asd_ray.data import shards as shard_module
+    from asd_ray.data import slices
 
     run = _copy(fake_run, tmp_path)
     _point(run, two_sets[0], two_sets[0].folder)
     monkeypatch.setattr(report_module, "THUMBNAILS", 2)
-    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)  # one range per record: each one counted
+    monkeypatch.setattr(slices, "_READ_THROUGH", 0)  # one range per record: each one counted
     shard_reads.reset()
     report(run)
     page = (run / "audit" / "report.html").read_text()

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_shards, refusal
 
-from asd_ray.data.shards import MANIFEST_FILE, ShardSet, inspect_shard_set
+from asd_ray.data.shard_layout import MANIFEST_FILE
+from asd_ray.data.shard_report import inspect_shard_set
+from asd_ray.data.shards import ShardSet
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from asd_ray.attacks.poison import plan_poison, poison_shards, poison_test_shard
 from asd_ray.attacks.sig import add_signal, sig_signal
 from asd_ray.attacks.trigger import apply_trigger
 from asd_ray.config import AttackConfig
-from asd_ray.data.shards import GROUND_TRUTH_FILE, ShardSet
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE
+from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
 
 

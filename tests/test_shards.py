@@ -9,14 +9,11 @@ from conftest import ShortReads, local_records, make_shards, synthetic_arrays, w
 from PIL import Image
 
 from asd_ray.data.records import expand_shard_paths, iter_records
-from asd_ray.data.shards import (
-    MANIFEST_FILE,
-    ShardSet,
-    assign_slices,
-    inspect_shard_set,
-    sample_key,
-    write_shards,
-)
+from asd_ray.data.shard_layout import MANIFEST_FILE, sample_key
+from asd_ray.data.shard_report import inspect_shard_set
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
+from asd_ray.data.slices import assign_slices
 from asd_ray.data.sources import from_arrays
 from asd_ray.errors import DataError
 
@@ -253,13 +250,13 @@ def test_the_manifest_is_streamed_in_row_groups_and_reads_back_whole(tmp_path, m
     the set); the set reads back as if written at once."""
     import pyarrow.parquet as pq
 
-    from asd_ray.data import shards as shard_module
+    from asd_ray.data import shard_writer
 
-    monkeypatch.setattr(shard_module, "MANIFEST_ROW_GROUP", 64)
+    monkeypatch.setattr(shard_writer, "MANIFEST_ROW_GROUP", 64)
     rng = np.random.default_rng(3)
     images, labels = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 300)
-    info = shard_module.write_shards(from_arrays(images, labels), tmp_path / "set", samples_per_shard=100)
-    manifest = tmp_path / "set" / shard_module.MANIFEST_FILE
+    info = write_shards(from_arrays(images, labels), tmp_path / "set", samples_per_shard=100)
+    manifest = tmp_path / "set" / MANIFEST_FILE
     assert pq.ParquetFile(manifest).metadata.num_row_groups == 5  # 4 x 64 + 44
     assert info.num_samples == 300 and info.image_size == [8, 8] and info.channels == 3
     shards = ShardSet(tmp_path / "set")
@@ -269,14 +266,14 @@ def test_the_manifest_is_streamed_in_row_groups_and_reads_back_whole(tmp_path, m
 
 
 def test_a_share_reads_only_the_byte_ranges_of_its_records(tmp_path, monkeypatch, shard_reads):
-    from asd_ray.data import shards as shard_module
+    from asd_ray.data import slices
 
     shards = make_shards(tmp_path / "s", n=240, per_shard=60)
     everything = {s.sample_id: s.image for s in shards.iter_samples()}
     offsets = pq.read_table(tmp_path / "s" / MANIFEST_FILE).column("offset").to_numpy()
     sizes = [p.local.stat().st_size for p in shards.paths]
     keep = np.arange(240) % 4 == 1  # a training worker's share: every W-th sample
-    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)  # each kept record a range of its own
+    monkeypatch.setattr(slices, "_READ_THROUGH", 0)  # each kept record a range of its own
     shard_reads.reset()
     got = list(shards.iter_samples(keep=keep))
     assert [s.sample_id for s in got] == np.flatnonzero(keep).tolist()
@@ -287,16 +284,16 @@ def test_a_share_reads_only_the_byte_ranges_of_its_records(tmp_path, monkeypatch
 
 
 def test_close_records_are_read_as_one_range(tmp_path, monkeypatch):
-    from asd_ray.data import shards as shard_module
+    from asd_ray.data import slices
 
     shards = make_shards(tmp_path / "s", n=120, per_shard=60)
-    runs = shards._runs(np.arange(120) % 4 == 1)
+    runs = shards._places.kept_runs(np.arange(120) % 4 == 1)
     assert [(r.path.name, r.start, r.stop) for r in runs] == [
         ("train-000000.tar", 1, 58),
         ("train-000001.tar", 1, 58),
     ]
-    monkeypatch.setattr(shard_module, "_READ_THROUGH", 0)
-    assert len(shards._runs(np.arange(120) % 4 == 1)) == 30
+    monkeypatch.setattr(slices, "_READ_THROUGH", 0)
+    assert len(shards._places.kept_runs(np.arange(120) % 4 == 1)) == 30
 
 
 def test_a_record_placed_at_a_false_offset_is_refused(tmp_path):
@@ -358,7 +355,7 @@ def test_an_open_shard_set_holds_a_few_bytes_per_sample(tmp_path):
 def test_an_end_of_archive_hidden_inside_a_range_is_refused(tmp_path):
     """tarfile and GNU tar stop at the first all-zero block: records after it are not in
     the archive for them, so no range of records may read past one."""
-    from asd_ray.data.shards import ShardSlice
+    from asd_ray.data.slices import ShardSlice
 
     shards = make_shards(tmp_path / "s", n=4, per_shard=4)
     path = shards.paths[0].local

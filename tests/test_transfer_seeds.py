@@ -13,7 +13,8 @@ from PIL import Image
 
 from asd_ray import tables
 from asd_ray.config import load_config
-from asd_ray.data.shards import ShardSet, write_shards
+from asd_ray.data.shard_writer import write_shards
+from asd_ray.data.shards import ShardSet
 from asd_ray.data.sources import from_arrays
 from asd_ray.seeds import pick_seeds
 

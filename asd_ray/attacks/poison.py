@@ -24,15 +24,9 @@ from asd_ray.attacks import ATTACKS
 from asd_ray.attacks.base import Attack, PoisonPlan, Surrogate
 from asd_ray.config import AttackConfig
 from asd_ray.data.records import IMAGE_EXTS
-from asd_ray.data.shards import (
-    GROUND_TRUTH_FILE,
-    Sample,
-    ShardSet,
-    ShardWriter,
-    encode_image,
-    finish_shard_set,
-    new_shard_set_dir,
-)
+from asd_ray.data.shard_layout import GROUND_TRUTH_FILE
+from asd_ray.data.shard_writer import ShardWriter, encode_image, finish_shard_set, new_shard_set_dir
+from asd_ray.data.shards import Sample, ShardSet
 from asd_ray.errors import DataError
 from asd_ray.storage import Location
 

@@ -343,7 +343,8 @@ def train_shards(run: Run, split: pa.Table) -> ShardSet | None:
         DataError: another shard set, no model card to check it against, or a split
             table that does not fit it.
     """
-    from asd_ray.data.shards import DATASET_FILE, ShardSet
+    from asd_ray.data.shard_layout import DATASET_FILE
+    from asd_ray.data.shards import ShardSet
 
     where = storage.location(run)
     if not storage.lexists(where / INPUTS_FILE):  # a link is there, and refused

@@ -186,7 +186,7 @@ def _attack_config(args: argparse.Namespace) -> AttackConfig:
 
 def _shards_make(args: argparse.Namespace) -> dict:
     from asd_ray.data import sources
-    from asd_ray.data.shards import write_shards
+    from asd_ray.data.shard_writer import write_shards
 
     if args.source == "arrays":
         source = _arrays_source(args)
@@ -242,7 +242,7 @@ def _need(args: argparse.Namespace, name: str) -> str:
 
 
 def _shards_import(args: argparse.Namespace) -> dict:
-    from asd_ray.data.shards import write_shards
+    from asd_ray.data.shard_writer import write_shards
     from asd_ray.data.sources import from_webdataset
 
     names = None
@@ -266,7 +266,7 @@ def _shards_import(args: argparse.Namespace) -> dict:
 
 
 def _shards_inspect(args: argparse.Namespace) -> dict:
-    from asd_ray.data.shards import inspect_shard_set
+    from asd_ray.data.shard_report import inspect_shard_set
 
     report = inspect_shard_set(args.folder)
     for name, count in report["per_class"].items():

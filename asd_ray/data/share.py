@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from asd_ray import storage
-from asd_ray.data.shards import ShardSet, ShardSlice
+from asd_ray.data.shards import ShardSet
+from asd_ray.data.slices import ShardSlice
 
 _CACHE_PREFIX = "asd-ray-share-"
 _COPY_ROWS = 4096  # rows a cached share is copied by: never the whole share in memory

@@ -21,7 +21,7 @@ import torch
 
 from asd_ray import files, storage, tables
 from asd_ray.data.records import MAX_PIXELS
-from asd_ray.data.shards import JPEG_MAX_SIDE
+from asd_ray.data.shard_layout import JPEG_MAX_SIDE
 from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import ConfigError, DataError
 from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
