@@ -299,8 +299,8 @@ class _RecordCheck:
     def _decode(
         self, chunk: list[tuple[int, str, dict[str, bytes]]], shard: str
     ) -> Iterator[tuple[Sample, dict[str, bytes]]]:
-        # Parsing a chunk of records, then decoding it, runs ~5% faster than
-        # interleaving the two (the decoder's working set stays in cache).
+        # A chunk of records is parsed first, then decoded: the decoder's working set
+        # stays in cache instead of alternating with the tar walk's.
         for sample_id, key, members in chunk:
             label, image = decode_members(members, self.num_classes, shard=shard, key=key)
             expected = int(self.index.labels[sample_id])
