@@ -1,12 +1,13 @@
 """The host side of every training step: which rows it takes, how they are augmented and mixed.
 
 A step's randomness is drawn here, on the CPU, from streams keyed by (seed,
-epoch, purpose), the same on every worker: the global batch (every worker
-draws it and serves the rows it holds), the augmentation of each row, MixUp's
-lambda and partners, and the step's scalars (learning rate, ramp-up weight).
-The draws of one step are packed into one buffer (:class:`StepPlan`): one
-host->device copy per step, and a captured CUDA graph reads its changing values
-from there. :mod:`asd_ray.steps` runs the device side.
+epoch, :class:`Phase`, :class:`Purpose`), the same on every worker: the global
+batch (every worker draws it and serves the rows it holds), the augmentation of
+each row, MixUp's lambda and partners; the step's scalars (learning rate, ramp-up
+weight) follow from its position in the epoch. The draws of one step are packed
+into one buffer (:class:`StepPlan`): one host->device copy per step, and a
+captured CUDA graph reads its changing values from there. :mod:`asd_ray.steps`
+runs the device side.
 
 Two ways of dividing the data meet here: a training worker holds every W-th
 sample (``WorkerData``: ids ``rank, rank + W, ...``), so any global batch falls
@@ -17,6 +18,7 @@ evenly across workers; the scoring actors take contiguous slices instead
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,8 +64,62 @@ class WorkerData:
         return rows, ids[rows] // self.world
 
 
+class Phase(enum.IntEnum):
+    """Which part of a run a training stream belongs to: the third key of every stream."""
+
+    RUN = 0  # the run's epochs: MixMatch, the baseline's, the virtual model's
+    PRETRAIN = 1  # transfer pre-training (its MixMatch epochs count from 0 again, so they need their own key)
+
+
+class Purpose(enum.IntEnum):
+    """What a training stream draws: the fourth key of every stream (seed, epoch, phase, purpose).
+
+    The values are part of every run's reproducibility: renumbering one changes the
+    batches, augmentations and mixes of every run that uses it (gaps stay gaps).
+
+    ===== ================== ================================================ ==========================
+    value name               draws                                            drawn by
+    ===== ================== ================================================ ==========================
+    1     LABELED_BATCHES    the labeled pool's batch order                   :func:`mixmatch_plans`,
+                                                                              ``plain_mixmatch_epoch``
+    2     UNLABELED_BATCHES  the unlabeled pool's batch order                 the same
+    3     AUGMENT            every view's augmentation and noise overlay      the same
+    4     MIXUP              MixUp's lambda and partners (a numpy generator)  the same
+    5     BASELINE           the no-defense epoch's cross-entropy steps       ``steps.supervised_epoch``
+    7     VIRTUAL            stage 3's virtual-model steps                    ``steps.virtual_epoch``
+    8     HEAD               transfer pre-training's head fit (epoch 0)       ``steps.head_epochs``
+    ===== ================== ================================================ ==========================
+
+    A cross-entropy purpose (5, 7, 8) keys two streams, told apart by a fifth key,
+    :class:`CrossEntropyDraw`. MixMatch's phase is :attr:`Phase.RUN` or, in transfer
+    pre-training, :attr:`Phase.PRETRAIN`; the head fit runs under ``PRETRAIN``, the
+    others under ``RUN``.
+
+    Scoring under training augmentation (``scoring.augment``) is a separate scheme:
+    the driver seeds each scoring pass's dataset ``i`` with one integer,
+    ``seed * 100_003 + epoch + i``, for a plain ``torch.Generator`` in the scoring
+    actors; it never meets these streams (their keys go through a SeedSequence).
+    """
+
+    LABELED_BATCHES = 1
+    UNLABELED_BATCHES = 2
+    AUGMENT = 3
+    MIXUP = 4
+    BASELINE = 5
+    VIRTUAL = 7
+    HEAD = 8
+
+
+class CrossEntropyDraw(enum.IntEnum):
+    """The fifth key of a cross-entropy purpose's streams (:func:`cross_entropy_plans`)."""
+
+    BATCHES = 1  # the global batch order over the whole training set
+    AUGMENT = 2  # every row's crop and flip
+
+
 def generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integer keys (seed, epoch, phase, purpose)."""
+    """A CPU generator seeded from integer keys: (seed, epoch, phase, purpose), and a
+    :class:`CrossEntropyDraw` for a cross-entropy purpose (see :class:`Purpose`)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
@@ -175,7 +231,7 @@ def mixmatch_plans(
     *,
     epoch: int,
     iterations: int,
-    phase: int = 0,
+    phase: Phase = Phase.RUN,
     unlabeled: np.ndarray | None = None,
 ) -> Iterator[StepPlan]:
     """Endless MixMatch steps: every worker draws the same global batch (seeded by seed,
@@ -189,7 +245,7 @@ def mixmatch_plans(
     Args:
         clean: (N,) bool pool mask over the whole training set (True: labeled).
         iterations: steps per epoch (the ramp-up and learning-rate schedules' unit).
-        phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
+        phase: keys the random streams apart: the run's epochs, or transfer pre-training's.
         unlabeled: (N,) bool, the samples drawn as unlabeled (default: every one not in ``clean``).
     """
     labeled = np.flatnonzero(clean)
@@ -201,10 +257,10 @@ def mixmatch_plans(
         )
     mm, scale = config.mixmatch, batch_scale(config, data.world)
     bl, bu = mm.batch_labeled * scale, mm.batch_unlabeled * scale
-    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, 1))
-    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, 2))
-    aug_gen = generator(config.seed, epoch, phase, 3)
-    mix_rng = np.random.default_rng([config.seed, epoch, phase, 4])
+    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, Purpose.LABELED_BATCHES))
+    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, Purpose.UNLABELED_BATCHES))
+    aug_gen = generator(config.seed, epoch, phase, Purpose.AUGMENT)
+    mix_rng = np.random.default_rng([config.seed, epoch, phase, Purpose.MIXUP])
     ramp = mm.rampup_epochs or config.epochs
     step = 0
     while True:
@@ -239,12 +295,14 @@ def _positions_by_worker(lids: np.ndarray, uids: np.ndarray, world: int) -> list
 
 
 def cross_entropy_plans(
-    data: WorkerData, config: RunConfig, *, batch: int, seeds: tuple[int, ...]
+    data: WorkerData, config: RunConfig, *, batch: int, epoch: int, phase: Phase, purpose: Purpose
 ) -> Iterator[StepPlan]:
     """Endless plain, augmented steps on global batches of ``batch`` over the whole training
-    set; ``seeds`` keys the batch order and the augmentation (the same on every worker)."""
-    batches = Cycler(np.arange(data.total), generator(*seeds, 1))
-    aug_gen = generator(*seeds, 2)
+    set; (seed, ``epoch``, ``phase``, ``purpose``) keys the batch order and the augmentation
+    (the same on every worker)."""
+    keys = (config.seed, epoch, phase, purpose)
+    batches = Cycler(np.arange(data.total), generator(*keys, CrossEntropyDraw.BATCHES))
+    aug_gen = generator(*keys, CrossEntropyDraw.AUGMENT)
     while True:
         ids = batches.next(batch)
         rows, local = data.serve(ids)

@@ -22,7 +22,7 @@ rank that ran out of data.
 
 Randomness is derived from (seed, epoch, phase, purpose), the same on every worker,
 so a resumed run draws the same batches as an uninterrupted one and W does
-not change them.
+not change them (:class:`asd_ray.batches.Purpose` lists the streams).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from torch import nn
 
 from asd_ray import compute, distributed
 from asd_ray.batches import (
+    Phase,
+    Purpose,
     StepPlan,
     WorkerData,
     batch_scale,
@@ -62,7 +64,7 @@ def mixmatch_epoch(
     config: RunConfig,
     *,
     epoch: int,
-    phase: int = 0,
+    phase: Phase = Phase.RUN,
     unlabeled: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One MixMatch epoch; every worker takes part in every step of the same global batch.
@@ -74,7 +76,7 @@ def mixmatch_epoch(
 
     Args:
         clean: (N,) bool pool mask over the whole training set (True: labeled).
-        phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_plans`).
+        phase: the run's epochs, or transfer pre-training's (see :func:`mixmatch_plans`).
         unlabeled: (N,) bool, the samples trained on unlabeled (default: every one not in ``clean``).
 
     Returns:
@@ -233,16 +235,19 @@ def cross_entropy_steps(
     *,
     steps: int,
     batch: int,
-    seeds: tuple[int, ...],
+    epoch: int,
+    phase: Phase,
+    purpose: Purpose,
     frozen_norm: bool = False,
 ) -> float:
     """``steps`` of plain, augmented cross-entropy on global batches of ``batch``
     over the whole training set (every worker serves its rows); the mean loss.
 
     Shared by the no-defense baseline, the virtual model and transfer pre-training's
-    head fit. ``seeds`` keys the batch order and the augmentation (the same on every
-    worker). ``frozen_norm``: batch-norm layers whose parameters are frozen keep
-    their running statistics too (a frozen backbone stays exactly as it was).
+    head fit. (seed, ``epoch``, ``phase``, ``purpose``) keys the batch order and the
+    augmentation (the same on every worker). ``frozen_norm``: batch-norm layers whose
+    parameters are frozen keep their running statistics too (a frozen backbone stays
+    exactly as it was).
     """
     model.train()
     if frozen_norm:
@@ -257,7 +262,7 @@ def cross_entropy_steps(
     def step(plan: StepPlan, buffer: torch.Tensor) -> None:
         total.add_(_cross_entropy_step(model, optimizer, data, config, plan, buffer, batch))
 
-    plans = cross_entropy_plans(data, config, batch=batch, seeds=seeds)
+    plans = cross_entropy_plans(data, config, batch=batch, epoch=epoch, phase=phase, purpose=purpose)
     _run_steps(plans, steps, step, optimizer, data, config)
     return _sum_over_workers(total, data.world).item() / max(steps, 1)
 
@@ -280,7 +285,9 @@ def supervised_epoch(
         config,
         steps=max(1, data.total // batch),
         batch=batch,
-        seeds=(config.seed, epoch, 0, 5),
+        epoch=epoch,
+        phase=Phase.RUN,
+        purpose=Purpose.BASELINE,
     )
     return {"train_loss": loss, "loss_x": loss, "loss_u": 0.0}
 
@@ -309,7 +316,15 @@ def virtual_epoch(
     steps, batch, lr = virtual_schedule(config, data.total)
     optimizer = compute.adam([p for p in virtual.parameters() if p.requires_grad], lr)
     cross_entropy_steps(
-        wrapped, optimizer, data, config, steps=steps, batch=batch, seeds=(config.seed, epoch, 0, 7)
+        wrapped,
+        optimizer,
+        data,
+        config,
+        steps=steps,
+        batch=batch,
+        epoch=epoch,
+        phase=Phase.RUN,
+        purpose=Purpose.VIRTUAL,
     )
     return virtual
 
@@ -349,7 +364,7 @@ def transfer_pretraining(
     )
     losses = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
     for epoch in range(config.transfer.semi_epochs):
-        losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=1)
+        losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=Phase.PRETRAIN)
     if config.transfer.head_epochs <= 0:
         return {**losses, "head_steps": 0}
     base.load_state_dict(head_epochs(base, data, config).state_dict())
@@ -380,7 +395,9 @@ def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> 
         config,
         steps=head_steps(config, data.total, data.world),
         batch=batch,
-        seeds=(config.seed, 0, 1, 8),
+        epoch=0,
+        phase=Phase.PRETRAIN,
+        purpose=Purpose.HEAD,
         frozen_norm=True,
     )
     return probe

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from asd_ray import compute
-from asd_ray.batches import WorkerData, mixmatch_plans
+from asd_ray.batches import CrossEntropyDraw, Phase, Purpose, WorkerData, mixmatch_plans
 from asd_ray.config import load_config
 from asd_ray.data.augment import noise_overlay
 from asd_ray.models import ModelSpec
@@ -65,6 +65,22 @@ def _first_step(data: WorkerData, clean: np.ndarray, config, epoch: int):
     return step_inputs(data, config, plan, values), data.labels[values["index"][: plan.labeled]]
 
 
+def test_the_random_streams_keep_their_keys() -> None:
+    """The keys are part of every run's reproducibility: a renumbered purpose or phase
+    would silently change the batches, augmentations and mixes of every run."""
+    assert {p.name: p.value for p in Purpose} == {
+        "LABELED_BATCHES": 1,
+        "UNLABELED_BATCHES": 2,
+        "AUGMENT": 3,
+        "MIXUP": 4,
+        "BASELINE": 5,
+        "VIRTUAL": 7,
+        "HEAD": 8,
+    }
+    assert {p.name: p.value for p in Phase} == {"RUN": 0, "PRETRAIN": 1}
+    assert {d.name: d.value for d in CrossEntropyDraw} == {"BATCHES": 1, "AUGMENT": 2}
+
+
 def test_mixmatch_steps_are_seeded_and_in_the_model_memory_format() -> None:
     clean = np.arange(64) % 4 == 0
     config = _config(*FAST)
@@ -112,7 +128,7 @@ def test_transfer_pretraining_labels_only_the_seeds_and_ends_with_the_head_fit(m
     calls = []
     real = steps.mixmatch_epoch
 
-    def spy(model, optimizer, data, labeled, config, *, epoch, phase=0):
+    def spy(model, optimizer, data, labeled, config, *, epoch, phase=Phase.RUN):
         calls.append((labeled.copy(), epoch, phase, config.mixmatch.rampup_epochs))
         return real(model, optimizer, data, labeled, config, epoch=epoch, phase=phase)
 
@@ -120,7 +136,8 @@ def test_transfer_pretraining_labels_only_the_seeds_and_ends_with_the_head_fit(m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     outcome = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
     assert np.isfinite(outcome["train_loss"]) and outcome["head_steps"] == 390  # mnist-quick's floor
-    assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, 1, 2), (1, 1, 2)]  # own ramp, own streams
+    pretrain = Phase.PRETRAIN  # own ramp, own streams
+    assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, pretrain, 2), (1, pretrain, 2)]
     assert all(np.array_equal(labeled, seeds) for labeled, *_ in calls)
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
 
