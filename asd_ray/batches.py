@@ -6,8 +6,8 @@ batch (every worker draws it and serves the rows it holds), the augmentation of
 each row, MixUp's lambda and partners; the step's scalars (learning rate, ramp-up
 weight) follow from its position in the epoch. The draws of one step are packed
 into one buffer (:class:`StepPlan`): one host->device copy per step, and a
-captured CUDA graph reads its changing values from there. :mod:`asd_ray.steps`
-runs the device side.
+captured CUDA graph reads its changing values from there (:class:`StepTensors`
+names them). :mod:`asd_ray.steps` runs the device side.
 
 Two ways of dividing the data meet here: a training worker holds every W-th
 sample (``WorkerData``: ids ``rank, rank + W, ...``), so any global batch falls
@@ -174,16 +174,61 @@ def use_sync_batch_norm(config: RunConfig, world: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """The host side of one step, packed for one host->device copy (:class:`compute.Pack`).
+class Crop:
+    """A crop or flip as every output pixel's source coordinates (one gather cuts it)."""
 
-    ``buffer`` holds, by name: ``index`` (b,) share indices of this worker's rows of
-    every view, in order; ``rows`` (b, H) and ``cols`` (b, W) their source pixel
-    coordinates where rows are cropped or flipped; ``theta`` (b, 2, 3) for resized crops; MixMatch adds
-    ``partner`` (b,) MixUp partners (rows of the gathered global batch), the scalars
-    ``lam``, ``weight`` (λ_u ramped up) and ``lr``, and with a noise overlay
-    ``overlay_key`` and ``overlay_weight`` (b,).
-    """
+    rows: torch.Tensor  # (b, H) int64
+    cols: torch.Tensor  # (b, W) int64
+
+
+@dataclasses.dataclass(frozen=True)
+class Overlay:
+    """Each row's noise overlay (:func:`asd_ray.data.augment.noise_overlay`)."""
+
+    key: torch.Tensor  # (b,) int64, the row's noise
+    weight: torch.Tensor  # (b,) float32, uniform in [0, mixmatch.noise_overlay)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixMatchValues:
+    """What a MixMatch step adds to its rows: MixUp's draw and the step's scalars."""
+
+    partner: torch.Tensor  # (b,) int64, each row's MixUp partner: a row of the gathered global batch
+    lam: torch.Tensor  # () float32, MixUp's lambda
+    weight: torch.Tensor  # () float32, the unlabeled loss's weight (lambda_u ramped up)
+    lr: torch.Tensor  # () float32, the learning rate
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTensors:
+    """The values of a :class:`StepPlan`'s buffer, by meaning: views of the buffer, on its
+    device. A feature the step does not use is None (the step's code follows from which are set)."""
+
+    index: torch.Tensor  # (b,) int64 share indices of this worker's rows of every view, in order
+    crop: Crop | None  # crop or flip (data.augment crop, or data.flip)
+    theta: torch.Tensor | None  # (b, 2, 3) float32 affine maps of a resized crop
+    overlay: Overlay | None  # mixmatch.noise_overlay > 0
+    mixmatch: MixMatchValues | None  # a MixMatch step (None: a cross-entropy one)
+
+    @classmethod
+    def unpack(cls, buffer: torch.Tensor, layout: compute.PackLayout) -> StepTensors:
+        """The values of ``buffer``, packed by :func:`mixmatch_plans` or :func:`cross_entropy_plans`
+        under the names :func:`asd_ray.data.augment.draw` and :func:`_add_views` give them."""
+        values = compute.unpack(buffer, layout)
+        crop = overlay = mixmatch = None
+        if "rows" in values:
+            crop = Crop(values["rows"], values["cols"])
+        if "overlay_key" in values:
+            overlay = Overlay(values["overlay_key"], values["overlay_weight"])
+        if "partner" in values:
+            mixmatch = MixMatchValues(values["partner"], values["lam"], values["weight"], values["lr"])
+        return cls(values["index"], crop, values.get("theta"), overlay, mixmatch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The host side of one step, packed for one host->device copy (:class:`compute.Pack`);
+    :class:`StepTensors` says what the buffer holds."""
 
     buffer: torch.Tensor  # (L,) int64, host
     layout: compute.PackLayout
@@ -193,9 +238,10 @@ class StepPlan:
     labeled_ids: np.ndarray  # (Bl,) sample ids of the whole global labeled batch (a CE step's batch)
     unlabeled_ids: np.ndarray  # (Bu,) of the global unlabeled batch (empty for a CE step)
 
-    def values(self) -> dict[str, torch.Tensor]:
-        """The packed values on the host (for the host-side gather, and tests)."""
-        return compute.unpack(self.buffer, self.layout)
+    def tensors(self, buffer: torch.Tensor | None = None) -> StepTensors:
+        """The plan's values in ``buffer``, its copy on the device (default: the host buffer,
+        for the host-side gather, and tests)."""
+        return StepTensors.unpack(self.buffer if buffer is None else buffer, self.layout)
 
 
 def _add_views(

@@ -44,6 +44,7 @@ from asd_ray.batches import (
     Phase,
     Purpose,
     StepPlan,
+    StepTensors,
     WorkerData,
     batch_scale,
     cross_entropy_plans,
@@ -107,8 +108,10 @@ def _mixmatch_step(
 ) -> torch.Tensor:
     """One MixMatch step on the device, every changing value read from ``buffer``;
     returns (loss, Lx, Lu), this worker's shares, without reading them on the host."""
-    values = compute.unpack(buffer, plan.layout)
-    views = step_inputs(data, config, plan, values)  # (bl + 2 bu, C, H, W): labeled, u1, u2
+    tensors = plan.tensors(buffer)
+    drawn = tensors.mixmatch
+    assert drawn is not None, "a MixMatch step's plan comes from mixmatch_plans"
+    views = step_inputs(data, config, plan, tensors)  # (bl + 2 bu, C, H, W): labeled, u1, u2
     bl, mm, device = plan.labeled, config.mixmatch, data.device
     bu = (views.shape[0] - bl) // 2
     # One autocast region for the guess and the training pass: the weights' bf16 copies
@@ -119,16 +122,16 @@ def _mixmatch_step(
             u1, u2 = views[bl : bl + bu], views[bl + bu :]
             guess = (model(u1).float().softmax(1) + model(u2).float().softmax(1)) / 2  # (bu, K)
             guess = sharpen(guess, mm.temperature)
-        labels = data.labels[values["index"][:bl]]
+        labels = data.labels[tensors.index[:bl]]
         targets_x = torch.zeros(bl, guess.shape[1], device=device).scatter_(1, labels[:, None], 1.0)
         targets = torch.cat([targets_x, guess, guess])  # (bl + 2 bu, K)
-        partner = values["partner"]
+        partner = drawn.partner
         if data.world == 1:
             partner_inputs, partner_targets = views[partner], targets[partner]
         else:  # partners come from the whole global batch: gather every worker's rows (no gradient)
             partner_inputs = torch.cat(distributed.gather_rows(views, list(plan.counts)))[partner]
             partner_targets = torch.cat(distributed.gather_rows(targets, list(plan.counts)))[partner]
-        lam = values["lam"]
+        lam = drawn.lam
         mixed_inputs = torch.lerp(partner_inputs, views, lam)  # lam * own + (1 - lam) * partner, in fp32
         mixed_targets = torch.lerp(partner_targets, targets, lam)
         logits = model(mixed_inputs).float()  # one pass: BN statistics mix labeled and unlabeled
@@ -137,35 +140,33 @@ def _mixmatch_step(
         mixed_targets[:bl],
         logits[bl:],
         mixed_targets[bl:],
-        values["weight"],
+        drawn.weight,
         labeled_total=len(plan.labeled_ids),
         unlabeled_total=2 * len(plan.unlabeled_ids),
     )
-    compute.set_lr(optimizer, plan.lr, values["lr"])
+    compute.set_lr(optimizer, plan.lr, drawn.lr)
     (loss * data.world).backward()  # DDP's average of W such gradients is the global one
     optimizer.step()
     return torch.stack([loss.detach(), lx.detach(), lu.detach()])
 
 
-def step_inputs(
-    data: WorkerData, config: RunConfig, plan: StepPlan, values: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def step_inputs(data: WorkerData, config: RunConfig, plan: StepPlan, tensors: StepTensors) -> torch.Tensor:
     """The augmented, normalised rows of a step, (b, C, H, W) in the model's memory format:
     one gather of the uint8 pixels (crop and flip included), one normalisation."""
     if data.images.device == data.device:
-        source, index = data.images, values["index"]
+        source, index = data.images, tensors.index
     else:  # a host or disk cache: whole images cross once, the crop is cut on the device
-        source = compute.to_device(data.images[plan.values()["index"]], data.device)
+        source = compute.to_device(data.images[plan.tensors().index], data.device)
         index = torch.arange(len(source), device=data.device)
-    if "rows" in values:  # crop and flip: every output pixel's source coordinates, one gather
-        pixels = augment.gather(source, index, values["rows"], values["cols"])
+    if tensors.crop is not None:  # every output pixel's source coordinates, one gather
+        pixels = augment.gather(source, index, tensors.crop.rows, tensors.crop.cols)
     else:
         pixels = source[index]
     x = normalize(pixels, config.data)
-    if "theta" in values:
-        x = resample(x, values["theta"])
-    if "overlay_key" in values:
-        x = augment.noise_overlay(x, values["overlay_key"], values["overlay_weight"], config.data)
+    if tensors.theta is not None:
+        x = resample(x, tensors.theta)
+    if tensors.overlay is not None:
+        x = augment.noise_overlay(x, tensors.overlay.key, tensors.overlay.weight, config.data)
     return x.contiguous(memory_format=compute.memory_format(config.compute))
 
 
@@ -211,10 +212,10 @@ def _cross_entropy_step(
     batch: int,
 ) -> torch.Tensor:
     """One cross-entropy step on the device; returns this worker's share of the batch's mean loss."""
-    values = compute.unpack(buffer, plan.layout)
+    tensors = plan.tensors(buffer)
     with compute.autocast(config.compute, data.device):
-        logits = model(step_inputs(data, config, plan, values)).float()
-    loss = F.cross_entropy(logits, data.labels[values["index"]], reduction="sum") / batch  # share of the mean
+        logits = model(step_inputs(data, config, plan, tensors)).float()
+    loss = F.cross_entropy(logits, data.labels[tensors.index], reduction="sum") / batch  # share of the mean
     (loss * data.world).backward()  # DDP's average of W such gradients is the global one
     optimizer.step()
     return loss.detach()

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from asd_ray import compute
-from asd_ray.batches import CrossEntropyDraw, Phase, Purpose, WorkerData, mixmatch_plans
+from asd_ray.batches import CrossEntropyDraw, Phase, Purpose, WorkerData, cross_entropy_plans, mixmatch_plans
 from asd_ray.config import load_config
 from asd_ray.data.augment import noise_overlay
 from asd_ray.models import ModelSpec
@@ -61,8 +61,8 @@ def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
 def _first_step(data: WorkerData, clean: np.ndarray, config, epoch: int):
     """The augmented rows (labeled, unlabeled view 1, view 2) and labels of an epoch's first step."""
     plan = next(mixmatch_plans(data, clean, config, epoch=epoch, iterations=2))
-    values = plan.values()
-    return step_inputs(data, config, plan, values), data.labels[values["index"][: plan.labeled]]
+    tensors = plan.tensors()
+    return step_inputs(data, config, plan, tensors), data.labels[tensors.index[: plan.labeled]]
 
 
 def test_the_random_streams_keep_their_keys() -> None:
@@ -79,6 +79,27 @@ def test_the_random_streams_keep_their_keys() -> None:
     }
     assert {p.name: p.value for p in Phase} == {"RUN": 0, "PRETRAIN": 1}
     assert {d.name: d.value for d in CrossEntropyDraw} == {"BATCHES": 1, "AUGMENT": 2}
+
+
+def test_a_steps_tensors_hold_what_its_plan_drew() -> None:
+    """A step reads which features it runs off its tensors: a crop or a resized crop, a
+    noise overlay, MixMatch's draws; a feature not drawn is None."""
+    clean = np.arange(64) % 4 == 0
+    config = _config(*PLAIN, "mixmatch.noise_overlay=0.2")
+    mixmatch = next(mixmatch_plans(_share(), clean, config, epoch=1, iterations=2)).tensors()
+    assert mixmatch.index.shape == (24,) and mixmatch.theta is None
+    assert mixmatch.crop.rows.shape == mixmatch.crop.cols.shape == (24, 16)
+    assert mixmatch.overlay.key.dtype == torch.int64 and mixmatch.overlay.weight.dtype == torch.float32
+    assert mixmatch.mixmatch.partner.shape == (24,) and mixmatch.mixmatch.lr.item() == pytest.approx(
+        config.mixmatch.lr
+    )
+    resized = _config(*PLAIN, "data.augment=resized_crop")
+    plans = cross_entropy_plans(
+        _share(), resized, batch=8, epoch=0, phase=Phase.RUN, purpose=Purpose.BASELINE
+    )
+    plain = next(plans).tensors()
+    assert plain.index.shape == (8,) and plain.theta.shape == (8, 2, 3) and plain.theta.dtype == torch.float32
+    assert plain.crop is None and plain.overlay is None and plain.mixmatch is None
 
 
 def test_mixmatch_steps_are_seeded_and_in_the_model_memory_format() -> None:
@@ -297,11 +318,11 @@ def test_the_noise_overlay_blends_every_view_of_a_mixmatch_step() -> None:
     plain_rows, _ = _first_step(_share(), clean, _config(*PLAIN, "mixmatch.noise_overlay=0"), epoch=1)
     config = _config(*PLAIN, "mixmatch.noise_overlay=0.2")
     plan = next(mixmatch_plans(_share(), clean, config, epoch=1, iterations=2))
-    values = plan.values()
-    keys, weights = values["overlay_key"], values["overlay_weight"]
+    tensors = plan.tensors()
+    keys, weights = tensors.overlay.key, tensors.overlay.weight
     assert len(keys) == len(weights) == 24 and len(set(keys.tolist())) == 24
     assert 0 <= weights.min() and weights.max() < 0.2 and weights.std() > 0.02
-    rows = step_inputs(_share(), config, plan, values)
+    rows = step_inputs(_share(), config, plan, tensors)
     expected = noise_overlay(plain_rows[:8], keys[:8], weights[:8], config.data)
     torch.testing.assert_close(rows[:8], expected)
 
