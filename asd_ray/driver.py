@@ -816,7 +816,7 @@ class _Session:
             {"epoch": epoch, "stage": stage, "defense": self.config.defense},
             figures,
             pools,
-            {"train_loss": float(trained.metrics["train_loss"])},
+            trained.losses.to_row(),
             dataclasses.asdict(clock.times()),
         )
         return row, trained.weights, prefetched
@@ -955,7 +955,7 @@ class _Session:
             {"epoch": epoch, "stage": stage, "defense": self.config.defense},
             figures,
             pools,
-            {"train_loss": float("nan")},
+            messages.EpochLosses.unknown().to_row(),
             dataclasses.asdict(EpochTimes.unknown()),
         )
 

@@ -55,6 +55,7 @@ from asd_ray.config import RunConfig
 from asd_ray.data import augment
 from asd_ray.data.augment import normalize, resample
 from asd_ray.losses import mixmatch_loss, sharpen
+from asd_ray.messages import EpochLosses
 
 
 def mixmatch_epoch(
@@ -67,7 +68,7 @@ def mixmatch_epoch(
     epoch: int,
     phase: Phase = Phase.RUN,
     unlabeled: np.ndarray | None = None,
-) -> dict[str, float]:
+) -> EpochLosses:
     """One MixMatch epoch; every worker takes part in every step of the same global batch.
 
     Each worker's loss is its rows' share of the global batch's loss (sums divided
@@ -95,7 +96,7 @@ def mixmatch_epoch(
 
     _run_steps(plans, iterations, step, optimizer, data, config)
     loss, lx, lu = (_sum_over_workers(totals, data.world) / iterations).tolist()
-    return {"train_loss": loss, "loss_x": lx, "loss_u": lu}
+    return EpochLosses(train_loss=loss, loss_x=lx, loss_u=lu)
 
 
 def _mixmatch_step(
@@ -275,7 +276,7 @@ def supervised_epoch(
     config: RunConfig,
     *,
     epoch: int,
-) -> dict[str, float]:
+) -> EpochLosses:
     """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
     batch = config.baseline_batch_size * batch_scale(config, data.world)
     compute.set_lr(optimizer, config.mixmatch.lr * lr_factor(config, data.world, epoch))
@@ -290,7 +291,7 @@ def supervised_epoch(
         phase=Phase.RUN,
         purpose=Purpose.BASELINE,
     )
-    return {"train_loss": loss, "loss_x": loss, "loss_u": 0.0}
+    return EpochLosses(train_loss=loss, loss_x=loss, loss_u=0.0)
 
 
 def virtual_epoch(
@@ -345,7 +346,7 @@ def transfer_pretraining(
     data: WorkerData,
     labeled: np.ndarray,
     config: RunConfig,
-) -> dict[str, float]:
+) -> tuple[EpochLosses, int]:
     """Transfer-based ASD's initial model (paper section 5.4), trained in place.
 
     ``transfer.semi_epochs`` MixMatch epochs with only the seeds labeled and the
@@ -358,18 +359,19 @@ def transfer_pretraining(
         labeled: (N,) bool, True for the seeds (their trusted copies included).
 
     Returns:
-        the last semi-supervised epoch's losses and ``head_steps`` (0 without a head fit).
+        the last semi-supervised epoch's losses (NaN without one) and the head fit's steps
+        (0 without a head fit).
     """
     pre = dataclasses.replace(
         config, mixmatch=dataclasses.replace(config.mixmatch, rampup_epochs=config.transfer.semi_epochs)
     )
-    losses = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
+    losses = EpochLosses.unknown()
     for epoch in range(config.transfer.semi_epochs):
         losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=Phase.PRETRAIN)
     if config.transfer.head_epochs <= 0:
-        return {**losses, "head_steps": 0}
+        return losses, 0
     base.load_state_dict(head_epochs(base, data, config).state_dict())
-    return {**losses, "head_steps": head_steps(config, data.total, data.world)}
+    return losses, head_steps(config, data.total, data.world)
 
 
 def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> torch.nn.Module:

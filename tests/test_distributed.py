@@ -123,7 +123,7 @@ def _step(rank: int, world: int, folder: str, overrides: tuple[str, ...] = ()) -
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     metrics = mixmatch_epoch(wrapped, optimizer, _share(rank, world), _uneven_clean(), config, epoch=40)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "metrics": metrics}, f"{folder}/world{world}.pt")
+        torch.save({"state": model.state_dict(), "metrics": metrics.to_row()}, f"{folder}/world{world}.pt")
     if world > 1:
         dist.destroy_process_group()
 

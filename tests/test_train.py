@@ -53,9 +53,10 @@ def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
         model = _model(config)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
         losses[name] = mixmatch_epoch(model, optimizer, _share(), clean, config, epoch=3)
+    fast, plain = losses["fast"].to_row(), losses["plain"].to_row()
     for key in ("train_loss", "loss_x", "loss_u"):
-        assert np.isfinite(losses["fast"][key])
-        assert losses["fast"][key] == pytest.approx(losses["plain"][key], rel=0.05, abs=1e-3)
+        assert np.isfinite(fast[key])
+        assert fast[key] == pytest.approx(plain[key], rel=0.05, abs=1e-3)
 
 
 def _first_step(data: WorkerData, clean: np.ndarray, config, epoch: int):
@@ -155,8 +156,8 @@ def test_transfer_pretraining_labels_only_the_seeds_and_ends_with_the_head_fit(m
 
     monkeypatch.setattr(steps, "mixmatch_epoch", spy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    outcome = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
-    assert np.isfinite(outcome["train_loss"]) and outcome["head_steps"] == 390  # mnist-quick's floor
+    losses, head_steps = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
+    assert np.isfinite(losses.train_loss) and head_steps == 390  # mnist-quick's floor
     pretrain = Phase.PRETRAIN  # own ramp, own streams
     assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, pretrain, 2), (1, pretrain, 2)]
     assert all(np.array_equal(labeled, seeds) for labeled, *_ in calls)
@@ -172,7 +173,7 @@ def test_mixmatch_runs_a_users_own_module() -> None:
     model = ModelSpec("custom", 4, 1, 16, "custom_factory:tiny_net", ("5",)).build()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
     losses = mixmatch_epoch(model, optimizer, _share(), np.arange(64) % 2 == 0, config, epoch=0)
-    assert np.isfinite(losses["train_loss"])
+    assert np.isfinite(losses.train_loss)
     assert {id(p) for p in model.head_parameters()} == {id(p) for p in model.net[5].parameters()}
 
 
@@ -201,7 +202,7 @@ def test_the_fast_step_computes_the_plain_steps() -> None:
     )
     reference = torch.optim.Adam(plain.parameters(), lr=config.mixmatch.lr, foreach=True)
     plain_losses = plain_mixmatch_epoch(plain, reference, data.images, data.labels, clean, config, epoch=3)
-    assert fast_loss["train_loss"] == pytest.approx(np.mean(plain_losses), rel=1e-5)
+    assert fast_loss.train_loss == pytest.approx(np.mean(plain_losses), rel=1e-5)
     ours, theirs = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (fast, plain))
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-4
     assert ((theirs - start).norm() / start.norm()).item() > 1e-2  # the steps moved the weights
@@ -327,6 +328,21 @@ def test_the_noise_overlay_blends_every_view_of_a_mixmatch_step() -> None:
     torch.testing.assert_close(rows[:8], expected)
 
 
+def test_an_epoch_re_sent_after_a_restart_is_answered_with_the_checkpoints_losses() -> None:
+    """A restarted worker group does not train an epoch its checkpoint already holds: it
+    answers with the losses the checkpoint recorded, or unknown (NaN) ones for an epoch
+    before it."""
+    from asd_ray import messages, train
+
+    base = torch.nn.Linear(2, 3)
+    recorded = messages.EpochLosses(train_loss=0.5, loss_x=0.4, loss_u=0.1)
+    assert recorded.to_row() == {"train_loss": 0.5, "loss_x": 0.4, "loss_u": 0.1}  # as checkpoints keep them
+    worker = train._Worker(None, base, base, None, None, 0, 2, recorded.to_row(), pretrained=True)
+    assert worker.train(messages.Train(2, None, {})).losses == recorded  # no data: training would fail
+    earlier = worker.train(messages.Train(1, None, {})).losses
+    assert all(np.isnan(v) for v in earlier.to_row().values())
+
+
 def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeypatch) -> None:
     """Workers may run on nodes that share no file system with the driver: a training task
     brings its pools (bit-packed) through Ray, and the worker opens nothing to use them.
@@ -372,7 +388,7 @@ def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeyp
     monkeypatch.undo()
     assert len(trained_on) == 1
     assert np.array_equal(trained_on[0][0], clean) and np.array_equal(trained_on[0][1], unlabeled)
-    assert reported == [(0, task.pools.digest)] and np.isfinite(answer.metrics["train_loss"])
+    assert reported == [(0, task.pools.digest)] and np.isfinite(answer.losses.train_loss)
 
 
 def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tmp_path) -> None:
