@@ -1,12 +1,13 @@
 """The host side of every training step: which rows it takes, how they are augmented and mixed.
 
 A step's randomness is drawn here, on the CPU, from streams keyed by (seed,
-epoch, purpose), the same on every worker: the global batch (every worker
-draws it and serves the rows it holds), the augmentation of each row, MixUp's
-lambda and partners, and the step's scalars (learning rate, ramp-up weight).
-The draws of one step are packed into one buffer (:class:`StepPlan`): one
-host->device copy per step, and a captured CUDA graph reads its changing values
-from there. :mod:`asd_ray.steps` runs the device side.
+epoch, :class:`Phase`, :class:`Purpose`), the same on every worker: the global
+batch (every worker draws it and serves the rows it holds), the augmentation of
+each row, MixUp's lambda and partners; the step's scalars (learning rate, ramp-up
+weight) follow from its position in the epoch. The draws of one step are packed
+into one buffer (:class:`StepPlan`): one host->device copy per step, and a
+captured CUDA graph reads its changing values from there (:class:`StepTensors`
+names them). :mod:`asd_ray.steps` runs the device side.
 
 Two ways of dividing the data meet here: a training worker holds every W-th
 sample (``WorkerData``: ids ``rank, rank + W, ...``), so any global batch falls
@@ -17,6 +18,7 @@ evenly across workers; the scoring actors take contiguous slices instead
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,8 +64,62 @@ class WorkerData:
         return rows, ids[rows] // self.world
 
 
+class Phase(enum.IntEnum):
+    """Which part of a run a training stream belongs to: the third key of every stream."""
+
+    RUN = 0  # the run's epochs: MixMatch, the baseline's, the virtual model's
+    PRETRAIN = 1  # transfer pre-training (its MixMatch epochs count from 0 again, so they need their own key)
+
+
+class Purpose(enum.IntEnum):
+    """What a training stream draws: the fourth key of every stream (seed, epoch, phase, purpose).
+
+    The values are part of every run's reproducibility: renumbering one changes the
+    batches, augmentations and mixes of every run that uses it (gaps stay gaps).
+
+    ===== ================== ================================================ ==========================
+    value name               draws                                            drawn by
+    ===== ================== ================================================ ==========================
+    1     LABELED_BATCHES    the labeled pool's batch order                   :func:`mixmatch_plans`,
+                                                                              ``plain_mixmatch_epoch``
+    2     UNLABELED_BATCHES  the unlabeled pool's batch order                 the same
+    3     AUGMENT            every view's augmentation and noise overlay      the same
+    4     MIXUP              MixUp's lambda and partners (a numpy generator)  the same
+    5     BASELINE           the no-defense epoch's cross-entropy steps       ``steps.supervised_epoch``
+    7     VIRTUAL            stage 3's virtual-model steps                    ``steps.virtual_epoch``
+    8     HEAD               transfer pre-training's head fit (epoch 0)       ``steps.head_epochs``
+    ===== ================== ================================================ ==========================
+
+    A cross-entropy purpose (5, 7, 8) keys two streams, told apart by a fifth key,
+    :class:`CrossEntropyDraw`. MixMatch's phase is :attr:`Phase.RUN` or, in transfer
+    pre-training, :attr:`Phase.PRETRAIN`; the head fit runs under ``PRETRAIN``, the
+    others under ``RUN``.
+
+    Scoring under training augmentation (``scoring.augment``) is a separate scheme:
+    the driver seeds each scoring pass's dataset ``i`` with one integer,
+    ``seed * 100_003 + epoch + i``, for a plain ``torch.Generator`` in the scoring
+    actors; it never meets these streams (their keys go through a SeedSequence).
+    """
+
+    LABELED_BATCHES = 1
+    UNLABELED_BATCHES = 2
+    AUGMENT = 3
+    MIXUP = 4
+    BASELINE = 5
+    VIRTUAL = 7
+    HEAD = 8
+
+
+class CrossEntropyDraw(enum.IntEnum):
+    """The fifth key of a cross-entropy purpose's streams (:func:`cross_entropy_plans`)."""
+
+    BATCHES = 1  # the global batch order over the whole training set
+    AUGMENT = 2  # every row's crop and flip
+
+
 def generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integer keys (seed, epoch, phase, purpose)."""
+    """A CPU generator seeded from integer keys: (seed, epoch, phase, purpose), and a
+    :class:`CrossEntropyDraw` for a cross-entropy purpose (see :class:`Purpose`)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
@@ -118,16 +174,61 @@ def use_sync_batch_norm(config: RunConfig, world: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """The host side of one step, packed for one host->device copy (:class:`compute.Pack`).
+class Crop:
+    """A crop or flip as every output pixel's source coordinates (one gather cuts it)."""
 
-    ``buffer`` holds, by name: ``index`` (b,) share indices of this worker's rows of
-    every view, in order; ``rows`` (b, H) and ``cols`` (b, W) their source pixel
-    coordinates where rows are cropped or flipped; ``theta`` (b, 2, 3) for resized crops; MixMatch adds
-    ``partner`` (b,) MixUp partners (rows of the gathered global batch), the scalars
-    ``lam``, ``weight`` (λ_u ramped up) and ``lr``, and with a noise overlay
-    ``overlay_key`` and ``overlay_weight`` (b,).
-    """
+    rows: torch.Tensor  # (b, H) int64
+    cols: torch.Tensor  # (b, W) int64
+
+
+@dataclasses.dataclass(frozen=True)
+class Overlay:
+    """Each row's noise overlay (:func:`asd_ray.data.augment.noise_overlay`)."""
+
+    key: torch.Tensor  # (b,) int64, the row's noise
+    weight: torch.Tensor  # (b,) float32, uniform in [0, mixmatch.noise_overlay)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixMatchValues:
+    """What a MixMatch step adds to its rows: MixUp's draw and the step's scalars."""
+
+    partner: torch.Tensor  # (b,) int64, each row's MixUp partner: a row of the gathered global batch
+    lam: torch.Tensor  # () float32, MixUp's lambda
+    weight: torch.Tensor  # () float32, the unlabeled loss's weight (lambda_u ramped up)
+    lr: torch.Tensor  # () float32, the learning rate
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTensors:
+    """The values of a :class:`StepPlan`'s buffer, by meaning: views of the buffer, on its
+    device. A feature the step does not use is None (the step's code follows from which are set)."""
+
+    index: torch.Tensor  # (b,) int64 share indices of this worker's rows of every view, in order
+    crop: Crop | None  # crop or flip (data.augment crop, or data.flip)
+    theta: torch.Tensor | None  # (b, 2, 3) float32 affine maps of a resized crop
+    overlay: Overlay | None  # mixmatch.noise_overlay > 0
+    mixmatch: MixMatchValues | None  # a MixMatch step (None: a cross-entropy one)
+
+    @classmethod
+    def unpack(cls, buffer: torch.Tensor, layout: compute.PackLayout) -> StepTensors:
+        """The values of ``buffer``, packed by :func:`mixmatch_plans` or :func:`cross_entropy_plans`
+        under the names :func:`asd_ray.data.augment.draw` and :func:`_add_views` give them."""
+        values = compute.unpack(buffer, layout)
+        crop = overlay = mixmatch = None
+        if "rows" in values:
+            crop = Crop(values["rows"], values["cols"])
+        if "overlay_key" in values:
+            overlay = Overlay(values["overlay_key"], values["overlay_weight"])
+        if "partner" in values:
+            mixmatch = MixMatchValues(values["partner"], values["lam"], values["weight"], values["lr"])
+        return cls(values["index"], crop, values.get("theta"), overlay, mixmatch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The host side of one step, packed for one host->device copy (:class:`compute.Pack`);
+    :class:`StepTensors` says what the buffer holds."""
 
     buffer: torch.Tensor  # (L,) int64, host
     layout: compute.PackLayout
@@ -137,9 +238,10 @@ class StepPlan:
     labeled_ids: np.ndarray  # (Bl,) sample ids of the whole global labeled batch (a CE step's batch)
     unlabeled_ids: np.ndarray  # (Bu,) of the global unlabeled batch (empty for a CE step)
 
-    def values(self) -> dict[str, torch.Tensor]:
-        """The packed values on the host (for the host-side gather, and tests)."""
-        return compute.unpack(self.buffer, self.layout)
+    def tensors(self, buffer: torch.Tensor | None = None) -> StepTensors:
+        """The plan's values in ``buffer``, its copy on the device (default: the host buffer,
+        for the host-side gather, and tests)."""
+        return StepTensors.unpack(self.buffer if buffer is None else buffer, self.layout)
 
 
 def _add_views(
@@ -175,7 +277,7 @@ def mixmatch_plans(
     *,
     epoch: int,
     iterations: int,
-    phase: int = 0,
+    phase: Phase = Phase.RUN,
     unlabeled: np.ndarray | None = None,
 ) -> Iterator[StepPlan]:
     """Endless MixMatch steps: every worker draws the same global batch (seeded by seed,
@@ -189,7 +291,7 @@ def mixmatch_plans(
     Args:
         clean: (N,) bool pool mask over the whole training set (True: labeled).
         iterations: steps per epoch (the ramp-up and learning-rate schedules' unit).
-        phase: keys the random streams apart: 0 for the run's epochs, 1 for transfer pre-training.
+        phase: keys the random streams apart: the run's epochs, or transfer pre-training's.
         unlabeled: (N,) bool, the samples drawn as unlabeled (default: every one not in ``clean``).
     """
     labeled = np.flatnonzero(clean)
@@ -201,10 +303,10 @@ def mixmatch_plans(
         )
     mm, scale = config.mixmatch, batch_scale(config, data.world)
     bl, bu = mm.batch_labeled * scale, mm.batch_unlabeled * scale
-    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, 1))
-    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, 2))
-    aug_gen = generator(config.seed, epoch, phase, 3)
-    mix_rng = np.random.default_rng([config.seed, epoch, phase, 4])
+    labeled_batches = Cycler(labeled, generator(config.seed, epoch, phase, Purpose.LABELED_BATCHES))
+    unlabeled_batches = Cycler(unlabeled, generator(config.seed, epoch, phase, Purpose.UNLABELED_BATCHES))
+    aug_gen = generator(config.seed, epoch, phase, Purpose.AUGMENT)
+    mix_rng = np.random.default_rng([config.seed, epoch, phase, Purpose.MIXUP])
     ramp = mm.rampup_epochs or config.epochs
     step = 0
     while True:
@@ -239,12 +341,14 @@ def _positions_by_worker(lids: np.ndarray, uids: np.ndarray, world: int) -> list
 
 
 def cross_entropy_plans(
-    data: WorkerData, config: RunConfig, *, batch: int, seeds: tuple[int, ...]
+    data: WorkerData, config: RunConfig, *, batch: int, epoch: int, phase: Phase, purpose: Purpose
 ) -> Iterator[StepPlan]:
     """Endless plain, augmented steps on global batches of ``batch`` over the whole training
-    set; ``seeds`` keys the batch order and the augmentation (the same on every worker)."""
-    batches = Cycler(np.arange(data.total), generator(*seeds, 1))
-    aug_gen = generator(*seeds, 2)
+    set; (seed, ``epoch``, ``phase``, ``purpose``) keys the batch order and the augmentation
+    (the same on every worker)."""
+    keys = (config.seed, epoch, phase, purpose)
+    batches = Cycler(np.arange(data.total), generator(*keys, CrossEntropyDraw.BATCHES))
+    aug_gen = generator(*keys, CrossEntropyDraw.AUGMENT)
     while True:
         ids = batches.next(batch)
         rows, local = data.serve(ids)

@@ -253,7 +253,7 @@ class _Epochs:
             {"epoch": epoch, "stage": stage, "defense": self.config.defense},
             figures,
             pools,
-            {"train_loss": float(trained.metrics["train_loss"])},
+            trained.losses.to_row(),
             dataclasses.asdict(clock.times()),
         )
         return _Epoch(row, trained.weights, ahead)
@@ -452,7 +452,7 @@ class _Session:
             {"epoch": epoch, "stage": stage, "defense": self.config.defense},
             figures,
             pools,
-            {"train_loss": float("nan")},
+            messages.EpochLosses.unknown().to_row(),
             dataclasses.asdict(EpochTimes.unknown()),
         )
 

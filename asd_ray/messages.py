@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +38,32 @@ class WorkerSetup:
     def as_loop_config(self) -> dict[str, WorkerSetup]:
         """Ray Train's ``train_loop_config`` (a dict) holding this set-up."""
         return {"setup": self}
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLosses:
+    """A training epoch's mean losses over its global batches: MixMatch's total and its
+    labeled (``loss_x``) and unlabeled (``loss_u``) terms; a supervised epoch's
+    cross-entropy is its ``loss_x``, with ``loss_u`` 0."""
+
+    train_loss: float
+    loss_x: float
+    loss_u: float
+
+    @classmethod
+    def unknown(cls) -> EpochLosses:
+        """NaN losses: no epoch trained yet, or one whose record was lost (a re-sent task)."""
+        return cls(math.nan, math.nan, math.nan)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, float]) -> EpochLosses:
+        """The losses in ``row`` (a checkpoint's record; other keys are left out)."""
+        return cls(**{field.name: float(row[field.name]) for field in dataclasses.fields(cls)})
+
+    def to_row(self) -> dict[str, float]:
+        """By name, as checkpoints record them, Ray Train reports them and the metrics
+        table takes its ``train_loss`` column (:func:`asd_ray.run_folder.metrics_row`)."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +165,7 @@ class VirtualModel:
 class Trained:
     weights: Weights
     compute_s: float
-    metrics: dict[str, float]  # train_loss, loss_x, loss_u (a re-sent epoch: the checkpoint's, or NaN)
+    losses: EpochLosses  # a re-sent epoch: the checkpoint's, or unknown
 
 
 Result = Hello | Pretrained | VirtualModel | Trained

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asd_ray.batches import Cycler, generator
+from asd_ray.batches import Cycler, Phase, Purpose, generator
 from asd_ray.config import RunConfig
 from asd_ray.data.augment import draw
 
@@ -72,10 +72,11 @@ def plain_mixmatch_epoch(
             f"mixmatch.noise_overlay={mm.noise_overlay}: the plain reference step is the paper's "
             "MixMatch; set mixmatch.noise_overlay=0 to compare with it"
         )
-    labeled = Cycler(np.flatnonzero(clean), generator(config.seed, epoch, 0, 1))
-    unlabeled = Cycler(np.flatnonzero(~clean), generator(config.seed, epoch, 0, 2))
-    aug = generator(config.seed, epoch, 0, 3)
-    mix = np.random.default_rng([config.seed, epoch, 0, 4])
+    keys = (config.seed, epoch, Phase.RUN)
+    labeled = Cycler(np.flatnonzero(clean), generator(*keys, Purpose.LABELED_BATCHES))
+    unlabeled = Cycler(np.flatnonzero(~clean), generator(*keys, Purpose.UNLABELED_BATCHES))
+    aug = generator(*keys, Purpose.AUGMENT)
+    mix = np.random.default_rng([*keys, Purpose.MIXUP])
     ramp = mm.rampup_epochs or config.epochs
     model.train()
     losses = []

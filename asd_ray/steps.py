@@ -22,7 +22,7 @@ rank that ran out of data.
 
 Randomness is derived from (seed, epoch, phase, purpose), the same on every worker,
 so a resumed run draws the same batches as an uninterrupted one and W does
-not change them.
+not change them (:class:`asd_ray.batches.Purpose` lists the streams).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ from torch import nn
 
 from asd_ray import compute, distributed
 from asd_ray.batches import (
+    Phase,
+    Purpose,
     StepPlan,
+    StepTensors,
     WorkerData,
     batch_scale,
     cross_entropy_plans,
@@ -52,6 +55,7 @@ from asd_ray.config import RunConfig
 from asd_ray.data import augment
 from asd_ray.data.augment import normalize, resample
 from asd_ray.losses import mixmatch_loss, sharpen
+from asd_ray.messages import EpochLosses
 
 
 def mixmatch_epoch(
@@ -62,9 +66,9 @@ def mixmatch_epoch(
     config: RunConfig,
     *,
     epoch: int,
-    phase: int = 0,
+    phase: Phase = Phase.RUN,
     unlabeled: np.ndarray | None = None,
-) -> dict[str, float]:
+) -> EpochLosses:
     """One MixMatch epoch; every worker takes part in every step of the same global batch.
 
     Each worker's loss is its rows' share of the global batch's loss (sums divided
@@ -74,7 +78,7 @@ def mixmatch_epoch(
 
     Args:
         clean: (N,) bool pool mask over the whole training set (True: labeled).
-        phase: 0 for the run's epochs, 1 for transfer pre-training (see :func:`mixmatch_plans`).
+        phase: the run's epochs, or transfer pre-training's (see :func:`mixmatch_plans`).
         unlabeled: (N,) bool, the samples trained on unlabeled (default: every one not in ``clean``).
 
     Returns:
@@ -92,7 +96,7 @@ def mixmatch_epoch(
 
     _run_steps(plans, iterations, step, optimizer, data, config)
     loss, lx, lu = (_sum_over_workers(totals, data.world) / iterations).tolist()
-    return {"train_loss": loss, "loss_x": lx, "loss_u": lu}
+    return EpochLosses(train_loss=loss, loss_x=lx, loss_u=lu)
 
 
 def _mixmatch_step(
@@ -105,8 +109,10 @@ def _mixmatch_step(
 ) -> torch.Tensor:
     """One MixMatch step on the device, every changing value read from ``buffer``;
     returns (loss, Lx, Lu), this worker's shares, without reading them on the host."""
-    values = compute.unpack(buffer, plan.layout)
-    views = step_inputs(data, config, plan, values)  # (bl + 2 bu, C, H, W): labeled, u1, u2
+    tensors = plan.tensors(buffer)
+    drawn = tensors.mixmatch
+    assert drawn is not None, "a MixMatch step's plan comes from mixmatch_plans"
+    views = step_inputs(data, config, plan, tensors)  # (bl + 2 bu, C, H, W): labeled, u1, u2
     bl, mm, device = plan.labeled, config.mixmatch, data.device
     bu = (views.shape[0] - bl) // 2
     # One autocast region for the guess and the training pass: the weights' bf16 copies
@@ -117,16 +123,16 @@ def _mixmatch_step(
             u1, u2 = views[bl : bl + bu], views[bl + bu :]
             guess = (model(u1).float().softmax(1) + model(u2).float().softmax(1)) / 2  # (bu, K)
             guess = sharpen(guess, mm.temperature)
-        labels = data.labels[values["index"][:bl]]
+        labels = data.labels[tensors.index[:bl]]
         targets_x = torch.zeros(bl, guess.shape[1], device=device).scatter_(1, labels[:, None], 1.0)
         targets = torch.cat([targets_x, guess, guess])  # (bl + 2 bu, K)
-        partner = values["partner"]
+        partner = drawn.partner
         if data.world == 1:
             partner_inputs, partner_targets = views[partner], targets[partner]
         else:  # partners come from the whole global batch: gather every worker's rows (no gradient)
             partner_inputs = torch.cat(distributed.gather_rows(views, list(plan.counts)))[partner]
             partner_targets = torch.cat(distributed.gather_rows(targets, list(plan.counts)))[partner]
-        lam = values["lam"]
+        lam = drawn.lam
         mixed_inputs = torch.lerp(partner_inputs, views, lam)  # lam * own + (1 - lam) * partner, in fp32
         mixed_targets = torch.lerp(partner_targets, targets, lam)
         logits = model(mixed_inputs).float()  # one pass: BN statistics mix labeled and unlabeled
@@ -135,35 +141,33 @@ def _mixmatch_step(
         mixed_targets[:bl],
         logits[bl:],
         mixed_targets[bl:],
-        values["weight"],
+        drawn.weight,
         labeled_total=len(plan.labeled_ids),
         unlabeled_total=2 * len(plan.unlabeled_ids),
     )
-    compute.set_lr(optimizer, plan.lr, values["lr"])
+    compute.set_lr(optimizer, plan.lr, drawn.lr)
     (loss * data.world).backward()  # DDP's average of W such gradients is the global one
     optimizer.step()
     return torch.stack([loss.detach(), lx.detach(), lu.detach()])
 
 
-def step_inputs(
-    data: WorkerData, config: RunConfig, plan: StepPlan, values: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def step_inputs(data: WorkerData, config: RunConfig, plan: StepPlan, tensors: StepTensors) -> torch.Tensor:
     """The augmented, normalised rows of a step, (b, C, H, W) in the model's memory format:
     one gather of the uint8 pixels (crop and flip included), one normalisation."""
     if data.images.device == data.device:
-        source, index = data.images, values["index"]
+        source, index = data.images, tensors.index
     else:  # a host or disk cache: whole images cross once, the crop is cut on the device
-        source = compute.to_device(data.images[plan.values()["index"]], data.device)
+        source = compute.to_device(data.images[plan.tensors().index], data.device)
         index = torch.arange(len(source), device=data.device)
-    if "rows" in values:  # crop and flip: every output pixel's source coordinates, one gather
-        pixels = augment.gather(source, index, values["rows"], values["cols"])
+    if tensors.crop is not None:  # every output pixel's source coordinates, one gather
+        pixels = augment.gather(source, index, tensors.crop.rows, tensors.crop.cols)
     else:
         pixels = source[index]
     x = normalize(pixels, config.data)
-    if "theta" in values:
-        x = resample(x, values["theta"])
-    if "overlay_key" in values:
-        x = augment.noise_overlay(x, values["overlay_key"], values["overlay_weight"], config.data)
+    if tensors.theta is not None:
+        x = resample(x, tensors.theta)
+    if tensors.overlay is not None:
+        x = augment.noise_overlay(x, tensors.overlay.key, tensors.overlay.weight, config.data)
     return x.contiguous(memory_format=compute.memory_format(config.compute))
 
 
@@ -209,10 +213,10 @@ def _cross_entropy_step(
     batch: int,
 ) -> torch.Tensor:
     """One cross-entropy step on the device; returns this worker's share of the batch's mean loss."""
-    values = compute.unpack(buffer, plan.layout)
+    tensors = plan.tensors(buffer)
     with compute.autocast(config.compute, data.device):
-        logits = model(step_inputs(data, config, plan, values)).float()
-    loss = F.cross_entropy(logits, data.labels[values["index"]], reduction="sum") / batch  # share of the mean
+        logits = model(step_inputs(data, config, plan, tensors)).float()
+    loss = F.cross_entropy(logits, data.labels[tensors.index], reduction="sum") / batch  # share of the mean
     (loss * data.world).backward()  # DDP's average of W such gradients is the global one
     optimizer.step()
     return loss.detach()
@@ -233,16 +237,19 @@ def cross_entropy_steps(
     *,
     steps: int,
     batch: int,
-    seeds: tuple[int, ...],
+    epoch: int,
+    phase: Phase,
+    purpose: Purpose,
     frozen_norm: bool = False,
 ) -> float:
     """``steps`` of plain, augmented cross-entropy on global batches of ``batch``
     over the whole training set (every worker serves its rows); the mean loss.
 
     Shared by the no-defense baseline, the virtual model and transfer pre-training's
-    head fit. ``seeds`` keys the batch order and the augmentation (the same on every
-    worker). ``frozen_norm``: batch-norm layers whose parameters are frozen keep
-    their running statistics too (a frozen backbone stays exactly as it was).
+    head fit. (seed, ``epoch``, ``phase``, ``purpose``) keys the batch order and the
+    augmentation (the same on every worker). ``frozen_norm``: batch-norm layers whose
+    parameters are frozen keep their running statistics too (a frozen backbone stays
+    exactly as it was).
     """
     model.train()
     if frozen_norm:
@@ -257,7 +264,7 @@ def cross_entropy_steps(
     def step(plan: StepPlan, buffer: torch.Tensor) -> None:
         total.add_(_cross_entropy_step(model, optimizer, data, config, plan, buffer, batch))
 
-    plans = cross_entropy_plans(data, config, batch=batch, seeds=seeds)
+    plans = cross_entropy_plans(data, config, batch=batch, epoch=epoch, phase=phase, purpose=purpose)
     _run_steps(plans, steps, step, optimizer, data, config)
     return _sum_over_workers(total, data.world).item() / max(steps, 1)
 
@@ -269,7 +276,7 @@ def supervised_epoch(
     config: RunConfig,
     *,
     epoch: int,
-) -> dict[str, float]:
+) -> EpochLosses:
     """The no-defense baseline: one pass of plain cross-entropy over the whole poisoned set."""
     batch = config.baseline_batch_size * batch_scale(config, data.world)
     compute.set_lr(optimizer, config.mixmatch.lr * lr_factor(config, data.world, epoch))
@@ -280,9 +287,11 @@ def supervised_epoch(
         config,
         steps=max(1, data.total // batch),
         batch=batch,
-        seeds=(config.seed, epoch, 0, 5),
+        epoch=epoch,
+        phase=Phase.RUN,
+        purpose=Purpose.BASELINE,
     )
-    return {"train_loss": loss, "loss_x": loss, "loss_u": 0.0}
+    return EpochLosses(train_loss=loss, loss_x=loss, loss_u=0.0)
 
 
 def virtual_epoch(
@@ -309,7 +318,15 @@ def virtual_epoch(
     steps, batch, lr = virtual_schedule(config, data.total)
     optimizer = compute.adam([p for p in virtual.parameters() if p.requires_grad], lr)
     cross_entropy_steps(
-        wrapped, optimizer, data, config, steps=steps, batch=batch, seeds=(config.seed, epoch, 0, 7)
+        wrapped,
+        optimizer,
+        data,
+        config,
+        steps=steps,
+        batch=batch,
+        epoch=epoch,
+        phase=Phase.RUN,
+        purpose=Purpose.VIRTUAL,
     )
     return virtual
 
@@ -329,7 +346,7 @@ def transfer_pretraining(
     data: WorkerData,
     labeled: np.ndarray,
     config: RunConfig,
-) -> dict[str, float]:
+) -> tuple[EpochLosses, int]:
     """Transfer-based ASD's initial model (paper section 5.4), trained in place.
 
     ``transfer.semi_epochs`` MixMatch epochs with only the seeds labeled and the
@@ -342,18 +359,19 @@ def transfer_pretraining(
         labeled: (N,) bool, True for the seeds (their trusted copies included).
 
     Returns:
-        the last semi-supervised epoch's losses and ``head_steps`` (0 without a head fit).
+        the last semi-supervised epoch's losses (NaN without one) and the head fit's steps
+        (0 without a head fit).
     """
     pre = dataclasses.replace(
         config, mixmatch=dataclasses.replace(config.mixmatch, rampup_epochs=config.transfer.semi_epochs)
     )
-    losses = {"train_loss": float("nan"), "loss_x": float("nan"), "loss_u": float("nan")}
+    losses = EpochLosses.unknown()
     for epoch in range(config.transfer.semi_epochs):
-        losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=1)
+        losses = mixmatch_epoch(model, optimizer, data, labeled, pre, epoch=epoch, phase=Phase.PRETRAIN)
     if config.transfer.head_epochs <= 0:
-        return {**losses, "head_steps": 0}
+        return losses, 0
     base.load_state_dict(head_epochs(base, data, config).state_dict())
-    return {**losses, "head_steps": head_steps(config, data.total, data.world)}
+    return losses, head_steps(config, data.total, data.world)
 
 
 def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> torch.nn.Module:
@@ -380,7 +398,9 @@ def head_epochs(model: torch.nn.Module, data: WorkerData, config: RunConfig) -> 
         config,
         steps=head_steps(config, data.total, data.world),
         batch=batch,
-        seeds=(config.seed, 0, 1, 8),
+        epoch=0,
+        phase=Phase.PRETRAIN,
+        purpose=Purpose.HEAD,
         frozen_norm=True,
     )
     return probe

@@ -33,6 +33,7 @@ from asd_ray.config import RunConfig
 from asd_ray.data.share import remove_caches
 from asd_ray.mailbox import NAMESPACE
 from asd_ray.messages import (
+    EpochLosses,
     Hello,
     Pretrain,
     Pretrained,
@@ -152,13 +153,16 @@ class _Worker:
             )
         labeled = np.zeros(self.data.total, bool)
         labeled[task.labeled] = True
-        outcome = transfer_pretraining(self.model, self.base, self.optimizer, self.data, labeled, self.config)
+        losses, head_steps = transfer_pretraining(
+            self.model, self.base, self.optimizer, self.data, labeled, self.config
+        )
         self.optimizer = compute.adam(self.base.parameters(), self.config.mixmatch.lr)  # ASD starts afresh
+        outcome = {**losses.to_row(), "head_steps": head_steps}
         self._report(-1, None, outcome, outcome)  # a restart keeps it
         self.checkpointed = dataclasses.replace(
             self.checkpointed, metrics={k: float(v) for k, v in outcome.items()}, pretrained=True
         )
-        return Pretrained(self._weights(self.base), float(outcome["train_loss"]), int(outcome["head_steps"]))
+        return Pretrained(self._weights(self.base), losses.train_loss, head_steps)
 
     def virtual(self, task: Virtual) -> VirtualModel:
         start = time.perf_counter()
@@ -170,21 +174,17 @@ class _Worker:
 
     def train(self, task: Train) -> Trained:
         if self.checkpointed.covers(task.epoch):  # re-sent after a restart: the checkpoint already has it
-            unknown = dict.fromkeys(("train_loss", "loss_x", "loss_u"), float("nan"))
-            metrics = (
-                self.checkpointed.metrics
-                if task.epoch == self.checkpointed.epoch and self.checkpointed.metrics
-                else unknown
-            )
-            return Trained(self._weights(self.base), 0.0, metrics)
+            recorded = task.epoch == self.checkpointed.epoch and self.checkpointed.metrics
+            losses = EpochLosses.from_row(self.checkpointed.metrics) if recorded else EpochLosses.unknown()
+            return Trained(self._weights(self.base), 0.0, losses)
         if task.pools is None:
             start = time.perf_counter()
-            metrics = supervised_epoch(self.model, self.optimizer, self.data, self.config, epoch=task.epoch)
+            losses = supervised_epoch(self.model, self.optimizer, self.data, self.config, epoch=task.epoch)
         else:
             assert task.pools.total == self.data.total, (task.pools.total, self.data.total)
             clean, unlabeled = task.pools.masks()  # before the clock
             start = time.perf_counter()
-            metrics = mixmatch_epoch(
+            losses = mixmatch_epoch(
                 self.model,
                 self.optimizer,
                 self.data,
@@ -196,9 +196,9 @@ class _Worker:
         compute_s = time.perf_counter() - start
         # The driver's figures of the epoch before ride along, for Ray Train's dashboard.
         split = None if task.pools is None else task.pools.digest
-        self._report(task.epoch, split, metrics, {**metrics, **task.evaluation})
-        self.checkpointed = dataclasses.replace(self.checkpointed, epoch=task.epoch, metrics=metrics)
-        return Trained(self._weights(self.base), compute_s, metrics)
+        self._report(task.epoch, split, losses.to_row(), {**losses.to_row(), **task.evaluation})
+        self.checkpointed = dataclasses.replace(self.checkpointed, epoch=task.epoch, metrics=losses.to_row())
+        return Trained(self._weights(self.base), compute_s, losses)
 
     def _weights(self, module: torch.nn.Module) -> Weights:
         """The weights for the driver: rank 0's only (the others' results are not posted)."""

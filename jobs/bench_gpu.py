@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from asd_ray import compute
 from asd_ray.batches import WorkerData, mixmatch_plans
 from asd_ray.config import RunConfig, load_config
+from asd_ray.messages import EpochLosses
 from asd_ray.models import ModelSpec
 from asd_ray.reference import plain_mixmatch_epoch
 from asd_ray.scores import score_images
@@ -141,7 +142,7 @@ class Bench:
         base = compute.prepare_model(base, config.compute).to(self.device)
         return compute.maybe_compile(base, config.compute), base
 
-    def epoch(self, model, optimizer, config: RunConfig, steps: int, epoch: int = 0) -> dict:
+    def epoch(self, model, optimizer, config: RunConfig, steps: int, epoch: int = 0) -> EpochLosses:
         one = dataclasses.replace(config, mixmatch=dataclasses.replace(config.mixmatch, iterations=steps))
         return mixmatch_epoch(model, optimizer, self.data, self.clean, one, epoch=epoch)
 
@@ -182,7 +183,7 @@ def check_steps(bench: Bench, config: RunConfig | None):
                 np.mean(plain_mixmatch_epoch(model, optimizer, images, labels, bench.clean, one, epoch=epoch))
             )
         else:
-            loss = mixmatch_epoch(model, optimizer, bench.data, bench.clean, one, epoch=epoch)["train_loss"]
+            loss = mixmatch_epoch(model, optimizer, bench.data, bench.clean, one, epoch=epoch).train_loss
         done += steps
         checkpoints[done] = (loss, _params(base))
     return checkpoints, model, optimizer, config

@@ -69,7 +69,7 @@ def test_draw_frequencies_do_not_depend_on_the_worker_count() -> None:
         for plan in _take(_plans(data, clean, config, 5), steps):
             rows, local = data.serve(plan.labeled_ids)
             assert plan.labeled == len(rows)
-            assert np.array_equal(plan.values()["index"][: plan.labeled].numpy(), local)
+            assert np.array_equal(plan.tensors().index[: plan.labeled].numpy(), local)
             np.add.at(served, data.sample_ids[local], 1)
     assert np.array_equal(served, single)  # every row of every global batch served exactly once
     pool = np.flatnonzero(clean)
@@ -86,12 +86,12 @@ def test_a_row_is_augmented_alike_whichever_worker_serves_it() -> None:
     config = _config("mixmatch.batch_labeled=4", "mixmatch.batch_unlabeled=4", "mixmatch.noise_overlay=0.2")
     clean = _uneven_clean()
     whole = next(_plans(_share(0, 1), clean, config, 40))
-    rows = step_inputs(_share(0, 1), config, whole, whole.values())
+    rows = step_inputs(_share(0, 1), config, whole, whole.tensors())
     served = 0
     for rank in range(4):
         data = _share(rank, 4)
         plan = next(_plans(data, clean, config, 40))
-        mine = step_inputs(data, config, plan, plan.values())
+        mine = step_inputs(data, config, plan, plan.tensors())
         positions = _positions_by_worker(plan.labeled_ids, plan.unlabeled_ids, 4)[rank]
         assert torch.equal(mine, rows[positions])
         served += len(positions)
@@ -123,7 +123,7 @@ def _step(rank: int, world: int, folder: str, overrides: tuple[str, ...] = ()) -
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     metrics = mixmatch_epoch(wrapped, optimizer, _share(rank, world), _uneven_clean(), config, epoch=40)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "metrics": metrics}, f"{folder}/world{world}.pt")
+        torch.save({"state": model.state_dict(), "metrics": metrics.to_row()}, f"{folder}/world{world}.pt")
     if world > 1:
         dist.destroy_process_group()
 

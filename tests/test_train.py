@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from asd_ray import compute
-from asd_ray.batches import WorkerData, mixmatch_plans
+from asd_ray.batches import CrossEntropyDraw, Phase, Purpose, WorkerData, cross_entropy_plans, mixmatch_plans
 from asd_ray.config import load_config
 from asd_ray.data.augment import noise_overlay
 from asd_ray.data.share import load_share
@@ -57,16 +57,54 @@ def test_fast_path_computes_the_same_mixmatch_loss_as_fp32() -> None:
         model = _model(config)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
         losses[name] = mixmatch_epoch(model, optimizer, _share(), clean, config, epoch=3)
+    fast, plain = losses["fast"].to_row(), losses["plain"].to_row()
     for key in ("train_loss", "loss_x", "loss_u"):
-        assert np.isfinite(losses["fast"][key])
-        assert losses["fast"][key] == pytest.approx(losses["plain"][key], rel=0.05, abs=1e-3)
+        assert np.isfinite(fast[key])
+        assert fast[key] == pytest.approx(plain[key], rel=0.05, abs=1e-3)
 
 
 def _first_step(data: WorkerData, clean: np.ndarray, config, epoch: int):
     """The augmented rows (labeled, unlabeled view 1, view 2) and labels of an epoch's first step."""
     plan = next(mixmatch_plans(data, clean, config, epoch=epoch, iterations=2))
-    values = plan.values()
-    return step_inputs(data, config, plan, values), data.labels[values["index"][: plan.labeled]]
+    tensors = plan.tensors()
+    return step_inputs(data, config, plan, tensors), data.labels[tensors.index[: plan.labeled]]
+
+
+def test_the_random_streams_keep_their_keys() -> None:
+    """The keys are part of every run's reproducibility: a renumbered purpose or phase
+    would silently change the batches, augmentations and mixes of every run."""
+    assert {p.name: p.value for p in Purpose} == {
+        "LABELED_BATCHES": 1,
+        "UNLABELED_BATCHES": 2,
+        "AUGMENT": 3,
+        "MIXUP": 4,
+        "BASELINE": 5,
+        "VIRTUAL": 7,
+        "HEAD": 8,
+    }
+    assert {p.name: p.value for p in Phase} == {"RUN": 0, "PRETRAIN": 1}
+    assert {d.name: d.value for d in CrossEntropyDraw} == {"BATCHES": 1, "AUGMENT": 2}
+
+
+def test_a_steps_tensors_hold_what_its_plan_drew() -> None:
+    """A step reads which features it runs off its tensors: a crop or a resized crop, a
+    noise overlay, MixMatch's draws; a feature not drawn is None."""
+    clean = np.arange(64) % 4 == 0
+    config = _config(*PLAIN, "mixmatch.noise_overlay=0.2")
+    mixmatch = next(mixmatch_plans(_share(), clean, config, epoch=1, iterations=2)).tensors()
+    assert mixmatch.index.shape == (24,) and mixmatch.theta is None
+    assert mixmatch.crop.rows.shape == mixmatch.crop.cols.shape == (24, 16)
+    assert mixmatch.overlay.key.dtype == torch.int64 and mixmatch.overlay.weight.dtype == torch.float32
+    assert mixmatch.mixmatch.partner.shape == (24,) and mixmatch.mixmatch.lr.item() == pytest.approx(
+        config.mixmatch.lr
+    )
+    resized = _config(*PLAIN, "data.augment=resized_crop")
+    plans = cross_entropy_plans(
+        _share(), resized, batch=8, epoch=0, phase=Phase.RUN, purpose=Purpose.BASELINE
+    )
+    plain = next(plans).tensors()
+    assert plain.index.shape == (8,) and plain.theta.shape == (8, 2, 3) and plain.theta.dtype == torch.float32
+    assert plain.crop is None and plain.overlay is None and plain.mixmatch is None
 
 
 def test_mixmatch_steps_are_seeded_and_in_the_model_memory_format() -> None:
@@ -116,15 +154,16 @@ def test_transfer_pretraining_labels_only_the_seeds_and_ends_with_the_head_fit(m
     calls = []
     real = steps.mixmatch_epoch
 
-    def spy(model, optimizer, data, labeled, config, *, epoch, phase=0):
+    def spy(model, optimizer, data, labeled, config, *, epoch, phase=Phase.RUN):
         calls.append((labeled.copy(), epoch, phase, config.mixmatch.rampup_epochs))
         return real(model, optimizer, data, labeled, config, epoch=epoch, phase=phase)
 
     monkeypatch.setattr(steps, "mixmatch_epoch", spy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    outcome = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
-    assert np.isfinite(outcome["train_loss"]) and outcome["head_steps"] == 390  # mnist-quick's floor
-    assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, 1, 2), (1, 1, 2)]  # own ramp, own streams
+    losses, head_steps = transfer_pretraining(model, model, optimizer, _share(), seeds, config)
+    assert np.isfinite(losses.train_loss) and head_steps == 390  # mnist-quick's floor
+    pretrain = Phase.PRETRAIN  # own ramp, own streams
+    assert [(e, ph, ramp) for _, e, ph, ramp in calls] == [(0, pretrain, 2), (1, pretrain, 2)]
     assert all(np.array_equal(labeled, seeds) for labeled, *_ in calls)
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
 
@@ -138,7 +177,7 @@ def test_mixmatch_runs_a_users_own_module() -> None:
     model = ModelSpec("custom", 4, 1, 16, "custom_factory:tiny_net", ("5",)).build()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.mixmatch.lr)
     losses = mixmatch_epoch(model, optimizer, _share(), np.arange(64) % 2 == 0, config, epoch=0)
-    assert np.isfinite(losses["train_loss"])
+    assert np.isfinite(losses.train_loss)
     assert {id(p) for p in model.head_parameters()} == {id(p) for p in model.net[5].parameters()}
 
 
@@ -167,7 +206,7 @@ def test_the_fast_step_computes_the_plain_steps() -> None:
     )
     reference = torch.optim.Adam(plain.parameters(), lr=config.mixmatch.lr, foreach=True)
     plain_losses = plain_mixmatch_epoch(plain, reference, data.images, data.labels, clean, config, epoch=3)
-    assert fast_loss["train_loss"] == pytest.approx(np.mean(plain_losses), rel=1e-5)
+    assert fast_loss.train_loss == pytest.approx(np.mean(plain_losses), rel=1e-5)
     ours, theirs = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (fast, plain))
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-4
     assert ((theirs - start).norm() / start.norm()).item() > 1e-2  # the steps moved the weights
@@ -284,13 +323,28 @@ def test_the_noise_overlay_blends_every_view_of_a_mixmatch_step() -> None:
     plain_rows, _ = _first_step(_share(), clean, _config(*PLAIN, "mixmatch.noise_overlay=0"), epoch=1)
     config = _config(*PLAIN, "mixmatch.noise_overlay=0.2")
     plan = next(mixmatch_plans(_share(), clean, config, epoch=1, iterations=2))
-    values = plan.values()
-    keys, weights = values["overlay_key"], values["overlay_weight"]
+    tensors = plan.tensors()
+    keys, weights = tensors.overlay.key, tensors.overlay.weight
     assert len(keys) == len(weights) == 24 and len(set(keys.tolist())) == 24
     assert 0 <= weights.min() and weights.max() < 0.2 and weights.std() > 0.02
-    rows = step_inputs(_share(), config, plan, values)
+    rows = step_inputs(_share(), config, plan, tensors)
     expected = noise_overlay(plain_rows[:8], keys[:8], weights[:8], config.data)
     torch.testing.assert_close(rows[:8], expected)
+
+
+def test_an_epoch_re_sent_after_a_restart_is_answered_with_the_checkpoints_losses() -> None:
+    """A restarted worker group does not train an epoch its checkpoint already holds: it
+    answers with the losses the checkpoint recorded, or unknown (NaN) ones for an epoch
+    before it."""
+    from asd_ray import messages, train
+
+    base = torch.nn.Linear(2, 3)
+    recorded = messages.EpochLosses(train_loss=0.5, loss_x=0.4, loss_u=0.1)
+    assert recorded.to_row() == {"train_loss": 0.5, "loss_x": 0.4, "loss_u": 0.1}  # as checkpoints keep them
+    worker = train._Worker(None, base, base, None, None, 0, 2, recorded.to_row(), pretrained=True)
+    assert worker.train(messages.Train(2, None, {})).losses == recorded  # no data: training would fail
+    earlier = worker.train(messages.Train(1, None, {})).losses
+    assert all(np.isnan(v) for v in earlier.to_row().values())
 
 
 def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeypatch) -> None:
@@ -338,7 +392,7 @@ def test_a_worker_trains_on_the_pools_its_task_carries_and_reads_no_file(monkeyp
     monkeypatch.undo()
     assert len(trained_on) == 1
     assert np.array_equal(trained_on[0][0], clean) and np.array_equal(trained_on[0][1], unlabeled)
-    assert reported == [(0, task.pools.digest)] and np.isfinite(answer.metrics["train_loss"])
+    assert reported == [(0, task.pools.digest)] and np.isfinite(answer.losses.train_loss)
 
 
 def test_a_worker_shares_the_trusted_seed_copies_it_receives_without_a_folder(tmp_path) -> None:

@@ -20,8 +20,7 @@ from asd_ray.storage import Location
 
 SHARD_CHANGED = "a shard was truncated or changed after it was made: re-make the shard set"
 # Kept records closer than this are read as one range: reading through the bytes between
-# costs less than opening another range (each range is one more request to an object store,
-# whose latency dwarfs reading a MiB).
+# costs less than opening another range (each range is one more request to an object store).
 _READ_THROUGH = 1 << 20
 
 
