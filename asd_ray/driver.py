@@ -40,7 +40,8 @@ from asd_ray.errors import ConfigError, DataError, StorageError, UserError, stor
 from asd_ray.evaluate import accuracy, attack_success_rate, robust_accuracy
 from asd_ray.inputs import RunData, RunInputs, add_trusted_seeds, model_card, open_inputs, resolve_run
 from asd_ray.mailbox import NAMESPACE, Mailbox
-from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file, read_run_card, save_model, write_card
+from asd_ray.model_card import CARD_FILE, MODEL_DIR, read_run_card, write_card
+from asd_ray.models.saved import read_model_file, save_model
 from asd_ray.placement import placement_line, restart_line, scorer_restart_line
 from asd_ray.reaper import Reaper
 from asd_ray.run_folder import (
