@@ -20,8 +20,8 @@ imports. Elsewhere than glibc only Arrow's pool changes.
 
 A table command also keeps pandas out: pyarrow imports it, where it is installed, on its
 first array only to ask whether a value is a pandas object. asd-ray never makes one and
-does not depend on pandas, and its import costs about 40 MB and close to as much time as
-the rest of ``asd-ray audit summary`` (jobs/BENCHMARKS.md, "Start-up").
+does not depend on pandas, and its import cost ``asd-ray audit summary`` a third of its
+time and a quarter of its memory (jobs/BENCHMARKS.md, "Start-up").
 """
 
 from __future__ import annotations
