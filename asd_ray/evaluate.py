@@ -10,12 +10,16 @@ sets (``asd-ray evaluate``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def accuracy(predictions: pa.Table) -> float:
@@ -98,6 +102,8 @@ def evaluate_model(
 ) -> dict[str, float | None]:
     """ACC on ``test`` and, with ``poison_test``, ASR and robust accuracy (when that set has
     its ground truth), for a model from :func:`asd_ray.models.saved.load_model`."""
+    import torch  # here only: the audit reads the figures above (via asd_ray.split) without torch
+
     from asd_ray.attacks.poison import original_labels
     from asd_ray.config import ComputeConfig, DataConfig, ScoringConfig
     from asd_ray.scores import PASS_SCHEMA, score_images

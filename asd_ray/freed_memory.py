@@ -17,12 +17,19 @@ glibc then maps every block of 128 KiB or more apart and unmaps it when freed
 (:func:`prepare_command`). Arrow reads its pool choice once, when it loads: this module
 imports nothing that loads it, and the CLI calls :func:`prepare_command` before its own
 imports. Elsewhere than glibc only Arrow's pool changes.
+
+A table command also keeps pandas out: pyarrow imports it, where it is installed, on its
+first array only to ask whether a value is a pandas object. asd-ray never makes one and
+does not depend on pandas, and its import cost ``asd-ray audit summary`` a third of its
+time and a quarter of its memory (jobs/BENCHMARKS.md, "Start-up").
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.abc
 import os
+import sys
 from collections.abc import Sequence
 
 TABLE_COMMANDS = ("audit", "report")
@@ -39,11 +46,22 @@ def return_large_blocks() -> None:
         pass
 
 
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """Answers an import of pandas as if it were not installed (pyarrow then goes without it)."""
+
+    def find_spec(self, name: str, path=None, target=None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ModuleNotFoundError(f"asd-ray's table commands do without pandas ({name})", name=name)
+        return None
+
+
 def prepare_command(argv: Sequence[str]) -> None:
     """For a table command (``argv[0]`` in :data:`TABLE_COMMANDS`): Arrow's system pool
-    (unless ``ARROW_DEFAULT_MEMORY_POOL`` is set) and :func:`return_large_blocks`. Other
-    commands (a run's driver) keep the defaults."""
+    (unless ``ARROW_DEFAULT_MEMORY_POOL`` is set), :func:`return_large_blocks`, and no
+    pandas. Other commands (a run's driver) keep the defaults."""
     if not argv or argv[0] not in TABLE_COMMANDS:
         return
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     return_large_blocks()
+    if "pandas" not in sys.modules:  # loaded already (a caller's own import): it stays usable
+        sys.meta_path.insert(0, _NoPandas())

@@ -30,7 +30,8 @@ import torch
 from asd_ray import compute, storage
 from asd_ray.config import RunConfig, StorageConfig, load_recorded_config, read_config_file
 from asd_ray.errors import ConfigError, DataError
-from asd_ray.models.saved import CARD_FILE, load_weights_only, read_model_file, read_run_card
+from asd_ray.model_card import CARD_FILE, read_run_card
+from asd_ray.models.saved import load_weights_only, read_model_file
 from asd_ray.run_folder import RESTORE, best_row, recorded_config
 from asd_ray.storage import Location
 

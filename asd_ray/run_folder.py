@@ -37,7 +37,7 @@ import pyarrow as pa
 from asd_ray import files, storage, tables
 from asd_ray.config import RunConfig, StorageConfig
 from asd_ray.errors import DataError
-from asd_ray.models.saved import MODEL_DIR
+from asd_ray.model_card import MODEL_DIR
 from asd_ray.storage import Location
 
 CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE = "config.yaml", "inputs.json", "summary.json"

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from asd_ray.messages import Weights
-from asd_ray.models.saved import MODEL_DIR, save_model, write_card
+from asd_ray.model_card import MODEL_DIR, write_card
+from asd_ray.models.saved import save_model
 from asd_ray.run_folder import MODEL_FIGURES, PRETRAIN_FILE, best_row, write_metrics, write_text
 
 

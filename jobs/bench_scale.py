@@ -162,7 +162,7 @@ def _driver_records(run: str, train: str, test: str, seeds: str, epochs: str) ->
     from asd_ray import tables
     from asd_ray.config import config_yaml, from_dict
     from asd_ray.inputs import RunInputs, model_card, open_inputs
-    from asd_ray.models.saved import MODEL_DIR, write_card
+    from asd_ray.model_card import MODEL_DIR, write_card
     from asd_ray.run_folder import (
         CONFIG_FILE,
         INPUTS_FILE,

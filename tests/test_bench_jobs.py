@@ -95,6 +95,24 @@ def test_bench_storage_smoke_reads_a_share_from_its_s3_server_one_get_per_small_
         assert memory["peak"] >= memory["before_load"] > 0
 
 
+def test_bench_startup_smoke_times_each_table_command_against_torchs_import() -> None:
+    result, stderr = _job("bench_startup.py", "--smoke", timeout=300)
+    assert result["bench"] == "startup" and result["smoke"] is True and result["rounds"] == 1
+    commands = result["commands"]
+    assert set(commands) == {
+        "import torch",
+        "asd-ray --version",
+        "asd-ray config show",
+        "asd-ray audit summary",
+    }
+    assert all(line["median_s"] > 0 and line["peak_rss_mb"] > 0 for line in commands.values())
+    for name, line in commands.items():
+        if name != "import torch":
+            assert line["ratio"] > 0 and isinstance(line["under_third"], bool)
+    assert result["all_under_third"] == all(line.get("under_third", True) for line in commands.values())
+    assert "| `asd-ray audit summary` |" in stderr
+
+
 @pytest.mark.slow  # two Ray Train runs (about a minute): run with -m slow
 def test_bench_defense_smoke_writes_its_tables(tmp_path) -> None:
     result, _ = _job(

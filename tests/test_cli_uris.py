@@ -21,7 +21,8 @@ from asd_ray import storage, tables
 from asd_ray.cli import main
 from asd_ray.data.shards import ShardSet
 from asd_ray.errors import StorageError
-from asd_ray.models.saved import load_model, save_model, write_card
+from asd_ray.model_card import write_card
+from asd_ray.models.saved import load_model, save_model
 from asd_ray.run_folder import CONFIG_FILE, INPUTS_FILE
 
 BUCKET = "asd-ray-test"

@@ -23,7 +23,8 @@ from conftest import FAULT_RUN, FINAL_RECORD, METRIC_KEYS, assert_processes_end,
 from asd_ray import tables
 from asd_ray.driver import run
 from asd_ray.errors import StorageError
-from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_model_file
+from asd_ray.model_card import CARD_FILE, MODEL_DIR
+from asd_ray.models.saved import read_model_file
 from asd_ray.reaper import _processes, ray_descendants
 from asd_ray.resume import model_holds
 from asd_ray.run_folder import METRICS_FILE, METRICS_JSONL, MODEL_FIGURES, RUN_LOG, TRAIN_DIR, split_path

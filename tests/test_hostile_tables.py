@@ -23,7 +23,7 @@ from asd_ray.audit import history
 from asd_ray.audit.report import report
 from asd_ray.cli import main
 from asd_ray.errors import DataError
-from asd_ray.models.saved import CARD_FILE, MODEL_DIR
+from asd_ray.model_card import CARD_FILE, MODEL_DIR
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, read_metric_rows, split_path
 from asd_ray.split import split_summary
 

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from asd_ray import run_folder, storage, tables
 from asd_ray.errors import ConfigError, DataError
-from asd_ray.models.saved import CARD_FILE, MODEL_DIR, read_run_card
+from asd_ray.model_card import CARD_FILE, MODEL_DIR, read_run_card
 from asd_ray.run_folder import INPUTS_FILE, METRICS_FILE, RESTORE, split_path
 from asd_ray.split import CLEAN, POLLUTED, check_split, in_pool, suspicion
 from asd_ray.storage import Location

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from asd_ray import run_folder, storage
+from asd_ray import storage
 from asd_ray.cli.common import add_quiet, place, print_table, say, shown
 from asd_ray.errors import DataError
 
@@ -191,7 +191,7 @@ def _manifest(args: argparse.Namespace) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from asd_ray import tables
+    from asd_ray import run_folder, tables
     from asd_ray.audit import history
 
     if not 0.0 <= args.threshold <= 1.0:

@@ -4,8 +4,8 @@ ASD's stage 3 trains a copy of the model (the virtual model) updating only its
 last layers; :meth:`Classifier.meta_parameters` names them per architecture.
 """
 
+from asd_ray.model_card import MODEL_NAMES
 from asd_ray.models.registry import (
-    MODEL_NAMES,
     Classifier,
     ModelSpec,
     Weights,

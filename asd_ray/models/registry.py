@@ -20,8 +20,8 @@ from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers as vgg_make_layers
 
 from asd_ray.errors import ConfigError
+from asd_ray.model_card import MODEL_NAMES
 
-MODEL_NAMES: tuple[str, ...] = ("resnet18", "vgg11", "mobilenet_v2", "densenet121", "small_cnn")
 _SMALL_MAX = 64  # image sides up to this get the CIFAR-style stem
 _MIN_IMAGE_SIZE = 8  # three halvings must leave at least one pixel
 _VGG_MIN_IMAGE_SIZE = 32  # five max-pools

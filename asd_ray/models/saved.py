@@ -1,4 +1,4 @@
-"""The trained classifier a run hands over: ``RUN/model/{last,best}.pt`` and ``card.json``.
+"""The trained classifier a run hands over: ``RUN/model/{last,best}.pt``.
 
 Each ``.pt`` file holds plain tensors plus its model card (architecture, classes,
 input size and normalisation, the data it was trained on, its epoch and test
@@ -12,30 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from asd_ray import files, storage, tables
-from asd_ray.data.records import MAX_PIXELS
-from asd_ray.data.shard_layout import JPEG_MAX_SIDE
-from asd_ray.data.sources.base import MAX_CLASSES
 from asd_ray.errors import ConfigError, DataError
-from asd_ray.models.registry import MODEL_NAMES, ModelSpec, Weights
+from asd_ray.model_card import KINDS, MODEL_DIR, check_file_card
+from asd_ray.models.registry import ModelSpec, Weights
 from asd_ray.storage import Location
 
-MODEL_DIR = "model"
-CARD_FILE = "card.json"
 FORMAT = "asd-ray-model/1"
-KINDS = ("best", "last")
-CUSTOM = "custom"
 # torch.load(weights_only=True) could run code from a crafted file before torch 2.6
 # (CVE-2025-32434, GHSA-53q9-r3pm-6pq6).
 SAFE_TORCH = (2, 6)
-MAX_EPOCH = 10**6
 MAX_MODEL_BYTES = 2**31  # DenseNet-121 at 1,000 classes is ~32 MB; a larger file is not ours
 
 
@@ -48,13 +39,6 @@ def save_model(folder: Path, kind: str, weights: Weights, card: dict[str, Any]) 
     path = folder / f"{kind}.pt"
     with tables.atomic_file(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
-    return path
-
-
-def write_card(folder: Path, card: dict[str, Any]) -> Path:
-    path = folder / CARD_FILE
-    with tables.atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
     return path
 
 
@@ -114,105 +98,8 @@ def read_model_file(path: Path | Location) -> tuple[dict[str, torch.Tensor], dic
         or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
         raise DataError(f"{path}: state_dict must map parameter names to tensors; re-export the model")
-    card = check_card(saved.get("card"), path)
-    try:
-        _whole(card, "epoch", 0, MAX_EPOCH)
-        if _field(card, "kind", str) not in KINDS:
-            raise _CardProblem(f"kind {card['kind']!r} is not one of {', '.join(KINDS)}")
-    except _CardProblem as problem:
-        raise DataError(f"{path}: {problem}; re-export the model") from None
+    card = check_file_card(saved.get("card"), path)
     return state, dict(card, file=str(path), sha256=hashlib.sha256(data).hexdigest())
-
-
-def check_card(card: Any, where: Path | Location, *, fix: str = "re-export the model") -> dict[str, Any]:
-    """``card`` if it has every field a model is rebuilt and evaluated from, with its types
-    and ranges, else a one-line :class:`DataError` naming ``where``, the field and ``fix``.
-
-    A card is data: it may name a built-in architecture and record a custom
-    factory's name, but nothing in it is ever imported or called.
-    """
-    try:
-        _check_description(card)
-    except _CardProblem as problem:
-        raise DataError(f"{where}: {problem}; {fix}") from None
-    return card
-
-
-def read_run_card(path: Path | Location, *, fix: str) -> dict[str, Any]:
-    """``RUN/model/card.json``: a model card (as :func:`check_card` checks it) that also
-    records the best and last epochs and the training set's identity."""
-    card = files.read_json(path, fix=fix)  # a regular file, never through a link, size and depth capped
-    check_card(card, path, fix=fix)
-    try:
-        for kind in KINDS:
-            _whole(_field(card, kind, dict), "epoch", 0, MAX_EPOCH, f"{kind}.")
-        train = _field(_field(card, "data", dict), "train", dict, "data.")
-        _field(train, "identity_sha256", str, "data.train.")
-    except _CardProblem as problem:
-        raise DataError(f"{path}: {problem}; {fix}") from None
-    return card
-
-
-class _CardProblem(Exception):
-    """What is wrong with a card, without where it came from or how to fix it."""
-
-
-def _check_description(card: Any) -> None:
-    if not isinstance(card, dict):
-        raise _CardProblem(f"the model card is a {type(card).__name__}, not a mapping")
-    arch = _field(card, "architecture", dict)
-    name = _field(arch, "name", str, "architecture.")
-    if name not in (*MODEL_NAMES, CUSTOM):
-        raise _CardProblem(
-            f"architecture.name {name!r} is unknown; known: {', '.join((*MODEL_NAMES, CUSTOM))}"
-        )
-    num_classes = _whole(arch, "num_classes", 2, MAX_CLASSES, "architecture.")
-    in_channels = _whole(arch, "in_channels", 1, 3, "architecture.")
-    image_size = _whole(arch, "image_size", 1, JPEG_MAX_SIDE, "architecture.")
-    if (name == CUSTOM) != isinstance(arch.get("factory"), str):
-        raise _CardProblem("architecture.factory must be a name exactly when architecture.name is custom")
-    layers = arch.get("meta_layers", [])
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(x, str) for x in layers):
-        raise _CardProblem("architecture.meta_layers must be a list of module names")
-    classes = _field(card, "classes", list)
-    if len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
-        raise _CardProblem(f"classes must be {num_classes} names (architecture.num_classes)")
-    shape = _field(card, "input", dict)
-    channels = _whole(shape, "channels", 1, 3, "input.")
-    height = _whole(shape, "height", 1, JPEG_MAX_SIDE, "input.")
-    width = _whole(shape, "width", 1, JPEG_MAX_SIDE, "input.")
-    if height * width > MAX_PIXELS:
-        raise _CardProblem(f"input.height x input.width is over the {MAX_PIXELS}-pixel image limit")
-    if (in_channels, image_size) != (channels, max(height, width)):
-        raise _CardProblem(
-            f"architecture takes {in_channels} channel(s) at {image_size} px, input says {channels} at "
-            f"{height}x{width}"
-        )
-    for stat in ("mean", "std"):
-        values = _field(shape, stat, list, "input.")
-        if len(values) != channels or not all(_finite_number(v) for v in values):
-            raise _CardProblem(f"input.{stat} must be {channels} finite numbers (one per channel)")
-    if not all(v > 0 for v in shape["std"]):
-        raise _CardProblem("input.std must be > 0 in every channel")
-
-
-def _field(mapping: dict, key: str, kind: type, prefix: str = "") -> Any:
-    value = mapping.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        got = "missing" if key not in mapping else f"a {type(value).__name__}"
-        raise _CardProblem(f"model card field {prefix}{key} is {got}, not a {kind.__name__}")
-    return value
-
-
-def _whole(mapping: dict, key: str, low: int, high: int, prefix: str = "") -> int:
-    value = _field(mapping, key, int, prefix)
-    if not low <= value <= high:
-        raise _CardProblem(f"model card field {prefix}{key} = {value} is outside {low}..{high}")
-    return value
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _torch_version() -> tuple[int, int]:
