@@ -48,7 +48,8 @@ def make_run(folder: Path, samples: int, classes: int, epochs: int) -> None:
 
     from asd_ray import tables
     from asd_ray.config import SplitConfig
-    from asd_ray.data.shards import ShardSet, write_shards
+    from asd_ray.data.shard_writer import write_shards
+    from asd_ray.data.shards import ShardSet
     from asd_ray.data.sources import from_arrays
     from asd_ray.model_card import MODEL_DIR, write_card
     from asd_ray.run_folder import INPUTS_FILE, EpochTimes, metrics_row, split_path, write_metrics

@@ -24,12 +24,13 @@ def test_a_pretraining_re_sent_after_a_restart_is_answered_from_the_checkpoint()
     again on top of the pre-trained weights: it answers with what the checkpoint holds."""
     import torch
 
+    from asd_ray.resume import Restored
     from asd_ray.train import _Worker
 
     base = torch.nn.Linear(2, 3)
     state = {"train_loss": 0.5, "loss_x": 0.4, "loss_u": 0.1, "head_steps": 7.0}  # as checkpointed
     for rank in (0, 1):
-        worker = _Worker(None, base, base, None, None, rank, -1, state, pretrained=True)
+        worker = _Worker(None, base, base, None, None, rank, Restored(-1, state, pretrained=True))
         answer = worker.pretrain(messages.Pretrain(labeled=[0, 1]))  # no data: training would fail
         assert (answer.train_loss, answer.head_steps) == (0.5, 7)
         if rank == 0:

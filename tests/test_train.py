@@ -341,7 +341,7 @@ def test_an_epoch_re_sent_after_a_restart_is_answered_with_the_checkpoints_losse
     base = torch.nn.Linear(2, 3)
     recorded = messages.EpochLosses(train_loss=0.5, loss_x=0.4, loss_u=0.1)
     assert recorded.to_row() == {"train_loss": 0.5, "loss_x": 0.4, "loss_u": 0.1}  # as checkpoints keep them
-    worker = train._Worker(None, base, base, None, None, 0, 2, recorded.to_row(), pretrained=True)
+    worker = train._Worker(None, base, base, None, None, 0, Restored(2, recorded.to_row(), pretrained=True))
     assert worker.train(messages.Train(2, None, {})).losses == recorded  # no data: training would fail
     earlier = worker.train(messages.Train(1, None, {})).losses
     assert all(np.isnan(v) for v in earlier.to_row().values())
