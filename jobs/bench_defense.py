@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from asd_ray import progress, tables
+from asd_ray.attacks import ATTACKS as REGISTERED_ATTACKS
 from asd_ray.attacks.poison import poison_shards, poison_test_shards, read_ground_truth
 from asd_ray.cluster import RAY_TRAIN_ENV
 from asd_ray.config import PAPER_ALGORITHM, AttackConfig, load_config, with_overrides
@@ -67,7 +68,7 @@ from asd_ray.driver import run
 from asd_ray.inputs import RunInputs
 from asd_ray.seeds import pick_seeds
 
-ATTACKS = ("badnets", "blend", "wanet", "all2all", "clean-label", "sig", "adaptive-blend")
+ATTACKS = tuple(REGISTERED_ATTACKS)  # every registered attack, in the registry's order
 DEFENSES = (
     "none",
     "asd",
