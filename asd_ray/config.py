@@ -25,7 +25,6 @@ from asd_ray.config_ranges import check_ranges, check_section, is_number, one_of
 from asd_ray.errors import ConfigError, DataError, UserError
 from asd_ray.files import decode_text, parse_yaml, read_file, read_regular_file
 
-_CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), augment="resized_crop")
 
 # The settings that are not in the paper, at the values that turn them off: a run with these

@@ -97,9 +97,10 @@ def run(
     except DataError as err:  # the API's check; the command line refuses a bad location in its parser
         raise ConfigError(f"out {err}") from None
     interrupted = False
-    # Released in reverse order whatever ends the run: the run log, the training workers, the
-    # scoring actors, Ray, the folder's lock, and last (once no process of the run writes
-    # the folder any more) a staged run's final publish.
+    # Released in reverse order whatever ends the run: the training workers, the scoring
+    # actors, this run's cache folder, the run log, Ray (and the reaper of a Ray started
+    # here), the folder's lock, and last (once no process of the run writes the folder any
+    # more) a staged run's final publish.
     with contextlib.ExitStack() as resources:
         staged = _staging(target, resume, config, resources)
         folder = staged.staging if staged else target.local

@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, WorkerSetup]) -> None:
 
 
 def _load_share(setup: WorkerSetup, rank: int, world: int, device: torch.device) -> WorkerData:
-    """This worker's share of the training set, decoded once (:meth:`TrainingSet.share`):
+    """This worker's share of the training set, decoded once (:meth:`asd_ray.training_set.TrainingSet.share`):
     on the device, or a memmap served from disk batch by batch when over the memory budget."""
     training = setup.training_set
     images, ids, labels = training.share(

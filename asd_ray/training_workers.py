@@ -29,12 +29,12 @@ class TrainingWorkers:
     """The run's worker group, its mailbox and the thread that runs ``fit()``.
 
     Args:
-        setup: what every worker starts with (:class:`asd_ray.train.WorkerSetup`, whose
+        setup: what every worker starts with (:class:`asd_ray.messages.WorkerSetup`, whose
             ``mailbox`` names the mailbox made here).
         scorer_places: where the scoring actors run, for the run log's placement line.
     """
 
-    def __init__(self, setup, scorer_places: Callable[[], list[Place]]):
+    def __init__(self, setup: messages.WorkerSetup, scorer_places: Callable[[], list[Place]]):
         self.setup, self.scorer_places = setup, scorer_places
         self.cluster = setup.config.cluster
         # On this node (the driver's, as Ray Train's controller): losing another node never loses it.
